@@ -1,0 +1,432 @@
+"""MoHGE configuration: typed dataclasses, YAML in and out, validated once at the edge.
+
+``MoHGEConfig`` describes the routed experts of one MoHGE layer (groups, widths, routing,
+losses, allocation). ``apply_to(transformer_config)`` returns a Megatron
+``TransformerConfig`` consistent with it and checks everything that depends on both
+(expert-TP, EP, FP8). All errors are ``ConfigError`` and name the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
+GROUP_SCORES = ("sigmoid", "softmax")
+EXPERT_WEIGHTINGS = ("renorm", "paper")
+INTRA_GROUP_MODES = ("paper", "per_group")
+
+
+class ConfigError(ValueError):
+    """Invalid MoHGE configuration; the message names the field and the fix."""
+
+
+@dataclass
+class RouterConfig:
+    """Two-level router options (design note section 2)."""
+
+    type: str = "mohge"  # mohge (two-level) | noisy_topk | hierarchical_noisy_topk (Shazeer 2017)
+    group_score: str = "sigmoid"  # group gate score s = sigmoid(u) as released; or softmax(u)
+    expert_weighting: str = "renorm"  # renorm: q/sum(q) over chosen [ours]; paper: softmax(q_chosen)
+    fp32: bool = True  # router math in fp32 (Megatron's moe_router_dtype='fp32')
+    z_loss_coeff: Optional[float] = None  # ST-MoE z-loss on both gates; None disables
+    input_jitter_eps: Optional[float] = None  # multiplicative input jitter (Switch); None disables
+
+
+@dataclass
+class LossConfig:
+    """Auxiliary losses (design note section 3)."""
+
+    group_coeff: float = 1e-5  # a_G of the cost-weighted group-wise loss (released: 1e-5)
+    group_cost_delta: Optional[float] = None  # Delta in c_g = 1 + (W_g - W_1)/Delta; None = mean width
+    group_start_fraction: float = 0.5  # group loss is off before this fraction of training
+    intra_group_coeff: float = 5e-3  # a_E of the intra-group experts loss (reference runs: 5e-3)
+    intra_group_mode: str = "paper"  # paper: one Switch loss over all experts; per_group [ours]
+
+
+@dataclass
+class AllocationConfig:
+    """All-size Group-decoupling Allocation (design note section 4)."""
+
+    max_imbalance: float = 1.05  # refuse plans whose per-rank width sums exceed mean by more
+    allow_imbalance: bool = False  # accept a plan above max_imbalance (it is still reported)
+
+
+@dataclass
+class NoisyGatingConfig:
+    """Sparsely-gated MoE router (Shazeer et al. 2017), used when router.type is noisy_*."""
+
+    noise: bool = True  # add N(0,1) * softplus(x W_noise) to the logits while training
+    noise_epsilon: float = 1e-2  # added to softplus(x W_noise) so the noise never vanishes
+    importance_coeff: float = 0.1  # w_imp: coefficient of CV(importance)^2
+    load_coeff: float = 0.1  # w_load: coefficient of CV(load)^2 (smooth load estimator)
+
+
+@dataclass
+class MoHGEConfig:
+    """Routed experts of a MoHGE layer.
+
+    Example (the paper's MoHGE-3B layer): ``MoHGEConfig(widths=[384, 512, ..., 1280],
+    experts_per_group=8, group_topk=4, topk=6, num_shared_experts=2, shared_expert_width=1024)``.
+    """
+
+    widths: list[int]  # FFN width W_g of each group, strictly increasing
+    experts_per_group: Union[int, list[int]]  # N_g per group (an int means the same for all)
+    group_topk: int  # Kg: groups selected per token by the group gate
+    topk: int  # K: experts activated per token (exactly K; Megatron's moe_router_topk)
+    num_shared_experts: int = 0  # shared experts (always active), as Megatron's shared expert
+    shared_expert_width: Optional[int] = None  # width of each shared expert (required if any)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    noisy_gating: NoisyGatingConfig = field(default_factory=NoisyGatingConfig)
+
+    def __post_init__(self):
+        if isinstance(self.experts_per_group, int) and not isinstance(self.experts_per_group, bool):
+            _check_int("experts_per_group", self.experts_per_group, 1)
+            if isinstance(self.widths, (list, tuple)):
+                self.experts_per_group = [self.experts_per_group] * len(self.widths)
+        for name, cls in _NESTED.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(cls, value, name))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_groups(self) -> int:
+        return len(self.widths)
+
+    @property
+    def num_experts(self) -> int:
+        return sum(self.experts_per_group)
+
+    @property
+    def group_offsets(self) -> list[int]:
+        """Canonical id of the first expert of each group (experts are numbered group-major)."""
+        return group_offsets(self.experts_per_group)
+
+    @property
+    def expert_widths(self) -> list[int]:
+        """Width of every expert in canonical (group-major) order."""
+        return [w for w, n in zip(self.widths, self.experts_per_group) for _ in range(n)]
+
+    @property
+    def expert_group(self) -> list[int]:
+        """Group of every expert in canonical order."""
+        return [g for g, n in enumerate(self.experts_per_group) for _ in range(n)]
+
+    @property
+    def cost_delta(self) -> float:
+        d = self.losses.group_cost_delta
+        return float(d) if d is not None else sum(self.expert_widths) / self.num_experts
+
+    @property
+    def group_costs(self) -> list[float]:
+        """c_g = 1 + (W_g - W_1) / Delta: relative cost of routing a token to group g."""
+        return [1.0 + (w - self.widths[0]) / self.cost_delta for w in self.widths]
+
+    def routed_params_per_expert(self, hidden_size: int, gated: bool = True) -> list[int]:
+        """Weights of each routed expert (fc1 [+ gate] and fc2), canonical order."""
+        mult = 3 if gated else 2
+        return [mult * hidden_size * w for w in self.expert_widths]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check internal consistency; every error names the field and the fix."""
+        if not isinstance(self.widths, (list, tuple)) or not self.widths:
+            raise ConfigError("MoHGEConfig.widths: expected a non-empty list of group FFN widths, "
+                              f"got {self.widths!r}")
+        self.widths = list(self.widths)
+        for i, w in enumerate(self.widths):
+            _check_int(f"widths[{i}]", w, 1)
+        for i in range(1, len(self.widths)):
+            if self.widths[i] <= self.widths[i - 1]:
+                raise ConfigError(
+                    f"MoHGEConfig.widths: widths must strictly increase from group to group, but "
+                    f"widths[{i}]={self.widths[i]} <= widths[{i - 1}]={self.widths[i - 1]}. "
+                    "Sort the groups by width (cheapest first) and merge equal widths into one "
+                    "group (raise its experts_per_group instead).")
+        if not isinstance(self.experts_per_group, (list, tuple)):
+            raise ConfigError("MoHGEConfig.experts_per_group: expected an int or a list with one "
+                              f"count per group, got {self.experts_per_group!r}")
+        self.experts_per_group = list(self.experts_per_group)
+        if len(self.experts_per_group) != len(self.widths):
+            raise ConfigError(
+                f"MoHGEConfig.experts_per_group: has {len(self.experts_per_group)} entries but "
+                f"widths has {len(self.widths)} groups; give one count per group or a single int.")
+        for i, n in enumerate(self.experts_per_group):
+            _check_int(f"experts_per_group[{i}]", n, 1)
+        _check_int("group_topk", self.group_topk, 1)
+        _check_int("topk", self.topk, 1)
+        ng, e = self.num_groups, self.num_experts
+        if self.group_topk > ng:
+            raise ConfigError(f"MoHGEConfig.group_topk: Kg={self.group_topk} exceeds the number of "
+                              f"groups Ng={ng}; set group_topk <= {ng}.")
+        if self.topk > e:
+            raise ConfigError(f"MoHGEConfig.topk: K={self.topk} exceeds the number of experts "
+                              f"E={e}; set topk <= {e}.")
+        reachable = sum(sorted(self.experts_per_group)[: self.group_topk])
+        if self.router.type == "mohge" and self.topk > reachable:
+            raise ConfigError(
+                f"MoHGEConfig.topk: K={self.topk} experts cannot always be found inside the "
+                f"Kg={self.group_topk} selected groups (the smallest {self.group_topk} groups hold "
+                f"only {reachable}); lower topk or raise group_topk.")
+        _check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.num_shared_experts > 0:
+            if self.shared_expert_width is None:
+                raise ConfigError("MoHGEConfig.shared_expert_width: required when "
+                                  "num_shared_experts > 0 (the FFN width of each shared expert).")
+            _check_int("shared_expert_width", self.shared_expert_width, 1)
+        self._validate_router()
+        self._validate_losses()
+        self._validate_allocation()
+
+    def _validate_router(self) -> None:
+        r = self.router
+        _check_choice("router.type", r.type, ROUTER_TYPES)
+        _check_choice("router.group_score", r.group_score, GROUP_SCORES)
+        _check_choice("router.expert_weighting", r.expert_weighting, EXPERT_WEIGHTINGS)
+        _check_bool("router.fp32", r.fp32)
+        for name in ("z_loss_coeff", "input_jitter_eps"):
+            v = getattr(r, name)
+            if v is not None:
+                _check_number(f"router.{name}", v, 0.0)
+        if r.input_jitter_eps is not None and not r.input_jitter_eps < 1.0:
+            raise ConfigError("MoHGEConfig.router.input_jitter_eps: must be < 1 (inputs are scaled "
+                              f"by U(1-eps, 1+eps)), got {r.input_jitter_eps}.")
+        if r.type == "hierarchical_noisy_topk":
+            if self.topk % self.group_topk:
+                raise ConfigError(
+                    f"MoHGEConfig.topk: the hierarchical noisy router picks topk/group_topk experts "
+                    f"in each of the group_topk groups, so topk={self.topk} must be a multiple of "
+                    f"group_topk={self.group_topk}.")
+            per_group = self.topk // self.group_topk
+            if per_group > min(self.experts_per_group):
+                raise ConfigError(
+                    f"MoHGEConfig.topk: the hierarchical noisy router picks {per_group} experts per "
+                    f"group but the smallest group has {min(self.experts_per_group)}; lower topk or "
+                    "raise experts_per_group.")
+        ng = self.noisy_gating
+        _check_bool("noisy_gating.noise", ng.noise)
+        _check_number("noisy_gating.noise_epsilon", ng.noise_epsilon, 0.0)
+        _check_number("noisy_gating.importance_coeff", ng.importance_coeff, 0.0)
+        _check_number("noisy_gating.load_coeff", ng.load_coeff, 0.0)
+
+    def _validate_losses(self) -> None:
+        lo = self.losses
+        _check_number("losses.group_coeff", lo.group_coeff, 0.0)
+        _check_number("losses.intra_group_coeff", lo.intra_group_coeff, 0.0)
+        _check_number("losses.group_start_fraction", lo.group_start_fraction, 0.0)
+        if lo.group_start_fraction > 1.0:
+            raise ConfigError("MoHGEConfig.losses.group_start_fraction: a fraction of training in "
+                              f"[0, 1], got {lo.group_start_fraction}.")
+        if lo.group_cost_delta is not None:
+            _check_number("losses.group_cost_delta", lo.group_cost_delta, 0.0)
+            if lo.group_cost_delta <= 0:
+                raise ConfigError("MoHGEConfig.losses.group_cost_delta: must be > 0 (a width scale, "
+                                  "e.g. 1024), or null for the mean expert width.")
+        _check_choice("losses.intra_group_mode", lo.intra_group_mode, INTRA_GROUP_MODES)
+
+    def _validate_allocation(self) -> None:
+        a = self.allocation
+        _check_number("allocation.max_imbalance", a.max_imbalance, 1.0)
+        _check_bool("allocation.allow_imbalance", a.allow_imbalance)
+
+    # ------------------------------------------------------------------ Megatron
+    def check_parallel_layout(self, ep_size: int, expert_tp_size: int = 1, fp8: bool = False,
+                              fp8_align: int = 16) -> None:
+        """Check the expert layout against the parallel sizes (raises ConfigError)."""
+        for g, w in enumerate(self.widths):
+            if w % expert_tp_size:
+                raise ConfigError(
+                    f"MoHGEConfig.widths[{g}]={w} is not divisible by the expert tensor-parallel "
+                    f"size {expert_tp_size}; use widths that are multiples of {expert_tp_size} or a "
+                    "smaller expert_tensor_parallel_size.")
+            if fp8 and (w // expert_tp_size) % fp8_align:
+                raise ConfigError(
+                    f"MoHGEConfig.widths[{g}]={w}: with FP8 each expert-TP shard of a width must be "
+                    f"a multiple of {fp8_align} (FP8 GEMM alignment); got {w // expert_tp_size}. "
+                    f"Round the width to a multiple of {fp8_align * expert_tp_size}.")
+        from megatron_mohge.allocation import plan_allocation
+
+        plan_allocation(self.widths, self.experts_per_group, ep_size,
+                        max_imbalance=self.allocation.max_imbalance,
+                        allow_imbalance=self.allocation.allow_imbalance)
+
+    def apply_to(self, transformer_config):
+        """Return a copy of ``transformer_config`` with the MoE fields MoHGE needs.
+
+        Sets ``num_moe_experts=E``, ``moe_router_topk=K``, ``moe_ffn_hidden_size`` (the widest
+        group: Megatron reads it only for uniform experts and its memory/FLOPs estimates),
+        shared-expert size, router dtype, z-loss and jitter; switches off Megatron's own
+        load-balancing losses (MoHGE attaches its own) and checks the parallel layout.
+        """
+        tc = transformer_config
+        if getattr(tc, "moe_router_enable_expert_bias", False):
+            raise ConfigError(
+                "TransformerConfig.moe_router_enable_expert_bias: aux-loss-free expert bias is not "
+                "supported by MoHGE routers; disable it (MoHGE balances with its own losses).")
+        if getattr(tc, "moe_expert_capacity_factor", None) is not None:
+            raise ConfigError(
+                "TransformerConfig.moe_expert_capacity_factor: MoHGE routing is dropless (every "
+                "token gets exactly K experts); set it to None.")
+        if getattr(tc, "moe_router_num_groups", None) or getattr(tc, "moe_router_group_topk", None):
+            raise ConfigError(
+                "TransformerConfig.moe_router_num_groups/moe_router_group_topk: Megatron's "
+                "device-limited routing conflicts with MoHGE's group gate; leave them unset and use "
+                "MoHGEConfig.group_topk.")
+        if getattr(tc, "moe_latent_size", None):
+            raise ConfigError("TransformerConfig.moe_latent_size: MoE latent projections are not "
+                              "supported with MoHGE experts; leave it unset.")
+        ep = int(getattr(tc, "expert_model_parallel_size", 1) or 1)
+        etp = getattr(tc, "expert_tensor_parallel_size", None)
+        etp = int(etp if etp is not None else getattr(tc, "tensor_model_parallel_size", 1))
+        fp8 = bool(getattr(tc, "fp8", None))
+        self.check_parallel_layout(ep, etp, fp8=fp8, fp8_align=_fp8_align(tc))
+        shared = (self.num_shared_experts * self.shared_expert_width
+                  if self.num_shared_experts else None)
+        changes = dict(
+            num_moe_experts=self.num_experts,
+            moe_router_topk=self.topk,
+            moe_ffn_hidden_size=max(self.widths),
+            moe_shared_expert_intermediate_size=shared,
+            moe_router_dtype="fp32" if self.router.fp32 else None,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_z_loss_coeff=self.router.z_loss_coeff,
+            moe_input_jitter_eps=self.router.input_jitter_eps,
+            moe_router_topk_scaling_factor=None,
+            moe_router_pre_softmax=False,
+        )
+        return dataclasses.replace(tc, **changes)
+
+    def check_transformer_config(self, tc) -> None:
+        """Raise if ``tc`` disagrees with this config (e.g. ``apply_to`` was not used)."""
+        for name, want in (("num_moe_experts", self.num_experts), ("moe_router_topk", self.topk)):
+            have = getattr(tc, name, None)
+            if have != want:
+                raise ConfigError(
+                    f"TransformerConfig.{name}={have} but the MoHGE config implies {want}; build "
+                    "the TransformerConfig with MoHGEConfig.apply_to(config).")
+        lb = getattr(tc, "moe_router_load_balancing_type", "none")
+        if lb not in ("none", ["none"]) and getattr(tc, "moe_aux_loss_coeff", 0):
+            raise ConfigError(
+                f"TransformerConfig.moe_router_load_balancing_type={lb!r} with a non-zero "
+                "moe_aux_loss_coeff: MoHGE routers attach their own losses; use apply_to(config).")
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoHGEConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"MoHGEConfig: expected a mapping, got {type(data).__name__}")
+        if "mohge" in data and len(data) == 1:  # allow a top-level `mohge:` section
+            data = data["mohge"]
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path_or_text: Union[str, Path]) -> "MoHGEConfig":
+        """Load from a YAML file path or a YAML string."""
+        text = str(path_or_text)
+        p = Path(text) if "\n" not in text and len(text) < 4096 else None
+        if p is not None and p.suffix in (".yaml", ".yml") and not p.exists():
+            raise ConfigError(f"MoHGEConfig.from_yaml: file not found: {p}")
+        if p is not None and p.exists():
+            text = p.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"MoHGEConfig.from_yaml: invalid YAML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def paper_3b(cls, **overrides) -> "MoHGEConfig":
+        """The released MoHGE-3B layer: 8 groups x 8 experts, widths 384..1280, Kg=4, K=6."""
+        base = dict(widths=list(range(384, 1281, 128)), experts_per_group=8, group_topk=4, topk=6,
+                    num_shared_experts=2, shared_expert_width=1024)
+        base.update(overrides)
+        return cls(**base)
+
+
+def group_offsets(experts_per_group) -> list[int]:
+    """Exclusive prefix sums of the group sizes: canonical id of each group's first expert."""
+    offsets, total = [], 0
+    for n in experts_per_group:
+        offsets.append(total)
+        total += n
+    return offsets
+
+
+_NESTED = {"router": RouterConfig, "losses": LossConfig, "allocation": AllocationConfig,
+           "noisy_gating": NoisyGatingConfig}
+
+
+def _build(cls, data: Any, path: str):
+    """Construct dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
+    where = path or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            prefix = f"{path}." if path else ""
+            raise ConfigError(f"{prefix}{key}: unknown key in {cls.__name__}.{hint} "
+                              f"Valid keys: {', '.join(names)}.")
+    kwargs = {}
+    for key, value in data.items():
+        sub = _NESTED.get(key) if cls is MoHGEConfig else None
+        kwargs[key] = _build(sub, value, key) if sub is not None else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # missing required fields
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in kwargs]
+        raise ConfigError(f"{where}: missing required field(s): {', '.join(missing)}") from exc
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"MoHGEConfig.{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"MoHGEConfig.{name}: must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: Any, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"MoHGEConfig.{name}: expected a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"MoHGEConfig.{name}: must be >= {minimum}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"MoHGEConfig.{name}: expected true or false, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"MoHGEConfig.{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _fp8_align(tc) -> int:
+    """Token/width alignment of FP8 grouped GEMMs: 32 for MXFP8 recipes, else 16."""
+    recipe = str(getattr(tc, "fp8_recipe", "") or "")
+    return 32 if "mxfp8" in recipe.lower() else 16

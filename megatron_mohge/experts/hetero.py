@@ -1,0 +1,162 @@
+"""Routed experts of several widths, built from Megatron's own expert modules.
+
+On each EP rank the allocation plan gives an ordered list of local experts in which every
+group (width) is one contiguous run. We build one Megatron expert module per run with a
+config copy whose FFN width is that group's width:
+
+* ``backend="local"``: ``SequentialMLP`` (one ``MLP`` per expert; runs anywhere);
+* ``backend="te"``: ``TEGroupedMLP`` (one Transformer Engine grouped GEMM per width, with
+  its FP8 padding), see ``te_backend.py``.
+
+The dispatcher hands us tokens sorted by local expert and ``tokens_per_expert``; we split
+both at the run boundaries and concatenate the runs' outputs in the same order.
+
+Checkpoints key experts by ``(group, index)``: expert ``i`` of group ``g`` is entry ``i``
+of an expert axis of size ``N_g`` under ``<prefix>group_<g>.``, whatever EP rank or slot
+holds it, so a checkpoint saved at one EP size loads at another, and both backends write
+the same keys (as Megatron's SequentialMLP and TEGroupedMLP do).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+from megatron_mohge.allocation import plan_allocation
+from megatron_mohge.config import MoHGEConfig
+
+BACKENDS = ("local", "te")
+
+
+def width_config(config, width: int):
+    """Config copy for experts of FFN width ``width``.
+
+    Megatron's ``MLP`` sizes fc1 from its ``ffn_hidden_size`` argument but fc2 from
+    ``config.ffn_hidden_size`` and the expert classes read ``config.moe_ffn_hidden_size``,
+    so both fields must carry the group width.
+    """
+    cfg = copy.copy(config)
+    cfg.ffn_hidden_size = width
+    cfg.moe_ffn_hidden_size = width
+    return cfg
+
+
+class HeterogeneousExperts(MegatronModule):
+    """The local routed experts of a MoHGE layer on this EP rank (``MoESubmodules.experts``).
+
+    Args:
+        num_local_experts: experts on this rank (``E / EP``), passed by ``MoELayer``.
+        config: the layer's ``TransformerConfig``.
+        submodules: ``MLPSubmodules`` of the expert linears (local or TE grouped linears).
+        pg_collection: Megatron process groups (``None``: from ``parallel_state``).
+        mohge_config: the MoHGE layer description.
+        backend: ``"local"`` or ``"te"``.
+    """
+
+    def __init__(self, num_local_experts: int, config, submodules: MLPSubmodules,
+                 pg_collection=None, *, mohge_config: MoHGEConfig, backend: str = "local"):
+        super().__init__(config=config)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
+        self.mohge = mohge_config
+        self.backend = backend
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        ep_size, ep_rank = self.ep_group.size(), self.ep_group.rank()
+        self.plan = plan_allocation(mohge_config.widths, mohge_config.experts_per_group, ep_size,
+                                    max_imbalance=mohge_config.allocation.max_imbalance,
+                                    allow_imbalance=mohge_config.allocation.allow_imbalance)
+        if num_local_experts != self.plan.local_size:
+            raise ValueError(f"MoELayer gave {num_local_experts} local experts but the MoHGE plan "
+                             f"places {self.plan.local_size} per rank")
+        self.num_local_experts = num_local_experts
+        #: [(group, [index-in-group, ...]), ...] in local slot order.
+        self.runs = self.plan.local_runs(ep_rank)
+        self.run_sizes = [len(ix) for _, ix in self.runs]
+        modules = []
+        for g, idx in self.runs:
+            cfg = width_config(config, mohge_config.widths[g])
+            if backend == "te":
+                from megatron_mohge.experts.te_backend import build_te_grouped_mlp
+
+                modules.append(build_te_grouped_mlp(len(idx), cfg, submodules, pg_collection))
+            else:
+                modules.append(SequentialMLP(len(idx), cfg, submodules, pg_collection=pg_collection))
+        #: one expert module per width run, same order as ``runs``.
+        self.width_experts = torch.nn.ModuleList(modules)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        """Run each width's experts on its contiguous block of dispatched tokens."""
+        if len(self.width_experts) == 1:
+            return self.width_experts[0](permuted_local_hidden_states, tokens_per_expert,
+                                         permuted_probs)
+        counts = tokens_per_expert.tolist()
+        per_run, start = [], 0
+        for n in self.run_sizes:
+            per_run.append(counts[start:start + n])
+            start += n
+        run_tokens = [int(sum(c)) for c in per_run]
+        xs = torch.split(permuted_local_hidden_states, run_tokens)
+        ps = torch.split(permuted_probs, run_tokens)
+        outputs = []
+        for module, x, p, c in zip(self.width_experts, xs, ps, per_run):
+            out, bias = module(x, torch.tensor(c, dtype=torch.long), p)
+            assert bias is None, "expert bias is folded into the output by Megatron experts"
+            outputs.append(out)
+        return torch.cat(outputs, dim=0), None
+
+    def backward_dw(self):
+        for module in self.width_experts:
+            module.backward_dw()
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Experts keyed by (group, index): ``<prefix>group_<g>.<param>`` with axis ``N_g``."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        out = {}
+        for r, ((g, idx), module) in enumerate(zip(self.runs, self.width_experts)):
+            n_g = self.mohge.experts_per_group[g]
+            if self.backend == "te":
+                from megatron_mohge.experts.te_backend import te_run_sharded_state_dict
+
+                sd = te_run_sharded_state_dict(module, f"{prefix}width_experts.{r}.",
+                                               f"{prefix}group_{g}.", idx, n_g, sharded_offsets,
+                                               metadata)
+            else:
+                sd = {}
+                for k, expert in enumerate(module.local_experts):
+                    local_prefix = f"{prefix}width_experts.{r}.local_experts.{k}."
+                    if singleton:
+                        global_prefix, offsets = f"{prefix}group_{g}.{idx[k]}.", sharded_offsets
+                    else:
+                        global_prefix = f"{prefix}group_{g}."
+                        offsets = (*sharded_offsets, (len(sharded_offsets), idx[k], n_g))
+                    esd = expert.sharded_state_dict(local_prefix, offsets, metadata)
+                    replace_prefix_for_sharding(esd, local_prefix, global_prefix)
+                    sd.update(esd)
+            # Experts are replicated along the expert-data-parallel group only.
+            edp_rank = self.dp_group.rank()
+            for key, sh in sd.items():
+                rid = sh.replica_id
+                assert len(rid) == 3, f"expected (PP, TP, DP) replica_id for {key}, got {rid}"
+                sh.replica_id = (*rid[:2], edp_rank)
+            out.update(sd)
+        return out
+
+    def expert_widths_local(self) -> list[int]:
+        """Width of each local expert in local slot order."""
+        return [self.mohge.widths[g] for g, idx in self.runs for _ in idx]

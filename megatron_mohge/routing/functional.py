@@ -1,0 +1,126 @@
+"""Pure routing math of the MoHGE two-level router (design note section 2).
+
+Shapes: ``T`` tokens, ``G`` groups, ``E`` experts in canonical (group-major) order.
+Everything here is differentiable where the paper's router is, and free of Megatron state,
+so tests can check it against hand-computed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class GroupIndex:
+    """Index tensors describing which experts belong to which group."""
+
+    group_of_expert_E: torch.Tensor  # long [E]
+    padded_ids_GN: torch.Tensor  # long [G, Nmax]: expert ids of each group, padded with 0
+    valid_GN: torch.Tensor  # bool [G, Nmax]: False where padded
+    equal_sizes: bool  # all groups the same size (fast reshape path)
+
+    @classmethod
+    def build(cls, group_sizes: Sequence[int], device=None) -> "GroupIndex":
+        sizes = [int(n) for n in group_sizes]
+        nmax = max(sizes)
+        group_of = torch.tensor([g for g, n in enumerate(sizes) for _ in range(n)], dtype=torch.long)
+        padded = torch.zeros(len(sizes), nmax, dtype=torch.long)
+        valid = torch.zeros(len(sizes), nmax, dtype=torch.bool)
+        start = 0
+        for g, n in enumerate(sizes):
+            padded[g, :n] = torch.arange(start, start + n)
+            valid[g, :n] = True
+            start += n
+        return cls(group_of.to(device), padded.to(device), valid.to(device), len(set(sizes)) == 1)
+
+    @property
+    def num_groups(self) -> int:
+        return self.padded_ids_GN.shape[0]
+
+    def to_padded(self, x_TE: torch.Tensor, fill: float) -> torch.Tensor:
+        """[T, E] -> [T, G, Nmax], padded entries set to ``fill``."""
+        if self.equal_sizes:
+            return x_TE.view(x_TE.shape[0], self.num_groups, -1)
+        x_TGN = x_TE[:, self.padded_ids_GN]
+        return x_TGN.masked_fill(~self.valid_GN, fill)
+
+    def from_padded(self, x_TGN: torch.Tensor) -> torch.Tensor:
+        """[T, G, Nmax] -> [T, E] (drops padding)."""
+        if self.equal_sizes:
+            return x_TGN.reshape(x_TGN.shape[0], -1)
+        return x_TGN[:, self.valid_GN]
+
+
+def segment_softmax(z_TE: torch.Tensor, index: GroupIndex) -> torch.Tensor:
+    """Softmax of expert logits inside each group: pi_{g,i} = softmax_i(z_{g,.})."""
+    z_TGN = index.to_padded(z_TE, float("-inf"))
+    return index.from_padded(torch.softmax(z_TGN, dim=-1))
+
+
+def segment_logsumexp(z_TE: torch.Tensor, index: GroupIndex) -> torch.Tensor:
+    """logsumexp of expert logits inside each group: [T, G]."""
+    return torch.logsumexp(index.to_padded(z_TE, float("-inf")), dim=-1)
+
+
+@dataclass
+class TwoLevelRouting:
+    """Result of one two-level routing step, canonical expert order."""
+
+    probs_TE: torch.Tensor  # final combine weights w (zero for unchosen experts)
+    routing_map_TE: torch.Tensor  # bool, exactly K True per token
+    group_mask_TG: torch.Tensor  # bool, the Kg groups S picked by the group gate
+    group_scores_TG: torch.Tensor  # s = sigmoid(u) or softmax(u)
+    in_group_probs_TE: torch.Tensor  # pi, softmax inside each group
+
+
+def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, group_topk: int,
+                    topk: int, group_score: str = "sigmoid",
+                    expert_weighting: str = "renorm") -> TwoLevelRouting:
+    """MoHGE routing: group gate -> in-group softmax -> combined score -> exactly K experts.
+
+    1. ``s = sigmoid(u)`` (or softmax); ``S`` = top-Kg groups of ``s``.
+    2. ``pi_{g,i} = softmax_i(z_{g,.})`` inside each group.
+    3. ``q_{g,i} = s_g * 1[g in S] * pi_{g,i}``, normalised to sum 1 over all experts.
+    4. top-K of ``q`` over all experts (no per-group quota).
+    5. weights: ``renorm`` -> ``q_chosen / sum(q_chosen)``; ``paper`` -> ``softmax(q_chosen)``
+       (the released code's softmax over probabilities).
+    """
+    if group_score == "sigmoid":
+        s_TG = torch.sigmoid(u_TG)
+    elif group_score == "softmax":
+        s_TG = torch.softmax(u_TG, dim=-1)
+    else:
+        raise ValueError(f"unknown group_score {group_score!r}")
+    _, gidx_TK = torch.topk(s_TG, k=group_topk, dim=-1)
+    group_mask_TG = torch.zeros_like(s_TG, dtype=torch.bool).scatter(1, gidx_TK, True)
+
+    pi_TE = segment_softmax(z_TE, index)
+    gate_TE = (s_TG * group_mask_TG)[:, index.group_of_expert_E]
+    q_TE = gate_TE * pi_TE
+    q_TE = q_TE / q_TE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(q_TE.dtype).tiny)
+
+    q_chosen_TK, eidx_TK = torch.topk(q_TE, k=topk, dim=-1)
+    if expert_weighting == "renorm":
+        w_TK = q_chosen_TK / q_chosen_TK.sum(dim=-1, keepdim=True).clamp_min(
+            torch.finfo(q_TE.dtype).tiny)
+    elif expert_weighting == "paper":
+        w_TK = torch.softmax(q_chosen_TK, dim=-1)
+    else:
+        raise ValueError(f"unknown expert_weighting {expert_weighting!r}")
+    probs_TE = torch.zeros_like(q_TE).scatter(1, eidx_TK, w_TK)
+    routing_map_TE = torch.zeros_like(q_TE, dtype=torch.bool).scatter(1, eidx_TK, True)
+    return TwoLevelRouting(probs_TE, routing_map_TE, group_mask_TG, s_TG, pi_TE)
+
+
+def valid_token_mask(num_tokens: int, padding_mask: Optional[torch.Tensor],
+                     device) -> Optional[torch.Tensor]:
+    """Flatten Megatron's padding mask (True = padding) into a float keep-mask [T, 1]."""
+    if padding_mask is None:
+        return None
+    keep = (~padding_mask.reshape(-1).bool()).to(device)
+    if keep.numel() != num_tokens:
+        raise ValueError(f"padding_mask has {keep.numel()} entries for {num_tokens} tokens")
+    return keep.unsqueeze(-1)

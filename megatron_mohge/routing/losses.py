@@ -1,0 +1,125 @@
+"""MoHGE auxiliary losses (design note section 3), as pure functions.
+
+Like Megatron's ``switch_load_balancing_loss_func``, each loss is computed from *global*
+token counts (all-reduced over the sequence/context-parallel group ``reduce_group``) and
+*local* probability sums divided by the global token count. The per-rank values are
+partial sums: adding them over ``reduce_group`` gives the full loss, and each rank's
+autograd sees exactly its own tokens' share. Callers attach the result with
+``MoEAuxLossAutoScaler`` and log it with ``reduce_group`` so the tracker sums the parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_mohge.routing.functional import GroupIndex, segment_logsumexp
+
+
+def global_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum a (non-differentiable) count tensor over ``group``."""
+    x = x.detach().clone()
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+@dataclass
+class TokenCounts:
+    """Global routing counts a loss needs (no gradient)."""
+
+    num_tokens: torch.Tensor  # scalar: valid tokens over the reduce group
+    tokens_per_group_G: torch.Tensor  # tokens whose selected groups S include g
+    tokens_per_expert_E: torch.Tensor  # tokens routed to each expert (canonical order)
+
+
+def count_tokens(group_mask_TG: torch.Tensor, routing_map_TE: torch.Tensor,
+                 keep_T1: Optional[torch.Tensor], reduce_group) -> TokenCounts:
+    gm = group_mask_TG.float()
+    rm = routing_map_TE.float()
+    if keep_T1 is not None:
+        gm, rm = gm * keep_T1, rm * keep_T1
+        local_tokens = keep_T1.sum()
+    else:
+        local_tokens = torch.tensor(float(rm.shape[0]), device=rm.device)
+    packed = global_sum(torch.cat([local_tokens.reshape(1), gm.sum(0), rm.sum(0)]), reduce_group)
+    g = gm.shape[1]
+    return TokenCounts(packed[0], packed[1:1 + g], packed[1 + g:])
+
+
+def group_aux_loss(u_TG: torch.Tensor, counts: TokenCounts, costs_G: torch.Tensor,
+                   group_topk: int, coeff: float, keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """Cost-weighted group-wise loss ``a_G * Ng * sum_g c_g f_g P_g``.
+
+    ``f_g = n_g / (T * Kg)`` (share of group selections), ``P_g = mean_t softmax(u_t)_g``
+    (dense softmax even when the gate scores with sigmoid), ``c_g = 1 + (W_g - W_1)/Delta``.
+    Minimising it steers tokens towards cheap groups.
+    """
+    p_TG = torch.softmax(u_TG.float(), dim=-1)
+    if keep_T1 is not None:
+        p_TG = p_TG * keep_T1
+    T = counts.num_tokens.clamp_min(1.0)
+    f_G = counts.tokens_per_group_G / (T * group_topk)
+    P_G = p_TG.sum(0) / T  # local part of the global mean
+    return coeff * u_TG.shape[1] * torch.sum(costs_G * f_G * P_G)
+
+
+def intra_group_loss_paper(probs_TE: torch.Tensor, counts: TokenCounts, topk: int,
+                           group_topk: int, mean_group_size: float, coeff: float,
+                           keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """Released intra-group loss: one Switch loss over all experts, count ``N * Kg``.
+
+    ``a_E * (N*Kg) * sum_e f_e P_e`` with ``f_e = n_e / (T*K)`` and ``P_e = mean_t w_{t,e}``
+    (the sparse final weights). For unequal group sizes ``N`` is the mean group size.
+    """
+    w_TE = probs_TE.float()
+    if keep_T1 is not None:
+        w_TE = w_TE * keep_T1
+    T = counts.num_tokens.clamp_min(1.0)
+    f_E = counts.tokens_per_expert_E / (T * topk)
+    P_E = w_TE.sum(0) / T
+    return coeff * (mean_group_size * group_topk) * torch.sum(f_E * P_E)
+
+
+def intra_group_loss_per_group(pi_TE: torch.Tensor, group_mask_TG: torch.Tensor,
+                               counts: TokenCounts, index: GroupIndex,
+                               group_sizes: Sequence[int], coeff: float,
+                               keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """[ours] Switch loss inside each group over the tokens routed to it.
+
+    For group ``g`` with tokens ``T_g`` (those that selected ``g``):
+    ``L_g = N_g * sum_i f_{g,i} P_{g,i}``, ``f_{g,i}`` = share of the group's expert
+    assignments that went to expert ``i``, ``P_{g,i} = mean_{t in T_g} pi_{t,g,i}`` (in-group
+    softmax). ``L = a_E * sum_g share_g * L_g`` with ``share_g = n_g / sum_h n_h``. Each
+    ``L_g`` is 1 when group ``g`` is balanced, so ``L / a_E`` is 1 at perfect balance.
+    """
+    sel_TE = group_mask_TG[:, index.group_of_expert_E].float()
+    if keep_T1 is not None:
+        sel_TE = sel_TE * keep_T1
+    n_G = counts.tokens_per_group_G
+    n_E = counts.tokens_per_expert_E
+    g_of_e = index.group_of_expert_E
+    assigned_G = torch.zeros_like(n_G).index_add_(0, g_of_e, n_E)
+    f_E = n_E / assigned_G[g_of_e].clamp_min(1.0)
+    P_E = (pi_TE.float() * sel_TE).sum(0) / n_G[g_of_e].clamp_min(1.0)
+    share_G = n_G / n_G.sum().clamp_min(1.0)
+    sizes_E = torch.tensor([float(group_sizes[g]) for g in g_of_e.tolist()], device=pi_TE.device)
+    return coeff * torch.sum(share_G[g_of_e] * sizes_E * f_E * P_E)
+
+
+def z_loss_two_level(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, coeff: float,
+                     keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE z-loss for both gates: ``coeff * mean_t[lse(u_t)^2 + mean_g lse(z_{t,g})^2]``.
+
+    The expert gate's softmax runs inside each group, so its z-loss uses the in-group
+    log-partition functions.
+    """
+    per_token = torch.logsumexp(u_TG.float(), dim=-1).square()
+    per_token = per_token + segment_logsumexp(z_TE.float(), index).square().mean(dim=-1)
+    if keep_T1 is not None:
+        keep = keep_T1.squeeze(-1)
+        return coeff * (per_token * keep).sum() / keep.sum().clamp_min(1.0)
+    return coeff * per_token.mean()

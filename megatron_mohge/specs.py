@@ -1,0 +1,173 @@
+"""Drop-in layer specs: Megatron's GPT specs with the MoE experts and router swapped.
+
+We start from Megatron's own specs (``get_moe_module_spec``, ``get_gpt_layer_*_spec``,
+``get_gpt_decoder_block_spec``), so attention, norms, shared experts, dense/MoE
+interleaving (``moe_layer_freq``) and pipeline slicing stay Megatron's. The deltas:
+
+* ``MoESubmodules.experts`` -> ``HeterogeneousExperts`` (one expert module per width);
+* ``MoESubmodules.router``  -> ``MoHGERouter`` (or a noisy top-k router, per config).
+
+The MoE layer itself is Megatron's ``MoELayer`` with its stock token dispatchers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_mohge.compat.versions import make_moe_submodules
+from megatron_mohge.config import MoHGEConfig
+from megatron_mohge.experts.hetero import HeterogeneousExperts
+
+
+def te_available() -> bool:
+    """Transformer Engine's PyTorch extension imports and a CUDA device is present."""
+    try:
+        import torch
+
+        from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear
+    except Exception:  # ImportError, or TE's own failures to load its CUDA libraries
+        return False
+    return TEColumnParallelGroupedLinear is not None and torch.cuda.is_available()
+
+
+def resolve_use_te(use_te: Optional[bool]) -> bool:
+    """``None`` picks TE when it is usable; ``True`` without TE is an error."""
+    if use_te is None:
+        return te_available()
+    if use_te and not te_available():
+        raise ImportError(
+            "use_te=True but Transformer Engine is not usable here (it needs TE's PyTorch "
+            "extension and a CUDA GPU). Install transformer-engine[pytorch] on a GPU machine, or "
+            "pass use_te=False for the local (torch) expert path.")
+    return bool(use_te)
+
+
+def router_builder(mohge_config: MoHGEConfig):
+    """The ``MoESubmodules.router`` callable for ``mohge_config.router.type``."""
+    if mohge_config.router.type == "mohge":
+        from megatron_mohge.routing.mohge_router import MoHGERouter
+
+        return functools.partial(MoHGERouter, mohge_config=mohge_config)
+    from megatron_mohge.routing.noisy_topk import NoisyTopKRouter
+
+    return functools.partial(NoisyTopKRouter, mohge_config=mohge_config)
+
+
+def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None) -> ModuleSpec:
+    """``MoELayer`` spec with MoHGE experts and router (shared experts as Megatron builds them)."""
+    use_te = resolve_use_te(use_te)
+    stock = get_moe_module_spec(use_te=use_te, num_experts=mohge_config.num_experts,
+                                moe_grouped_gemm=use_te)
+    stock_experts = stock.submodules.experts
+    # TE >= 1.7 gives TEGroupedMLP (grouped GEMMs); otherwise Megatron falls back to per-expert
+    # MLPs with whatever linears the backend has, and so do we.
+    backend = "te" if getattr(stock_experts.module, "__name__", "") == "TEGroupedMLP" else "local"
+    experts = ModuleSpec(module=HeterogeneousExperts,
+                         params={"mohge_config": mohge_config, "backend": backend},
+                         submodules=stock_experts.submodules)
+    submodules = make_moe_submodules(experts=experts,
+                                     shared_experts=stock.submodules.shared_experts,
+                                     router=router_builder(mohge_config))
+    return ModuleSpec(module=MoELayer, submodules=submodules, metainfo=dict(stock.metainfo))
+
+
+def get_mohge_layer_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None, *,
+                         normalization: Optional[str] = None, qk_layernorm: bool = False,
+                         multi_latent_attention: bool = False) -> ModuleSpec:
+    """A ``TransformerLayer`` spec whose MLP is a MoHGE layer.
+
+    Usable wherever Megatron takes a layer spec (``GPTModel(transformer_layer_spec=...)``,
+    ``pretrain_gpt.py --spec``); every layer then is a MoHGE layer. For dense/MoE
+    interleaving and pipeline slicing use ``get_mohge_decoder_block_spec``.
+    """
+    use_te = resolve_use_te(use_te)
+    if use_te:
+        layer = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=mohge_config.num_experts, moe_grouped_gemm=True,
+            qk_layernorm=qk_layernorm, multi_latent_attention=multi_latent_attention)
+    else:
+        layer = get_gpt_layer_local_spec(
+            num_experts=mohge_config.num_experts, qk_layernorm=qk_layernorm,
+            multi_latent_attention=multi_latent_attention, normalization=normalization)
+    return _with_mlp(layer, get_mohge_moe_module_spec(mohge_config, use_te))
+
+
+def get_mohge_decoder_block_spec(transformer_config, mohge_config: MoHGEConfig,
+                                 use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
+                                 pp_rank: Optional[int] = None):
+    """Megatron's GPT decoder block spec with every MoE layer turned into a MoHGE layer.
+
+    Honours ``moe_layer_freq`` (dense/MoE interleaving), shared experts and pipeline
+    slicing (``vp_stage``/``pp_rank``, as ``get_gpt_decoder_block_spec``). The
+    ``transformer_config`` must come from ``mohge_config.apply_to(...)``.
+    """
+    mohge_config.check_transformer_config(transformer_config)
+    use_te = resolve_use_te(use_te)
+    block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
+                                       normalization=transformer_config.normalization,
+                                       vp_stage=vp_stage, pp_rank=pp_rank)
+    moe = get_mohge_moe_module_spec(mohge_config, use_te)
+    block.layer_specs = [_with_mlp(spec, moe) if _is_moe_layer(spec) else spec
+                         for spec in block.layer_specs]
+    return block
+
+
+def get_noisy_topk_moe_module_spec(num_experts: int, use_te: Optional[bool] = None, *,
+                                   gating=None, group_sizes=None, group_topk: Optional[int] = None,
+                                   hierarchical: bool = False) -> ModuleSpec:
+    """Megatron's stock (uniform-width) ``MoELayer`` spec with the sparsely-gated router.
+
+    ``gating`` is a ``NoisyGatingConfig``; ``hierarchical=True`` adds the primary gate over
+    ``group_sizes`` groups picking ``group_topk`` of them (Shazeer et al. 2017, appendix B).
+    """
+    from megatron_mohge.routing.noisy_topk import NoisyTopKRouter
+
+    use_te = resolve_use_te(use_te)
+    stock = get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
+    router = functools.partial(NoisyTopKRouter, gating=gating, group_sizes=group_sizes,
+                               group_topk=group_topk, hierarchical=hierarchical)
+    submodules = make_moe_submodules(experts=stock.submodules.experts,
+                                     shared_experts=stock.submodules.shared_experts, router=router)
+    return ModuleSpec(module=MoELayer, submodules=submodules, metainfo=dict(stock.metainfo))
+
+
+def get_noisy_topk_decoder_block_spec(transformer_config, use_te: Optional[bool] = None,
+                                      vp_stage: Optional[int] = None,
+                                      pp_rank: Optional[int] = None, **router_kwargs):
+    """Megatron's GPT decoder block spec (uniform experts) with the noisy top-k router.
+
+    ``router_kwargs`` go to ``get_noisy_topk_moe_module_spec`` (gating, groups...).
+    """
+    use_te = resolve_use_te(use_te)
+    block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
+                                       normalization=transformer_config.normalization,
+                                       vp_stage=vp_stage, pp_rank=pp_rank)
+    moe = get_noisy_topk_moe_module_spec(transformer_config.num_moe_experts, use_te,
+                                         **router_kwargs)
+    block.layer_specs = [_with_mlp(spec, moe) if _is_moe_layer(spec) else spec
+                         for spec in block.layer_specs]
+    return block
+
+
+def _is_moe_layer(layer_spec: ModuleSpec) -> bool:
+    mlp = getattr(layer_spec.submodules, "mlp", None)
+    return isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(
+        mlp.module, MoELayer)
+
+
+def _with_mlp(layer_spec: ModuleSpec, mlp: ModuleSpec) -> ModuleSpec:
+    if not _is_moe_layer(layer_spec):
+        raise ValueError("expected a TransformerLayer spec whose mlp is a MoELayer spec")
+    return dataclasses.replace(layer_spec,
+                               submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))

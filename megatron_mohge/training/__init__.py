@@ -1,0 +1,1 @@
+"""Training plumbing on megatron.core (CPU mode or GPUs)."""

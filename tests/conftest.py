@@ -1,0 +1,49 @@
+import os
+
+import pytest
+
+# Keep single-process tests deterministic and light on the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-rank or long-running case (run by .ci/run after the default suite)")
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped on machines without a GPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def mcore_world1():
+    """A 1-rank gloo process group with Megatron's parallel state (TP=EP=PP=1).
+
+    Shared by the single-process tests (re-created if a test tore the layout down); tests
+    needing another layout run under torchrun.
+    """
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_mohge.compat import enable_cpu_mode
+
+    enable_cpu_mode()  # no-op (a warning) on CUDA machines; idempotent
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+    yield
