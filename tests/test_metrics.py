@@ -14,7 +14,7 @@ def test_metrics_match_the_routing_map():
 
     cfg = MoHGEConfig(widths=[8, 16, 32], experts_per_group=[2, 2, 2], group_topk=2, topk=2,
                       losses=dict(group_coeff=0.0, intra_group_coeff=0.0))
-    router = make_router(cfg, hidden=16)
+    router = make_router(cfg, hidden=16, gated_linear_unit=True)  # SwiGLU experts
     x = torch.randn(12, 2, 16)
     _, rmap = router(x)
     m = routing_metrics(router)
