@@ -21,6 +21,7 @@ import math
 import sys
 import sysconfig
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from megatron_mohge.metrics import reset_routing_counts, routing_metrics
 from megatron_mohge.training import mcore as M
 
 VOCAB = 256  # byte-level tokens
+# megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
 def stdlib_corpus(max_bytes: int) -> torch.Tensor:
@@ -126,7 +129,7 @@ def run(name: str, args, data_train, data_val, mc: MoHGEConfig | None) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(Path(__file__).parent / "configs" / "tiny_mohge.yaml"))
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
@@ -143,7 +146,7 @@ def main(argv=None):
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--runs", default="moe,mohge,mohge_paper")
     p.add_argument("--out", default="runs/tiny_cpu")
     args = p.parse_args(argv)

@@ -16,12 +16,17 @@ LOSS_TOL = 1e-6  # relative
 AUX_TOL = 1e-5  # relative, per layer
 
 
+def make_reference(tmp_path_factory, router: str):
+    ref_dir = tmp_path_factory.mktemp(f"ref-{router}")
+    result = run_workers("equivalence_worker.py", 1, "--mode", "reference", "--ref-dir",
+                         str(ref_dir), "--router", router)
+    assert result["loss"] > 0
+    return ref_dir, result
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    ref_dir = tmp_path_factory.mktemp("mohge-ref")
-    result = run_workers("equivalence_worker.py", 1, "--mode", "reference", "--ref-dir",
-                         str(ref_dir))
-    assert result["loss"] > 0
+    ref_dir, result = make_reference(tmp_path_factory, "mohge")
     assert set(result["aux"]) == {"mohge_group_loss", "mohge_intra_group_loss", "z_loss"}
     return ref_dir
 
@@ -39,9 +44,9 @@ def check(results: dict):
             assert r["num_params_compared"] > 0
 
 
-def run_compare(reference, nproc, layouts):
+def run_compare(reference, nproc, layouts, router="mohge"):
     return run_workers("equivalence_worker.py", nproc, "--mode", "compare", "--ref-dir",
-                       str(reference), "--layouts", ";".join(layouts))
+                       str(reference), "--layouts", ";".join(layouts), "--router", router)
 
 
 def test_ep2_both_dispatchers_match_one_rank(reference):
@@ -66,3 +71,13 @@ def test_world4_layouts_match_one_rank(reference):
     check(results)
     sp = results["tp=2,disp=allgather"][0]["layout"]
     assert sp["tp"] == 2 and sp["dp"] == 2
+
+
+@pytest.mark.slow
+def test_hierarchical_noisy_router_matches_one_rank(tmp_path_factory):
+    # The CV^2 losses all-reduce per-expert sums over the SP group (differentiably).
+    ref_dir, result = make_reference(tmp_path_factory, "hierarchical_noisy_topk")
+    assert {"noisy_importance_loss", "noisy_load_loss"} <= set(result["aux"])
+    results = run_compare(ref_dir, 4, ["tp=2,ep=2,disp=alltoall", "ep=4,disp=allgather"],
+                          router="hierarchical_noisy_topk")
+    check(results)

@@ -23,7 +23,8 @@ import torch.distributed as dist  # noqa: E402
 
 import common as C  # noqa: E402
 
-AUX_NAMES = ("mohge_group_loss", "mohge_intra_group_loss", "z_loss")
+AUX_NAMES = ("mohge_group_loss", "mohge_intra_group_loss", "z_loss", "noisy_importance_loss",
+             "noisy_load_loss")
 
 
 def mohge_config(router_type: str = "mohge"):
@@ -35,7 +36,10 @@ def mohge_config(router_type: str = "mohge"):
         widths=[16, 32, 48, 64], experts_per_group=2, group_topk=2, topk=2,
         num_shared_experts=1, shared_expert_width=16,
         router=dict(type=router_type, z_loss_coeff=1e-3),
-        losses=dict(group_coeff=1e-2, group_start_fraction=0.0, intra_group_coeff=1e-2))
+        losses=dict(group_coeff=1e-2, group_start_fraction=0.0, intra_group_coeff=1e-2),
+        # Noise draws differ between layouts (per-rank RNG streams), so the noisy routers are
+        # compared deterministically: without noise (load from hard counts, logged only).
+        noisy_gating=dict(noise=False, importance_coeff=0.1, load_coeff=0.1))
 
 
 def build(mc, dispatcher: str):
@@ -53,7 +57,7 @@ def build(mc, dispatcher: str):
 def spread_gates(model):
     gen = torch.Generator().manual_seed(7)
     for name, p in C.unwrap(model).named_parameters():
-        if name.endswith("router.weight") or name.endswith("router.group_weight"):
+        if name.split(".")[-1] in ("weight", "group_weight") and ".router." in name:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
