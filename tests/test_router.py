@@ -262,3 +262,21 @@ def test_expert_gate_bias_when_linear_bias_is_on():
     u, z = xt @ router.group_weight.t(), xt @ router.weight.t() + router.bias
     w, _, _ = ref_route(u.detach(), z.detach(), cfg.experts_per_group, 2, 3)
     assert torch.allclose(probs, w, atol=1e-6)
+
+
+def test_input_jitter_only_while_training():
+    cfg = cfg_small(router=dict(input_jitter_eps=0.5), losses=dict(group_coeff=0.0,
+                                                                    intra_group_coeff=0.0))
+    router = make_router(cfg)
+    assert router.config.moe_input_jitter_eps == 0.5
+    with torch.no_grad():
+        router.weight.normal_(0, 1.0)
+        router.group_weight.normal_(0, 1.0)
+    x = torch.randn(64, 2, 16)
+    router.eval()
+    p1, _ = router(x)
+    p2, _ = router(x)
+    assert torch.equal(p1, p2)  # no jitter in evaluation
+    router.train()
+    t1, _ = router(x)
+    assert not torch.allclose(t1, p1)  # inputs scaled by U(0.5, 1.5) change the weights
