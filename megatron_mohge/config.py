@@ -254,11 +254,15 @@ class MoHGEConfig:
                     f"MoHGEConfig.widths[{g}]={w}: with FP8 each expert-TP shard of a width must be "
                     f"a multiple of {fp8_align} (FP8 GEMM alignment); got {w // expert_tp_size}. "
                     f"Round the width to a multiple of {fp8_align * expert_tp_size}.")
+        self.allocation_plan(ep_size)
+
+    def allocation_plan(self, ep_size: int):
+        """The expert-to-slot layout over ``ep_size`` EP ranks, honouring ``allocation``."""
         from megatron_mohge.allocation import plan_allocation
 
-        plan_allocation(self.widths, self.experts_per_group, ep_size,
-                        max_imbalance=self.allocation.max_imbalance,
-                        allow_imbalance=self.allocation.allow_imbalance)
+        return plan_allocation(self.widths, self.experts_per_group, ep_size,
+                               max_imbalance=self.allocation.max_imbalance,
+                               allow_imbalance=self.allocation.allow_imbalance)
 
     def apply_to(self, transformer_config):
         """Return a copy of ``transformer_config`` with the MoE fields MoHGE needs.

@@ -31,7 +31,6 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
-from megatron_mohge.allocation import plan_allocation
 from megatron_mohge.config import MoHGEConfig
 
 BACKENDS = ("local", "te")
@@ -74,9 +73,7 @@ class HeterogeneousExperts(MegatronModule):
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
         ep_size, ep_rank = self.ep_group.size(), self.ep_group.rank()
-        self.plan = plan_allocation(mohge_config.widths, mohge_config.experts_per_group, ep_size,
-                                    max_imbalance=mohge_config.allocation.max_imbalance,
-                                    allow_imbalance=mohge_config.allocation.allow_imbalance)
+        self.plan = mohge_config.allocation_plan(ep_size)
         if num_local_experts != self.plan.local_size:
             raise ValueError(f"MoELayer gave {num_local_experts} local experts but the MoHGE plan "
                              f"places {self.plan.local_size} per rank")

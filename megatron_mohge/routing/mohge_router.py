@@ -8,10 +8,13 @@ import torch
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 
-from megatron_mohge.allocation import plan_allocation
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.routing import losses as L
-from megatron_mohge.routing.base import GroupedExpertRouter, warn_progress_unknown
+from megatron_mohge.routing.base import (
+    GroupedExpertRouter,
+    _default_pg_collection,
+    warn_progress_unknown,
+)
 from megatron_mohge.routing.functional import two_level_route, valid_token_mask
 
 GROUP_LOSS_NAME = "mohge_group_loss"
@@ -30,14 +33,9 @@ class MoHGERouter(GroupedExpertRouter):
 
     def __init__(self, config, pg_collection=None, *, mohge_config: MoHGEConfig):
         mohge_config.check_transformer_config(config)
-        from megatron_mohge.routing.base import _default_pg_collection
-
         pg_collection = _default_pg_collection(pg_collection)
         self.mohge = mohge_config
-        self.plan = plan_allocation(mohge_config.widths, mohge_config.experts_per_group,
-                                    pg_collection.ep.size(),
-                                    max_imbalance=mohge_config.allocation.max_imbalance,
-                                    allow_imbalance=mohge_config.allocation.allow_imbalance)
+        self.plan = mohge_config.allocation_plan(pg_collection.ep.size())
         super().__init__(config, pg_collection, group_sizes=mohge_config.experts_per_group,
                          slot_to_canonical=self.plan.slot_to_canonical)
         self.group_weight = self.new_gate_weight(mohge_config.num_groups)

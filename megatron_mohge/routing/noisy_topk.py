@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 
-from megatron_mohge.allocation import plan_allocation
 from megatron_mohge.config import MoHGEConfig, NoisyGatingConfig
 from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.base import GroupedExpertRouter, _default_pg_collection
@@ -123,10 +122,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
             gating = mohge_config.noisy_gating
             hierarchical = mohge_config.router.type == "hierarchical_noisy_topk"
             group_sizes, group_topk = mohge_config.experts_per_group, mohge_config.group_topk
-            self.plan = plan_allocation(mohge_config.widths, mohge_config.experts_per_group,
-                                        pg_collection.ep.size(),
-                                        max_imbalance=mohge_config.allocation.max_imbalance,
-                                        allow_imbalance=mohge_config.allocation.allow_imbalance)
+            self.plan = mohge_config.allocation_plan(pg_collection.ep.size())
             slots = self.plan.slot_to_canonical
         elif hierarchical and (group_sizes is None or group_topk is None):
             raise ValueError("NoisyTopKRouter(hierarchical=True) needs group_sizes (experts per "

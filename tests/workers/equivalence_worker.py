@@ -49,15 +49,15 @@ def build(mc, dispatcher: str):
         moe_token_dispatcher_type=dispatcher, moe_layer_freq=[1, 0, 1, 1],
         moe_aux_loss_coeff=0.0, moe_router_load_balancing_type="none"))
     model = C.build_gpt(tc, get_mohge_decoder_block_spec(tc, mc, use_te=False))
-    # Spread the gates so that routing is far from ties (tiny fp differences between layouts
-    # must not flip a top-k choice) and every group/expert gets traffic.
     return C.wrap_ddp(model, tc), tc
 
 
 def spread_gates(model):
+    """Spread the gates so that routing is far from ties (tiny fp differences between layouts
+    must not flip a top-k choice) and every group/expert gets traffic."""
     gen = torch.Generator().manual_seed(7)
     for name, p in C.unwrap(model).named_parameters():
-        if name.split(".")[-1] in ("weight", "group_weight") and ".router." in name:
+        if name.endswith("router.weight") or name.endswith("router.group_weight"):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
