@@ -27,11 +27,22 @@ setup(
         "numpy",
         # megatron.core.dist_checkpointing needs psutil to save.
         "psutil",
+        "tqdm",  # progress bars of mohge-prepare-data / mohge-train
     ],
     extras_require={
         # Optional GPU backends, imported lazily. TE's torch bindings build from source.
         "te": ["transformer-engine[pytorch]>=2.9"],
+        # Training and benchmark tools: HF tokenizers, TensorBoard event files, PNG plots.
+        "train": ["tokenizers>=0.19", "tensorboard>=2.14", "matplotlib>=3.7"],
         "test": ["pytest>=8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mohge-prepare-data = megatron_mohge.cli.prepare_data:main",
+            "mohge-train = megatron_mohge.cli.train:main",
+            "mohge-bench = megatron_mohge.cli.bench:main",
+            "mohge-check-config = megatron_mohge.cli.check_config:main",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

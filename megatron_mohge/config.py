@@ -27,6 +27,19 @@ class ConfigError(ValueError):
     """Invalid MoHGE configuration; the message names the field and the fix."""
 
 
+class YamlDataclass:
+    """``to_dict`` / ``to_yaml`` for the config dataclasses (field order kept)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
 @dataclass
 class RouterConfig:
     """Two-level router options (design note section 2)."""
@@ -69,7 +82,7 @@ class NoisyGatingConfig:
 
 
 @dataclass
-class MoHGEConfig:
+class MoHGEConfig(YamlDataclass):
     """Routed experts of a MoHGE layer.
 
     Example (the paper's MoHGE-3B layer): ``MoHGEConfig(widths=[384, 512, ..., 1280],
@@ -349,15 +362,6 @@ class MoHGEConfig:
             raise ConfigError(f"MoHGEConfig.from_yaml: invalid YAML: {exc}") from exc
         return cls.from_dict(data)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
     def paper_3b(cls, **overrides) -> "MoHGEConfig":
         """The released MoHGE-3B layer: 8 groups x 8 experts, widths 384..1280, Kg=4, K=6."""
@@ -406,28 +410,57 @@ def _build(cls, data: Any, path: str):
         raise ConfigError(f"{where}: missing required field(s): {', '.join(missing)}") from exc
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def expect_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"MoHGEConfig.{name}: expected an integer, got {value!r}")
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if value < minimum:
-        raise ConfigError(f"MoHGEConfig.{name}: must be >= {minimum}, got {value}")
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def expect_number(name: str, value: Any, minimum: float) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is a number >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def expect_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def expect_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def read_yaml_file(path: Union[str, Path], what: str) -> Any:
+    """Parse YAML file ``path``; ``what`` names it in errors (e.g. "run config")."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: invalid YAML: {exc}") from exc
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    expect_int(f"MoHGEConfig.{name}", value, minimum)
 
 
 def _check_number(name: str, value: Any, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"MoHGEConfig.{name}: expected a number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"MoHGEConfig.{name}: must be >= {minimum}, got {value}")
+    expect_number(f"MoHGEConfig.{name}", value, minimum)
 
 
 def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"MoHGEConfig.{name}: expected true or false, got {value!r}")
+    expect_bool(f"MoHGEConfig.{name}", value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"MoHGEConfig.{name}: {value!r} is not one of {', '.join(choices)}")
+    expect_choice(f"MoHGEConfig.{name}", value, choices)
 
 
 def _fp8_align(tc) -> int:

@@ -5,6 +5,10 @@ runs; ``routing_metrics`` turns them into the figures the paper reports: activat
 routed-expert parameters per token, group token share, mean chosen width, expert load CV
 and max/mean, and (given an allocation plan) per-EP-rank expert FLOPs. Counts are local to
 the rank; pass ``group`` to sum them over e.g. the data-parallel group first.
+
+Megatron's stock ``TopKRouter`` keeps no counts; :func:`attach_stock_counters` adds the
+same (non-persistent) count buffers to it through a forward hook, so a stock MoE baseline is
+measured by the same code.
 """
 
 from __future__ import annotations
@@ -47,32 +51,82 @@ class RoutingMetrics:
                     layers=[asdict(layer) for layer in self.layers])
 
 
-def routers(model) -> list[GroupedExpertRouter]:
-    modules: Iterable = model if isinstance(model, (list, tuple)) else [model]
-    return [m for chunk in modules for m in chunk.modules() if isinstance(m, GroupedExpertRouter)]
+def _modules(model) -> Iterable[torch.nn.Module]:
+    chunks: Iterable = model if isinstance(model, (list, tuple)) else [model]
+    return (m for chunk in chunks for m in chunk.modules())
+
+
+def routers(model) -> list:
+    """MoHGE / noisy routers, and stock routers that have :func:`attach_stock_counters`."""
+    return [m for m in _modules(model)
+            if isinstance(m, GroupedExpertRouter) or hasattr(m, "_stock_counter_hook")]
 
 
 def reset_routing_counts(model) -> None:
     for r in routers(model):
-        r.reset_routing_counts()
+        if hasattr(r, "reset_routing_counts"):
+            r.reset_routing_counts()
+            continue
+        r.tokens_per_expert_E.zero_()
+        r.tokens_per_group_G.zero_()
+        r.tokens_seen.zero_()
 
 
-def _expert_sizes(router: GroupedExpertRouter, hidden_size: int, gated: bool):
+def attach_stock_counters(model) -> int:
+    """Count the routing of Megatron's stock routers (uniform experts, one group).
+
+    Registers ``tokens_per_expert_E`` / ``tokens_per_group_G`` / ``tokens_seen`` buffers
+    (non-persistent: checkpoints are unchanged) and a forward hook that adds each call's
+    ``routing_map`` column sums, skipping padding tokens. Returns how many routers it found.
+    """
+    from megatron.core.transformer.moe.router import Router
+
+    n = 0
+    for m in _modules(model):
+        if not isinstance(m, Router) or isinstance(m, GroupedExpertRouter):
+            continue
+        if not hasattr(m, "_stock_counter_hook"):
+            dev = m.weight.device
+            m.register_buffer("tokens_per_expert_E", torch.zeros(m.config.num_moe_experts,
+                                                                 device=dev), persistent=False)
+            m.register_buffer("tokens_per_group_G", torch.zeros(1, device=dev), persistent=False)
+            m.register_buffer("tokens_seen", torch.zeros((), device=dev), persistent=False)
+            m.group_sizes = [m.config.num_moe_experts]
+            m._stock_counter_hook = m.register_forward_hook(_count_stock_routing,
+                                                                 with_kwargs=True)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def _count_stock_routing(router, args, kwargs, output) -> None:
+    routing_map = output[1].reshape(-1, router.tokens_per_expert_E.numel())
+    padding = args[1] if len(args) > 1 else kwargs.get("padding_mask")
+    if padding is not None:  # Megatron: True marks padding
+        routing_map = routing_map[~padding.reshape(-1).bool()]
+    counts = routing_map.sum(0).to(router.tokens_per_expert_E.dtype)
+    router.tokens_per_expert_E += counts
+    router.tokens_seen += routing_map.shape[0]
+    # one group: the group count is the number of group selections (one per token)
+    router.tokens_per_group_G += routing_map.shape[0]
+
+
+def _expert_sizes(router, hidden_size: int, gated: bool):
     """(widths per expert, params per expert) in canonical order, or None if unknown."""
     mohge = getattr(router, "mohge", None)
     if mohge is not None:
         return mohge.expert_widths, mohge.routed_params_per_expert(hidden_size, gated)
     width = router.config.moe_ffn_hidden_size  # uniform stock experts
-    n = router.num_experts
+    n = router.config.num_moe_experts
     return [width] * n, [(3 if gated else 2) * hidden_size * width] * n
 
 
-def layer_routing(router: GroupedExpertRouter, group=None) -> LayerRouting:
+def layer_routing(router, group=None) -> LayerRouting:
     counts = torch.cat([router.tokens_per_expert_E.double(), router.tokens_per_group_G.double(),
                         router.tokens_seen.double().reshape(1)])
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, group=group)
-    E, G = router.num_experts, len(router.group_sizes)
+    E, G = router.tokens_per_expert_E.numel(), len(router.group_sizes)
     n_e, n_g, tokens = counts[:E], counts[E:E + G], float(counts[-1])
     cfg = router.config
     widths, params = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit))
@@ -101,3 +155,37 @@ def layer_routing(router: GroupedExpertRouter, group=None) -> LayerRouting:
 def routing_metrics(model, group=None) -> RoutingMetrics:
     """Figures of every MoHGE / noisy router in ``model`` (a module or list of chunks)."""
     return RoutingMetrics([layer_routing(r, group) for r in routers(model)])
+
+
+def contiguous_rank_flops(tokens_per_expert: list[float], widths: list[int], ep_size: int):
+    """Per-EP-rank expert FLOPs (tokens x width) of Megatron's default layout: rank r owns
+    the contiguous canonical experts ``[r*E/ep, (r+1)*E/ep)`` (for MoHGE: whole groups)."""
+    E = len(tokens_per_expert)
+    if E % ep_size:
+        raise ValueError(f"{E} experts do not divide over EP={ep_size}")
+    per = E // ep_size
+    return [sum(tokens_per_expert[e] * widths[e] for e in range(r * per, (r + 1) * per))
+            for r in range(ep_size)]
+
+
+def rank_flops_layouts(router, tokens_per_expert: list[float], ep_size: int) -> dict:
+    """Per-rank expert FLOPs at ``ep_size`` for the all-size allocation (MoHGE routers) and
+    the contiguous layout, each normalised to its mean, with max/mean."""
+    cfg = router.config
+    widths, _ = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit))
+    out = {"ep": ep_size}
+    cont = contiguous_rank_flops(tokens_per_expert, widths, ep_size)
+    layouts = {"contiguous": cont}
+    mohge = getattr(router, "mohge", None)
+    if mohge is not None:
+        from megatron_mohge.allocation import plan_allocation
+
+        # report even layouts the config would refuse (imbalance above its threshold)
+        plan = plan_allocation(mohge.widths, mohge.experts_per_group, ep_size,
+                               allow_imbalance=True)
+        layouts["all_size"] = plan.rank_flops(tokens_per_expert)
+    for name, flops in layouts.items():
+        mean = sum(flops) / len(flops)
+        out[name] = [f / mean if mean else 0.0 for f in flops]
+        out[f"{name}_max_over_mean"] = max(flops) / mean if mean else 0.0
+    return out

@@ -33,7 +33,7 @@ if torch.version.cuda is not None and not torch.cuda.is_available():
     print(f"[setup] warning: torch {torch.__version__} is a CUDA build on a machine without a GPU")
 PYEOF
 
-echo "[setup] installing megatron-mohge (editable) with its test extras"
-"${PIP[@]}" -e "$ROOT[test]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+echo "[setup] installing megatron-mohge (editable) with its test and train extras"
+"${PIP[@]}" -e "$ROOT[test,train]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 "$VENV/bin/python" -c "import megatron_mohge, megatron.core, pytest, yaml" \
   || { echo "[setup] installation failed" >&2; exit 1; }

@@ -178,9 +178,11 @@ def test_gradients_flow_to_both_gates_from_the_main_loss():
     assert router.weight.grad.abs().sum() > 0 and router.group_weight.grad.abs().sum() > 0
 
 
-def test_group_loss_schedule():
+def test_group_loss_schedule(monkeypatch):
     from megatron_mohge import set_training_progress
+    from megatron_mohge.routing import base
 
+    monkeypatch.setattr(base, "_warned_progress", False)  # warned once per process
     cfg = cfg_small(losses=dict(group_start_fraction=0.5))
     router = make_router(cfg)
     x = torch.randn(4, 2, 16)

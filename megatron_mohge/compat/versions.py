@@ -52,3 +52,78 @@ def make_moe_submodules(experts, shared_experts, router):
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
     return MoESubmodules(experts=experts, shared_experts=shared_experts, router=router)
+
+
+# ==================================================================================
+# Megatron-LM (the training framework: pretrain_gpt.py, megatron.training) -- used by
+# megatron_mohge.integration.megatron_lm, examples/pretrain_mohge.py and patches/.
+# Every Megatron-LM-version-specific fact of the integration lives in this section.
+# ==================================================================================
+
+#: Megatron-LM tags the launcher and the patch were checked against.
+SUPPORTED_MEGATRON_LM_TAGS = ("core_v0.16.1",)
+#: The patch in patches/ for each supported tag.
+MEGATRON_LM_PATCHES = {"core_v0.16.1": "megatron-lm-core_v0.16.1.patch"}
+
+#: ``pretrain()`` call styles. Up to core_v0.17.x Megatron-LM parses the command line inside
+#: ``pretrain(provider, model_provider, model_type, forward_step, ..., extra_args_provider=,
+#: args_defaults=)``. From core_v0.18.0 it is ``pretrain(cfg_container, provider, ...)``: the
+#: script first calls ``parse_and_validate_args(extra_args_provider=, args_defaults=)`` and
+#: ``pretrain_cfg_container_from_args(args)``, and ``pretrain`` has no ``extra_args_provider``.
+PRETRAIN_STYLE_ARGS = "args"  # core_v0.16.x / core_v0.17.x
+PRETRAIN_STYLE_CONFIG_CONTAINER = "config_container"  # core_v0.18.0 and later
+
+
+def megatron_lm_pretrain_style(pretrain) -> str:
+    """Which ``pretrain()`` signature ``pretrain`` has (see ``PRETRAIN_STYLE_*``)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(pretrain).parameters)
+    except (TypeError, ValueError):
+        return "unknown"
+    if params and params[0] == "cfg_container":
+        return PRETRAIN_STYLE_CONFIG_CONTAINER
+    if "extra_args_provider" in params:
+        return PRETRAIN_STYLE_ARGS
+    return "unknown"
+
+
+def megatron_lm_checkout_version(megatron_lm_dir) -> "Version | None":
+    """megatron-core version of a Megatron-LM checkout, read from its ``package_info.py``
+    (no import; ``None`` when the file is missing)."""
+    import re
+    from pathlib import Path
+
+    info = Path(megatron_lm_dir) / "megatron" / "core" / "package_info.py"
+    if not info.is_file():
+        return None
+    text = info.read_text()
+    parts = {}
+    for name in ("MAJOR", "MINOR", "PATCH"):
+        m = re.search(rf"^{name}\s*=\s*(\d+)", text, re.M)
+        if not m:
+            return None
+        parts[name] = m.group(1)
+    pre = re.search(r'^PRE_RELEASE\s*=\s*[\'"]([^\'"]*)[\'"]', text, re.M)
+    return Version(f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{pre.group(1) if pre else ''}")
+
+
+def check_megatron_lm(pretrain) -> None:
+    """Refuse Megatron-LM versions whose ``pretrain()`` the launcher cannot drive; warn on
+    versions other than the supported tags."""
+    style = megatron_lm_pretrain_style(pretrain)
+    if style != PRETRAIN_STYLE_ARGS:
+        raise UnsupportedMegatronVersion(
+            "examples/pretrain_mohge.py drives Megatron-LM's pretrain(provider, model_provider, "
+            "model_type, forward_step, extra_args_provider=...) of core_v0.16.x/core_v0.17.x; "
+            f"this checkout's pretrain() is {style!r} (core_v0.18 moved argument parsing out of "
+            "pretrain into parse_and_validate_args + pretrain_cfg_container_from_args). Use a "
+            f"checkout at {', '.join(SUPPORTED_MEGATRON_LM_TAGS)}.")
+    version = mcore_version()
+    if version not in TESTED_MCORE:
+        import warnings
+
+        warnings.warn(f"megatron-mohge: Megatron-LM/megatron-core {version} is untested; the "
+                      f"launcher was checked against {', '.join(SUPPORTED_MEGATRON_LM_TAGS)}.",
+                      stacklevel=2)

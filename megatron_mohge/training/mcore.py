@@ -291,48 +291,62 @@ def eval_loss(model: ModelArg, batches: List[dict]) -> float:
             c.train(mode)
 
 
-def save_checkpoint(model: ModelArg, directory: Union[str, Path], *,
-                    fully_parallel: bool = False) -> None:
-    """``megatron.core.dist_checkpointing.save`` of the model's ``sharded_state_dict()``
-    (collective: every rank calls it; ``directory`` is created, it must be empty).
-    ``fully_parallel``: spread the writes over the data-parallel ranks
+def save_strategy(fully_parallel: bool):
+    """dist-ckpt save strategy: ``None`` (default) or the writes spread over the DP ranks
     (``FullyParallelSaveStrategyWrapper``, Megatron-LM's default)."""
-    from megatron.core import dist_checkpointing
+    if not fully_parallel:
+        return None
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
     )
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    strategy = None
-    if fully_parallel:
-        strategy = FullyParallelSaveStrategyWrapper(
-            get_default_save_sharded_strategy(),
-            ps.get_data_parallel_group(with_context_parallel=True),
-        )
-    dist_checkpointing.save(sharded_state_dict(model), str(directory), strategy)
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        ps.get_data_parallel_group(with_context_parallel=True))
 
 
-def load_checkpoint(model: ModelArg, directory: Union[str, Path], *,
-                    fully_parallel: bool = False) -> None:
-    """Load a checkpoint saved by :func:`save_checkpoint` into ``model`` in place, from any
-    layout (dist-ckpt reshards TP / EP / PP). ``fully_parallel``: each shard is read by one
-    data-parallel rank and exchanged (``FullyParallelLoadStrategyWrapper``)."""
-    from megatron.core import dist_checkpointing
+def load_strategy(directory: Union[str, Path], fully_parallel: bool):
+    """dist-ckpt load strategy: ``None`` (default) or each shard read by one DP rank and
+    exchanged (``FullyParallelLoadStrategyWrapper``)."""
+    if not fully_parallel:
+        return None
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelLoadStrategyWrapper,
     )
 
-    strategy = None
-    if fully_parallel:
-        strategy = FullyParallelLoadStrategyWrapper(
-            get_default_load_sharded_strategy(str(directory)),
-            ps.get_data_parallel_group(with_context_parallel=True),
-        )
-    state = dist_checkpointing.load(sharded_state_dict(model), str(directory), strategy)
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(directory)),
+        ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def save_checkpoint(model: ModelArg, directory: Union[str, Path], *,
+                    fully_parallel: bool = False) -> None:
+    """``megatron.core.dist_checkpointing.save`` of the model's ``sharded_state_dict()``
+    (collective: every rank calls it; ``directory`` is created, it must be empty)."""
+    from megatron.core import dist_checkpointing
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sharded_state_dict(model), str(directory),
+                            save_strategy(fully_parallel))
+
+
+def load_checkpoint(model: ModelArg, directory: Union[str, Path], *,
+                    fully_parallel: bool = False) -> None:
+    """Load a checkpoint saved by :func:`save_checkpoint` into ``model`` in place, from any
+    layout (dist-ckpt reshards TP / EP / PP)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(sharded_state_dict(model), str(directory),
+                                    load_strategy(directory, fully_parallel))
+    load_model_state(model, state)
+
+
+def load_model_state(model: ModelArg, state: dict) -> None:
+    """``load_state_dict(strict=True)`` of a loaded (unsharded) state into each chunk."""
     chunks = model_chunks(model)
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(state, strict=True)

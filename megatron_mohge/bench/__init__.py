@@ -1,0 +1,1 @@
+"""Benchmarks: layer microbenchmark, end-to-end comparison, report."""

@@ -1,0 +1,428 @@
+"""Markdown tables and PNG plots from a benchmark ``results.json`` dict.
+
+``markdown_report(results)`` gives a main table (one row per run, deltas in % relative to
+``results["baseline"]``), a group-share table for MoHGE runs and the layer-microbenchmark
+table when ``results["layer_bench"]`` is present. ``write_plots(results, out_dir)`` writes
+``loss_curves.png``, ``group_share.png``, ``rank_load.png`` and ``chosen_width_hist.png``,
+each only when some run has its data. ``write_report`` does both (``results.md`` + plots).
+
+Plots use ``matplotlib.figure.Figure`` with the Agg canvas directly, so pyplot's global
+backend is neither needed nor changed. Optional keys may be missing throughout.
+
+CLI: ``python -m megatron_mohge.bench.report results.json [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+PathLike = Union[str, Path]
+DASH = "—"
+PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png")
+
+
+# ---------------------------------------------------------------------------- formatting
+def _num(v: Any) -> Optional[float]:
+    """``v`` as a finite-or-nan float, or None when missing / not a number."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def fmt_count(v: Any) -> str:
+    """Parameter counts: 1.23B / 45.6M / 7.89K / 512."""
+    x = _num(v)
+    if x is None:
+        return DASH
+    if math.isnan(x):
+        return "nan"
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            y = x / div
+            digits = 3 if abs(y) < 10 else 2 if abs(y) < 100 else 1
+            return f"{y:.{digits}f}{suffix}"
+    return f"{x:.0f}"
+
+
+def fmt_float(v: Any, digits: int = 3, suffix: str = "") -> str:
+    x = _num(v)
+    if x is None:
+        return DASH
+    return f"{x:.{digits}f}{suffix}"
+
+
+def fmt_delta(value: Any, base: Any) -> str:
+    """Relative change ``value / base - 1`` in percent with sign, e.g. ``-18.8%``."""
+    v, b = _num(value), _num(base)
+    if v is None or b is None or b == 0 or math.isnan(v) or math.isnan(b):
+        return ""
+    return f"{(v / b - 1.0) * 100.0:+.1f}%"
+
+
+def _with_delta(text: str, value: Any, base: Any, is_base: bool) -> str:
+    if text == DASH:
+        return text
+    if is_base:
+        return f"{text} (base)"
+    d = fmt_delta(value, base)
+    return f"{text} ({d})" if d else text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _mean_chosen_width(run: dict) -> Optional[float]:
+    hist = run.get("chosen_width_hist") or {}
+    w, f = hist.get("widths"), hist.get("fraction")
+    if w and f and len(w) == len(f) and sum(f) > 0:
+        return sum(a * b for a, b in zip(w, f)) / sum(f)
+    curve = (run.get("curves") or {}).get("mean_chosen_width")
+    if curve:
+        return _num(curve[-1])
+    return None
+
+
+# ---------------------------------------------------------------------------- markdown
+def main_table(results: dict) -> str:
+    runs: dict = results.get("runs") or {}
+    base_name = results.get("baseline")
+    base = runs.get(base_name) if base_name in runs else None
+    has_rank = any(r.get("rank_flops") or r.get("rank_flops_max_over_mean") is not None
+                   for r in runs.values())
+    header = ["run", "kind", "total params", "routed params", "activated params/token",
+              "activated routed/token", "held-out loss", "ppl", "tokens/s", "peak mem MiB",
+              "expert load CV", "load max/mean"]
+    if has_rank:
+        header += ["rank FLOPs max/mean all-size", "rank FLOPs max/mean contiguous"]
+    rows = []
+    for name, r in runs.items():
+        is_base = r is base
+
+        def col(key: str, text: str) -> str:
+            return _with_delta(text, r.get(key), None if base is None else base.get(key),
+                               is_base) if base is not None else text
+
+        dense = r.get("kind") == "dense"  # no routed experts: no expert load
+        mem = _num(r.get("peak_mem_bytes"))
+        tps = _num(r.get("train_tokens_per_s"))
+        row = [
+            f"**{name}**" if is_base else name,
+            str(r.get("kind", DASH)),
+            fmt_count(r.get("total_params")),
+            col("routed_expert_params", fmt_count(r.get("routed_expert_params"))),
+            col("activated_params_per_token", fmt_count(r.get("activated_params_per_token"))),
+            col("activated_routed_params_per_token",
+                fmt_count(r.get("activated_routed_params_per_token"))),
+            col("heldout_loss", fmt_float(r.get("heldout_loss"), 4)),
+            fmt_float(r.get("heldout_ppl"), 2),
+            DASH if tps is None else f"{tps:,.0f}",
+            DASH if mem is None else f"{mem / 2 ** 20:.1f}",
+            DASH if dense else fmt_float(r.get("expert_load_cv"), 3),
+            DASH if dense else fmt_float(r.get("expert_load_max_over_mean"), 2),
+        ]
+        if has_rank:
+            rf = r.get("rank_flops") or {}
+            # stock experts have no all-size layout: only the contiguous column applies
+            all_size = rf.get("all_size_max_over_mean")
+            row += [fmt_float(all_size, 3), fmt_float(rf.get("contiguous_max_over_mean"), 3)]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def group_share_table(results: dict) -> Optional[str]:
+    runs = {n: r for n, r in (results.get("runs") or {}).items()
+            if r.get("kind") == "mohge" and r.get("group_token_share")}
+    if not runs:
+        return None
+    ng = max(len(r["group_token_share"]) for r in runs.values())
+    header = ["run", "widths"] + [f"g{g}" for g in range(ng)] + ["mean chosen width"]
+    rows = []
+    for name, r in runs.items():
+        share = list(r["group_token_share"])
+        widths = r.get("widths")
+        rows.append([name, "/".join(str(w) for w in widths) if widths else DASH]
+                    + [f"{100 * s:.1f}%" for s in share] + [""] * (ng - len(share))
+                    + [fmt_float(_mean_chosen_width(r), 1)])
+    return _table(header, rows)
+
+
+def layer_bench_table(bench: dict) -> str:
+    c = bench.get("config") or {}
+    kinds = bench.get("kinds") or {}
+    header = ["layer kind", "E", "K", "width", "routed params", "activated routed/token",
+              "median ms", "p10–p90 ms", "router ms", "router share"]
+    rows = []
+    for kind, k in kinds.items():
+        if k.get("widths"):
+            width = f"{min(k['widths'])}..{max(k['widths'])}"
+        else:
+            width = str(k.get("width", DASH))
+        p10, p90 = _num(k.get("p10_s")), _num(k.get("p90_s"))
+        rows.append([
+            kind, str(k.get("num_experts", DASH)), str(k.get("topk", DASH)), width,
+            fmt_count(k.get("routed_expert_params")),
+            fmt_count(k.get("activated_routed_params_per_token")),
+            fmt_float(None if k.get("median_s") is None else 1e3 * k["median_s"], 2),
+            DASH if p10 is None or p90 is None else f"{1e3 * p10:.2f}–{1e3 * p90:.2f}",
+            fmt_float(None if k.get("router_s") is None else 1e3 * k["router_s"], 3),
+            fmt_float(None if k.get("router_share") is None else 100 * k["router_share"], 1,
+                      "%"),
+        ])
+    lines = []
+    desc = ", ".join(f"{key}={c[key]}" for key in ("hidden_size", "tokens", "repeats", "warmup",
+                                                   "dispatcher") if key in c)
+    if desc:
+        lines.append(f"One MoE layer, forward + backward ({desc}); medians over interleaved "
+                     "rounds, machine load not controlled.")
+        lines.append("")
+    lines.append(_table(header, rows))
+    ratios = bench.get("ratios") or {}
+    if ratios:
+        lines.append("")
+        lines.append("Median-time ratios: " + ", ".join(
+            f"{n.replace('_', ' ')} = {fmt_float(v, 3)}" for n, v in ratios.items()))
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    """The report as markdown: main table, MoHGE group shares, layer microbenchmark."""
+    meta = []
+    if results.get("preset") is not None:
+        meta.append(f"preset `{results['preset']}`")
+    if results.get("seed") is not None:
+        meta.append(f"seed {results['seed']}")
+    base = results.get("baseline")
+    runs = results.get("runs") or {}
+    if base in runs:
+        meta.append(f"deltas relative to **{base}**")
+    elif base is not None:
+        meta.append(f"baseline `{base}` not among the runs: no deltas")
+    blocks = ["# MoHGE benchmark"]
+    if meta:
+        blocks.append(", ".join(meta) + ".")
+    blocks += ["## Runs", main_table(results) if runs else "_no runs_"]
+    gs = group_share_table(results)
+    if gs:
+        blocks += ["## Group token share (MoHGE runs)",
+                   "Share of the token-to-group selections per group (cheapest group first).", gs]
+    abl = ablation_table(results)
+    if abl:
+        blocks += ["## Load-balancing ablation (Shazeer et al. 2017, Table 6 in miniature)",
+                   "Held-out perplexity and the balance of the final evaluation's routing.", abl]
+    if results.get("layer_bench"):
+        blocks += ["## Layer microbenchmark", layer_bench_table(results["layer_bench"])]
+    targets = (results.get("targets") or {}).get("met")
+    if targets:
+        figs = results["targets"].get("figures", {})
+        rows = [[k, "met" if v else "**missed**"] for k, v in targets.items()]
+        blocks += ["## Targets", _table(["target", "measured"], rows),
+                   ", ".join(f"{k} = {fmt_float(v, 4)}" for k, v in figs.items())]
+    return "\n\n".join(blocks) + "\n"
+
+
+def ablation_table(results: dict) -> Optional[str]:
+    """The 2017 paper's balance table for runs that report CV(importance)."""
+    runs = {n: r for n, r in (results.get("runs") or {}).items() if "importance_cv" in r}
+    if not runs:
+        return None
+    rows = [[n, fmt_float(r.get("heldout_ppl"), 2), fmt_float(r.get("importance_cv"), 3),
+             fmt_float(r.get("expert_load_cv"), 3), fmt_float(r.get("expert_load_max_over_mean"), 2)]
+            for n, r in runs.items()]
+    return _table(["run", "held-out ppl", "CV(importance)", "CV(load)", "max/mean load"], rows)
+
+
+# ---------------------------------------------------------------------------- plots
+def _figure(n_panels: int, width_each: float = 5.0, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, width_each * n_panels), height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _loss_runs(runs: dict) -> dict:
+    out = {}
+    for name, r in runs.items():
+        c = r.get("curves") or {}
+        if c.get("train_loss") or c.get("eval_loss"):
+            out[name] = c
+    return out
+
+
+def plot_loss_curves(runs: dict, path: Path) -> Optional[Path]:
+    data = _loss_runs(runs)
+    if not data:
+        return None
+    fig, (ax,) = _figure(1, 7.0, 4.2)
+    for i, (name, c) in enumerate(data.items()):
+        color = f"C{i % 10}"
+        tl = c.get("train_loss") or []
+        if tl:
+            it = c.get("iteration") or list(range(1, len(tl) + 1))
+            ax.plot(it[:len(tl)], tl[:len(it)], color=color, lw=1.2, label=f"{name} train")
+        el = c.get("eval_loss") or []
+        if el:
+            ei = c.get("eval_iteration") or list(range(1, len(el) + 1))
+            ax.plot(ei[:len(el)], el[:len(ei)], color=color, lw=1.6, ls="--", marker="o",
+                    ms=3, label=f"{name} eval")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("Training (solid) and held-out (dashed) loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
+    data = {n: r for n, r in runs.items()
+            if r.get("kind") == "mohge" and (r.get("curves") or {}).get("group_share")}
+    if not data:
+        return None
+    fig, axes = _figure(len(data))
+    for ax, (name, r) in zip(axes, data.items()):
+        c = r["curves"]
+        share = [list(row) for row in c["group_share"]]
+        ng = max(len(row) for row in share)
+        share = [row + [0.0] * (ng - len(row)) for row in share]
+        it = c.get("group_share_iteration") or c.get("iteration") or []
+        if len(it) != len(share):
+            it = list(range(1, len(share) + 1))
+        widths = r.get("widths") or []
+        labels = [f"g{g} (W={widths[g]})" if g < len(widths) else f"g{g}" for g in range(ng)]
+        ys = [[row[g] for row in share] for g in range(ng)]
+        cmap = _cmap("viridis")
+        colors = [cmap(g / max(1, ng - 1)) for g in range(ng)]
+        ax.stackplot(it, ys, labels=labels, colors=colors, alpha=0.9)
+        if len(it) > 1:
+            ax.set_xlim(it[0], it[-1])
+        ax.set_ylim(0, max(1.0, max(sum(row) for row in share)))
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("group token share")
+        ax.set_title(name)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def _cmap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
+def plot_rank_load(runs: dict, path: Path) -> Optional[Path]:
+    data = {}
+    for name, r in runs.items():
+        rf = r.get("rank_flops") or {}
+        rows, labels = [], []
+        for key, label in (("all_size", "all-size"), ("contiguous", "contiguous")):
+            vals = [float(v) for v in (rf.get(key) or [])]
+            if vals and sum(vals) > 0:
+                mean = sum(vals) / len(vals)
+                rows.append([v / mean for v in vals])
+                labels.append(label)
+        if rows and len({len(row) for row in rows}) == 1:
+            data[name] = (rows, labels)
+    if not data:
+        return None
+    fig, axes = _figure(len(data), 5.0, 2.2 + 0.5 * max(len(v[0]) for v in data.values()))
+    vmax = max(max(max(row) for row in rows) for rows, _ in data.values())
+    vmin = min(min(min(row) for row in rows) for rows, _ in data.values())
+    span = max(vmax - 1.0, 1.0 - vmin, 0.05)
+    im = None
+    for ax, (name, (rows, labels)) in zip(axes, data.items()):
+        im = ax.imshow(rows, cmap=_cmap("coolwarm"), vmin=1.0 - span, vmax=1.0 + span,
+                       aspect="auto")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xticks(range(len(rows[0])), [str(i) for i in range(len(rows[0]))])
+        ax.set_xlabel("EP rank")
+        ax.set_title(f"{name}: expert FLOPs / mean")
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(v - 1.0) > 0.6 * span else "black")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_chosen_width_hist(runs: dict, path: Path) -> Optional[Path]:
+    data = {}
+    for name, r in runs.items():
+        h = r.get("chosen_width_hist") or {}
+        w, f = h.get("widths") or [], h.get("fraction") or []
+        if w and len(w) == len(f):
+            data[name] = (list(w), list(f))
+    if not data:
+        return None
+    fig, axes = _figure(len(data), 4.5)
+    for i, (ax, (name, (w, f))) in enumerate(zip(axes, data.items())):
+        xs = range(len(w))
+        ax.bar(xs, f, color=f"C{i % 10}")
+        ax.set_xticks(list(xs), [str(x) for x in w], fontsize=7)
+        ax.set_xlabel("chosen expert width")
+        ax.set_ylabel("fraction of assignments")
+        mean = sum(a * b for a, b in zip(w, f)) / sum(f) if sum(f) > 0 else float("nan")
+        ax.set_title(f"{name} (mean {mean:.1f})")
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
+    """Write the PNGs that have data into ``out_dir``; return their paths (in
+    ``PLOT_NAMES`` order). Plots without data are skipped, not written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = results.get("runs") or {}
+    written = []
+    for fname, fn in zip(PLOT_NAMES, (plot_loss_curves, plot_group_share, plot_rank_load,
+                                      plot_chosen_width_hist)):
+        p = fn(runs, out / fname)
+        if p is not None:
+            written.append(p)
+    return written
+
+
+def write_report(results: dict, out_dir: PathLike) -> dict[str, Path]:
+    """Write ``results.md`` and the plots into ``out_dir``; returns ``{file name: path}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "results.md"
+    md.write_text(markdown_report(results))
+    paths = {"results.md": md}
+    for p in write_plots(results, out):
+        paths[p.name] = p
+    return paths
+
+
+def main(argv: Optional[list] = None) -> dict[str, Path]:
+    p = argparse.ArgumentParser(prog="python -m megatron_mohge.bench.report",
+                                description="Markdown report and plots from results.json")
+    p.add_argument("results", type=Path, help="results.json of the end-to-end benchmark")
+    p.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
+    args = p.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    paths = write_report(results, args.out or args.results.parent)
+    for p_ in paths.values():
+        print(p_)
+    return paths
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

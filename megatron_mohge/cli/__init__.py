@@ -1,0 +1,1 @@
+"""Console entry points (``mohge-*``); each module's ``main(argv=None)`` is one command."""

@@ -1,0 +1,88 @@
+"""``mohge-bench``: is MoHGE worth it for my model? One command, one comparison.
+
+Trains the preset's runs (stock Megatron MoE baseline, MoHGE with both expert weightings,
+optionally dense) on the same data with the same seed and token budget, runs the layer
+microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PNG plots.
+
+Presets: ``default`` (CPU, ~10 min on 2 cores), ``paper-3b`` (the paper's 3B-class setting,
+for GPU clusters), ``load-balance-ablation`` (noisy top-k gating with/without its losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_mohge.config import ConfigError
+
+
+def parse_args(argv=None):
+    from megatron_mohge.bench.presets import PRESETS
+
+    p = argparse.ArgumentParser(prog="mohge-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default", choices=list(PRESETS))
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text files / folders (tokenized once) or indexed dataset prefixes; "
+                        "default: the Python stdlib corpus")
+    p.add_argument("--tokenizer", default=None, help="byte (default) or a tokenizer.json path")
+    p.add_argument("--out", default=None, help="output directory (default runs/bench-<preset>)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every run (default 1234)")
+    p.add_argument("--runs", default=None, help="comma-separated subset of the preset's runs")
+    p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
+    p.add_argument("--iters", type=int, default=None,
+                   help="override the step budget of every run (quick checks)")
+    p.add_argument("--no-layer-bench", action="store_true", help="skip the layer microbenchmark")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the run configs and print the commands without running them")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_mohge.bench import e2e
+    from megatron_mohge.bench.presets import get_preset
+
+    try:
+        preset = get_preset(args.preset)
+        out = Path(args.out or f"runs/bench-{preset.name}")
+        names = args.runs.split(",") if args.runs else list(preset.runs)
+        if args.with_dense:
+            names += [n for n in preset.optional_runs if n not in names]
+        if args.dry_run or preset.needs_gpu:
+            runs = e2e.run_configs(preset, out, names=names, data=args.data,
+                                   tokenizer=args.tokenizer, seed=args.seed, iters=args.iters)
+            if preset.needs_gpu and not args.dry_run:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ConfigError(
+                        f"--preset {preset.name} is sized for GPU clusters (needs CUDA); run it "
+                        "there, or add --dry-run to write its run configs and commands here")
+            if args.dry_run:
+                for name, run in runs.items():
+                    path = out / "configs" / f"{name}.yaml"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    run.to_yaml(path)
+                    print(" ".join(e2e.launch_command(path, preset.nproc)))
+                return 0
+        results = e2e.run_bench(preset, out, names=names, data=args.data,
+                                tokenizer=args.tokenizer, seed=args.seed, iters=args.iters,
+                                layer_bench=not args.no_layer_bench)
+    except ConfigError as exc:
+        print(f"mohge-bench: {exc}", file=sys.stderr)
+        return 2
+    from megatron_mohge.bench.report import markdown_report, write_report
+
+    paths = write_report(results, out)
+    print("\n" + markdown_report(results))
+    targets = results.get("targets", {}).get("met", {})
+    if targets:
+        print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    print(f"\nwrote {out / 'results.json'} and " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Integration with Megatron-LM (the training framework around megatron-core) and Slurm.
+
+* :mod:`~megatron_mohge.integration.megatron_lm` -- ``--mohge-config`` for Megatron-LM's
+  ``pretrain_gpt.py`` (argument hook, model builder, aux-loss names, FLOPs correction), used by
+  ``examples/pretrain_mohge.py`` (no patch) and by ``patches/`` (a patched checkout).
+* :mod:`~megatron_mohge.integration.flags` -- a run YAML (``RunConfig``) to Megatron-LM flags.
+* :mod:`~megatron_mohge.integration.slurm` -- the exact ``srun``/``torchrun`` command lines of
+  ``examples/slurm/*.sbatch``.
+* :mod:`~megatron_mohge.integration.accounting` -- analytic parameter counts, activated widths
+  and memory figures (``mohge-check-config``, FLOPs).
+
+Nothing here imports torch, megatron.core or megatron.training at import time; the parts that
+need them import them on first use, so the package works without a Megatron-LM checkout.
+"""
+
+__all__ = ["accounting", "flags", "megatron_lm", "slurm"]

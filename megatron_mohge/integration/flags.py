@@ -1,0 +1,256 @@
+"""A run YAML (``RunConfig``) as Megatron-LM ``pretrain_gpt.py`` command-line flags.
+
+``megatron_lm_flags(run)`` covers the backbone, MoE (stock ``--num-experts ...`` for
+``moe.kind: moe``; ``--mohge-config FILE`` plus the MoE flags ``MoHGEConfig.apply_to`` implies
+for ``moe.kind: mohge``), parallelism, data and tokenizer, optimizer and LR schedule,
+evaluation, checkpoints (``--ckpt-format torch_dist``) and logging. ``launch.extra_args`` come
+last, so they override anything above (argparse keeps the last value).
+
+Tokenizers: ``byte`` -> ``--tokenizer-type NullTokenizer --vocab-size 256`` (ids 0..255 and
+eod 256, exactly our ``ByteTokenizer``; Megatron pads 257 to a multiple of
+``make_vocab_size_divisible_by x TP``); a ``tokenizer.json`` (or its folder) ->
+``--tokenizer-type HuggingFaceTokenizer --tokenizer-model <folder>`` (Megatron-LM loads it with
+``transformers.AutoTokenizer``, see the README, "Training with Megatron-LM on Slurm").
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+from megatron_mohge.config import ConfigError
+
+#: The byte tokenizer's raw vocabulary (256 bytes + eod), as NullTokenizer(--vocab-size 256).
+BYTE_VOCAB = 257
+
+
+def _num(x) -> str:
+    """Numbers as Megatron's argparse reads them back (no trailing '.0' noise for ints)."""
+    if isinstance(x, bool):
+        raise TypeError("booleans are flags, not values")
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x)) if abs(x) >= 1 or x == 0 else repr(x)
+    return repr(x) if isinstance(x, float) else str(x)
+
+
+def default_mohge_config_path(run) -> Path:
+    """Where the resolved MoHGE layer config of ``run`` is written for ``--mohge-config``."""
+    return run.out_dir / "mohge_layer.yaml"
+
+
+def write_mohge_config(run, path: Optional[Union[str, Path]] = None) -> Path:
+    """Write ``run.moe.mohge`` (after overrides) as a MoHGE layer YAML; returns the path."""
+    if run.moe.kind != "mohge":
+        raise ConfigError(f"moe.kind={run.moe.kind!r}: only MoHGE runs have a MoHGE config")
+    p = Path(path) if path is not None else default_mohge_config_path(run)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = run.moe.mohge.to_yaml()
+    if not p.is_file() or p.read_text() != text:
+        p.write_text(text)
+    return p
+
+
+def model_flags(run) -> list[str]:
+    m = run.model
+    f = ["--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden_size),
+         "--num-attention-heads", str(m.num_attention_heads)]
+    if m.num_query_groups is not None and m.num_query_groups != m.num_attention_heads:
+        f += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
+    f += ["--ffn-hidden-size", str(run.ffn_hidden_size),
+          "--seq-length", str(m.seq_length), "--max-position-embeddings", str(m.seq_length),
+          "--make-vocab-size-divisible-by", str(m.make_vocab_size_divisible_by),
+          "--normalization", m.normalization,
+          "--position-embedding-type", m.position_embedding_type,
+          "--init-method-std", _num(m.init_method_std),
+          "--hidden-dropout", _num(m.hidden_dropout),
+          "--attention-dropout", _num(m.attention_dropout)]
+    if m.position_embedding_type == "rope":
+        f += ["--rotary-base", str(m.rotary_base)]
+    if m.swiglu:
+        f.append("--swiglu")
+    if not m.add_bias_linear:
+        f.append("--disable-bias-linear")
+    if m.untie_embeddings_and_output_weights:
+        f.append("--untie-embeddings-and-output-weights")
+    if m.precision == "bf16":
+        f.append("--bf16")
+    elif m.precision == "fp16":
+        f.append("--fp16")
+    if run.moe.kind != "dense":
+        freq = m.moe_layer_freq
+        f += ["--moe-layer-freq", str(freq) if isinstance(freq, int)
+              else "[" + ",".join(str(int(v)) for v in freq) + "]"]
+    return f
+
+
+def _transformer_impl(run) -> str:
+    # None (auto) means TE on the GPU nodes Slurm launches on; false forces local layers.
+    return "local" if run.moe.use_te is False else "transformer_engine"
+
+
+def moe_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list[str]:
+    moe, p = run.moe, run.parallel
+    if moe.kind == "dense":
+        return []
+    f: list[str] = []
+    if moe.kind == "moe":
+        if moe.router != "topk":
+            raise ConfigError(
+                f"moe.router={moe.router!r}: stock Megatron-LM has only its TopKRouter; the noisy "
+                "top-k router needs the MoHGE builder (moe.kind: mohge with mohge.router.type: "
+                "noisy_topk) or mohge-train.")
+        f += ["--num-experts", str(moe.num_experts),
+              "--moe-ffn-hidden-size", str(moe.expert_hidden_size),
+              "--moe-router-topk", str(moe.topk)]
+        if moe.num_shared_experts:
+            f += ["--moe-shared-expert-intermediate-size",
+                  str(moe.num_shared_experts * moe.shared_expert_hidden_size)]
+        if moe.aux_loss_coeff > 0:
+            f += ["--moe-router-load-balancing-type", "aux_loss",
+                  "--moe-aux-loss-coeff", _num(moe.aux_loss_coeff)]
+        else:
+            f += ["--moe-router-load-balancing-type", "none"]
+        if moe.z_loss_coeff is not None:
+            f += ["--moe-z-loss-coeff", _num(moe.z_loss_coeff)]
+        if _transformer_impl(run) == "transformer_engine":
+            f.append("--moe-grouped-gemm")
+    else:
+        from megatron_mohge.integration.megatron_lm import megatron_moe_args
+
+        path = mohge_config_path if mohge_config_path is not None \
+            else default_mohge_config_path(run)
+        f += ["--mohge-config", str(path)]
+        implied = megatron_moe_args(run.moe.mohge, ep=p.expert_parallel,
+                                    expert_tp=p.expert_tensor_parallel, tp=p.tensor_parallel)
+        f += ["--num-experts", str(implied["num_experts"]),
+              "--moe-router-topk", str(implied["moe_router_topk"]),
+              "--moe-ffn-hidden-size", str(implied["moe_ffn_hidden_size"])]
+        if implied["moe_shared_expert_intermediate_size"]:
+            f += ["--moe-shared-expert-intermediate-size",
+                  str(implied["moe_shared_expert_intermediate_size"])]
+        f += ["--moe-router-load-balancing-type", str(implied["moe_router_load_balancing_type"]),
+              "--moe-aux-loss-coeff", _num(implied["moe_aux_loss_coeff"])]
+        if implied["moe_router_dtype"]:
+            f += ["--moe-router-dtype", implied["moe_router_dtype"]]
+        if implied["moe_z_loss_coeff"] is not None:
+            f += ["--moe-z-loss-coeff", _num(implied["moe_z_loss_coeff"])]
+        if implied["moe_input_jitter_eps"] is not None:
+            f += ["--moe-input-jitter-eps", _num(implied["moe_input_jitter_eps"])]
+    f += ["--moe-token-dispatcher-type", run.dispatcher()]
+    return f
+
+
+def parallel_flags(run) -> list[str]:
+    p = run.parallel
+    f = ["--tensor-model-parallel-size", str(p.tensor_parallel),
+         "--pipeline-model-parallel-size", str(p.pipeline_parallel)]
+    if run.moe.kind != "dense":
+        f += ["--expert-model-parallel-size", str(p.expert_parallel)]
+        if p.expert_tensor_parallel is not None:
+            f += ["--expert-tensor-parallel-size", str(p.expert_tensor_parallel)]
+    if run.sequence_parallel:
+        f.append("--sequence-parallel")
+    if p.use_distributed_optimizer:
+        f.append("--use-distributed-optimizer")
+    f += ["--transformer-impl", _transformer_impl(run)]
+    if _transformer_impl(run) == "local":
+        f.append("--no-rope-fusion")  # the fused RoPE kernel is Transformer Engine's
+    return f
+
+
+def tokenizer_flags(run) -> list[str]:
+    tok = run.data.tokenizer
+    if tok == "byte":
+        if run.model.vocab_size is not None and \
+                run.model.vocab_size != _megatron_padded(run, BYTE_VOCAB):
+            raise ConfigError(
+                f"model.vocab_size={run.model.vocab_size}: Megatron-LM pads the byte tokenizer's "
+                f"{BYTE_VOCAB} ids to {_megatron_padded(run, BYTE_VOCAB)} (a multiple of "
+                "make_vocab_size_divisible_by x tensor_parallel); set model.vocab_size: null or "
+                "change model.make_vocab_size_divisible_by.")
+        return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB - 1)]
+    path = Path(tok).expanduser()
+    if path.suffix == ".json" and path.name != "tokenizer.json":
+        raise ConfigError(
+            f"data.tokenizer={tok}: Megatron-LM's HuggingFaceTokenizer loads a folder with "
+            "transformers.AutoTokenizer, which reads <folder>/tokenizer.json; copy the file to "
+            f"<folder>/tokenizer.json (with a tokenizer_config.json) and set data.tokenizer to "
+            "that folder.")
+    folder = path if path.suffix != ".json" else path.parent
+    return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(folder)]
+
+
+def _megatron_padded(run, vocab: int) -> int:
+    multiple = run.model.make_vocab_size_divisible_by * run.parallel.tensor_parallel
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
+def data_flags(run) -> list[str]:
+    d = run.data
+    if not d.path:
+        raise ConfigError(
+            "data.path: Megatron-LM needs prepared datasets; write them with mohge-prepare-data "
+            "(--output-prefix PREFIX) and list the prefixes here (or pass --mock-data through "
+            "launch.extra_args for a synthetic benchmark).")
+    return ["--data-path", *d.path, "--split", str(d.split),
+            "--data-cache-path", str(Path(d.cache_dir) / "megatron_index_cache"),
+            *tokenizer_flags(run)]
+
+
+def train_flags(run) -> list[str]:
+    t = run.train
+    return ["--train-iters", str(t.iters),
+            "--micro-batch-size", str(t.micro_batch_size),
+            "--global-batch-size", str(t.global_batch_size),
+            "--lr", _num(t.lr), "--min-lr", _num(t.min_lr),
+            "--lr-decay-style", t.lr_decay_style,
+            "--lr-warmup-iters", str(t.lr_warmup_iters),
+            "--lr-decay-iters", str(t.lr_decay_iters or t.iters),
+            "--weight-decay", _num(t.weight_decay),
+            "--adam-beta1", _num(t.adam_beta1), "--adam-beta2", _num(t.adam_beta2),
+            "--adam-eps", _num(t.adam_eps),
+            "--clip-grad", _num(t.clip_grad),
+            "--seed", str(t.seed)]
+
+
+def eval_flags(run) -> list[str]:
+    e = run.eval
+    # interval 0 = only at the end: Megatron-LM evaluates on the last step and after training.
+    return ["--eval-interval", str(e.interval or run.train.iters), "--eval-iters", str(e.iters)]
+
+
+def checkpoint_flags(run) -> list[str]:
+    c = run.checkpoint
+    f = ["--ckpt-format", "torch_dist"]
+    if c.enabled:
+        # Megatron-LM needs an interval with --save; 0 (only at the end) = every train.iters.
+        f += ["--save", str(run.save_dir), "--save-interval", str(c.interval or run.train.iters)]
+    load = c.load or (str(run.save_dir) if c.enabled else None)
+    if load:
+        f += ["--load", str(load)]  # a folder without a checkpoint starts from scratch
+    if c.fully_parallel:
+        f.append("--ckpt-fully-parallel-load")  # fully parallel save is Megatron-LM's default
+    else:
+        f.append("--no-ckpt-fully-parallel-save")
+    return f
+
+
+def logging_flags(run) -> list[str]:
+    lg = run.logging
+    f = ["--log-interval", str(lg.interval), "--log-throughput"]
+    if lg.tensorboard:
+        f += ["--tensorboard-dir", str(run.out_dir / "tensorboard"),
+              "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard"]
+    return f
+
+
+def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list[str]:
+    """All Megatron-LM flags of ``run`` (``launch.extra_args`` last).
+
+    ``mohge_config_path``: the file ``--mohge-config`` points at for MoHGE runs (default
+    ``<output_dir>/mohge_layer.yaml``, written by :func:`write_mohge_config`).
+    """
+    return [*model_flags(run), *moe_flags(run, mohge_config_path), *parallel_flags(run),
+            *data_flags(run), *train_flags(run), *eval_flags(run), *checkpoint_flags(run),
+            *logging_flags(run), *run.launch.extra_args]

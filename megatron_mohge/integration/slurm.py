@@ -1,0 +1,193 @@
+"""Exact Slurm command lines for a run YAML: ``srun ... torchrun ...`` or ``srun ... python ...``.
+
+Two launch shapes (``launch.shape`` or ``--shape``):
+
+* ``torchrun``: one Slurm task per node; ``torchrun`` starts ``gpus_per_node`` ranks on each
+  node and rendezvouses at ``MASTER_ADDR:MASTER_PORT`` (c10d).
+* ``srun``: one Slurm task per GPU (pyxis/enroot ``--container-image``/``--container-mounts``
+  when ``launch.container_image`` is set); each task maps ``SLURM_PROCID``/``SLURM_LOCALID``/
+  ``SLURM_NTASKS`` to the ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` torch.distributed reads.
+
+``python -m megatron_mohge.integration.slurm RUN.yaml [key.sub=value ...] --shape torchrun``
+prints the command lines (``--print-env``: the ``export`` lines of the run's environment;
+``--sbatch-args``: the ``sbatch`` options from the ``launch`` section). The sbatch scripts in
+``examples/slurm/`` evaluate these lines, or just print them with ``DRY_RUN=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Mapping, Optional
+
+from megatron_mohge.config import ConfigError
+from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+
+SHAPES = ("torchrun", "srun")
+DEFAULT_MASTER_PORT = 29500
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SCRIPT = REPO_ROOT / "examples" / "pretrain_mohge.py"
+
+
+def _shape(run, shape: Optional[str]) -> str:
+    shape = shape or run.launch.shape
+    if shape not in SHAPES:
+        raise ConfigError(f"launch.shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    return shape
+
+
+def world_size(run) -> int:
+    return run.launch.nodes * run.launch.gpus_per_node
+
+
+def check_layout(run, env: Optional[Mapping[str, str]] = None) -> int:
+    """Check the run against its launch size (and the Slurm job, when ``env`` has one);
+    returns the data-parallel size."""
+    env = env or {}
+    nodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
+    if nodes and int(nodes) != run.launch.nodes:
+        raise ConfigError(f"launch.nodes={run.launch.nodes} but this Slurm job has {nodes} nodes "
+                          "(SLURM_NNODES); submit with the run file's sbatch options "
+                          "(--sbatch-args) or fix launch.nodes.")
+    return run.check_world_size(world_size(run))
+
+
+def sbatch_args(run, shape: Optional[str] = None) -> list[str]:
+    """``sbatch`` options from the ``launch`` section (nodes, tasks, GPUs, queue, time, log)."""
+    shape = _shape(run, shape)
+    la = run.launch
+    tasks = 1 if shape == "torchrun" else la.gpus_per_node
+    args = [f"--job-name={run.name}", f"--nodes={la.nodes}", f"--ntasks-per-node={tasks}",
+            f"--gpus-per-node={la.gpus_per_node}", f"--time={la.time}",
+            f"--output={run.out_dir / 'slurm-%j.out'}"]
+    if la.partition:
+        args.append(f"--partition={la.partition}")
+    if la.account:
+        args.append(f"--account={la.account}")
+    for a in args:
+        if any(c.isspace() for c in a):
+            raise ConfigError(f"sbatch option {a!r} contains whitespace; use names without spaces")
+    return args
+
+
+def render_env(run, env: Optional[Mapping[str, str]] = None) -> list[str]:
+    """``export`` lines: Megatron-LM checkout, output folder and ``launch.env``.
+
+    A ``MEGATRON_LM_DIR`` already in ``env`` wins over ``launch.megatron_lm_dir``.
+    """
+    env = env if env is not None else os.environ
+    lines = []
+    mlm = env.get("MEGATRON_LM_DIR") or run.launch.megatron_lm_dir
+    if mlm:
+        lines.append(f"export MEGATRON_LM_DIR={shlex.quote(str(mlm))}")
+    lines.append(f"export MOHGE_OUT_DIR={shlex.quote(str(run.out_dir))}")
+    for key, value in run.launch.env.items():
+        if not key.isidentifier():
+            raise ConfigError(f"launch.env: {key!r} is not a valid environment variable name")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    return lines
+
+
+def _container_flags(run) -> list[str]:
+    la = run.launch
+    f = []
+    if la.container_image:
+        f.append(f"--container-image={la.container_image}")
+        if la.container_mounts:
+            f.append(f"--container-mounts={','.join(la.container_mounts)}")
+    elif la.container_mounts:
+        raise ConfigError("launch.container_mounts: set launch.container_image too (pyxis mounts "
+                          "are flags of a container step).")
+    return f
+
+
+def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *,
+                    shape: Optional[str] = None, python: str = "python",
+                    mohge_config_path=None) -> list[str]:
+    """The exact command lines (shell syntax) that launch ``script_path`` for ``run``.
+
+    ``env`` supplies ``MASTER_ADDR`` (default ``localhost``), ``MASTER_PORT`` (default 29500),
+    ``SLURM_JOB_ID`` (rendezvous id) and, when present, ``SLURM_NNODES`` (checked against
+    ``launch.nodes``). ``script_path``: ``examples/pretrain_mohge.py`` (no patch) or a patched
+    checkout's ``pretrain_gpt.py``.
+    """
+    env = env if env is not None else os.environ
+    shape = _shape(run, shape)
+    check_layout(run, env)
+    la = run.launch
+    flags = megatron_lm_flags(run, mohge_config_path)
+    addr = env.get("MASTER_ADDR") or "localhost"
+    port = env.get("MASTER_PORT") or str(DEFAULT_MASTER_PORT)
+    job = env.get("SLURM_JOB_ID") or run.name
+    srun = ["srun", f"--nodes={la.nodes}"]
+    if shape == "torchrun":
+        srun += [f"--ntasks={la.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                 *_container_flags(run)]
+        cmd = srun + ["torchrun", f"--nnodes={la.nodes}", f"--nproc-per-node={la.gpus_per_node}",
+                      f"--rdzv-id={job}", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint={addr}:{port}", str(script_path), *flags]
+        return [shlex.join(cmd)]
+    srun += [f"--ntasks={world_size(run)}", f"--ntasks-per-node={la.gpus_per_node}",
+             "--kill-on-bad-exit=1", *_container_flags(run)]
+    inner = ("export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "
+             f"MASTER_ADDR={shlex.quote(addr)} MASTER_PORT={shlex.quote(port)}; exec "
+             + shlex.join([python, "-u", str(script_path), *flags]))
+    return [shlex.join(srun + ["bash", "-c", inner])]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m megatron_mohge.integration.slurm",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run YAML (RunConfig)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override run fields, e.g. launch.nodes=2 train.iters=100")
+    p.add_argument("--shape", choices=SHAPES, default=None,
+                   help="torchrun (one task per node) or srun (one task per GPU); default "
+                        "launch.shape")
+    p.add_argument("--script", default=None,
+                   help=f"training script (default {DEFAULT_SCRIPT}; a patched checkout's "
+                        "$MEGATRON_LM_DIR/pretrain_gpt.py works too)")
+    p.add_argument("--python", default="python", help="interpreter of the srun shape's tasks")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--print-env", action="store_true", help="print the export lines")
+    what.add_argument("--sbatch-args", action="store_true",
+                      help="print the sbatch options of the launch section on one line")
+    what.add_argument("--flags", action="store_true", help="print only the Megatron-LM flags")
+    p.add_argument("--no-write", action="store_true",
+                   help="do not write <output_dir>/mohge_layer.yaml (MoHGE runs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_mohge.run_config import RunConfig
+
+    try:
+        run = RunConfig.from_yaml(args.run, args.overrides)
+        if args.print_env:
+            print("\n".join(render_env(run)))
+            return 0
+        if args.sbatch_args:
+            print(" ".join(sbatch_args(run, args.shape)))
+            return 0
+        if run.moe.kind == "mohge" and not args.no_write:
+            write_mohge_config(run)
+        if args.flags:
+            print(shlex.join(megatron_lm_flags(run)))
+            return 0
+        script = args.script or str(DEFAULT_SCRIPT)
+        for line in render_commands(run, script, os.environ, shape=args.shape,
+                                    python=args.python):
+            print(line)
+    except ConfigError as exc:
+        print(f"megatron_mohge.integration.slurm: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""``mohge-train``: a training loop on megatron.core alone, driven by a :class:`RunConfig`.
+
+Megatron's pieces throughout: process groups, ``GPTModel`` (+ DDP / ``Float16Module``),
+``get_megatron_optimizer`` + ``OptimizerParamScheduler``, the pipeline schedules,
+``GPTDataset`` via ``BlendedMegatronDatasetBuilder`` and ``dist_checkpointing``. On CPU it
+runs on gloo with :func:`megatron_mohge.compat.enable_cpu_mode`; on GPUs on NCCL.
+
+Checkpoints are written to ``<save>/iter_XXXXXXX.tmp`` and renamed when complete, and
+``latest_checkpointed_iteration.txt`` is replaced atomically after that, so Ctrl-C or a
+crash never leaves a half-written "latest" checkpoint. Every step reseeds the RNGs from
+``(seed, iteration)`` and the data order is a function of the iteration, so a resumed run
+reproduces the uninterrupted one bit for bit (also on another EP size, up to reduction
+order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mohge.config import ConfigError
+from megatron_mohge.metrics import attach_stock_counters, reset_routing_counts, routers
+from megatron_mohge.run_config import RunConfig
+from megatron_mohge.training import checkpoint as ckpt_lib
+from megatron_mohge.training import mcore as M
+from megatron_mohge.training import model as model_lib
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0  # optimizer steps done
+    history: list = field(default_factory=list)  # one dict per log interval
+    evals: list = field(default_factory=list)  # {"iteration", "loss"}
+
+
+class Trainer:
+    """Build everything from ``run`` (collective: every rank constructs one)."""
+
+    def __init__(self, run: RunConfig, *, log=print):
+        self.run, self.log = run, log
+        world = M.init_distributed()
+        self.dp = run.check_world_size(world)
+        p = run.parallel
+        M.init_layout(p.tensor_parallel, p.expert_parallel, p.pipeline_parallel,
+                      run.expert_tensor_parallel, seed=run.train.seed)
+        self.rank = M.rank()
+        self._setup_data()
+        self.model, self.tc = model_lib.build_model(run, self.vocab_size)
+        self.optimizer, self.scheduler = model_lib.build_optimizer_and_scheduler(run, self.model)
+        attach_stock_counters(M.model_chunks(self.model))
+        self.counts = model_lib.param_counts(self.model)
+        self.state = TrainState()
+        self.writer = None
+        if run.logging.tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is in the [train] extra
+                raise ConfigError("logging.tensorboard: the tensorboard package is missing; "
+                                  "pip install 'megatron-mohge[train]' or set it to false") from exc
+            self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ data
+    def _setup_data(self) -> None:
+        from megatron_mohge.data import build_gpt_datasets, ensure_default_dataset, load_tokenizer
+
+        run = self.run
+        self.tokenizer = load_tokenizer(run.data.tokenizer)
+        prefixes = list(run.data.path)
+        if not prefixes:  # the embedded default corpus: Python stdlib sources
+            prefixes = [ensure_default_dataset(run.data.cache_dir, self.tokenizer,
+                                               max_bytes=run.data.default_corpus_bytes)]
+        self.vocab_size = run.padded_vocab_size(self.tokenizer.vocab_size)
+        t = run.train
+        self.train_ds, self.valid_ds = build_gpt_datasets(
+            prefixes, self.tokenizer, seq_length=run.model.seq_length, seed=t.seed,
+            split=run.data.split, train_samples=t.iters * t.global_batch_size,
+            valid_samples=run.eval.iters * t.global_batch_size, cache_dir=run.data.cache_dir)
+
+    def _batches(self, dataset, iteration: int) -> list[dict]:
+        from megatron.core import parallel_state as ps
+
+        from megatron_mohge.data import get_micro_batches
+
+        t = self.run.train
+        mbs = get_micro_batches(dataset, iteration=iteration, global_batch_size=t.global_batch_size,
+                                micro_batch_size=t.micro_batch_size,
+                                dp_rank=ps.get_data_parallel_rank(), dp_size=self.dp)
+        dev = M.device()
+        return [{k: v.to(dev) for k, v in mb.items()} for mb in mbs]
+
+    # ------------------------------------------------------------------ steps
+    def _reseed(self, iteration: int) -> None:
+        """Same RNG streams whether the run was resumed or not (router noise, dropout)."""
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        seed = self.run.train.seed + 7919 * (iteration + 1)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+    def step(self) -> dict:
+        from megatron_mohge.routing.base import set_training_progress
+
+        it = self.state.iteration
+        self._reseed(it)
+        set_training_progress(M.model_chunks(self.model), it, self.run.train.iters)
+        for chunk in M.model_chunks(self.model):
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = M.forward_backward(self.model, self._batches(self.train_ds, it))
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.state.iteration += 1
+        return dict(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    skipped=not ok, lr=self.optimizer.param_groups[0]["lr"])
+
+    def evaluate(self) -> float:
+        """Token-mean LM loss over ``eval.iters`` fixed held-out global batches (their routing
+        counts are kept in ``_eval_routers``, apart from the training counts)."""
+        batches = [self._batches(self.valid_ds, i) for i in range(self.run.eval.iters)]
+        # keep the training-routing counts of the current log window out of the evaluation
+        saved = [(r, r.tokens_per_expert_E.clone(), r.tokens_per_group_G.clone(),
+                  r.tokens_seen.clone()) for r in routers(M.model_chunks(self.model))]
+        reset_routing_counts(M.model_chunks(self.model))
+        losses = [M.eval_loss(self.model, b) for b in batches]
+        self._eval_routers = [(r, r.tokens_per_expert_E.clone(), r.tokens_per_group_G.clone(),
+                               r.tokens_seen.clone()) for r, *_ in saved]
+        for r, e, g, n in saved:
+            r.tokens_per_expert_E.copy_(e), r.tokens_per_group_G.copy_(g), r.tokens_seen.copy_(n)
+        return sum(losses) / len(losses)
+
+    # ------------------------------------------------------------------ metrics
+    def routing(self) -> list[dict]:
+        """Per-MoE-layer routing figures since the last reset, summed over all ranks of the
+        stage (DP x TP: with sequence parallelism each TP rank routes its own tokens)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_mohge.metrics import layer_routing, rank_flops_layouts
+
+        group = ps.get_tensor_and_data_parallel_group()
+        local = []
+        for r in routers(M.model_chunks(self.model)):
+            layer = layer_routing(r, group=group)
+            d = layer.__dict__.copy()
+            ep = self.run.parallel.expert_parallel
+            if hasattr(r, "importance_E"):  # noisy top-k router: CV(importance), 2017 paper
+                imp = r.importance_E.double().clone()
+                dist.all_reduce(imp, group=group)
+                d["importance_cv"] = float(imp.std(unbiased=False) / imp.mean().clamp_min(1e-12))
+            d["rank_flops"] = {str(e): rank_flops_layouts(r, layer.tokens_per_expert, e)
+                               for e in sorted({2, 4, ep}) if e > 1
+                               and len(layer.tokens_per_expert) % e == 0}
+            local.append(d)
+        merged = {}
+        for layers in M.all_gather_object(local):
+            for d in layers:
+                merged.setdefault(d["layer_number"], d)
+        return [merged[k] for k in sorted(merged, key=lambda x: (x is None, x))]
+
+    def aux_losses(self, steps: int) -> dict:
+        """Mean per MoE layer and micro-batch of each tracked aux loss since the last call
+        (Megatron's tracker, reduced over PP / DP as Megatron-LM's training log does)."""
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        names = sorted(tracker)  # same order on every rank (collectives inside)
+        reduce_aux_losses_tracker_across_ranks(names)
+        n_mb = self.run.train.global_batch_size // (self.run.train.micro_batch_size * self.dp)
+        n_moe = max(1, sum(self.run.moe_layer_pattern))
+        out = {name: float(tracker[name]["values"].sum()) / (n_moe * n_mb * max(steps, 1))
+               for name in names}
+        clear_aux_losses_tracker()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self, is_loading: bool) -> dict:
+        model_sd = M.sharded_state_dict(self.model)
+        return {"model": model_sd,
+                # No "chained_<i>." key prefix: optimizer states are keyed by their parameter,
+                # so a checkpoint saved at EP>1 (dense + expert optimizers) loads at EP=1.
+                "optimizer": self.optimizer.sharded_state_dict(
+                    model_sd, is_loading=is_loading,
+                    metadata={"chained_optim_avoid_prefix": True}),
+                "opt_param_scheduler": self.scheduler.state_dict(),
+                "iteration": self.state.iteration,
+                "train_state": {"history": self.state.history, "evals": self.state.evals}}
+
+    def save(self) -> Path:
+        return ckpt_lib.save(self._checkpoint_state(False), self.run.save_dir,
+                             self.state.iteration, fully_parallel=self.run.checkpoint.fully_parallel,
+                             files={"run.yaml": self.run.to_yaml()})
+
+    def load(self, root: Path) -> bool:
+        """Resume from ``root``'s latest complete checkpoint; False if there is none."""
+        ckpt = ckpt_lib.latest(root)
+        if ckpt is None:
+            return False
+        state = ckpt_lib.load(self._checkpoint_state(True), ckpt,
+                              fully_parallel=self.run.checkpoint.fully_parallel)
+        M.load_model_state(self.model, state["model"])
+        self.optimizer.load_state_dict(ckpt_lib.fit_optimizer_state(state["optimizer"],
+                                                                    self.optimizer))
+        self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        self.state.iteration = int(state["iteration"])
+        self.state.history = list(state["train_state"]["history"])
+        self.state.evals = list(state["train_state"]["evals"])
+        # The optimizer's fp32 main params (fp16/bf16 runs) follow the loaded model weights.
+        if hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        run, t = self.run, self.run.train
+        load_dir = Path(run.checkpoint.load) if run.checkpoint.load else run.save_dir
+        if run.checkpoint.load and not (load_dir / ckpt_lib.TRACKER_FILE).is_file():
+            raise ConfigError(f"checkpoint.load: no checkpoint in {load_dir} (missing "
+                              f"{ckpt_lib.TRACKER_FILE}); point it at a save directory or set "
+                              "it to null")
+        resumed = self.load(load_dir)
+        start = self.state.iteration
+        if resumed and self.rank == 0:
+            self.log(f"resumed from {load_dir} at iteration {start}")
+        tokens_per_step = t.global_batch_size * run.model.seq_length
+        bar = None
+        if run.logging.progress_bar and self.rank == 0 and start < t.iters:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.iters, initial=start, desc=run.name, unit="it", leave=False)
+        window, w_loss, w_t0 = 0, 0.0, time.perf_counter()
+        timed_steps, timed_s = 0, 0.0
+        reset_routing_counts(M.model_chunks(self.model))
+        self.aux_losses(1)  # start the aux-loss window empty
+        for it in range(start, t.iters):
+            t0 = time.perf_counter()
+            out = self.step()
+            dt = time.perf_counter() - t0
+            if it - start >= 2:  # the first steps pay one-time costs (lazy init, allocation)
+                timed_steps, timed_s = timed_steps + 1, timed_s + dt
+            window, w_loss = window + 1, w_loss + out["loss"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}")
+            last = self.state.iteration == t.iters
+            if self.state.iteration % run.logging.interval == 0 or last:
+                self._log_interval(window, w_loss, time.perf_counter() - w_t0, tokens_per_step,
+                                   out)
+                window, w_loss, w_t0 = 0, 0.0, time.perf_counter()
+            if run.eval.interval and self.state.iteration % run.eval.interval == 0 and not last:
+                self._log_eval(self.evaluate())
+            ck = run.checkpoint
+            if ck.enabled and ck.interval and self.state.iteration % ck.interval == 0 and not last:
+                self.save()
+        if bar is not None:
+            bar.close()
+        final_eval = self.evaluate()
+        self._log_eval(final_eval)
+        if run.checkpoint.enabled and (self.state.iteration > start or not resumed):
+            self.save()
+        return self._summary(final_eval, tokens_per_step * timed_steps / timed_s
+                             if timed_s else None)
+
+    def _log_interval(self, steps, loss_sum, seconds, tokens_per_step, last) -> None:
+        it = self.state.iteration
+        aux = self.aux_losses(steps)
+        layers = self.routing()
+        reset_routing_counts(M.model_chunks(self.model))
+        share = _mean_share(layers)
+        width = (sum(l["mean_chosen_width"] for l in layers) / len(layers)) if layers else None
+        rec = dict(iteration=it, loss=loss_sum / steps, lr=last["lr"], grad_norm=last["grad_norm"],
+                   tokens_per_s=steps * tokens_per_step / seconds, aux=aux, group_share=share,
+                   mean_chosen_width=width,
+                   expert_load_cv=_mean(l["expert_load_cv"] for l in layers))
+        # rank 0's record on every rank: checkpoints require identical common state
+        box = [rec]
+        dist.broadcast_object_list(box, src=0)
+        rec = box[0]
+        self.state.history.append(rec)
+        if self.rank != 0:
+            return
+        aux_txt = " ".join(f"{k} {v:.4g}" for k, v in aux.items())
+        share_txt = ("share [" + " ".join(f"{s:.2f}" for s in share) + "]") if share and len(share) > 1 else ""
+        width_txt = f"width {width:.1f}" if width is not None else ""
+        self.log(f"[{self.run.name}] it {it:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                 f"{rec['tokens_per_s']:,.0f} tok/s | {aux_txt} {share_txt} {width_txt}".rstrip())
+        if self.writer is not None:
+            w = self.writer
+            w.add_scalar("train/loss", rec["loss"], it)
+            w.add_scalar("train/lr", rec["lr"], it)
+            w.add_scalar("train/tokens_per_s", rec["tokens_per_s"], it)
+            if rec["grad_norm"] is not None:
+                w.add_scalar("train/grad_norm", rec["grad_norm"], it)
+            for k, v in aux.items():
+                w.add_scalar(f"aux/{k}", v, it)
+            for g, s in enumerate(share or []):
+                w.add_scalar(f"routing/group_share/g{g}", s, it)
+            if width is not None:
+                w.add_scalar("routing/mean_chosen_width", width, it)
+            w.flush()
+
+    def _log_eval(self, loss: float) -> None:
+        self.state.evals.append(dict(iteration=self.state.iteration, loss=loss))
+        if self.rank == 0:
+            self.log(f"[{self.run.name}] it {self.state.iteration:5d} | held-out loss {loss:.4f} "
+                     f"| ppl {math.exp(min(loss, 50)):.3f}")
+            if self.writer is not None:
+                self.writer.add_scalar("eval/loss", loss, self.state.iteration)
+                self.writer.flush()
+
+    def _summary(self, final_eval: float, tokens_per_s: Optional[float]) -> dict:
+        """Figures of the finished run (routing measured over the final evaluation)."""
+        # routing over the held-out batches of the final evaluation (eval mode)
+        for r, e, g, n in self._eval_routers:
+            r.tokens_per_expert_E.copy_(e), r.tokens_per_group_G.copy_(g), r.tokens_seen.copy_(n)
+        layers = self.routing()
+        per_token_routed = sum(l["activated_routed_params_per_token"] for l in layers)
+        dense = self.counts["total_params"] - self.counts["routed_expert_params"]
+        peak = _peak_mem_bytes()
+        summary = dict(
+            name=self.run.name, kind=self.run.moe.kind, iterations=self.state.iteration,
+            layout=M.layout(), **self.counts,
+            activated_routed_params_per_token=per_token_routed,
+            activated_params_per_token=dense + per_token_routed,
+            heldout_loss=final_eval, heldout_ppl=math.exp(min(final_eval, 50)),
+            train_tokens_per_s=tokens_per_s, peak_mem_bytes=peak,
+            group_token_share=_mean_share(layers) or [],
+            expert_load_cv=_mean(l["expert_load_cv"] for l in layers),
+            expert_load_max_over_mean=_mean(l["expert_load_max_over_mean"] for l in layers),
+            layers=layers, history=self.state.history, evals=self.state.evals,
+        )
+        if self.rank == 0:
+            out = self.run.out_dir
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt_lib.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+            if self.writer is not None:
+                self.writer.close()
+        return summary
+
+    def close(self) -> None:
+        M.destroy_layout()
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _mean_share(layers: list[dict]) -> Optional[list[float]]:
+    if not layers:
+        return None
+    G = len(layers[0]["group_token_share"])
+    return [sum(l["group_token_share"][g] for l in layers) / len(layers) for g in range(G)]
+
+
+def _peak_mem_bytes() -> int:
+    """Peak memory, max over ranks: CUDA max allocated on GPUs, else the process peak RSS."""
+    if M.use_cuda():
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    t = torch.tensor([float(peak)], dtype=torch.float64, device=M.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

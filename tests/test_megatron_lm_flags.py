@@ -1,0 +1,225 @@
+"""Run YAML -> Megatron-LM flags (megatron_mohge.integration.flags)."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from megatron_mohge.config import ConfigError, MoHGEConfig
+from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+from megatron_mohge.integration.megatron_lm import load_mohge_config, megatron_moe_args
+from megatron_mohge.run_config import RunConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+REFERENCE = ["paper_3b_mohge.yaml", "paper_3b_moe.yaml", "small_mohge_1node.yaml",
+             "small_moe_1node.yaml"]
+
+
+def load(name, *overrides, tmp_path=None):
+    extra = [f"output_dir={tmp_path}"] if tmp_path is not None else []
+    return RunConfig.from_yaml(CONFIGS / name, [*extra, *overrides])
+
+
+def as_dict(flags, unique=True):
+    """{'--flag': [values...]} (flags without a value map to []; the last occurrence wins)."""
+    out, key = {}, None
+    for tok in flags:
+        if tok.startswith("--"):
+            key = tok
+            assert not (unique and key in out), f"duplicate flag {key}"
+            out[key] = []
+        else:
+            out[key].append(tok)
+    return out
+
+
+def test_stock_moe_flags(tmp_path):
+    run = load("small_moe_1node.yaml", tmp_path=tmp_path)
+    f = as_dict(megatron_lm_flags(run))
+    assert f["--num-experts"] == ["32"]
+    assert f["--moe-ffn-hidden-size"] == ["1024"]
+    assert f["--moe-router-topk"] == ["4"]
+    assert f["--moe-shared-expert-intermediate-size"] == ["1024"]
+    assert f["--moe-router-load-balancing-type"] == ["aux_loss"]
+    assert f["--moe-aux-loss-coeff"] == ["0.01"]
+    assert f["--moe-layer-freq"] == ["[0,1,1,1,1,1,1,1,1,1,1,1]"]
+    assert "--moe-grouped-gemm" in f and f["--transformer-impl"] == ["transformer_engine"]
+    assert f["--expert-model-parallel-size"] == ["4"]
+    assert "--mohge-config" not in f
+    assert f["--ckpt-format"] == ["torch_dist"]
+    assert f["--save"] == [str(tmp_path / "checkpoints")] and f["--save-interval"] == ["2000"]
+    assert f["--load"] == [str(tmp_path / "checkpoints")]
+    assert f["--tensorboard-dir"] == [str(tmp_path / "tensorboard")]
+    assert "--bf16" in f and "--swiglu" in f and "--disable-bias-linear" in f
+    assert f["--lr-decay-style"] == ["cosine"] and f["--lr"] == ["0.0006"]
+    assert f["--max-position-embeddings"] == f["--seq-length"] == ["2048"]
+
+
+def test_mohge_flags_match_apply_to(tmp_path):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    run = load("paper_3b_mohge.yaml", tmp_path=tmp_path)
+    flags = megatron_lm_flags(run)
+    f = as_dict(flags)
+    assert f["--mohge-config"] == [str(tmp_path / "mohge_layer.yaml")]
+    tc = TransformerConfig(num_layers=15, hidden_size=1024, num_attention_heads=16,
+                           num_moe_experts=8, expert_model_parallel_size=8,
+                           moe_ffn_hidden_size=1024)
+    applied = run.moe.mohge.apply_to(tc)
+    assert f["--num-experts"] == [str(applied.num_moe_experts)] == ["64"]
+    assert f["--moe-router-topk"] == [str(applied.moe_router_topk)] == ["6"]
+    assert f["--moe-ffn-hidden-size"] == [str(applied.moe_ffn_hidden_size)] == ["1280"]
+    assert f["--moe-shared-expert-intermediate-size"] == \
+        [str(applied.moe_shared_expert_intermediate_size)] == ["2048"]
+    assert f["--moe-router-load-balancing-type"] == [applied.moe_router_load_balancing_type]
+    assert float(f["--moe-aux-loss-coeff"][0]) == applied.moe_aux_loss_coeff == 0.0
+    assert f["--moe-router-dtype"] == [applied.moe_router_dtype] == ["fp32"]
+    assert "--moe-z-loss-coeff" not in f and applied.moe_z_loss_coeff is None
+    assert "--moe-grouped-gemm" not in f  # the MoHGE spec picks its own expert GEMMs
+    assert f["--expert-model-parallel-size"] == ["8"]
+    assert f["--tokenizer-type"] == ["HuggingFaceTokenizer"]
+    assert f["--tokenizer-model"] == ["/path/to/llama3"]
+
+
+def test_megatron_moe_args_is_apply_to():
+    cfg = MoHGEConfig.paper_3b(router={"z_loss_coeff": 1e-3, "input_jitter_eps": 0.01})
+    a = megatron_moe_args(cfg, ep=8)
+    assert a == dict(num_experts=64, moe_router_topk=6, moe_ffn_hidden_size=1280,
+                     moe_shared_expert_intermediate_size=2048, moe_router_dtype="fp32",
+                     moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                     moe_z_loss_coeff=1e-3, moe_input_jitter_eps=0.01,
+                     moe_router_topk_scaling_factor=None, moe_router_pre_softmax=False)
+    with pytest.raises(ConfigError, match="expert_model_parallel_size=3"):
+        megatron_moe_args(cfg, ep=3)
+
+
+def test_mohge_config_file_round_trip(tmp_path):
+    run = load("small_mohge_1node.yaml", "moe.mohge.losses.group_coeff=0.25", tmp_path=tmp_path)
+    path = write_mohge_config(run)
+    assert path == tmp_path / "mohge_layer.yaml"
+    assert load_mohge_config(path) == run.moe.mohge
+    assert load_mohge_config(path).losses.group_coeff == 0.25
+    # --mohge-config also takes the run file itself (its moe.mohge section)
+    assert load_mohge_config(CONFIGS / "paper_3b_mohge.yaml") == \
+        MoHGEConfig.from_yaml(CONFIGS / "paper_3b_layer.yaml")
+    with pytest.raises(ConfigError, match="moe.kind='moe'"):
+        load_mohge_config(CONFIGS / "paper_3b_moe.yaml")
+
+
+def test_byte_tokenizer_is_null_tokenizer(tmp_path):
+    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+
+    from megatron_mohge.data.tokenizers import ByteTokenizer
+
+    run = load("small_mohge_1node.yaml", tmp_path=tmp_path)
+    f = as_dict(megatron_lm_flags(run))
+    assert f["--tokenizer-type"] == ["NullTokenizer"] and f["--vocab-size"] == ["256"]
+    tok = build_tokenizer(argparse.Namespace(tokenizer_type="NullTokenizer",
+                                             vocab_size=int(f["--vocab-size"][0])))
+    byte = ByteTokenizer()
+    assert (tok.vocab_size, tok.eod) == (byte.vocab_size, byte.eod) == (257, 256)
+    assert run.padded_vocab_size(tok.vocab_size) == 384  # Megatron-LM pads the same way
+
+
+def test_byte_tokenizer_vocab_mismatch(tmp_path):
+    run = load("small_mohge_1node.yaml", "model.vocab_size=300", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="model.vocab_size=300"):
+        megatron_lm_flags(run)
+    ok = load("small_mohge_1node.yaml", "model.vocab_size=384", tmp_path=tmp_path)
+    assert "--vocab-size" in megatron_lm_flags(ok)
+
+
+@pytest.mark.parametrize("tok, folder", [("/tok/llama3/tokenizer.json", "/tok/llama3"),
+                                         ("/tok/llama3", "/tok/llama3")])
+def test_hf_tokenizer(tmp_path, tok, folder):
+    run = load("small_mohge_1node.yaml", f"data.tokenizer={tok}", tmp_path=tmp_path)
+    f = as_dict(megatron_lm_flags(run))
+    assert f["--tokenizer-type"] == ["HuggingFaceTokenizer"]
+    assert f["--tokenizer-model"] == [folder]
+    assert "--vocab-size" not in f
+
+
+def test_hf_tokenizer_file_must_be_tokenizer_json(tmp_path):
+    run = load("small_mohge_1node.yaml", "data.tokenizer=data/x.tokenizer.json", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        megatron_lm_flags(run)
+
+
+def test_parallel_data_and_extra_args(tmp_path):
+    run = load("small_mohge_1node.yaml", "parallel.tensor_parallel=2",
+               "parallel.expert_tensor_parallel=1", "data.path=[a/x, b/y]",
+               "launch.extra_args=[--lr, '0.1', --recompute-activations]",
+               "moe.use_te=false", "checkpoint.enabled=false", "eval.interval=0",
+               tmp_path=tmp_path)
+    flags = megatron_lm_flags(run)
+    f = as_dict(flags, unique=False)
+    assert "--sequence-parallel" in flags  # TP > 1 with MoE
+    assert f["--data-path"] == ["a/x", "b/y"]
+    assert flags[-3:] == ["--lr", "0.1", "--recompute-activations"]  # last, so they win
+    assert f["--lr"] == ["0.1"]
+    assert "--expert-tensor-parallel-size" in f and "--save" not in f
+    assert "--no-rope-fusion" in flags and flags[flags.index("--transformer-impl") + 1] == "local"
+    assert flags[flags.index("--eval-interval") + 1] == str(run.train.iters)
+
+
+def test_dense_and_refusals(tmp_path):
+    dense = load("small_moe_1node.yaml", "moe.kind=dense", "parallel.expert_parallel=1",
+                 tmp_path=tmp_path)
+    flags = megatron_lm_flags(dense)
+    assert not [t for t in flags if t.startswith("--moe") or t == "--num-experts"]
+    noisy = load("small_moe_1node.yaml", "moe.router=noisy_topk", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="moe.router='noisy_topk'"):
+        megatron_lm_flags(noisy)
+    no_data = load("small_moe_1node.yaml", "data.path=[]", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="data.path"):
+        megatron_lm_flags(no_data)
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_reference_configs_validate(name, tmp_path):
+    run = load(name, tmp_path=tmp_path)
+    run.check_world_size(run.launch.nodes * run.launch.gpus_per_node)
+    assert megatron_lm_flags(run)
+
+
+def _megatron_lm_parser():
+    pytest.importorskip("megatron.training.arguments",
+                        reason="Megatron-LM checkout (megatron.training) not importable")
+    import megatron.training.arguments as A
+
+    from megatron_mohge.integration.megatron_lm import add_mohge_args
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    return add_mohge_args(A.add_megatron_arguments(parser)), A
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_flags_parse_with_megatron_lm(name, tmp_path, monkeypatch):
+    """Every flag exists in Megatron-LM's parser and reads back as intended."""
+    parser, A = _megatron_lm_parser()
+    import torch
+
+    # validate_args asks the GPU's compute capability for --moe-grouped-gemm (GPU runs)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    run = load(name, tmp_path=tmp_path)
+    if run.moe.kind == "mohge":
+        write_mohge_config(run)
+    args = parser.parse_args(megatron_lm_flags(run))
+    m = run.model
+    assert (args.num_layers, args.hidden_size, args.seq_length) == \
+        (m.num_layers, m.hidden_size, m.seq_length)
+    assert args.moe_layer_freq == m.moe_layer_freq
+    assert args.expert_model_parallel_size == run.parallel.expert_parallel
+    assert args.ckpt_format == "torch_dist" and args.bf16
+    if run.moe.kind == "mohge":
+        cfg = run.moe.mohge
+        assert (args.num_experts, args.moe_router_topk) == (cfg.num_experts, cfg.topk)
+        assert args.mohge_config == str(tmp_path / "mohge_layer.yaml")
+        assert args.moe_router_load_balancing_type in ("none", ["none"])
+    else:
+        assert (args.num_experts, args.moe_router_topk) == (run.moe.num_experts, run.moe.topk)
+    # Megatron-LM's own validation accepts the layout at the launch size
+    args.world_size = run.launch.nodes * run.launch.gpus_per_node
+    args.rank = 0
+    A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+    assert args.data_parallel_size == run.check_world_size(args.world_size)
