@@ -72,6 +72,19 @@ def reset_routing_counts(model) -> None:
         r.tokens_seen.zero_()
 
 
+def snapshot_routing_counts(model) -> list:
+    """Copies of every router's count buffers, for :func:`restore_routing_counts`."""
+    return [(r, r.tokens_per_expert_E.clone(), r.tokens_per_group_G.clone(),
+             r.tokens_seen.clone()) for r in routers(model)]
+
+
+def restore_routing_counts(snapshot: list) -> None:
+    for r, per_expert, per_group, seen in snapshot:
+        r.tokens_per_expert_E.copy_(per_expert)
+        r.tokens_per_group_G.copy_(per_group)
+        r.tokens_seen.copy_(seen)
+
+
 def attach_stock_counters(model) -> int:
     """Count the routing of Megatron's stock routers (uniform experts, one group).
 
@@ -157,33 +170,23 @@ def routing_metrics(model, group=None) -> RoutingMetrics:
     return RoutingMetrics([layer_routing(r, group) for r in routers(model)])
 
 
-def contiguous_rank_flops(tokens_per_expert: list[float], widths: list[int], ep_size: int):
-    """Per-EP-rank expert FLOPs (tokens x width) of Megatron's default layout: rank r owns
-    the contiguous canonical experts ``[r*E/ep, (r+1)*E/ep)`` (for MoHGE: whole groups)."""
-    E = len(tokens_per_expert)
-    if E % ep_size:
-        raise ValueError(f"{E} experts do not divide over EP={ep_size}")
-    per = E // ep_size
-    return [sum(tokens_per_expert[e] * widths[e] for e in range(r * per, (r + 1) * per))
-            for r in range(ep_size)]
-
-
 def rank_flops_layouts(router, tokens_per_expert: list[float], ep_size: int) -> dict:
     """Per-rank expert FLOPs at ``ep_size`` for the all-size allocation (MoHGE routers) and
-    the contiguous layout, each normalised to its mean, with max/mean."""
-    cfg = router.config
-    widths, _ = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit))
-    out = {"ep": ep_size}
-    cont = contiguous_rank_flops(tokens_per_expert, widths, ep_size)
-    layouts = {"contiguous": cont}
+    Megatron's contiguous layout (rank r owns canonical experts ``[r*E/ep, (r+1)*E/ep)``),
+    each normalised to its mean, with max/mean."""
+    from megatron_mohge.allocation import plan_allocation
+
     mohge = getattr(router, "mohge", None)
     if mohge is not None:
-        from megatron_mohge.allocation import plan_allocation
-
-        # report even layouts the config would refuse (imbalance above its threshold)
-        plan = plan_allocation(mohge.widths, mohge.experts_per_group, ep_size,
-                               allow_imbalance=True)
+        widths, counts = mohge.widths, mohge.experts_per_group
+    else:  # uniform stock experts: one group
+        widths, counts = [router.config.moe_ffn_hidden_size], [router.config.num_moe_experts]
+    # report even layouts the config would refuse (imbalance above its threshold)
+    plan = plan_allocation(widths, counts, ep_size, allow_imbalance=True)
+    layouts = {"contiguous": plan.rank_flops(tokens_per_expert, canonical=False)}
+    if mohge is not None:
         layouts["all_size"] = plan.rank_flops(tokens_per_expert)
+    out = {"ep": ep_size}
     for name, flops in layouts.items():
         mean = sum(flops) / len(flops)
         out[name] = [f / mean if mean else 0.0 for f in flops]

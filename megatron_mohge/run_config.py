@@ -236,8 +236,12 @@ class RunConfig(YamlDataclass):
                     f"model.vocab_size={self.model.vocab_size} is smaller than the tokenizer's "
                     f"vocabulary ({tokenizer_vocab}); raise it or set it to null.")
             return self.model.vocab_size
+        return self.megatron_padded_vocab(tokenizer_vocab)
+
+    def megatron_padded_vocab(self, vocab: int) -> int:
+        """``vocab`` rounded up to a multiple of make_vocab_size_divisible_by * TP."""
         m = self.model.make_vocab_size_divisible_by * self.parallel.tensor_parallel
-        return int(math.ceil(tokenizer_vocab / m) * m)
+        return int(math.ceil(vocab / m) * m)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -465,10 +469,6 @@ class RunConfig(YamlDataclass):
         if overrides:
             data = apply_overrides(data, overrides)
         return cls.from_dict(data, base_dir=p.parent)
-
-    def replace(self, overrides: list[str]) -> "RunConfig":
-        """A validated copy with ``key.sub=value`` overrides applied."""
-        return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -278,9 +278,9 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
 
 
 def _write(out_dir: Path, results: dict) -> None:
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out_dir / "results.json")
+    from megatron_mohge.training.checkpoint import atomic_write
+
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=1))
 
 
 def _env() -> dict:

@@ -15,7 +15,6 @@ eod 256, exactly our ``ByteTokenizer``; Megatron pads 257 to a multiple of
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -163,10 +162,10 @@ def tokenizer_flags(run) -> list[str]:
     tok = run.data.tokenizer
     if tok == "byte":
         if run.model.vocab_size is not None and \
-                run.model.vocab_size != _megatron_padded(run, BYTE_VOCAB):
+                run.model.vocab_size != run.megatron_padded_vocab(BYTE_VOCAB):
             raise ConfigError(
                 f"model.vocab_size={run.model.vocab_size}: Megatron-LM pads the byte tokenizer's "
-                f"{BYTE_VOCAB} ids to {_megatron_padded(run, BYTE_VOCAB)} (a multiple of "
+                f"{BYTE_VOCAB} ids to {run.megatron_padded_vocab(BYTE_VOCAB)} (a multiple of "
                 "make_vocab_size_divisible_by x tensor_parallel); set model.vocab_size: null or "
                 "change model.make_vocab_size_divisible_by.")
         return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB - 1)]
@@ -179,11 +178,6 @@ def tokenizer_flags(run) -> list[str]:
             "that folder.")
     folder = path if path.suffix != ".json" else path.parent
     return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(folder)]
-
-
-def _megatron_padded(run, vocab: int) -> int:
-    multiple = run.model.make_vocab_size_divisible_by * run.parallel.tensor_parallel
-    return int(math.ceil(vocab / multiple) * multiple)
 
 
 def data_flags(run) -> list[str]:

@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_mohge.config import ConfigError
-from megatron_mohge.metrics import attach_stock_counters, reset_routing_counts, routers
+from megatron_mohge.metrics import (
+    attach_stock_counters,
+    reset_routing_counts,
+    restore_routing_counts,
+    routers,
+    snapshot_routing_counts,
+)
 from megatron_mohge.run_config import RunConfig
 from megatron_mohge.training import checkpoint as ckpt_lib
 from megatron_mohge.training import mcore as M
@@ -126,14 +132,12 @@ class Trainer:
         counts are kept in ``_eval_routers``, apart from the training counts)."""
         batches = [self._batches(self.valid_ds, i) for i in range(self.run.eval.iters)]
         # keep the training-routing counts of the current log window out of the evaluation
-        saved = [(r, r.tokens_per_expert_E.clone(), r.tokens_per_group_G.clone(),
-                  r.tokens_seen.clone()) for r in routers(M.model_chunks(self.model))]
-        reset_routing_counts(M.model_chunks(self.model))
+        chunks = M.model_chunks(self.model)
+        saved = snapshot_routing_counts(chunks)
+        reset_routing_counts(chunks)
         losses = [M.eval_loss(self.model, b) for b in batches]
-        self._eval_routers = [(r, r.tokens_per_expert_E.clone(), r.tokens_per_group_G.clone(),
-                               r.tokens_seen.clone()) for r, *_ in saved]
-        for r, e, g, n in saved:
-            r.tokens_per_expert_E.copy_(e), r.tokens_per_group_G.copy_(g), r.tokens_seen.copy_(n)
+        self._eval_routers = snapshot_routing_counts(chunks)
+        restore_routing_counts(saved)
         return sum(losses) / len(losses)
 
     # ------------------------------------------------------------------ metrics
@@ -323,8 +327,7 @@ class Trainer:
     def _summary(self, final_eval: float, tokens_per_s: Optional[float]) -> dict:
         """Figures of the finished run (routing measured over the final evaluation)."""
         # routing over the held-out batches of the final evaluation (eval mode)
-        for r, e, g, n in self._eval_routers:
-            r.tokens_per_expert_E.copy_(e), r.tokens_per_group_G.copy_(g), r.tokens_seen.copy_(n)
+        restore_routing_counts(self._eval_routers)
         layers = self.routing()
         per_token_routed = sum(l["activated_routed_params_per_token"] for l in layers)
         dense = self.counts["total_params"] - self.counts["routed_expert_params"]
