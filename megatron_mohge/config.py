@@ -61,6 +61,15 @@ class LossConfig:
     group_start_fraction: float = 0.5  # group loss is off before this fraction of training
     intra_group_coeff: float = 5e-3  # a_E of the intra-group experts loss (reference runs: 5e-3)
     intra_group_mode: str = "paper"  # paper: one Switch loss over all experts; per_group [ours]
+    # Loss-free balancing inside each group [ours, after arXiv 2408.15664]: a per-expert bias
+    # on the in-group expert logits, used for top-K selection only, moved by
+    # b_e += rate * sign(mean load of e's group - load_e) once per optimizer step from the
+    # global batch's counts. 0 disables it (no bias buffer, checkpoints as before).
+    expert_bias_update_rate: float = 0.0
+    # Load fractions f of both aux losses from the global batch (all-reduced over the
+    # data-parallel group, averaged over the step's micro-batches so far) instead of the
+    # micro-batch, as Megatron's global_aux_loss (arXiv 2501.11873).
+    global_batch_stats: bool = False
 
 
 @dataclass
@@ -246,6 +255,12 @@ class MoHGEConfig(YamlDataclass):
                 raise ConfigError("MoHGEConfig.losses.group_cost_delta: must be > 0 (a width scale, "
                                   "e.g. 1024), or null for the mean expert width.")
         _check_choice("losses.intra_group_mode", lo.intra_group_mode, INTRA_GROUP_MODES)
+        _check_number("losses.expert_bias_update_rate", lo.expert_bias_update_rate, 0.0)
+        _check_bool("losses.global_batch_stats", lo.global_batch_stats)
+        if lo.expert_bias_update_rate > 0 and self.router.type != "mohge":
+            raise ConfigError(
+                "MoHGEConfig.losses.expert_bias_update_rate: loss-free balancing is implemented "
+                f"for router.type 'mohge' only, not {self.router.type!r}; set it to 0.")
 
     def _validate_allocation(self) -> None:
         a = self.allocation

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mohge.routing.base import GroupedExpertRouter
+from megatron_mohge.routing.counters import RoutingCounter
 
 
 @dataclass
@@ -34,6 +35,12 @@ class LayerRouting:
     activated_routed_params_per_token: float  # sum over chosen experts of their weights
     expert_load_cv: float  # std/mean of tokens per expert (population std)
     expert_load_max_over_mean: float
+    # load CV inside each group (canonical group order; one entry for stock experts)
+    group_load_cv: list[float] = field(default_factory=list)
+    # MaxVio = max load / mean load - 1 (arXiv 2408.15664): mean over forward calls of one
+    # rank's micro-batch, and mean over optimizer steps of the global batch (training only)
+    maxvio_micro: Optional[float] = None
+    maxvio_batch: Optional[float] = None
     rank_flops_max_over_mean: Optional[float] = None  # with EP > 1
 
 
@@ -59,38 +66,31 @@ def _modules(model) -> Iterable[torch.nn.Module]:
 def routers(model) -> list:
     """MoHGE / noisy routers, and stock routers that have :func:`attach_stock_counters`."""
     return [m for m in _modules(model)
-            if isinstance(m, GroupedExpertRouter) or hasattr(m, "_stock_counter_hook")]
+            if isinstance(m, GroupedExpertRouter) or isinstance(getattr(m, "counter", None),
+                                                                RoutingCounter)]
 
 
 def reset_routing_counts(model) -> None:
     for r in routers(model):
-        if hasattr(r, "reset_routing_counts"):
-            r.reset_routing_counts()
-            continue
-        r.tokens_per_expert_E.zero_()
-        r.tokens_per_group_G.zero_()
-        r.tokens_seen.zero_()
+        r.counter.reset_window()
 
 
 def snapshot_routing_counts(model) -> list:
-    """Copies of every router's count buffers, for :func:`restore_routing_counts`."""
-    return [(r, r.tokens_per_expert_E.clone(), r.tokens_per_group_G.clone(),
-             r.tokens_seen.clone()) for r in routers(model)]
+    """Copies of every router's window counts, for :func:`restore_routing_counts`."""
+    return [(r, r.counter.snapshot()) for r in routers(model)]
 
 
 def restore_routing_counts(snapshot: list) -> None:
-    for r, per_expert, per_group, seen in snapshot:
-        r.tokens_per_expert_E.copy_(per_expert)
-        r.tokens_per_group_G.copy_(per_group)
-        r.tokens_seen.copy_(seen)
+    for r, snap in snapshot:
+        r.counter.restore(snap)
 
 
 def attach_stock_counters(model) -> int:
     """Count the routing of Megatron's stock routers (uniform experts, one group).
 
-    Registers ``tokens_per_expert_E`` / ``tokens_per_group_G`` / ``tokens_seen`` buffers
-    (non-persistent: checkpoints are unchanged) and a forward hook that adds each call's
-    ``routing_map`` column sums, skipping padding tokens. Returns how many routers it found.
+    Gives each stock router a :class:`RoutingCounter` (``router.counter``, non-persistent:
+    checkpoints are unchanged) and a forward hook that records each call's ``routing_map``,
+    skipping padding tokens. Returns how many routers it found.
     """
     from megatron.core.transformer.moe.router import Router
 
@@ -99,11 +99,8 @@ def attach_stock_counters(model) -> int:
         if not isinstance(m, Router) or isinstance(m, GroupedExpertRouter):
             continue
         if not hasattr(m, "_stock_counter_hook"):
-            dev = m.weight.device
-            m.register_buffer("tokens_per_expert_E", torch.zeros(m.config.num_moe_experts,
-                                                                 device=dev), persistent=False)
-            m.register_buffer("tokens_per_group_G", torch.zeros(1, device=dev), persistent=False)
-            m.register_buffer("tokens_seen", torch.zeros((), device=dev), persistent=False)
+            m.add_module("counter", RoutingCounter(m.config.num_moe_experts, 1,
+                                                   device=m.weight.device))
             m.group_sizes = [m.config.num_moe_experts]
             m._stock_counter_hook = m.register_forward_hook(_count_stock_routing,
                                                                  with_kwargs=True)
@@ -113,15 +110,13 @@ def attach_stock_counters(model) -> int:
 
 @torch.no_grad()
 def _count_stock_routing(router, args, kwargs, output) -> None:
-    routing_map = output[1].reshape(-1, router.tokens_per_expert_E.numel())
+    routing_map = output[1].reshape(-1, router.counter.tokens_per_expert_E.numel())
     padding = args[1] if len(args) > 1 else kwargs.get("padding_mask")
+    keep = None
     if padding is not None:  # Megatron: True marks padding
-        routing_map = routing_map[~padding.reshape(-1).bool()]
-    counts = routing_map.sum(0).to(router.tokens_per_expert_E.dtype)
-    router.tokens_per_expert_E += counts
-    router.tokens_seen += routing_map.shape[0]
-    # one group: the group count is the number of group selections (one per token)
-    router.tokens_per_group_G += routing_map.shape[0]
+        keep = (~padding.reshape(-1, 1).bool()).to(torch.float64)
+    router.counter.record(routing_map, None, keep,
+                          training=router.training and torch.is_grad_enabled())
 
 
 def _expert_sizes(router, hidden_size: int, gated: bool):
@@ -135,12 +130,13 @@ def _expert_sizes(router, hidden_size: int, gated: bool):
 
 
 def layer_routing(router, group=None) -> LayerRouting:
-    counts = torch.cat([router.tokens_per_expert_E.double(), router.tokens_per_group_G.double(),
-                        router.tokens_seen.double().reshape(1)])
+    c = router.counter
+    packed = c.window_vector()
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts, group=group)
-    E, G = router.tokens_per_expert_E.numel(), len(router.group_sizes)
-    n_e, n_g, tokens = counts[:E], counts[E:E + G], float(counts[-1])
+        dist.all_reduce(packed, group=group)
+    win = c.unpack_window(packed)
+    n_e, n_g, tokens = win["tokens_per_expert_E"], win["tokens_per_group_G"], float(win["tokens_seen"])
+    G = n_g.numel()
     cfg = router.config
     widths, params = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit))
     w = torch.tensor(widths, dtype=torch.float64)
@@ -155,14 +151,35 @@ def layer_routing(router, group=None) -> LayerRouting:
         group_token_share=share,
         mean_chosen_width=float((n_e * w).sum() / assigned) if assigned else 0.0,
         activated_routed_params_per_token=float((n_e * p).sum() / tokens) if tokens else 0.0,
-        expert_load_cv=float(n_e.std(unbiased=False) / mean) if float(mean) > 0 else 0.0,
+        expert_load_cv=_cv(n_e),
         expert_load_max_over_mean=float(n_e.max() / mean) if float(mean) > 0 else 0.0,
+        group_load_cv=[_cv(n_e[a:b]) for a, b in _group_bounds(router.group_sizes)],
+        maxvio_micro=_ratio(win["maxvio_micro_sum"], win["maxvio_micro_n"]),
+        maxvio_batch=_ratio(win["maxvio_batch_sum"], win["maxvio_batch_n"]),
     )
     plan = getattr(router, "plan", None)
     if plan is not None and plan.ep_size > 1 and assigned:
         flops = plan.rank_flops(n_e.tolist())
         out.rank_flops_max_over_mean = max(flops) / (sum(flops) / len(flops))
     return out
+
+
+def _cv(load: torch.Tensor) -> float:
+    """Population std / mean of a load vector (0 when empty)."""
+    mean = load.double().mean()
+    return float(load.double().std(unbiased=False) / mean) if float(mean) > 0 else 0.0
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> Optional[float]:
+    return float(total / count) if float(count) > 0 else None
+
+
+def _group_bounds(group_sizes) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for n in group_sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
 
 
 def routing_metrics(model, group=None) -> RoutingMetrics:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_mohge.routing.counters import RoutingCounter
 from megatron_mohge.routing.functional import GroupIndex
 
 
@@ -58,11 +59,8 @@ class GroupedExpertRouter(TopKRouter):
         self.identity_layout = perm == list(range(self.num_experts))
         self.register_buffer("slot_to_canonical", torch.tensor(perm, dtype=torch.long),
                              persistent=False)
-        # Metrics (not checkpointed): counts since the last reset, canonical order.
-        self.register_buffer("tokens_per_expert_E", torch.zeros(self.num_experts), persistent=False)
-        self.register_buffer("tokens_per_group_G", torch.zeros(len(self.group_sizes)),
-                             persistent=False)
-        self.register_buffer("tokens_seen", torch.zeros(()), persistent=False)
+        # Routing counts for metrics and loss-free balancing (not checkpointed).
+        self.counter = RoutingCounter(self.num_experts, len(self.group_sizes))
         self.training_progress: Optional[float] = None
 
     # ------------------------------------------------------------------ helpers
@@ -112,23 +110,18 @@ class GroupedExpertRouter(TopKRouter):
         idx = self.slot_to_canonical.to(probs_TE.device)
         return probs_TE.index_select(1, idx), routing_map_TE.index_select(1, idx)
 
-    @torch.no_grad()
     def record_counts(self, routing_map_TE: torch.Tensor, group_mask_TG: Optional[torch.Tensor],
                       keep_T1: Optional[torch.Tensor]) -> None:
-        rm = routing_map_TE.float()
-        if keep_T1 is not None:
-            rm = rm * keep_T1
-        dev = self.tokens_per_expert_E.device
-        self.tokens_per_expert_E += rm.sum(0).to(dev)
-        if group_mask_TG is not None:
-            gm = group_mask_TG.float() if keep_T1 is None else group_mask_TG.float() * keep_T1
-            self.tokens_per_group_G += gm.sum(0).to(dev)
-        self.tokens_seen += rm.shape[0] if keep_T1 is None else keep_T1.sum().to(dev)
+        self.counter.record(routing_map_TE, group_mask_TG, keep_T1,
+                            training=self.training and torch.is_grad_enabled())
 
     def reset_routing_counts(self) -> None:
-        self.tokens_per_expert_E.zero_()
-        self.tokens_per_group_G.zero_()
-        self.tokens_seen.zero_()
+        self.counter.reset_window()
+
+    # the window counts, by the names the metrics and tests read
+    tokens_per_expert_E = property(lambda self: self.counter.tokens_per_expert_E)
+    tokens_per_group_G = property(lambda self: self.counter.tokens_per_group_G)
+    tokens_seen = property(lambda self: self.counter.tokens_seen)
 
     def set_training_progress(self, fraction: float) -> None:
         self.training_progress = float(fraction)

@@ -78,7 +78,8 @@ class TwoLevelRouting:
 
 def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, group_topk: int,
                     topk: int, group_score: str = "sigmoid",
-                    expert_weighting: str = "renorm") -> TwoLevelRouting:
+                    expert_weighting: str = "renorm",
+                    selection_bias_E: Optional[torch.Tensor] = None) -> TwoLevelRouting:
     """MoHGE routing: group gate -> in-group softmax -> combined score -> exactly K experts.
 
     1. ``s = sigmoid(u)`` (or softmax); ``S`` = top-Kg groups of ``s``.
@@ -87,6 +88,12 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
     4. top-K of ``q`` over all experts (no per-group quota).
     5. weights: ``renorm`` -> ``q_chosen / sum(q_chosen)``; ``paper`` -> ``softmax(q_chosen)``
        (the released code's softmax over probabilities).
+
+    ``selection_bias_E`` (loss-free balancing, canonical order) is added to the expert
+    logits ``z`` for the top-K *selection* only: experts are ranked by
+    ``s_g * 1[g in S] * softmax_i(z_{g,.} + b_{g,.})``, whose sum over each group is still
+    ``s_g``, so the bias moves load between the experts of a group and leaves the group-level
+    (cost) steering alone. The combine weights come from the unbiased ``q``.
     """
     if group_score == "sigmoid":
         s_TG = torch.sigmoid(u_TG)
@@ -102,7 +109,12 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
     q_TE = gate_TE * pi_TE
     q_TE = q_TE / q_TE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(q_TE.dtype).tiny)
 
-    q_chosen_TK, eidx_TK = torch.topk(q_TE, k=topk, dim=-1)
+    if selection_bias_E is None:
+        q_chosen_TK, eidx_TK = torch.topk(q_TE, k=topk, dim=-1)
+    else:
+        sel_TE = gate_TE * segment_softmax(z_TE + selection_bias_E.to(z_TE.dtype), index)
+        _, eidx_TK = torch.topk(sel_TE, k=topk, dim=-1)
+        q_chosen_TK = q_TE.gather(1, eidx_TK)
     if expert_weighting == "renorm":
         w_TK = q_chosen_TK / q_chosen_TK.sum(dim=-1, keepdim=True).clamp_min(
             torch.finfo(q_TE.dtype).tiny)

@@ -6,6 +6,12 @@ token counts (all-reduced over the sequence/context-parallel group ``reduce_grou
 partial sums: adding them over ``reduce_group`` gives the full loss, and each rank's
 autograd sees exactly its own tokens' share. Callers attach the result with
 ``MoEAuxLossAutoScaler`` and log it with ``reduce_group`` so the tracker sums the parts.
+
+Each loss takes two sets of counts: ``counts`` (over ``reduce_group``, the tokens whose
+probabilities this rank sums: they normalise ``P``) and ``load`` (the load fractions ``f``).
+They are the same object by default; with global-batch statistics ``load`` holds the counts
+all-reduced over the data-parallel group and averaged over the step's micro-batches
+(:class:`GlobalBatchCounts`), as Megatron's ``global_aux_loss`` does.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ class TokenCounts:
     tokens_per_group_G: torch.Tensor  # tokens whose selected groups S include g
     tokens_per_expert_E: torch.Tensor  # tokens routed to each expert (canonical order)
 
+    def scaled(self, factor: float) -> "TokenCounts":
+        return TokenCounts(self.num_tokens * factor, self.tokens_per_group_G * factor,
+                           self.tokens_per_expert_E * factor)
+
 
 def count_tokens(group_mask_TG: torch.Tensor, routing_map_TE: torch.Tensor,
                  keep_T1: Optional[torch.Tensor], reduce_group) -> TokenCounts:
@@ -50,8 +60,33 @@ def count_tokens(group_mask_TG: torch.Tensor, routing_map_TE: torch.Tensor,
     return TokenCounts(packed[0], packed[1:1 + g], packed[1 + g:])
 
 
+class GlobalBatchCounts:
+    """Running mean of the global (data-parallel) counts over an optimizer step's micro-batches.
+
+    ``add`` takes one micro-batch's counts reduced over the whole TP x DP x CP group and
+    returns the mean so far; ``reset`` starts the next step (called at the end of each
+    optimizer step, see :func:`megatron_mohge.routing.balance.end_of_step`)."""
+
+    def __init__(self):
+        self.sum: Optional[torch.Tensor] = None
+        self.steps = 0
+
+    def add(self, counts: TokenCounts) -> TokenCounts:
+        packed = torch.cat([counts.num_tokens.reshape(1), counts.tokens_per_group_G,
+                            counts.tokens_per_expert_E])
+        self.sum = packed if self.sum is None else self.sum + packed
+        self.steps += 1
+        mean = self.sum / self.steps
+        g = counts.tokens_per_group_G.numel()
+        return TokenCounts(mean[0], mean[1:1 + g], mean[1 + g:])
+
+    def reset(self) -> None:
+        self.sum, self.steps = None, 0
+
+
 def group_aux_loss(u_TG: torch.Tensor, counts: TokenCounts, costs_G: torch.Tensor,
-                   group_topk: int, coeff: float, keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+                   group_topk: int, coeff: float, keep_T1: Optional[torch.Tensor],
+                   load: Optional[TokenCounts] = None) -> torch.Tensor:
     """Cost-weighted group-wise loss ``a_G * Ng * sum_g c_g f_g P_g``.
 
     ``f_g = n_g / (T * Kg)`` (share of group selections), ``P_g = mean_t softmax(u_t)_g``
@@ -61,15 +96,16 @@ def group_aux_loss(u_TG: torch.Tensor, counts: TokenCounts, costs_G: torch.Tenso
     p_TG = torch.softmax(u_TG.float(), dim=-1)
     if keep_T1 is not None:
         p_TG = p_TG * keep_T1
-    T = counts.num_tokens.clamp_min(1.0)
-    f_G = counts.tokens_per_group_G / (T * group_topk)
-    P_G = p_TG.sum(0) / T  # local part of the global mean
+    load = counts if load is None else load
+    f_G = load.tokens_per_group_G / (load.num_tokens.clamp_min(1.0) * group_topk)
+    P_G = p_TG.sum(0) / counts.num_tokens.clamp_min(1.0)  # local part of the global mean
     return coeff * u_TG.shape[1] * torch.sum(costs_G * f_G * P_G)
 
 
 def intra_group_loss_paper(probs_TE: torch.Tensor, counts: TokenCounts, topk: int,
                            group_topk: int, mean_group_size: float, coeff: float,
-                           keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+                           keep_T1: Optional[torch.Tensor],
+                           load: Optional[TokenCounts] = None) -> torch.Tensor:
     """Released intra-group loss: one Switch loss over all experts, count ``N * Kg``.
 
     ``a_E * (N*Kg) * sum_e f_e P_e`` with ``f_e = n_e / (T*K)`` and ``P_e = mean_t w_{t,e}``
@@ -78,16 +114,17 @@ def intra_group_loss_paper(probs_TE: torch.Tensor, counts: TokenCounts, topk: in
     w_TE = probs_TE.float()
     if keep_T1 is not None:
         w_TE = w_TE * keep_T1
-    T = counts.num_tokens.clamp_min(1.0)
-    f_E = counts.tokens_per_expert_E / (T * topk)
-    P_E = w_TE.sum(0) / T
+    load = counts if load is None else load
+    f_E = load.tokens_per_expert_E / (load.num_tokens.clamp_min(1.0) * topk)
+    P_E = w_TE.sum(0) / counts.num_tokens.clamp_min(1.0)
     return coeff * (mean_group_size * group_topk) * torch.sum(f_E * P_E)
 
 
 def intra_group_loss_per_group(pi_TE: torch.Tensor, group_mask_TG: torch.Tensor,
                                counts: TokenCounts, index: GroupIndex,
                                group_sizes: Sequence[int], coeff: float,
-                               keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+                               keep_T1: Optional[torch.Tensor],
+                               load: Optional[TokenCounts] = None) -> torch.Tensor:
     """[ours] Switch loss inside each group over the tokens routed to it.
 
     For group ``g`` with tokens ``T_g`` (those that selected ``g``):
@@ -99,12 +136,12 @@ def intra_group_loss_per_group(pi_TE: torch.Tensor, group_mask_TG: torch.Tensor,
     sel_TE = group_mask_TG[:, index.group_of_expert_E].float()
     if keep_T1 is not None:
         sel_TE = sel_TE * keep_T1
-    n_G = counts.tokens_per_group_G
-    n_E = counts.tokens_per_expert_E
+    load = counts if load is None else load
+    n_G, n_E = load.tokens_per_group_G, load.tokens_per_expert_E
     g_of_e = index.group_of_expert_E
     assigned_G = torch.zeros_like(n_G).index_add_(0, g_of_e, n_E)
     f_E = n_E / assigned_G[g_of_e].clamp_min(1.0)
-    P_E = (pi_TE.float() * sel_TE).sum(0) / n_G[g_of_e].clamp_min(1.0)
+    P_E = (pi_TE.float() * sel_TE).sum(0) / counts.tokens_per_group_G[g_of_e].clamp_min(1.0)
     share_G = n_G / n_G.sum().clamp_min(1.0)
     sizes_E = torch.tensor([float(group_sizes[g]) for g in g_of_e.tolist()], device=pi_TE.device)
     return coeff * torch.sum(share_G[g_of_e] * sizes_E * f_E * P_E)
@@ -123,3 +160,20 @@ def z_loss_two_level(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, 
         keep = keep_T1.squeeze(-1)
         return coeff * (per_token * keep).sum() / keep.sum().clamp_min(1.0)
     return coeff * per_token.mean()
+
+
+def loss_free_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, index: GroupIndex,
+                          rate: float) -> torch.Tensor:
+    """Loss-free balancing inside each group: ``b_e + rate * sign(mean_{i in g(e)} n_i - n_e)``.
+
+    ``load_E``: tokens routed to each expert over the global batch (canonical order). Experts
+    above their group's mean load lose bias, those below gain it; the group means are
+    separate, so groups that are used more (or less) are not pushed back.
+    """
+    g_of_e = index.group_of_expert_E.to(load_E.device)
+    load = load_E.double()
+    sum_G = torch.zeros(index.num_groups, dtype=torch.float64,
+                        device=load.device).index_add_(0, g_of_e, load)
+    size_G = torch.zeros_like(sum_G).index_add_(0, g_of_e, torch.ones_like(load))
+    err_E = sum_G[g_of_e] / size_G[g_of_e] - load
+    return bias_E + rate * torch.sign(err_E).to(bias_E.dtype)

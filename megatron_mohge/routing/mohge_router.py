@@ -41,6 +41,16 @@ class MoHGERouter(GroupedExpertRouter):
         self.group_weight = self.new_gate_weight(mohge_config.num_groups)
         self.register_buffer("group_costs_G", torch.tensor(mohge_config.group_costs),
                              persistent=False)
+        lo = mohge_config.losses
+        self.bias_update_rate = float(lo.expert_bias_update_rate)
+        if self.bias_update_rate > 0:
+            # Loss-free balancing state: fp32, canonical order (so it reshards across EP
+            # sizes like any replicated tensor), checkpointed with the router.
+            self.register_buffer("balance_bias_E", torch.zeros(self.num_experts,
+                                                               dtype=torch.float32))
+        else:
+            self.balance_bias_E = None
+        self.global_counts = L.GlobalBatchCounts() if lo.global_batch_stats else None
 
     def group_loss_active(self) -> bool:
         lo = self.mohge.losses
@@ -74,7 +84,8 @@ class MoHGERouter(GroupedExpertRouter):
                                        self.config.num_layers + (self.config.mtp_num_layers or 0))
 
         r = two_level_route(u_TG, z_TE, index, self.mohge.group_topk, self.mohge.topk,
-                            self.mohge.router.group_score, self.mohge.router.expert_weighting)
+                            self.mohge.router.group_score, self.mohge.router.expert_weighting,
+                            selection_bias_E=self._selection_bias())
         probs_TE = r.probs_TE
         if training:
             probs_TE = self._attach_losses(probs_TE, u_TG, r, keep_T1)
@@ -86,22 +97,67 @@ class MoHGERouter(GroupedExpertRouter):
         group_on = self.group_loss_active()
         if not group_on and lo.intra_group_coeff <= 0:
             return probs_TE
-        counts = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1, self.tp_cp_group)
+        if self.global_counts is None:
+            counts = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1, self.tp_cp_group)
+            load = None
+        else:
+            # f from the step's global counts; P normalised by this micro-batch's global counts
+            # per data-parallel replica, so that DDP's gradient mean over DP equals the
+            # gradient of one rank seeing the whole batch.
+            glob = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1,
+                                  self.tp_dp_cp_group)
+            counts = glob.scaled(self.tp_cp_group.size() / self.tp_dp_cp_group.size())
+            load = self.global_counts.add(glob)
         if group_on:
             loss = L.group_aux_loss(u_TG, counts, self.group_costs_G.to(u_TG.device),
-                                    self.mohge.group_topk, lo.group_coeff, keep_T1)
+                                    self.mohge.group_topk, lo.group_coeff, keep_T1, load)
             probs_TE = self.log_aux(probs_TE, lo.group_coeff, loss, GROUP_LOSS_NAME, keep_T1)
         if lo.intra_group_coeff > 0:
             if lo.intra_group_mode == "paper":
                 mean_n = self.mohge.num_experts / self.mohge.num_groups
                 loss = L.intra_group_loss_paper(probs_TE, counts, self.mohge.topk,
                                                 self.mohge.group_topk, mean_n,
-                                                lo.intra_group_coeff, keep_T1)
+                                                lo.intra_group_coeff, keep_T1, load)
             else:
                 loss = L.intra_group_loss_per_group(
                     r.in_group_probs_TE, r.group_mask_TG, counts,
                     self.group_index(probs_TE.device), self.group_sizes, lo.intra_group_coeff,
-                    keep_T1)
+                    keep_T1, load)
             probs_TE = self.log_aux(probs_TE, lo.intra_group_coeff, loss, INTRA_GROUP_LOSS_NAME,
                                     keep_T1)
         return probs_TE
+
+    # ------------------------------------------------------------------ balancing
+    def _selection_bias(self) -> Optional[torch.Tensor]:
+        if self.balance_bias_E is None:
+            return None
+        self._keep_bias_fp32()
+        return self.balance_bias_E
+
+    def _keep_bias_fp32(self) -> None:
+        # Float16Module casts buffers to bf16/fp16; the bias moves in steps of the update rate,
+        # which bf16 cannot resolve around 1 (as Megatron's _maintain_float32_expert_bias).
+        if self.balance_bias_E is not None and self.balance_bias_E.dtype != torch.float32:
+            self.balance_bias_E.data = self.balance_bias_E.data.float()
+
+    @torch.no_grad()
+    def end_step(self, global_load_E: torch.Tensor) -> None:
+        """End of an optimizer step: update the loss-free bias from the global batch's load
+        (canonical order, summed over every rank and micro-batch) and start the next step's
+        global-batch statistics."""
+        if self.balance_bias_E is not None and float(global_load_E.sum()) > 0:
+            self._keep_bias_fp32()
+            index = self.group_index(self.balance_bias_E.device)
+            self.balance_bias_E.copy_(L.loss_free_bias_update(
+                self.balance_bias_E, global_load_E.to(self.balance_bias_E), index,
+                self.bias_update_rate))
+        if self.global_counts is not None:
+            self.global_counts.reset()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._keep_bias_fp32()  # load into fp32 storage, not the bf16 copy
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, *args, **kwargs):
+        self._keep_bias_fp32()
+        return super()._save_to_state_dict(*args, **kwargs)

@@ -214,19 +214,23 @@ def _forward_step(data_iterator, model):
 
 @contextlib.contextmanager
 def _training_hooks(chunks: List[torch.nn.Module]):
-    """Install DDP's ``no_sync`` and ``finalize_model_grads`` on the model config for one
+    """Install DDP's ``no_sync`` and ``finalize_model_grads`` (wrapped by
+    :func:`megatron_mohge.routing.balance.wrap_finalize_model_grads`) on the model config for one
     schedule call (DDP-wrapped chunks only), as Megatron-LM's training setup does, and
     remove them afterwards: a
     config holding bound methods of a DDP model cannot be deep-copied (MoE expert modules
     deep-copy their config), so it could not build another model."""
     from megatron.core.distributed import finalize_model_grads
 
+    from megatron_mohge.routing.balance import wrap_finalize_model_grads
+
     config = unwrap(chunks[0]).config
     saved = config.no_sync_func, config.finalize_model_grads_func
     if all(hasattr(c, "finish_grad_sync") for c in chunks):  # Megatron DDP chunks
         no_sync = [c.no_sync for c in chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        config.finalize_model_grads_func = finalize_model_grads
+        # + end-of-step balancing (loss-free bias update, global-batch MaxVio)
+        config.finalize_model_grads_func = wrap_finalize_model_grads(finalize_model_grads)
     try:
         yield
     finally:

@@ -159,7 +159,7 @@ class Trainer:
                 dist.all_reduce(imp, group=group)
                 d["importance_cv"] = float(imp.std(unbiased=False) / imp.mean().clamp_min(1e-12))
             d["rank_flops"] = {str(e): rank_flops_layouts(r, layer.tokens_per_expert, e)
-                               for e in sorted({2, 4, ep}) if e > 1
+                               for e in sorted({2, 4, 8, ep}) if e > 1
                                and len(layer.tokens_per_expert) % e == 0}
             local.append(d)
         merged = {}
@@ -286,8 +286,7 @@ class Trainer:
         width = (sum(l["mean_chosen_width"] for l in layers) / len(layers)) if layers else None
         rec = dict(iteration=it, loss=loss_sum / steps, lr=last["lr"], grad_norm=last["grad_norm"],
                    tokens_per_s=steps * tokens_per_step / seconds, aux=aux, group_share=share,
-                   mean_chosen_width=width,
-                   expert_load_cv=_mean(l["expert_load_cv"] for l in layers))
+                   mean_chosen_width=width, **balance_figures(layers))
         # rank 0's record on every rank: checkpoints require identical common state
         box = [rec]
         dist.broadcast_object_list(box, src=0)
@@ -296,6 +295,12 @@ class Trainer:
         if self.rank != 0:
             return
         aux_txt = " ".join(f"{k} {v:.4g}" for k, v in aux.items())
+        if rec.get("maxvio_batch") is not None:
+            aux_txt += f" | maxvio {rec['maxvio_batch']:.2f}"
+            flops = rec.get("rank_flops_by_ep", {}).get("2")
+            if flops:
+                aux_txt += (" | ep2 rank flops max/mean "
+                            f"{flops.get('all_size_max_over_mean', flops['contiguous_max_over_mean']):.2f}")
         share_txt = ("share [" + " ".join(f"{s:.2f}" for s in share) + "]") if share and len(share) > 1 else ""
         width_txt = f"width {width:.1f}" if width is not None else ""
         self.log(f"[{self.run.name}] it {it:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -340,8 +345,10 @@ class Trainer:
             heldout_loss=final_eval, heldout_ppl=math.exp(min(final_eval, 50)),
             train_tokens_per_s=tokens_per_s, peak_mem_bytes=peak,
             group_token_share=_mean_share(layers) or [],
-            expert_load_cv=_mean(l["expert_load_cv"] for l in layers),
-            expert_load_max_over_mean=_mean(l["expert_load_max_over_mean"] for l in layers),
+            **balance_figures(layers),
+            # MaxVio of the training steps of the last log window (the eval has no steps)
+            train_maxvio_batch=(self.state.history[-1].get("maxvio_batch")
+                                if self.state.history else None),
             layers=layers, history=self.state.history, evals=self.state.evals,
         )
         if self.rank == 0:
@@ -359,6 +366,26 @@ class Trainer:
 def _mean(values) -> Optional[float]:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def balance_figures(layers: list[dict]) -> dict:
+    """Balance figures of a set of MoE layers, each the mean over layers: expert load CV and
+    max/mean, MaxVio (micro-batch and global batch), load CV inside groups, and per-EP-size
+    rank FLOPs max/mean of each layout
+    (``rank_flops_by_ep = {"2": {"all_size_max_over_mean": .., "contiguous_max_over_mean": ..}}``)."""
+    out = dict(expert_load_cv=_mean(l["expert_load_cv"] for l in layers),
+               expert_load_max_over_mean=_mean(l["expert_load_max_over_mean"] for l in layers),
+               maxvio_micro=_mean(l.get("maxvio_micro") for l in layers),
+               maxvio_batch=_mean(l.get("maxvio_batch") for l in layers),
+               group_load_cv=_mean(_mean(l.get("group_load_cv") or []) for l in layers))
+    flops: dict = {}
+    for l in layers:
+        for ep, d in (l.get("rank_flops") or {}).items():
+            for k, v in d.items():
+                if k.endswith("_max_over_mean"):
+                    flops.setdefault(ep, {}).setdefault(k, []).append(v)
+    out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
+    return out
 
 
 def _mean_share(layers: list[dict]) -> Optional[list[float]]:
