@@ -2,7 +2,8 @@
 
 Public API (stable): ``MoHGEConfig`` (``from_yaml``/``to_yaml``/``from_dict``/``apply_to``),
 ``get_mohge_layer_spec``, ``get_mohge_decoder_block_spec``, ``plan_allocation``,
-``set_training_progress`` and ``compat.enable_cpu_mode``.
+``set_training_progress``, ``wrap_finalize_model_grads`` / ``end_of_step`` (once-per-step
+balancing) and ``compat.enable_cpu_mode``.
 
 Importing the package is cheap: the Megatron-dependent parts load on first use.
 """
@@ -24,6 +25,8 @@ _LAZY = {
     "get_mohge_decoder_block_spec": "megatron_mohge.specs",
     "get_mohge_moe_module_spec": "megatron_mohge.specs",
     "set_training_progress": "megatron_mohge.routing.base",
+    "wrap_finalize_model_grads": "megatron_mohge.routing.balance",
+    "end_of_step": "megatron_mohge.routing.balance",
     "MoHGERouter": "megatron_mohge.routing.mohge_router",
     "NoisyTopKRouter": "megatron_mohge.routing.noisy_topk",
     "HeterogeneousExperts": "megatron_mohge.experts.hetero",

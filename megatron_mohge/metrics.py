@@ -108,8 +108,9 @@ def attach_stock_counters(model) -> int:
     return n
 
 
-@torch.no_grad()
 def _count_stock_routing(router, args, kwargs, output) -> None:
+    # no @torch.no_grad() here: is_grad_enabled() tells training forwards from evaluation
+    # (RoutingCounter.record runs without grad itself)
     routing_map = output[1].reshape(-1, router.counter.tokens_per_expert_E.numel())
     padding = args[1] if len(args) > 1 else kwargs.get("padding_mask")
     keep = None

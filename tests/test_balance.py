@@ -200,3 +200,42 @@ def test_global_batch_stats_on_two_ranks_equal_one_rank_with_the_whole_batch():
     for mode, d in res.items():
         assert d["gbs_max_abs_diff"] <= 1e-6 * d["ref_max_abs"] + 1e-9, (mode, d)
         assert d["local_max_abs_diff"] > 1e-3 * d["ref_max_abs"], (mode, d)  # option matters
+
+
+def test_stock_router_counters_count_training_steps_not_evaluation():
+    # regression: the stock counting hook ran under no_grad, so training forwards looked like
+    # evaluation and the stock baseline never reported a global-batch MaxVio
+    from megatron_mohge.metrics import attach_stock_counters, routers
+    from tests.workers import common as C
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # router unit tests left a 0-d one
+    C.init_layout(1, 1, 1)
+    try:
+        tc = C.tiny_gpt_config()
+        model = C.wrap_ddp(C.build_gpt(tc), tc)
+        opt = C.build_optimizer(model)
+        assert attach_stock_counters(C.model_chunks(model)) == 4
+        C.train(model, opt, tc, 2)
+        for r in routers(C.model_chunks(model)):
+            assert float(r.counter.maxvio_batch_n) == 2 and r.counter.step_forwards == 0
+            assert float(r.counter.step_tokens_per_expert_E.sum()) == 0
+        C.eval_loss(model, C.synthetic_batches(0))
+        assert all(r.counter.step_forwards == 0 for r in routers(C.model_chunks(model)))
+    finally:
+        C.destroy_layout()
+
+
+def test_warns_once_when_the_bias_is_never_updated():
+    from megatron_mohge.routing import mohge_router
+
+    router = make_router(cfg_small(losses=dict(expert_bias_update_rate=0.1)))
+    router.train()
+    router.counter.step_forwards = mohge_router._STEP_FORWARDS_WARN
+    mohge_router._warned_bias = False
+    with pytest.warns(UserWarning, match="wrap_finalize_model_grads"):
+        router(torch.randn(4, 16))
+    import megatron_mohge
+
+    assert megatron_mohge.wrap_finalize_model_grads is wrap_finalize_model_grads

@@ -138,6 +138,8 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
         "kind", "total_params", "routed_expert_params", "activated_params_per_token",
         "activated_routed_params_per_token", "heldout_loss", "heldout_ppl", "train_tokens_per_s",
         "peak_mem_bytes", "group_token_share", "expert_load_cv", "expert_load_max_over_mean")}
+    for k in BALANCE_FIELDS:  # absent in summaries of older runs
+        fig[k] = summary.get(k)
     fig["layout"] = summary["layout"]
     fig["wall_s"] = summary.get("wall_s")
     layers = summary["layers"]
@@ -165,9 +167,19 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
         eval_loss=[e["loss"] for e in summary["evals"]],
         group_share=[h["group_share"] for h in hist if h.get("group_share")],
         mean_chosen_width=[h["mean_chosen_width"] for h in hist],
+        **{f"{k}": [h.get(k) for h in hist] for k in ("maxvio_batch", "group_load_cv",
+                                                      "expert_load_cv")},
+        rank_flops_ep2=[((h.get("rank_flops_by_ep") or {}).get("2") or {}).get(
+            "all_size_max_over_mean" if run.moe.kind == "mohge" else "contiguous_max_over_mean")
+            for h in hist],
         aux={k: [h["aux"].get(k) for h in hist] for k in (hist[-1]["aux"] if hist else {})},
     )
     return fig
+
+
+# balance figures of a run summary (means over MoE layers, measured on the held-out batches;
+# train_maxvio_batch over the last log window of training)
+BALANCE_FIELDS = ("maxvio_micro", "maxvio_batch", "train_maxvio_batch", "group_load_cv")
 
 
 def _expert_widths(run: RunConfig) -> Optional[list[int]]:

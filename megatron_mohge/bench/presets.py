@@ -142,7 +142,38 @@ def _ablation() -> Preset:
     )
 
 
-PRESETS = {"default": _default, "paper-3b": _paper_3b, "load-balance-ablation": _ablation}
+def _balance() -> Preset:
+    # Issue "balanced experts": the default comparison's backbone and budget, with every
+    # intra-group balancing method of MoHGEConfig.losses side by side against the stock MoE
+    # (Megatron's aux loss 1e-2): the paper's intra-group aux loss in both modes at the
+    # reference coefficient and 10x / 100x, global-batch statistics, and loss-free balancing.
+    d = _default()
+
+    def mohge(**losses) -> dict:
+        cfg = _tiny_mohge("renorm")
+        cfg["losses"].update(losses)
+        return {"moe": dict(kind="mohge", mohge=cfg)}
+
+    a_e = MoHGEConfig.from_yaml(CONFIGS / "tiny_mohge.yaml").losses.intra_group_coeff
+    runs = {"moe": d.runs["moe"]}
+    for mode, tag in (("paper", "aux"), ("per_group", "pg")):
+        for mult, suffix in ((1, ""), (10, "_x10"), (100, "_x100")):
+            runs[f"mohge_{tag}{suffix}"] = mohge(intra_group_mode=mode,
+                                                 intra_group_coeff=a_e * mult)
+    runs["mohge_aux_global"] = mohge(global_batch_stats=True)
+    runs["mohge_aux_x10_global"] = mohge(global_batch_stats=True, intra_group_coeff=a_e * 10)
+    runs["mohge_lossfree"] = mohge(intra_group_coeff=0.0, expert_bias_update_rate=1e-2)
+    runs["mohge_lossfree_aux"] = mohge(expert_bias_update_rate=1e-2)
+    return Preset(
+        name="balance",
+        description="balancing methods inside groups (paper aux loss in both modes at 1x/10x/"
+                    "100x, global-batch statistics, loss-free bias) vs stock MoE; default "
+                    "preset's backbone and budget, 2 ranks with EP=2",
+        base=d.base, runs=runs, nproc=d.nproc)
+
+
+PRESETS = {"default": _default, "paper-3b": _paper_3b, "load-balance-ablation": _ablation,
+           "balance": _balance}
 
 
 def get_preset(name: str) -> Preset:

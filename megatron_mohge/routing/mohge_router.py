@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -132,6 +133,8 @@ class MoHGERouter(GroupedExpertRouter):
         if self.balance_bias_E is None:
             return None
         self._keep_bias_fp32()
+        if self.counter.step_forwards >= _STEP_FORWARDS_WARN:
+            warn_bias_never_updated(self.counter.step_forwards)
         return self.balance_bias_E
 
     def _keep_bias_fp32(self) -> None:
@@ -161,3 +164,20 @@ class MoHGERouter(GroupedExpertRouter):
     def _save_to_state_dict(self, *args, **kwargs):
         self._keep_bias_fp32()
         return super()._save_to_state_dict(*args, **kwargs)
+
+
+# A training loop that never runs end_of_step keeps accumulating step counts: say so once.
+_STEP_FORWARDS_WARN = 10_000
+_warned_bias = False
+
+
+def warn_bias_never_updated(forwards: int) -> None:
+    global _warned_bias
+    if not _warned_bias:
+        _warned_bias = True
+        warnings.warn(
+            f"MoHGE loss-free balancing: {forwards} training forward passes without an update "
+            "of the expert bias. Wrap Megatron's finalize_model_grads with "
+            "megatron_mohge.routing.balance.wrap_finalize_model_grads (mohge-train and the "
+            "Megatron-LM launcher do), or call megatron_mohge.routing.balance.end_of_step(model) "
+            "once per optimizer step.", stacklevel=3)
