@@ -50,7 +50,7 @@ class RouterConfig:
     expert_weighting: str = "renorm"  # renorm: q/sum(q) over chosen [ours]; paper: softmax(q_chosen)
     fp32: bool = True  # router math in fp32 (Megatron's moe_router_dtype='fp32')
     z_loss_coeff: Optional[float] = None  # ST-MoE z-loss on both gates; None disables
-    input_jitter_eps: Optional[float] = None  # multiplicative input jitter (Switch), training only; None disables
+    input_jitter_eps: Optional[float] = None  # Switch input jitter, training only; None disables
 
 
 @dataclass
