@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -49,7 +50,7 @@ class RouterConfig:
     expert_weighting: str = "renorm"  # renorm: q/sum(q) over chosen [ours]; paper: softmax(q_chosen)
     fp32: bool = True  # router math in fp32 (Megatron's moe_router_dtype='fp32')
     z_loss_coeff: Optional[float] = None  # ST-MoE z-loss on both gates; None disables
-    input_jitter_eps: Optional[float] = None  # multiplicative input jitter (Switch); None disables
+    input_jitter_eps: Optional[float] = None  # Switch input jitter, training only; None disables
 
 
 @dataclass
@@ -85,9 +86,21 @@ class NoisyGatingConfig:
     """Sparsely-gated MoE router (Shazeer et al. 2017), used when router.type is noisy_*."""
 
     noise: bool = True  # add N(0,1) * softplus(x W_noise) to the logits while training
-    noise_epsilon: float = 1e-2  # added to softplus(x W_noise) so the noise never vanishes
+    noise_epsilon: float = 1e-2  # > 0, added to softplus(x W_noise) so the noise never vanishes
     importance_coeff: float = 0.1  # w_imp: coefficient of CV(importance)^2
     load_coeff: float = 0.1  # w_load: coefficient of CV(load)^2 (smooth load estimator)
+
+    def validate(self, where: str = "NoisyGatingConfig") -> None:
+        """Raise ConfigError naming ``{where}.<field>`` for a bad value."""
+        expect_bool(f"{where}.noise", self.noise)
+        expect_number(f"{where}.noise_epsilon", self.noise_epsilon, 0.0)
+        if self.noise_epsilon <= 0:
+            # softplus(x W_noise) underflows to 0 for large inputs: a zero noise std divides
+            # the smooth load estimator by zero (NaN gradients).
+            raise ConfigError(f"{where}.noise_epsilon: must be > 0 (the noise std floor; the "
+                              f"paper uses 1e-2), got {self.noise_epsilon}.")
+        expect_number(f"{where}.importance_coeff", self.importance_coeff, 0.0)
+        expect_number(f"{where}.load_coeff", self.load_coeff, 0.0)
 
 
 @dataclass
@@ -100,7 +113,7 @@ class MoHGEConfig(YamlDataclass):
 
     widths: list[int]  # FFN width W_g of each group, strictly increasing
     experts_per_group: Union[int, list[int]]  # N_g per group (an int means the same for all)
-    group_topk: int  # Kg: groups selected per token by the group gate
+    group_topk: int  # Kg: groups per token; with 1 the group gate learns only from the group loss
     topk: int  # K: experts activated per token (exactly K; Megatron's moe_router_topk)
     num_shared_experts: int = 0  # shared experts (always active), as Megatron's shared expert
     shared_expert_width: Optional[int] = None  # width of each shared expert (required if any)
@@ -200,6 +213,13 @@ class MoHGEConfig(YamlDataclass):
                 f"MoHGEConfig.topk: K={self.topk} experts cannot always be found inside the "
                 f"Kg={self.group_topk} selected groups (the smallest {self.group_topk} groups hold "
                 f"only {reachable}); lower topk or raise group_topk.")
+        if self.router.type == "mohge" and self.group_topk == 1:
+            warnings.warn(
+                "MoHGEConfig.group_topk=1: the group gate gets no gradient from the LM loss (q is "
+                "normalised inside the one selected group, so s_g cancels); it is trained only by "
+                "the group loss (losses.group_coeff, from losses.group_start_fraction on) and the "
+                "z-loss. Use group_topk >= 2 for a group choice learned from the task.",
+                stacklevel=3)
         _check_int("num_shared_experts", self.num_shared_experts, 0)
         if self.num_shared_experts > 0:
             if self.shared_expert_width is None:
@@ -235,11 +255,7 @@ class MoHGEConfig(YamlDataclass):
                     f"MoHGEConfig.topk: the hierarchical noisy router picks {per_group} experts per "
                     f"group but the smallest group has {min(self.experts_per_group)}; lower topk or "
                     "raise experts_per_group.")
-        ng = self.noisy_gating
-        _check_bool("noisy_gating.noise", ng.noise)
-        _check_number("noisy_gating.noise_epsilon", ng.noise_epsilon, 0.0)
-        _check_number("noisy_gating.importance_coeff", ng.importance_coeff, 0.0)
-        _check_number("noisy_gating.load_coeff", ng.load_coeff, 0.0)
+        self.noisy_gating.validate("MoHGEConfig.noisy_gating")
 
     def _validate_losses(self) -> None:
         lo = self.losses
@@ -335,7 +351,9 @@ class MoHGEConfig(YamlDataclass):
             moe_z_loss_coeff=self.router.z_loss_coeff,
             moe_input_jitter_eps=self.router.input_jitter_eps,
             moe_router_topk_scaling_factor=None,
-            moe_router_pre_softmax=False,
+            # Megatron's config rejects top-1 with softmax-after-top-k (zero gradient); our routers
+            # never run Megatron's routing (MoHGE's K=1 weight is q_chosen, pre-normalisation).
+            moe_router_pre_softmax=self.topk == 1,
         )
         return dataclasses.replace(tc, **changes)
 

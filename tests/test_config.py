@@ -79,6 +79,8 @@ def test_apply_to_sets_megatron_fields():
     (dict(losses=dict(group_cost_delta=0.0)), "losses.group_cost_delta: must be > 0"),
     (dict(allocation=dict(max_imbalance=0.9)), "allocation.max_imbalance: must be >= 1.0"),
     (dict(router=dict(type="hierarchical_noisy_topk"), topk=3), "topk=3 must be a multiple of group_topk=2"),
+    (dict(router=dict(type="noisy_topk"), noisy_gating=dict(noise_epsilon=0.0)),
+     "MoHGEConfig.noisy_gating.noise_epsilon: must be > 0"),
 ])
 def test_validation_errors_name_the_field(kwargs, fragment):
     with pytest.raises(ConfigError) as err:
@@ -144,3 +146,20 @@ def test_apply_to_rejects_conflicting_megatron_options():
                                           r"config implies 16; build the TransformerConfig with "
                                           r"MoHGEConfig\.apply_to"):
         c.check_transformer_config(wrong)
+
+
+def test_topk_1_applies_to_a_transformer_config():
+    # Megatron rejects moe_router_topk=1 with softmax-after-top-k (zero gradient); apply_to
+    # must produce a valid config (our routers do not run Megatron's routing).
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tc = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    out = small(topk=1).apply_to(tc)
+    assert out.moe_router_topk == 1 and out.moe_router_pre_softmax
+    assert small(topk=2).apply_to(tc).moe_router_pre_softmax is False
+
+
+def test_group_topk_1_warns_that_the_group_gate_learns_only_from_the_group_loss():
+    with pytest.warns(UserWarning, match=r"MoHGEConfig\.group_topk=1: the group gate gets no "
+                                         r"gradient from the LM loss"):
+        small(group_topk=1)

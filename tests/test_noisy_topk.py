@@ -16,7 +16,7 @@ from megatron.core.transformer.moe.moe_utils import (
     get_moe_layer_wise_logging_tracker,
 )
 
-from megatron_mohge import MoHGEConfig, NoisyGatingConfig, plan_allocation
+from megatron_mohge import ConfigError, MoHGEConfig, NoisyGatingConfig, plan_allocation
 from megatron_mohge.routing import noisy_topk as nt
 from megatron_mohge.routing.noisy_topk import (
     IMPORTANCE_LOSS_NAME,
@@ -505,3 +505,46 @@ def test_balancing_losses_balance_the_load():
     assert free["cv_load"] > 1.0 and free["max_mean_load"] > 3.0  # collapsed onto expert 0
     assert balanced["cv_load"] < 0.25 * free["cv_load"]
     assert balanced["cv_load"] < 0.3 and balanced["max_mean_load"] < 1.6
+
+
+# ---------------------------------------------------------------- robustness (issue 9, part 3)
+def test_input_jitter_only_while_training():
+    # Same rule as the MoHGE router (GroupedExpertRouter.jitter): Megatron's TopKRouter also
+    # jitters in evaluation; ours do not.
+    r = router(8, 2, tc_kw=dict(moe_input_jitter_eps=0.5), gating=NoisyGatingConfig(noise=False))
+    randomize(r, scale=1.0)
+    x = torch.randn(64, 1, D)
+    r.eval()
+    p1, _ = r(x)
+    p2, _ = r(x)
+    assert torch.equal(p1, p2)
+    r.train()
+    t1, _ = r(x)
+    assert not torch.allclose(t1, p1)  # inputs scaled by U(0.5, 1.5) change the gates
+
+
+def test_noise_epsilon_must_be_positive():
+    with pytest.raises(ConfigError, match=r"^NoisyGatingConfig\.noise_epsilon: must be > 0"):
+        router(8, 2, gating=NoisyGatingConfig(noise_epsilon=0.0))
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_noise_std_floor_keeps_gradients_finite_when_softplus_underflows(hierarchical):
+    # Inputs x1e4 drive x W_noise far below -104, where fp32 softplus is exactly 0. Even with
+    # eps = 0 (rejected by validation; forced here) the std floor keeps the smooth load
+    # estimator's gradients finite.
+    kw = dict(hierarchical=True, group_sizes=[4, 4], group_topk=2) if hierarchical else {}
+    r = router(8, 4 if hierarchical else 2, **kw)
+    randomize(r, seed=3)
+    with torch.no_grad():
+        for name in ("noise_weight", "group_noise_weight"):
+            if getattr(r, name, None) is not None:
+                getattr(r, name).copy_(-getattr(r, name).abs())
+    r.gating.noise_epsilon = 0.0
+    x = torch.rand(16, 1, D) * 1e4
+    probs, _ = r(x)
+    (probs * torch.randn_like(probs)).sum().backward()
+    for p in r.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    sd = nt.noise_stddev(torch.tensor([-1e5, -200.0, 0.0]), 0.0)
+    assert (sd > 0).all() and sd[2] == pytest.approx(math.log(2.0))

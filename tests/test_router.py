@@ -282,3 +282,122 @@ def test_input_jitter_only_while_training():
     router.train()
     t1, _ = router(x)
     assert not torch.allclose(t1, p1)  # inputs scaled by U(0.5, 1.5) change the weights
+
+
+# ---------------------------------------------------------------- robustness (issue 9, part 3)
+def test_underflowing_sigmoid_group_scores_keep_weights_and_grads_finite():
+    # fp32 sigmoid(u) is 0 below u ~ -103 (and subnormal below -88): every selected group's
+    # s_g underflows. The weights must still be the ones the formula gives (fp64 reference,
+    # where exp(-130) is representable) and the backward must stay finite.
+    torch.manual_seed(4)
+    sizes = [3, 4, 3, 4]
+    u = torch.tensor([[-120.0, -110.0, -130.0, -105.0], [-95.0, -89.0, -150.0, -100.0]],
+                     requires_grad=True)
+    z = torch.randn(2, 14, requires_grad=True)
+    assert (torch.sigmoid(u[0]) == 0).all()
+    r = two_level_route(u, z, GroupIndex.build(sizes), 2, 3, "sigmoid", "renorm")
+    w, picked, groups = ref_route(u.detach().double(), z.detach().double(), sizes, 2, 3)
+    assert torch.equal(r.routing_map_TE, picked) and torch.equal(r.group_mask_TG, groups)
+    assert torch.allclose(r.probs_TE.double(), w, atol=1e-6)
+    (r.probs_TE * torch.randn_like(r.probs_TE)).sum().backward()
+    assert torch.isfinite(u.grad).all() and torch.isfinite(z.grad).all()
+    assert u.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
+
+
+def test_underflowing_group_scores_router_backward_has_no_nan():
+    # One router step where every token's group logits are far below -88 (as a diverging gate
+    # produces): both gate gradients stay finite with the group and intra-group losses on.
+    cfg = cfg_small(router=dict(z_loss_coeff=1e-3))
+    router = make_router(cfg)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.group_weight.fill_(-20.0)
+        router.group_weight[:, 0] -= torch.arange(4.0) * 5  # distinct group logits
+    x = torch.rand(6, 2, 16) + 0.5  # u ~ -20 * 16 = -320
+    probs, rmap = router(x)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(12))
+    (probs * torch.randn_like(probs)).sum().backward()
+    assert torch.isfinite(router.group_weight.grad).all()
+    assert torch.isfinite(router.weight.grad).all()
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_groups_are_selected_on_logits_when_the_score_saturates(score):
+    # sigmoid(u) == 1 in fp32 for u > ~17, softmax(u) underflows to 0 far below the maximum:
+    # selecting on the scores would fall to tie-breaking; the logits keep the order.
+    sizes = [3, 4, 3, 4]
+    u = (torch.tensor([[18.0, 30.0, 25.0, 20.0]]) if score == "sigmoid"
+         else torch.tensor([[-200.0, 0.0, -120.0, -150.0]]))
+    s = torch.sigmoid(u) if score == "sigmoid" else torch.softmax(u, -1)
+    assert s[0, 0] == s[0, 2] == s[0, 3]  # saturated: tied scores
+    r = two_level_route(u, torch.randn(1, 14), GroupIndex.build(sizes), 2, 3, score)
+    assert r.group_mask_TG.tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("weighting", ["renorm", "paper"])
+def test_picks_stay_in_selected_groups_when_in_group_scores_underflow(weighting):
+    # One expert per group dominates (the others' in-group softmax underflows to 0 in fp32):
+    # with Kg=2, K=3 only two experts have a nonzero fp32 score. The third pick must still
+    # come from a selected group, as the fp64 reference (no underflow) picks it.
+    torch.manual_seed(5)
+    sizes = [3, 4, 3, 4]
+    T = 64
+    u = torch.randn(T, 4)
+    z = torch.randn(T, 14) - 200.0
+    z[:, [0, 3, 7, 10]] = 0.0  # the dominant expert of each group
+    r = two_level_route(u, z, GroupIndex.build(sizes), 2, 3, "sigmoid", weighting)
+    assert (r.routing_map_TE.sum(-1) == 3).all()
+    group_of = GroupIndex.build(sizes).group_of_expert_E
+    assert (r.group_mask_TG[:, group_of] | ~r.routing_map_TE).all()
+    w, picked, groups = ref_route(u.double(), z.double(), sizes, 2, 3, "sigmoid", weighting)
+    assert torch.equal(r.routing_map_TE, picked)
+    assert torch.allclose(r.probs_TE.double(), w, atol=1e-6)
+
+
+def test_group_topk_1_group_gate_gets_no_gradient_from_the_lm_loss():
+    # With Kg=1 the normalised q = pi inside the one selected group: s_g cancels, so the group
+    # gate learns only from the group loss (and z-loss). The config warns; the router gives an
+    # exact zero gradient (no rounding noise) and the group loss still reaches the gate.
+    with pytest.warns(UserWarning, match="group_topk=1: the group gate gets no gradient"):
+        cfg = cfg_small(group_topk=1, topk=3, experts_per_group=[3, 4, 3, 4],
+                        losses=dict(group_coeff=0.0, intra_group_coeff=0.0))
+    router = make_router(cfg)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.group_weight.normal_(0, 0.5)
+    x = torch.randn(8, 2, 16)
+    probs, _ = router(x)
+    (probs * torch.randn_like(probs)).sum().backward()
+    assert router.weight.grad.abs().sum() > 0
+    g = router.group_weight.grad  # None: u reaches the output only through the selection
+    assert g is None or not g.any()
+    with_loss = make_router(cfg_small(group_topk=1, experts_per_group=[3, 4, 3, 4],
+                                      losses=dict(group_start_fraction=0.0, group_coeff=1e-2,
+                                                  intra_group_coeff=0.0)))
+    with_loss.load_state_dict(router.state_dict())
+    probs, _ = with_loss(x)
+    (probs * 0).sum().backward()
+    assert with_loss.group_weight.grad.abs().sum() > 0
+
+
+def test_topk_1_weight_is_the_combined_score_so_both_gates_learn():
+    # K=1: renormalising one weight gives a constant 1 and no gate gradient (Megatron rejects
+    # softmax-after-top-1 for the same reason). The weight is the chosen q itself.
+    torch.manual_seed(7)
+    sizes = [3, 4, 3, 4]
+    u = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 14, dtype=torch.float64, requires_grad=True)
+    for weighting in ("renorm", "paper"):
+        r = two_level_route(u, z, GroupIndex.build(sizes), 2, 1, "sigmoid", weighting)
+        _, picked, groups = ref_route(u.detach(), z.detach(), sizes, 2, 1)
+        assert torch.equal(r.routing_map_TE, picked)
+        s = torch.sigmoid(u.detach()) * groups
+        pi = torch.cat([torch.softmax(z.detach()[:, a:a + n], -1)
+                        for a, n in zip([0, 3, 7, 10], sizes)], -1)
+        q = s[:, [0] * 3 + [1] * 4 + [2] * 3 + [3] * 4] * pi
+        q = q / q.sum(-1, keepdim=True)
+        assert torch.allclose(r.probs_TE, q * picked, atol=1e-12)
+        u.grad = z.grad = None
+        r.probs_TE.sum().backward()
+        assert u.grad.abs().sum() > 0 and z.grad.abs().sum() > 0

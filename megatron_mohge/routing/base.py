@@ -1,7 +1,7 @@
 """Plumbing shared by our routers, on top of Megatron's ``TopKRouter``.
 
-Deltas to ``TopKRouter`` (everything else, e.g. ``attach_and_log_load_balancing_loss``,
-input jitter and the aux-loss tracker, is Megatron's):
+Deltas to ``TopKRouter`` (everything else, e.g. ``attach_and_log_load_balancing_loss``
+and the aux-loss tracker, is Megatron's):
 
 * routers compute in canonical expert order (group-major) and permute their outputs into
   the allocation plan's *slot* order, so the stock dispatchers deliver each rank the
@@ -9,7 +9,8 @@ input jitter and the aux-loss tracker, is Megatron's):
 * gate linears run in the router dtype without Transformer Engine (megatron-core 0.16's
   ``router_gating_linear`` raises NameError when TE is absent);
 * routing counts (tokens per expert, per group) are accumulated for metrics;
-* a training-progress hook for loss schedules (``set_training_progress``).
+* a training-progress hook for loss schedules (``set_training_progress``);
+* input jitter only while training (``jitter``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class GroupedExpertRouter(TopKRouter):
         if hasattr(moe_utils, "te_general_gemm"):
             return moe_utils.router_gating_linear(x, weight, bias, dtype)
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    def jitter(self, input: torch.Tensor) -> torch.Tensor:
+        """Switch-style multiplicative input jitter (``moe_input_jitter_eps``), training only.
+
+        Deliberate difference: Megatron's ``TopKRouter.apply_input_jitter`` also jitters in
+        evaluation, which makes eval routing random; jitter is a training regulariser.
+        """
+        return self.apply_input_jitter(input) if self.training else input
 
     def to_slot_order(self, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor):
         """Permute canonical columns into the allocation plan's slot order."""

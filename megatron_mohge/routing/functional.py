@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TwoLevelRouting:
     """Result of one two-level routing step, canonical expert order."""
 
     probs_TE: torch.Tensor  # final combine weights w (zero for unchosen experts)
-    routing_map_TE: torch.Tensor  # bool, exactly K True per token
+    routing_map_TE: torch.Tensor  # bool, exactly K True per token, all inside the selected groups
     group_mask_TG: torch.Tensor  # bool, the Kg groups S picked by the group gate
     group_scores_TG: torch.Tensor  # s = sigmoid(u) or softmax(u)
     in_group_probs_TE: torch.Tensor  # pi, softmax inside each group
@@ -82,12 +83,20 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
                     selection_bias_E: Optional[torch.Tensor] = None) -> TwoLevelRouting:
     """MoHGE routing: group gate -> in-group softmax -> combined score -> exactly K experts.
 
-    1. ``s = sigmoid(u)`` (or softmax); ``S`` = top-Kg groups of ``s``.
+    1. ``s = sigmoid(u)`` (or softmax); ``S`` = the Kg groups of largest ``s``, selected on
+       the logits ``u`` (same order; ``sigmoid`` is 1.0 in fp32 above u ~ 17 and would tie).
     2. ``pi_{g,i} = softmax_i(z_{g,.})`` inside each group.
     3. ``q_{g,i} = s_g * 1[g in S] * pi_{g,i}``, normalised to sum 1 over all experts.
-    4. top-K of ``q`` over all experts (no per-group quota).
+    4. top-K of ``q`` over all experts (no per-group quota), always inside ``S``.
     5. weights: ``renorm`` -> ``q_chosen / sum(q_chosen)``; ``paper`` -> ``softmax(q_chosen)``
-       (the released code's softmax over probabilities).
+       (the released code's softmax over probabilities). With K=1 both would be a constant 1
+       and give the gates no gradient (why Megatron rejects softmax-after-top-1), so the
+       weight is ``q_chosen`` itself, as Megatron's pre-softmax top-1.
+
+    ``q`` is computed as ``log q = log s_g + log pi_{g,i} - logsumexp`` so that it stays exact
+    and differentiable when ``s`` or ``pi`` underflow in fp32 (group logits below ~ -88, or
+    in-group logit gaps above ~ 88); ``log q = -inf`` outside ``S``, so the K picks come from
+    ``S`` whenever the Kg smallest groups hold >= K experts (``MoHGEConfig`` validates that).
 
     ``selection_bias_E`` (loss-free balancing, canonical order) is added to the expert
     logits ``z`` for the top-K *selection* only: experts are ranked by
@@ -96,35 +105,47 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
     (cost) steering alone. The combine weights come from the unbiased ``q``.
     """
     if group_score == "sigmoid":
-        s_TG = torch.sigmoid(u_TG)
+        s_TG, log_s_TG = torch.sigmoid(u_TG), F.logsigmoid(u_TG)
     elif group_score == "softmax":
-        s_TG = torch.softmax(u_TG, dim=-1)
+        s_TG, log_s_TG = torch.softmax(u_TG, dim=-1), torch.log_softmax(u_TG, dim=-1)
     else:
         raise ValueError(f"unknown group_score {group_score!r}")
-    _, gidx_TK = torch.topk(s_TG, k=group_topk, dim=-1)
-    group_mask_TG = torch.zeros_like(s_TG, dtype=torch.bool).scatter(1, gidx_TK, True)
-
-    pi_TE = segment_softmax(z_TE, index)
-    gate_TE = (s_TG * group_mask_TG)[:, index.group_of_expert_E]
-    q_TE = gate_TE * pi_TE
-    q_TE = q_TE / q_TE.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(q_TE.dtype).tiny)
-
-    if selection_bias_E is None:
-        q_chosen_TK, eidx_TK = torch.topk(q_TE, k=topk, dim=-1)
-    else:
-        sel_TE = gate_TE * segment_softmax(z_TE + selection_bias_E.to(z_TE.dtype), index)
-        _, eidx_TK = torch.topk(sel_TE, k=topk, dim=-1)
-        q_chosen_TK = q_TE.gather(1, eidx_TK)
-    if expert_weighting == "renorm":
-        w_TK = q_chosen_TK / q_chosen_TK.sum(dim=-1, keepdim=True).clamp_min(
-            torch.finfo(q_TE.dtype).tiny)
-    elif expert_weighting == "paper":
-        w_TK = torch.softmax(q_chosen_TK, dim=-1)
-    else:
+    if expert_weighting not in ("renorm", "paper"):
         raise ValueError(f"unknown expert_weighting {expert_weighting!r}")
-    probs_TE = torch.zeros_like(q_TE).scatter(1, eidx_TK, w_TK)
-    routing_map_TE = torch.zeros_like(q_TE, dtype=torch.bool).scatter(1, eidx_TK, True)
-    return TwoLevelRouting(probs_TE, routing_map_TE, group_mask_TG, s_TG, pi_TE)
+    _, gidx_TK = torch.topk(u_TG, k=group_topk, dim=-1)  # s is monotone in u
+    group_mask_TG = torch.zeros_like(u_TG, dtype=torch.bool).scatter(1, gidx_TK, True)
+
+    log_pi_TE = index.from_padded(torch.log_softmax(index.to_padded(z_TE, float("-inf")), dim=-1))
+    group_of = index.group_of_expert_E
+    if group_topk == 1:
+        # q = pi inside the one selected group: s_g cancels exactly, so the group gate gets no
+        # gradient through the weights (MoHGEConfig warns); skip the rounding noise.
+        log_q_TE = log_pi_TE.masked_fill(~group_mask_TG[:, group_of], float("-inf"))
+    else:
+        log_q_TE = log_s_TG.masked_fill(~group_mask_TG, float("-inf"))[:, group_of] + log_pi_TE
+        log_q_TE = log_q_TE - torch.logsumexp(log_q_TE, dim=-1, keepdim=True)
+
+    # Expert selection score, kept apart from the weights: the loss-free bias re-normalises
+    # inside each group (log s_g + log softmax(z + b)), so each group keeps its mass s_g;
+    # -inf (outside S) stays -inf.
+    if selection_bias_E is None:
+        select_TE = log_q_TE
+    else:
+        zb_TE = z_TE + selection_bias_E.to(z_TE.dtype)
+        log_pib_TE = index.from_padded(
+            torch.log_softmax(index.to_padded(zb_TE, float("-inf")), dim=-1))
+        select_TE = log_s_TG.masked_fill(~group_mask_TG, float("-inf"))[:, group_of] + log_pib_TE
+    _, eidx_TK = torch.topk(select_TE, k=topk, dim=-1)
+    log_q_chosen_TK = log_q_TE.gather(1, eidx_TK)
+    if topk == 1:
+        w_TK = log_q_chosen_TK.exp()
+    elif expert_weighting == "renorm":
+        w_TK = torch.softmax(log_q_chosen_TK, dim=-1)  # = q_chosen / sum(q_chosen)
+    else:
+        w_TK = torch.softmax(log_q_chosen_TK.exp(), dim=-1)
+    probs_TE = torch.zeros_like(z_TE).scatter(1, eidx_TK, w_TK)
+    routing_map_TE = torch.zeros_like(z_TE, dtype=torch.bool).scatter(1, eidx_TK, True)
+    return TwoLevelRouting(probs_TE, routing_map_TE, group_mask_TG, s_TG, log_pi_TE.exp())
 
 
 def valid_token_mask(num_tokens: int, padding_mask: Optional[torch.Tensor],

@@ -65,8 +65,7 @@ class MoHGERouter(GroupedExpertRouter):
         return self.training_progress >= lo.group_start_fraction
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if self.training:  # Switch-style jitter regularises training (Megatron also jitters in eval)
-            input = self.apply_input_jitter(input)
+        input = self.jitter(input)
         x_TD = input.reshape(-1, input.shape[-1])
         u_TG = self.gate(x_TD, self.group_weight)
         z_TE = self.gate(x_TD, self.weight, self.bias)

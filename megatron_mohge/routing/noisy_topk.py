@@ -79,6 +79,17 @@ def kth_excluding(h: torch.Tensor, k: int, chosen: torch.Tensor) -> torch.Tensor
     return torch.where(chosen, top[..., k:k + 1], top[..., k - 1:k])
 
 
+def noise_stddev(noise_logits: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``softplus(x W_noise) + eps``, floored at the dtype's machine epsilon.
+
+    softplus underflows to 0 for large negative inputs; a zero std makes ``prob_in_topk``
+    divide by zero (NaN gradients). ``NoisyGatingConfig`` requires eps > 0; the floor also
+    keeps a tiny eps from overflowing ``1/std^2`` in the backward.
+    """
+    sd = F.softplus(noise_logits) + epsilon
+    return sd.clamp_min(torch.finfo(sd.dtype).eps)
+
+
 def prob_in_topk(clean: torch.Tensor, h: torch.Tensor, stddev: torch.Tensor,
                  chosen: torch.Tensor, k: int) -> torch.Tensor:
     """Smooth load estimator ``P(x,i) = Phi((clean_i - kth_excluding(h, k, i)) / stddev_i)``:
@@ -131,6 +142,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
             group_sizes = [config.num_moe_experts]
         super().__init__(config, pg_collection, group_sizes=group_sizes, slot_to_canonical=slots)
         self.gating = gating if gating is not None else NoisyGatingConfig()
+        self.gating.validate()
         self.hierarchical = bool(hierarchical)
         self._check_supported(group_topk)
         self.group_topk = int(group_topk) if self.hierarchical else None
@@ -191,11 +203,11 @@ class NoisyTopKRouter(GroupedExpertRouter):
         """
         if not noisy:
             return clean, None
-        sd = F.softplus(self.gate(x_TD, noise_weight)) + self.gating.noise_epsilon
+        sd = noise_stddev(self.gate(x_TD, noise_weight), self.gating.noise_epsilon)
         return clean + torch.randn_like(clean) * sd, sd
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        input = self.apply_input_jitter(input)
+        input = self.jitter(input)
         x_TD = input.reshape(-1, input.shape[-1])
         keep_T1 = valid_token_mask(x_TD.shape[0], padding_mask, x_TD.device)
         training = self.training and torch.is_grad_enabled()
