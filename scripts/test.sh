@@ -22,5 +22,5 @@ while [ $# -gt 0 ]; do
 done
 VENV="$("$ROOT/scripts/setup_env.sh" --line "$LINE" | tail -n 1)"
 cd "$ROOT"
-echo "[test] line $LINE: $("$VENV/bin/python" -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"
+echo "[test] line $LINE: $("$VENV/bin/python" -c 'import sys; from importlib.metadata import version as v; print("Python %s, torch %s, megatron-core %s" % (sys.version.split()[0], v("torch"), v("megatron-core")))')"
 exec "$VENV/bin/python" -m pytest "${MARK[@]}" "$@"

@@ -36,7 +36,7 @@ def test_builder_parts_and_rebuild_like_keep_the_shape():
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    sub = MLPSubmodules()
+    sub = MLPSubmodules(linear_fc1=None, linear_fc2=None)  # any value: only passed through
     spec = ModuleSpec(module=SequentialMLP, params={"a": 1}, submodules=sub)
     part = functools.partial(SequentialMLP, submodules=sub, a=1)
     for builder in (spec, part):
