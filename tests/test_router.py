@@ -103,9 +103,10 @@ def test_two_level_route_matches_reference(sizes, score, weighting):
 
 # ---------------------------------------------------------------- router module
 def make_router(cfg: MoHGEConfig, hidden=16, **tc_kw):
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_mohge.compat.mcore import clear_metrics
     from megatron_mohge.routing import MoHGERouter
 
     tc_kw.setdefault("add_bias_linear", False)
@@ -113,15 +114,15 @@ def make_router(cfg: MoHGEConfig, hidden=16, **tc_kw):
                                         use_cpu_initialization=True, **tc_kw))
     router = MoHGERouter(tc, mohge_config=cfg)
     router.set_layer_number(1)
-    clear_aux_losses_tracker()
+    clear_metrics()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     return router
 
 
 def tracked(name):
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_mohge.compat.mcore import metric_entries
 
-    return get_moe_layer_wise_logging_tracker()[name]["values"][0].item()
+    return metric_entries()[name].values[0].item()
 
 
 def cfg_small(**kw):
@@ -197,17 +198,17 @@ def test_group_loss_schedule(monkeypatch):
     router(x)
     assert tracked("mohge_group_loss") > 0
     router.eval()  # no losses in evaluation
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_mohge.compat.mcore import clear_metrics
 
-    clear_aux_losses_tracker()
+    clear_metrics()
     router(x)
     assert tracked("mohge_group_loss") == 0.0
 
 
 def _tracker_names():
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_mohge.compat.mcore import metric_entries
 
-    return set(get_moe_layer_wise_logging_tracker())
+    return set(metric_entries())
 
 
 def test_padding_tokens_are_excluded_from_losses():
@@ -401,3 +402,37 @@ def test_topk_1_weight_is_the_combined_score_so_both_gates_learn():
         u.grad = z.grad = None
         r.probs_TE.sum().backward()
         assert u.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
+
+class _SizeOnlyGroup:
+    """A process group stand-in that only reports its size (the scaling reads nothing else)."""
+
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("per_token,tp_cp,mtp_repeats,want", [
+    (False, 1, 1, 1.0), (True, 1, 1, 5.0), (True, 2, 1, 10.0), (True, 2, 2, 5.0)])
+def test_attach_loss_scaling_is_the_same_rule_on_every_line(per_token, tp_cp, mtp_repeats, want):
+    """Regression: per-token aux losses are scaled by local tokens x TP*CP (0.19's rule; 0.16's
+    stock router omitted TP*CP) and repeated MTP layers divide by their repeat count."""
+    router = make_router(cfg_small())
+    router.calculate_per_token_loss = per_token
+    router.tp_cp_group = _SizeOnlyGroup(tp_cp)
+    if mtp_repeats > 1:
+        router.is_mtp_layer = True
+        router.config.mtp_num_layers = mtp_repeats
+        router.config.mtp_use_repeated_layer = True
+    w = torch.ones((), requires_grad=True)
+    x = torch.zeros(5, 4, requires_grad=True)
+    name = f"scaling_probe_{per_token}_{tp_cp}_{mtp_repeats}"  # tracker rows have fixed size
+    out = router.attach_loss(x, w * 0.5, 0.5, name, 5)
+    out.sum().backward()
+    assert w.grad.item() == pytest.approx(0.5 * want)  # d(loss * scale)/dw with loss = 0.5 w
+    layer = router.layer_number + (router.config.num_layers if mtp_repeats > 1 else 0)
+    from megatron_mohge.compat.mcore import metric_entries
+
+    assert metric_entries()[name].values[layer - 1].item() == pytest.approx(
+        1.0 / mtp_repeats)
