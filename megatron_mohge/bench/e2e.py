@@ -178,8 +178,10 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
 
 
 # balance figures of a run summary (means over MoE layers, measured on the held-out batches;
-# train_maxvio_batch over the last log window of training)
-BALANCE_FIELDS = ("maxvio_micro", "maxvio_batch", "train_maxvio_batch", "group_load_cv")
+# train_* on the training batches of the last quarter of training)
+BALANCE_FIELDS = ("maxvio_micro", "maxvio_batch", "group_load_cv", "train_expert_load_cv",
+                  "train_maxvio_micro", "train_maxvio_batch", "train_group_load_cv",
+                  "train_rank_flops_by_ep")
 
 
 def _expert_widths(run: RunConfig) -> Optional[list[int]]:

@@ -345,9 +345,10 @@ class Trainer:
             train_tokens_per_s=tokens_per_s, peak_mem_bytes=peak,
             group_token_share=_mean_share(layers) or [],
             **balance_figures(layers),
-            # MaxVio of the training steps of the last log window (the eval has no steps)
-            train_maxvio_batch=(self.state.history[-1].get("maxvio_batch")
-                                if self.state.history else None),
+            # the same figures measured on the training batches of the last quarter of training
+            # (the GPU work of training; the held-out routing above has no optimizer steps)
+            **{f"train_{k}": v for k, v in train_balance(self.state.history,
+                                                         self.run.train.iters).items()},
             layers=layers, history=self.state.history, evals=self.state.evals,
         )
         if self.rank == 0:
@@ -383,6 +384,20 @@ def balance_figures(layers: list[dict]) -> dict:
             for k, v in d.items():
                 if k.endswith("_max_over_mean"):
                     flops.setdefault(ep, {}).setdefault(k, []).append(v)
+    out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
+    return out
+
+
+def train_balance(history: list[dict], iters: int) -> dict:
+    """Balance figures of the log windows in the last quarter of training, averaged."""
+    recs = [h for h in history if h["iteration"] > 0.75 * iters] or history[-1:]
+    out = {k: _mean(h.get(k) for h in recs)
+           for k in ("expert_load_cv", "maxvio_micro", "maxvio_batch", "group_load_cv")}
+    flops: dict = {}
+    for h in recs:
+        for ep, d in (h.get("rank_flops_by_ep") or {}).items():
+            for k, v in d.items():
+                flops.setdefault(ep, {}).setdefault(k, []).append(v)
     out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
     return out
 
