@@ -22,7 +22,7 @@ setup(
         # install the CPU wheel first on CPU machines so nothing here pulls a CUDA build.
         "torch>=2.6",
         # Tested on 0.16.x only; version-specific code lives in megatron_mohge/compat/versions.py.
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.20",
         "pyyaml>=6.0",
         "numpy",
         # megatron.core.dist_checkpointing needs psutil to save.
