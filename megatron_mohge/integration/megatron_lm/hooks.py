@@ -87,16 +87,17 @@ def mohge_track_names(args, track_names) -> list[str]:
 
 def _with_mohge_track_names(stock):
     """``stock`` (a function taking ``track_names=``) with :func:`mohge_track_names` applied."""
-    sig = inspect.signature(stock)
+    params = list(inspect.signature(stock).parameters)
+    position = params.index("track_names") if "track_names" in params else None
 
     def wrapper(*a, **kw):
-        bound = sig.bind(*a, **kw)
-        if bound.arguments.get("track_names") is not None:
-            from megatron.training import get_args
+        from megatron.training import get_args
 
-            bound.arguments["track_names"] = mohge_track_names(get_args(),
-                                                               bound.arguments["track_names"])
-        return stock(*bound.args, **bound.kwargs)
+        if kw.get("track_names") is not None:  # how training_log passes it on every tag
+            kw["track_names"] = mohge_track_names(get_args(), kw["track_names"])
+        elif position is not None and len(a) > position and a[position] is not None:
+            a = (*a[:position], mohge_track_names(get_args(), a[position]), *a[position + 1:])
+        return stock(*a, **kw)
 
     wrapper.__mohge_stock__ = stock
     wrapper.__wrapped__ = stock
