@@ -21,7 +21,8 @@ setup(
         # torch is not pinned: GPU clusters bring their own CUDA build. The helper scripts
         # install the CPU wheel first on CPU machines so nothing here pulls a CUDA build.
         "torch>=2.6",
-        # Tested on 0.16.x only; version-specific code lives in megatron_mohge/compat/versions.py.
+        # Two tested lines: 0.16.1 (Python 3.10/3.11) and 0.19.x (Python >= 3.12; 0.17+ ship
+        # for 3.12+ only). Version facts live in megatron_mohge/compat/versions.py.
         "megatron-core>=0.16.1,<0.20",
         "pyyaml>=6.0",
         "numpy",

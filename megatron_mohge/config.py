@@ -27,6 +27,31 @@ class ConfigError(ValueError):
     """Invalid MoHGE configuration; the message names the field and the fix."""
 
 
+#: ``TransformerConfig`` options (megatron-core 0.19) that assume one expert width or
+#: Megatron's own router; each is refused for MoHGE with the reason. A field missing on the
+#: installed release reads as off.
+_UNIFORM_ONLY_FIELDS = (
+    ("moe_single_grouped_weight", "stores all experts in one [E, ffn, hidden] weight (one width)"),
+    ("moe_single_grouped_bias", "stores all expert biases in one [E, ffn] tensor (one width)"),
+    ("moe_paged_stash", "stashes one 'grouped_mlp' per layer sized from the rank's token "
+                        "capacity, but MoHGE runs one grouped MLP per width"),
+    ("moe_ncclep_zero_copy", "has experts write into NCCL-EP buffers, which MoHGE's "
+                             "per-width expert runs do not take"),
+)
+
+
+def _reject_uniform_only(tc) -> None:
+    """One-line ``ConfigError`` for Megatron options MoHGE experts/routers cannot honour."""
+    for name, why in _UNIFORM_ONLY_FIELDS:
+        if getattr(tc, name, False):
+            raise ConfigError(f"TransformerConfig.{name}: {why}; MoHGE has experts of several "
+                              "widths, set it to False.")
+    if getattr(tc, "moe_router_load_balancing_type", None) == "quantile_balancing":
+        raise ConfigError("TransformerConfig.moe_router_load_balancing_type='quantile_balancing': "
+                          "Megatron's per-expert quantile bias is not MoHGE's router; use 'none' "
+                          "(MoHGE attaches its own balance losses).")
+
+
 class YamlDataclass:
     """``to_dict`` / ``to_yaml`` for the config dataclasses (field order kept)."""
 
@@ -286,6 +311,7 @@ class MoHGEConfig(YamlDataclass):
         load-balancing losses (MoHGE attaches its own) and checks the parallel layout.
         """
         tc = transformer_config
+        _reject_uniform_only(tc)
         if getattr(tc, "moe_router_enable_expert_bias", False):
             raise ConfigError(
                 "TransformerConfig.moe_router_enable_expert_bias: aux-loss-free expert bias is not "
@@ -326,6 +352,7 @@ class MoHGEConfig(YamlDataclass):
 
     def check_transformer_config(self, tc) -> None:
         """Raise if ``tc`` disagrees with this config (e.g. ``apply_to`` was not used)."""
+        _reject_uniform_only(tc)
         for name, want in (("num_moe_experts", self.num_experts), ("moe_router_topk", self.topk)):
             have = getattr(tc, name, None)
             if have != want:

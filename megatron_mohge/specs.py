@@ -8,6 +8,9 @@ interleaving (``moe_layer_freq``) and pipeline slicing stay Megatron's. The delt
 * ``MoESubmodules.router``  -> ``MoHGERouter`` (or a noisy top-k router, per config).
 
 The MoE layer itself is Megatron's ``MoELayer`` with its stock token dispatchers.
+
+Every spec we return has the shape of the stock one it replaces (``ModuleSpec`` on 0.16,
+``functools.partial`` builders on 0.19; see :mod:`megatron_mohge.compat.mcore`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_mohge.compat.mcore import builder_parts, builds_subclass_of, rebuild_like
 from megatron_mohge.compat.versions import make_moe_submodules
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.experts.hetero import HeterogeneousExperts
@@ -64,22 +68,36 @@ def router_builder(mohge_config: MoHGEConfig):
     return functools.partial(NoisyTopKRouter, mohge_config=mohge_config)
 
 
-def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None) -> ModuleSpec:
-    """``MoELayer`` spec with MoHGE experts and router (shared experts as Megatron builds them)."""
+def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None):
+    """``MoELayer`` spec with MoHGE experts and router (shared experts as Megatron builds them).
+
+    A ``ModuleSpec`` or a ``functools.partial`` builder, whichever Megatron's own
+    ``get_moe_module_spec`` returns on the installed release.
+    """
     use_te = resolve_use_te(use_te)
     stock = get_moe_module_spec(use_te=use_te, num_experts=mohge_config.num_experts,
                                 moe_grouped_gemm=use_te)
-    stock_experts = stock.submodules.experts
-    # TE >= 1.7 gives TEGroupedMLP (grouped GEMMs); otherwise Megatron falls back to per-expert
-    # MLPs with whatever linears the backend has, and so do we.
-    backend = "te" if getattr(stock_experts.module, "__name__", "") == "TEGroupedMLP" else "local"
-    experts = ModuleSpec(module=HeterogeneousExperts,
-                         params={"mohge_config": mohge_config, "backend": backend},
-                         submodules=stock_experts.submodules)
-    submodules = make_moe_submodules(experts=experts,
-                                     shared_experts=stock.submodules.shared_experts,
-                                     router=router_builder(mohge_config))
-    return ModuleSpec(module=MoELayer, submodules=submodules, metainfo=dict(stock.metainfo))
+    return _replace_moe_parts(stock, router=router_builder(mohge_config),
+                              mohge_config=mohge_config)
+
+
+def _replace_moe_parts(stock, *, router, mohge_config: Optional[MoHGEConfig] = None):
+    """``stock`` MoE builder with ``router`` and (for MoHGE) heterogeneous experts."""
+    _, stock_sub, stock_params = builder_parts(stock)
+    experts = stock_experts = stock_sub.experts
+    if mohge_config is not None:
+        # TE >= 1.7 gives TEGroupedMLP (grouped GEMMs); otherwise Megatron falls back to
+        # per-expert MLPs with whatever linears the backend has, and so do we.
+        module, expert_sub, _ = builder_parts(stock_experts)
+        backend = "te" if getattr(module, "__name__", "") == "TEGroupedMLP" else "local"
+        experts = rebuild_like(stock_experts, HeterogeneousExperts, expert_sub,
+                               {"mohge_config": mohge_config, "backend": backend})
+    submodules = make_moe_submodules(
+        experts=experts, shared_experts=stock_sub.shared_experts, router=router)
+    if isinstance(stock, ModuleSpec):
+        return ModuleSpec(module=MoELayer, submodules=submodules, params=dict(stock.params),
+                          metainfo=dict(stock.metainfo))
+    return rebuild_like(stock, MoELayer, submodules, stock_params)
 
 
 def get_mohge_layer_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None, *,
@@ -125,7 +143,7 @@ def get_mohge_decoder_block_spec(transformer_config, mohge_config: MoHGEConfig,
 
 def get_noisy_topk_moe_module_spec(num_experts: int, use_te: Optional[bool] = None, *,
                                    gating=None, group_sizes=None, group_topk: Optional[int] = None,
-                                   hierarchical: bool = False) -> ModuleSpec:
+                                   hierarchical: bool = False):
     """Megatron's stock (uniform-width) ``MoELayer`` spec with the sparsely-gated router.
 
     ``gating`` is a ``NoisyGatingConfig``; ``hierarchical=True`` adds the primary gate over
@@ -137,9 +155,7 @@ def get_noisy_topk_moe_module_spec(num_experts: int, use_te: Optional[bool] = No
     stock = get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
     router = functools.partial(NoisyTopKRouter, gating=gating, group_sizes=group_sizes,
                                group_topk=group_topk, hierarchical=hierarchical)
-    submodules = make_moe_submodules(experts=stock.submodules.experts,
-                                     shared_experts=stock.submodules.shared_experts, router=router)
-    return ModuleSpec(module=MoELayer, submodules=submodules, metainfo=dict(stock.metainfo))
+    return _replace_moe_parts(stock, router=router)
 
 
 def get_noisy_topk_decoder_block_spec(transformer_config, use_te: Optional[bool] = None,
@@ -162,11 +178,10 @@ def get_noisy_topk_decoder_block_spec(transformer_config, use_te: Optional[bool]
 
 def _is_moe_layer(layer_spec: ModuleSpec) -> bool:
     mlp = getattr(layer_spec.submodules, "mlp", None)
-    return isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(
-        mlp.module, MoELayer)
+    return mlp is not None and builds_subclass_of(mlp, MoELayer)
 
 
-def _with_mlp(layer_spec: ModuleSpec, mlp: ModuleSpec) -> ModuleSpec:
+def _with_mlp(layer_spec: ModuleSpec, mlp) -> ModuleSpec:
     if not _is_moe_layer(layer_spec):
         raise ValueError("expected a TransformerLayer spec whose mlp is a MoELayer spec")
     return dataclasses.replace(layer_spec,

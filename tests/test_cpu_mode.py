@@ -111,11 +111,25 @@ assert moe_utils.te_general_gemm is None or moe_utils.HAVE_TE
 print("OK")
 """
 
+#: Patches every supported megatron-core line needs.
 EXPECTED_PATCHES = {
-    "device-redirect", "rng-state", "rng-fork-warning", "te-general-gemm",
-    "split-sizes-numpy", "torch-norm-sequence-parallel", "clip-grads", "uneven-collectives",
-    "tied-embedding-cuda", "dist-ckpt-exchange", "optimizer-type-checks",
+    "device-redirect", "rng-state", "rng-fork-warning", "split-sizes-numpy",
+    "torch-norm-sequence-parallel", "clip-grads", "uneven-collectives", "tied-embedding-cuda",
+    "dist-ckpt-exchange", "optimizer-type-checks", "recompute-without-te",
 }
+
+
+def expected_patches() -> set:
+    """Plus the line-specific ones, read from the installed release (before any patching)."""
+    import megatron.core.tensor_parallel.random as tp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    extra = set()
+    if not hasattr(moe_utils, "te_general_gemm"):  # NameError without TE before 0.17
+        extra.add("te-general-gemm")
+    if hasattr(tp_random, "_get_share_storage"):  # 0.19: load_inline C++ extension
+        extra.add("share-storage")
+    return EXPECTED_PATCHES | extra
 
 
 def test_enable_cpu_mode_contract():
@@ -131,15 +145,40 @@ def test_enable_cpu_mode_contract():
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
     line = [l for l in outputs[0].splitlines() if l.startswith("PATCHES ")][0]
-    assert set(line.split(" ", 1)[1].split(",")) == EXPECTED_PATCHES
+    assert set(line.split(" ", 1)[1].split(",")) == expected_patches_fresh()
     assert outputs[1].strip().endswith("OK")
 
 
-def test_patch_table_documents_every_patch():
-    from megatron_mohge.compat import cpu_mode
+def expected_patches_fresh() -> set:
+    """``expected_patches()`` in a fresh interpreter (this one may already be patched)."""
+    code = "import tests.test_cpu_mode as t; print(','.join(sorted(t.expected_patches())))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True, check=True,
+                         capture_output=True).stdout
+    return set(out.strip().splitlines()[-1].split(","))
 
-    for name in EXPECTED_PATCHES:
-        assert f"``{name}``" in cpu_mode.__doc__, name
+
+def test_patch_table_documents_every_patch():
+    from megatron_mohge.compat import cpu, cpu_mode
+    from megatron_mohge.compat.cpu.patches import PATCHES
+
+    names = [p.name for p in PATCHES]
+    assert len(names) == len(set(names))
+    assert set(names) == EXPECTED_PATCHES | {"te-general-gemm", "share-storage"}
+    for name in names:
+        assert f"``{name}``" in cpu.__doc__, name
+    assert cpu_mode.__doc__ == cpu.__doc__ and cpu_mode.enable_cpu_mode is cpu.enable_cpu_mode
+
+
+def test_share_storage_without_compiler():
+    """0.19's selective recompute re-points storage with a load_inline C++ extension; CPU
+    mode copies instead: the released output (and its views) see the recomputed data."""
+    from megatron_mohge.compat.cpu.redirect import _copy_storage
+
+    out = torch.arange(6.0)
+    view = out.view(2, 3)
+    out.untyped_storage().resize_(0)  # CheckpointWithoutOutput releases the output's storage
+    _copy_storage(out, torch.arange(6.0) * 2)
+    assert torch.equal(view, (torch.arange(6.0) * 2).view(2, 3))
 
 
 # --------------------------------------------------------------------------------------
@@ -168,6 +207,15 @@ def test_world1_gpt_moe_trains(world1_losses):
     """Megatron DDP + finalize_model_grads + Megatron Adam with clipping, 1 rank."""
     assert len(world1_losses) == STEPS
     _falls(world1_losses)
+
+
+def test_selective_recompute_reproduces_world1(world1_losses, tmp_path):
+    """Output-discarding recompute of the norms (0.19 re-points storage
+    with a C++ extension; CPU mode copies): the losses of the run without recompute."""
+    import cpu_mode_worker as W
+
+    name = f"recompute=2,steps={STEPS}"
+    _close(W.run_case(name, W.parse_case(name), tmp_path)["losses"], world1_losses)
 
 
 def test_grad_clipping(one_rank):

@@ -37,7 +37,7 @@ def train_losses(tc, spec):
 
 def test_mohge_gpt_trains_and_stock_moe_baseline_runs(world1):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_mohge.compat.mcore import metric_entries
 
     from megatron_mohge import get_mohge_decoder_block_spec
 
@@ -45,7 +45,7 @@ def test_mohge_gpt_trains_and_stock_moe_baseline_runs(world1):
     tc = mc.apply_to(C.tiny_gpt_config())
     model, mohge = train_losses(tc, get_mohge_decoder_block_spec(tc, mc, use_te=False))
     assert falls(mohge), mohge
-    tracker = get_moe_layer_wise_logging_tracker()
+    tracker = metric_entries()
     assert {"mohge_group_loss", "mohge_intra_group_loss"} <= set(tracker)
 
     torch.manual_seed(C.SEED)
@@ -120,6 +120,6 @@ def test_noisy_topk_router_trains_with_stock_uniform_experts(world1, hierarchica
     assert block.layer_specs[0].submodules.mlp.submodules.experts.module is SequentialMLP
     model, losses = train_losses(tc, block)
     assert falls(losses, 0.95), losses  # zero-init noisy gates learn a bit slower
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_mohge.compat.mcore import metric_entries
 
-    assert {"noisy_importance_loss", "noisy_load_loss"} <= set(get_moe_layer_wise_logging_tracker())
+    assert {"noisy_importance_loss", "noisy_load_loss"} <= set(metric_entries())

@@ -10,13 +10,10 @@ from torch.distributions import Normal
 
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe import moe_utils
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_mohge import MoHGEConfig, NoisyGatingConfig, plan_allocation
+from megatron_mohge.compat.mcore import clear_metrics, metric_entries
 from megatron_mohge.routing import noisy_topk as nt
 from megatron_mohge.routing.noisy_topk import (
     IMPORTANCE_LOSS_NAME,
@@ -53,12 +50,12 @@ def randomize(r, scale=0.5, seed=0):
 
 
 def logged(name):
-    return get_moe_layer_wise_logging_tracker()[name]["values"][0].item()
+    return metric_entries()[name].values[0].item()
 
 
 @pytest.fixture(autouse=True)
 def _clean_tracker():
-    clear_aux_losses_tracker()
+    clear_metrics()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     yield
 
@@ -441,7 +438,7 @@ def test_z_loss_is_attached_flat_and_hierarchical():
     for r in (router(8, 2, tc_kw=dict(moe_z_loss_coeff=1e-2), gating=off),
               hier([4, 4], 2, 2, tc_kw=dict(moe_z_loss_coeff=1e-2), gating=off)):
         randomize(r)
-        clear_aux_losses_tracker()
+        clear_metrics()
         probs, _ = r(torch.randn(6, 1, D))
         (probs * 0).sum().backward()  # only the z-loss is left
         assert r.weight.grad.abs().sum() > 0 and logged("z_loss") > 0

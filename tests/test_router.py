@@ -103,9 +103,10 @@ def test_two_level_route_matches_reference(sizes, score, weighting):
 
 # ---------------------------------------------------------------- router module
 def make_router(cfg: MoHGEConfig, hidden=16, **tc_kw):
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_mohge.compat.mcore import clear_metrics
     from megatron_mohge.routing import MoHGERouter
 
     tc_kw.setdefault("add_bias_linear", False)
@@ -113,15 +114,15 @@ def make_router(cfg: MoHGEConfig, hidden=16, **tc_kw):
                                         use_cpu_initialization=True, **tc_kw))
     router = MoHGERouter(tc, mohge_config=cfg)
     router.set_layer_number(1)
-    clear_aux_losses_tracker()
+    clear_metrics()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     return router
 
 
 def tracked(name):
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_mohge.compat.mcore import metric_entries
 
-    return get_moe_layer_wise_logging_tracker()[name]["values"][0].item()
+    return metric_entries()[name].values[0].item()
 
 
 def cfg_small(**kw):
@@ -197,17 +198,17 @@ def test_group_loss_schedule(monkeypatch):
     router(x)
     assert tracked("mohge_group_loss") > 0
     router.eval()  # no losses in evaluation
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_mohge.compat.mcore import clear_metrics
 
-    clear_aux_losses_tracker()
+    clear_metrics()
     router(x)
     assert tracked("mohge_group_loss") == 0.0
 
 
 def _tracker_names():
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_mohge.compat.mcore import metric_entries
 
-    return set(get_moe_layer_wise_logging_tracker())
+    return set(metric_entries())
 
 
 def test_padding_tokens_are_excluded_from_losses():

@@ -202,7 +202,7 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
             "run_layer_bench needs torch.distributed and Megatron's model-parallel state; call "
             "megatron_mohge.training.mcore.init_distributed() and init_layout() first (or run "
             "python -m megatron_mohge.bench.layer_bench).")
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_mohge.compat.mcore import clear_metrics
 
     from megatron_mohge.training.mcore import device
 
@@ -254,7 +254,7 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
         layers["mohge"].router.reset_routing_counts()
         for layer in layers.values():
             layer.zero_grad(set_to_none=True)
-        clear_aux_losses_tracker()
+        clear_metrics()
 
     kinds = {}
     for kind in KINDS:

@@ -1,23 +1,49 @@
-"""Megatron-Core version gates: every version-specific decision of the plugin lives here.
+"""Megatron-Core version facts: every version-specific decision of the plugin lives here.
 
-The plugin is developed and tested on megatron-core 0.16.x (the newest wheel for Python
-3.11). Known breaks in newer releases, so users on them get a clear message instead of a
-silently wrong model:
+The plugin supports megatron-core ``>=0.16.1,<0.20`` (``MCORE_RANGE``, setup.py's range)
+and is tested on two lines (``TESTED_MCORE``): 0.16.1, the newest release for Python
+3.10/3.11, and 0.19.x (tested: 0.19.2; 0.17+ ship for Python >= 3.12 only). Differences in
+API *shape* between them are detected, not version-compared
+(:mod:`megatron_mohge.compat.mcore`); what remains here are facts a shape cannot reveal:
 
-* 0.17 reworked the MoE submodule protocols (``MoESubmodules`` / router builders) and
-  fixed ``router_gating_linear``'s ``te_general_gemm`` NameError without TE.
-* 0.18 changed Megatron-LM's ``pretrain()`` signature (matters to launchers, not layers).
+* 0.17 fixed ``router_gating_linear``'s ``te_general_gemm`` NameError without TE (CPU mode
+  patches it on older lines only), and moved MoE specs towards builder partials;
+* 0.18 moved the aux-loss tracker to ``moe_logging`` and changed Megatron-LM's
+  ``pretrain()`` signature (launchers, below);
+* 0.19 scales aux / z-losses under ``calculate_per_token_loss`` by local tokens x TP*CP
+  (a fix; our routers apply that rule on every line, see ``GroupedExpertRouter.attach_loss``)
+  and builds a C++ extension with ``load_inline`` for selective recompute (CPU mode);
+* 0.17.x / 0.18.x are inside the range but untested: layers warn once, CPU mode refuses.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+#: What setup.py accepts.
+MCORE_RANGE = SpecifierSet(">=0.16.1,<0.20")
+#: The tested lines (CI runs the suite on each; README's supported-versions table).
+TESTED_MCORE_LINES = {"0.16": SpecifierSet(">=0.16.1,<0.17"), "0.19": SpecifierSet(">=0.19.0,<0.20")}
+#: The exact releases CI installs per line (scripts/setup_env.sh reads these).
+TESTED_MCORE_RELEASES = {"0.16": "0.16.1", "0.19": "0.19.2"}
+
+
+class _Lines:
+    """``version in TESTED_MCORE``: the version is in one of the tested lines."""
+
+    def __contains__(self, version) -> bool:
+        return any(Version(str(version)) in spec for spec in TESTED_MCORE_LINES.values())
+
+    def __str__(self) -> str:
+        return " or ".join(str(spec) for spec in TESTED_MCORE_LINES.values())
+
+
 #: Releases the layers, specs and CPU mode were tested against.
-TESTED_MCORE = SpecifierSet(">=0.16.1,<0.17")
+TESTED_MCORE = _Lines()
 
 
 class UnsupportedMegatronVersion(RuntimeError):
@@ -32,23 +58,50 @@ def mcore_version() -> Version:
     return Version(package_info.__version__)
 
 
+def mcore_line() -> str | None:
+    """The tested line (``"0.16"``, ``"0.19"``) the installed release belongs to, else None."""
+    version = mcore_version()
+    return next((line for line, spec in TESTED_MCORE_LINES.items() if version in spec), None)
+
+
 def is_tested_mcore() -> bool:
     return mcore_version() in TESTED_MCORE
 
 
+def _install_hint() -> str:
+    return ("Install megatron-core==0.19.2 (Python >= 3.12) or megatron-core==0.16.1 (Python "
+            "3.10/3.11), or port the gates in megatron_mohge/compat/versions.py to the new release.")
+
+
 def require_tested_mcore(feature: str) -> None:
-    """Raise a clear error when ``feature`` is used with an untested megatron-core."""
+    """Raise a clear error when ``feature`` is used outside the tested lines."""
     if not is_tested_mcore():
         raise UnsupportedMegatronVersion(
-            f"{feature} was validated on megatron-core {TESTED_MCORE} but {mcore_version()} "
-            "is installed. Install 'megatron-core>=0.16.1,<0.17' (Python 3.10/3.11 wheels), or "
-            "port the gates in megatron_mohge/compat/versions.py to the new release."
-        )
+            f"{feature} was validated on megatron-core {TESTED_MCORE} but {mcore_version()} is "
+            f"installed. {_install_hint()}")
+
+
+_warned_untested = False
+
+
+def require_supported_mcore(feature: str) -> None:
+    """Raise outside ``MCORE_RANGE``; warn once for an untested release inside it."""
+    global _warned_untested
+    version = mcore_version()
+    if version not in MCORE_RANGE:
+        raise UnsupportedMegatronVersion(
+            f"{feature} supports megatron-core {MCORE_RANGE} but {version} is installed. "
+            f"{_install_hint()}")
+    if not is_tested_mcore() and not _warned_untested:
+        _warned_untested = True
+        warnings.warn(f"megatron-mohge: megatron-core {version} is inside the supported range "
+                      f"but untested (tested: {TESTED_MCORE}).", stacklevel=3)
 
 
 def make_moe_submodules(experts, shared_experts, router):
-    """Build ``MoESubmodules`` (its fields/protocols changed in megatron-core 0.17)."""
-    require_tested_mcore("MoHGE layer specs")
+    """Build ``MoESubmodules`` (same fields on every supported line; builders may be
+    ``ModuleSpec`` or partials, see :mod:`megatron_mohge.compat.mcore`)."""
+    require_supported_mcore("MoHGE layer specs")
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
     return MoESubmodules(experts=experts, shared_experts=shared_experts, router=router)
@@ -66,8 +119,6 @@ def make_moe_submodules(experts, shared_experts, router):
 SUPPORTED_MEGATRON_LM_TAGS = ("core_v0.16.1", "core_v0.19.0")
 #: The patch in patches/ for each supported tag (``patches/apply.sh`` picks by the same name).
 MEGATRON_LM_PATCHES = {tag: f"megatron-lm-{tag}.patch" for tag in SUPPORTED_MEGATRON_LM_TAGS}
-#: megatron-core releases the launcher runs against (the supported tags' lines).
-TESTED_MEGATRON_LM_CORE = (SpecifierSet(">=0.16.1,<0.17"), SpecifierSet(">=0.19.0,<0.20"))
 
 #: ``pretrain()`` call styles. Up to core_v0.17.x Megatron-LM parses the command line inside
 #: ``pretrain(provider, model_provider, model_type, forward_step, ..., extra_args_provider=,
@@ -132,7 +183,7 @@ def check_megatron_lm(pretrain) -> str:
             f"this checkout's pretrain{_signature(pretrain)} is neither. Use a checkout at "
             f"{' or '.join(SUPPORTED_MEGATRON_LM_TAGS)}.")
     version = mcore_version()
-    if not any(version in spec for spec in TESTED_MEGATRON_LM_CORE):
+    if version not in TESTED_MCORE:  # the supported tags are on the tested lines
         import warnings
 
         warnings.warn(f"megatron-mohge: Megatron-LM/megatron-core {version} is untested; the "

@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from megatron_mohge.compat.mcore import supported_kwargs
 from megatron_mohge.config import MoHGEConfig
 
 BACKENDS = ("local", "te")
@@ -57,12 +58,15 @@ class HeterogeneousExperts(MegatronModule):
         config: the layer's ``TransformerConfig``.
         submodules: ``MLPSubmodules`` of the expert linears (local or TE grouped linears).
         pg_collection: Megatron process groups (``None``: from ``parallel_state``).
+        name: module instance name (passed by ``MoELayer`` from megatron-core 0.19); each
+            width run is named ``<name>.width_experts.<r>``.
         mohge_config: the MoHGE layer description.
         backend: ``"local"`` or ``"te"``.
     """
 
     def __init__(self, num_local_experts: int, config, submodules: MLPSubmodules,
-                 pg_collection=None, *, mohge_config: MoHGEConfig, backend: str = "local"):
+                 pg_collection=None, name: Optional[str] = None, *, mohge_config: MoHGEConfig,
+                 backend: str = "local"):
         super().__init__(config=config)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -82,14 +86,17 @@ class HeterogeneousExperts(MegatronModule):
         self.runs = self.plan.local_runs(ep_rank)
         self.run_sizes = [len(ix) for _, ix in self.runs]
         modules = []
-        for g, idx in self.runs:
+        for r, (g, idx) in enumerate(self.runs):
             cfg = width_config(config, mohge_config.widths[g])
+            run_name = None if name is None else f"{name}.width_experts.{r}"
             if backend == "te":
                 from megatron_mohge.experts.te_backend import build_te_grouped_mlp
 
-                modules.append(build_te_grouped_mlp(len(idx), cfg, submodules, pg_collection))
+                modules.append(build_te_grouped_mlp(len(idx), cfg, submodules, pg_collection,
+                                                    name=run_name))
             else:
-                modules.append(SequentialMLP(len(idx), cfg, submodules, pg_collection=pg_collection))
+                modules.append(SequentialMLP(len(idx), cfg, submodules, pg_collection=pg_collection,
+                                             **supported_kwargs(SequentialMLP, name=run_name)))
         #: one expert module per width run, same order as ``runs``.
         self.width_experts = torch.nn.ModuleList(modules)
 

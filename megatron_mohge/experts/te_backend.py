@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.mlp import MLPSubmodules, apply_swiglu_sharded_factory
+from megatron.core.transformer.moe import experts as mcore_experts
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_mohge.compat.mcore import supported_kwargs
 
-def te_grouped_submodules() -> MLPSubmodules:
-    """fc1/fc2 TE grouped linears, as Megatron's TESpecProvider uses for TEGroupedMLP."""
+
+def te_grouped_submodules():
+    """fc1/fc2 TE grouped linears, as Megatron's TESpecProvider uses for TEGroupedMLP
+    (``GroupedMLPSubmodules`` where Megatron has it (0.19), ``MLPSubmodules`` before)."""
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelGroupedLinear,
         TERowParallelGroupedLinear,
@@ -30,14 +34,14 @@ def te_grouped_submodules() -> MLPSubmodules:
     if TEColumnParallelGroupedLinear is None:
         raise ImportError("Transformer Engine grouped linears are unavailable (needs TE >= 1.7 "
                           "with its PyTorch extension); use the local expert backend.")
-    return MLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear,
-                         linear_fc2=TERowParallelGroupedLinear)
+    cls = getattr(mcore_experts, "GroupedMLPSubmodules", MLPSubmodules)
+    return cls(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear)
 
 
-def build_te_grouped_mlp(num_experts: int, config, submodules: MLPSubmodules, pg_collection):
-    from megatron.core.transformer.moe.experts import TEGroupedMLP
-
-    return TEGroupedMLP(num_experts, config, submodules, pg_collection=pg_collection)
+def build_te_grouped_mlp(num_experts: int, config, submodules, pg_collection, name=None):
+    TEGroupedMLP = mcore_experts.TEGroupedMLP
+    return TEGroupedMLP(num_experts, config, submodules, pg_collection=pg_collection,
+                        **supported_kwargs(TEGroupedMLP, name=name))
 
 
 def grouped_linear_sharded_state_dict(linear, module_prefix: str, key_prefix: str,
@@ -71,7 +75,12 @@ def grouped_linear_sharded_state_dict(linear, module_prefix: str, key_prefix: st
         if swiglu:
             for name in (f"{k}.weight", f"{k}.bias"):
                 if name in sub:
-                    sub[name] = apply_swiglu_sharded_factory(sub[name], offsets, singleton)
+                    # 0.19 takes the groups explicitly (older lines read parallel_state).
+                    sub[name] = apply_swiglu_sharded_factory(
+                        sub[name], offsets, singleton,
+                        **supported_kwargs(apply_swiglu_sharded_factory,
+                                           tp_group=linear._tp_group,
+                                           dp_group=metadata["dp_cp_group"]))
         replace_prefix_for_sharding(sub, f"{k}.", target)
         out[f"{module_prefix}weight{k}"] = sub[f"{k}.weight"]
         out[f"{module_prefix}_extra_state{'' if k == 0 else k}"] = sub[f"{k}._extra_state"]

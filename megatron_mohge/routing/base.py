@@ -1,13 +1,15 @@
 """Plumbing shared by our routers, on top of Megatron's ``TopKRouter``.
 
-Deltas to ``TopKRouter`` (everything else, e.g. ``attach_and_log_load_balancing_loss``,
-input jitter and the aux-loss tracker, is Megatron's):
+Deltas to ``TopKRouter`` (everything else, e.g. input jitter, ``MoEAuxLossAutoScaler`` and
+the aux-loss tracker, is Megatron's):
 
 * routers compute in canonical expert order (group-major) and permute their outputs into
   the allocation plan's *slot* order, so the stock dispatchers deliver each rank the
   experts the plan placed there;
 * gate linears run in the router dtype without Transformer Engine (megatron-core 0.16's
   ``router_gating_linear`` raises NameError when TE is absent);
+* aux losses are attached and logged by :meth:`GroupedExpertRouter.attach_loss` with one
+  rule on every supported megatron-core line (see there);
 * routing counts (tokens per expert, per group) are accumulated for metrics;
 * a training-progress hook for loss schedules (``set_training_progress``).
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_mohge.compat.mcore import record_metric, supported_kwargs
 from megatron_mohge.routing.functional import GroupIndex
 
 
@@ -40,12 +43,16 @@ class GroupedExpertRouter(TopKRouter):
         pg_collection: Megatron process groups (``None``: from ``parallel_state``).
         group_sizes: experts per group, canonical order (``[E]`` for one group).
         slot_to_canonical: canonical expert id held by each global slot (``None``: identity).
+        is_mtp_layer: the router belongs to a multi-token-prediction layer (passed by
+            ``MoELayer`` from megatron-core 0.19; always False before).
     """
 
-    def __init__(self, config, pg_collection=None, *, group_sizes: Sequence[int],
-                 slot_to_canonical: Optional[Sequence[int]] = None):
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
+                 group_sizes: Sequence[int], slot_to_canonical: Optional[Sequence[int]] = None):
         pg_collection = _default_pg_collection(pg_collection)
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection,
+                         **supported_kwargs(TopKRouter.__init__, is_mtp_layer=is_mtp_layer))
+        self.is_mtp_layer = bool(is_mtp_layer)
         self.pg_collection = pg_collection
         self.group_sizes = [int(n) for n in group_sizes]
         if sum(self.group_sizes) != self.num_experts:
@@ -133,12 +140,65 @@ class GroupedExpertRouter(TopKRouter):
     def set_training_progress(self, fraction: float) -> None:
         self.training_progress = float(fraction)
 
+    def metric_layer(self) -> tuple:
+        """``(layer_number, num_layers)`` of this router in Megatron's tracker: MTP layers are
+        counted after the decoder layers, as megatron-core 0.19 does."""
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer = self.layer_number
+        if self.is_mtp_layer and layer is not None:
+            layer += self.config.num_layers
+        return layer, num_layers
+
+    def mtp_repeats(self) -> int:
+        """How often this router's layer runs per step: an MTP layer repeated
+        ``mtp_num_layers`` times (megatron-core 0.19's ``mtp_use_repeated_layer``) adds its
+        losses that often, so they are divided by it."""
+        if self.is_mtp_layer and getattr(self.config, "mtp_use_repeated_layer", False):
+            return int(self.config.mtp_num_layers or 1)
+        return 1
+
+    def attach_loss(self, activation: torch.Tensor, loss: torch.Tensor, coeff: float, name: str,
+                    local_tokens, *, reduce_group=None, avg_group=None,
+                    replicated: bool = False) -> torch.Tensor:
+        """Attach ``loss`` (already multiplied by ``coeff``) to ``activation``'s backward and
+        log ``loss / coeff`` under ``name``. One rule on every supported megatron-core line:
+
+        * with ``calculate_per_token_loss`` ``finalize_model_grads`` divides every gradient
+          by the global token count = micro-batches x DP x CP x (TP x router tokens), so the
+          loss is pre-multiplied by ``local_tokens x TP*CP`` to leave the target 1 / (micro-
+          batches x DP). (megatron-core 0.19's router does this; 0.16's omits the TP*CP
+          factor, shrinking aux gradients by TP*CP. We apply the 0.19 rule on both lines.)
+        * a repeated MTP layer divides by its repeat count (:meth:`mtp_repeats`).
+
+        ``replicated``: every rank of ``reduce_group`` holds the whole loss (not a part), so
+        each logs 1/size of it and the tracker's sum counts it once.
+        """
+        loss = loss / self.mtp_repeats()
+        layer, num_layers = self.metric_layer()
+        logged = loss.detach() / coeff
+        if replicated and reduce_group is not None:
+            logged = logged / reduce_group.size()
+        record_metric(name, logged, layer, num_layers, reduce_group=reduce_group,
+                      avg_group=avg_group)
+        if not loss.requires_grad:  # e.g. a hard-count load: logged only
+            return activation
+        if self.calculate_per_token_loss:
+            loss = loss * local_tokens * self.tp_cp_group.size()
+        return moe_utils.MoEAuxLossAutoScaler.apply(activation, loss)
+
     def log_aux(self, activation, coeff: float, loss: torch.Tensor, name: str,
                 keep_T1: Optional[torch.Tensor]):
-        """Attach ``loss`` to ``activation`` and log it under ``name`` (Megatron's tracker)."""
-        valid = None if keep_T1 is None else keep_T1.sum()
-        return self.attach_and_log_load_balancing_loss(
-            activation, coeff, loss, name, self.tp_cp_group, valid_token_count=valid)
+        """Attach a TP*CP-global loss (each rank holds a part; the tracker sums them)."""
+        tokens = activation.shape[0] if keep_T1 is None else keep_T1.sum()
+        return self.attach_loss(activation, loss, coeff, name, tokens,
+                                reduce_group=self.tp_cp_group)
+
+    def attach_z_loss(self, z_TE: torch.Tensor, z_loss: torch.Tensor, coeff: float,
+                      keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attach a z-loss computed on this rank's tokens with ``coeff`` already divided by
+        TP*CP (as Megatron's ``apply_z_loss``); logged as the mean over TP x CP x DP."""
+        tokens = z_TE.shape[0] if keep_T1 is None else keep_T1.sum()
+        return self.attach_loss(z_TE, z_loss, coeff, "z_loss", tokens, avg_group=self.tp_cp_group)
 
 
 def set_training_progress(model, iteration: int, train_iters: int) -> None:

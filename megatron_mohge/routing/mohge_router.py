@@ -6,8 +6,6 @@ from typing import Optional
 
 import torch
 
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
-
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.base import (
@@ -27,16 +25,18 @@ class MoHGERouter(GroupedExpertRouter):
 
     Attaches the cost-weighted group loss (``mohge_group_loss``, scheduled) and the
     intra-group experts loss (``mohge_intra_group_loss``) through Megatron's
-    ``MoEAuxLossAutoScaler`` and aux-loss tracker. Returns ``(probs, routing_map)`` in the
+    ``MoEAuxLossAutoScaler`` and aux-loss tracker (``GroupedExpertRouter.attach_loss``). Returns ``(probs, routing_map)`` in the
     allocation plan's slot order, as Megatron's dispatchers expect.
     """
 
-    def __init__(self, config, pg_collection=None, *, mohge_config: MoHGEConfig):
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
+                 mohge_config: MoHGEConfig):
         mohge_config.check_transformer_config(config)
         pg_collection = _default_pg_collection(pg_collection)
         self.mohge = mohge_config
         self.plan = mohge_config.allocation_plan(pg_collection.ep.size())
-        super().__init__(config, pg_collection, group_sizes=mohge_config.experts_per_group,
+        super().__init__(config, pg_collection, is_mtp_layer,
+                         group_sizes=mohge_config.experts_per_group,
                          slot_to_canonical=self.plan.slot_to_canonical)
         self.group_weight = self.new_gate_weight(mohge_config.num_groups)
         self.register_buffer("group_costs_G", torch.tensor(mohge_config.group_costs),
@@ -67,11 +67,7 @@ class MoHGERouter(GroupedExpertRouter):
             # Megatron divides by the TP*CP size: each SP/CP shard adds its own mean.
             coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
             z_loss = L.z_loss_two_level(u_TG, z_TE, index, coeff, keep_T1)
-            scale = 1.0 if not self.calculate_per_token_loss else (
-                x_TD.shape[0] if keep_T1 is None else keep_T1.sum())
-            z_TE = MoEAuxLossAutoScaler.apply(z_TE, z_loss * scale)
-            save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
-                                       self.config.num_layers + (self.config.mtp_num_layers or 0))
+            z_TE = self.attach_z_loss(z_TE, z_loss, coeff, keep_T1)
 
         r = two_level_route(u_TG, z_TE, index, self.mohge.group_topk, self.mohge.topk,
                             self.mohge.router.group_score, self.mohge.router.expert_weighting)

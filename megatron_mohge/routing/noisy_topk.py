@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import z_loss_func
 
 from megatron_mohge.config import MoHGEConfig, NoisyGatingConfig
 from megatron_mohge.routing import losses as L
@@ -104,7 +104,8 @@ class NoisyTopKRouter(GroupedExpertRouter):
         hierarchical: the paper's two-level gate (appendix B) instead of the flat one.
     """
 
-    def __init__(self, config, pg_collection=None, *, mohge_config: Optional[MoHGEConfig] = None,
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
+                 mohge_config: Optional[MoHGEConfig] = None,
                  gating: Optional[NoisyGatingConfig] = None,
                  group_sizes: Optional[Sequence[int]] = None, group_topk: Optional[int] = None,
                  hierarchical: bool = False):
@@ -129,7 +130,8 @@ class NoisyTopKRouter(GroupedExpertRouter):
                              "group) and group_topk (groups per token).")
         if group_sizes is None:
             group_sizes = [config.num_moe_experts]
-        super().__init__(config, pg_collection, group_sizes=group_sizes, slot_to_canonical=slots)
+        super().__init__(config, pg_collection, is_mtp_layer, group_sizes=group_sizes,
+                         slot_to_canonical=slots)
         self.gating = gating if gating is not None else NoisyGatingConfig()
         self.hierarchical = bool(hierarchical)
         self._check_supported(group_topk)
@@ -206,8 +208,10 @@ class NoisyTopKRouter(GroupedExpertRouter):
             u_TG = self.gate(x_TD, self.group_weight)  # primary gate, clean
             if training and self.config.moe_z_loss_coeff:
                 z_TE = self._z_loss_two_level(u_TG, z_TE, keep_T1)
-        elif training:  # Megatron's z-loss on the clean logits (moe_z_loss_coeff)
-            z_TE = self.apply_z_loss(z_TE, None if keep_T1 is None else ~keep_T1.squeeze(-1))
+        elif training and self.config.moe_z_loss_coeff:  # Megatron's z-loss on the clean logits
+            coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+            pad_T = None if keep_T1 is None else ~keep_T1.squeeze(-1).bool()
+            z_TE = self.attach_z_loss(z_TE, z_loss_func(z_TE, coeff, pad_T), coeff, keep_T1)
         # Noise after the z-loss hook so the routing consumes the hooked logits.
         h_TE, sd_TE = self._noisy(x_TD, z_TE, self.noise_weight, noisy)
         if not self.hierarchical:
@@ -249,11 +253,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
         # Primary softmax over groups and secondary softmax inside each group: MoHGE's z-loss.
         coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
         z_loss = L.z_loss_two_level(u_TG, z_TE, self.group_index(z_TE.device), coeff, keep_T1)
-        scale = 1.0 if not self.calculate_per_token_loss else (
-            z_TE.shape[0] if keep_T1 is None else keep_T1.sum())
-        save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
-                                   self.config.num_layers + (self.config.mtp_num_layers or 0))
-        return MoEAuxLossAutoScaler.apply(z_TE, z_loss * scale)
+        return self.attach_z_loss(z_TE, z_loss, coeff, keep_T1)
 
     # ------------------------------------------------------------------ losses
     def _attach_losses(self, probs_TE: torch.Tensor, load_parts: list[torch.Tensor],
@@ -285,14 +285,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
         return probs_TE
 
     def _log_and_attach(self, activation, loss, coeff, name, local_tokens):
-        # Every TP x CP rank holds the same global loss: log 1/size of it so the tracker's sum over
-        # tp_cp counts it once (it then averages over DP, like Megatron's own losses).
-        save_to_aux_losses_tracker(name, loss.detach() / (coeff * self.tp_cp_group.size()),
-                                   self.layer_number,
-                                   self.config.num_layers + (self.config.mtp_num_layers or 0),
-                                   reduce_group=self.tp_cp_group)
-        if not loss.requires_grad:  # hard-count load (no noise): logged only
-            return activation
-        # As Megatron's attach_and_log_load_balancing_loss: per-token losses scale by local tokens.
-        scale = local_tokens if self.calculate_per_token_loss else 1.0
-        return MoEAuxLossAutoScaler.apply(activation, loss * scale)
+        # Every TP x CP rank holds the same global loss (logged 1/size each, so the tracker's
+        # sum over tp_cp counts it once; then averaged over DP, like Megatron's own losses).
+        return self.attach_loss(activation, loss, coeff, name, local_tokens,
+                                reduce_group=self.tp_cp_group, replicated=True)

@@ -99,10 +99,10 @@ def init_layout(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None
 def destroy_layout() -> None:
     """Tear down the model-parallel groups and the MoE aux-loss tracker (between layouts)."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_mohge.compat.mcore import clear_metrics
 
     if parallel_state.model_parallel_is_initialized():
-        clear_aux_losses_tracker()
+        clear_metrics()
     parallel_state.destroy_model_parallel()
 
 

@@ -171,22 +171,21 @@ class Trainer:
     def aux_losses(self, steps: int) -> dict:
         """Mean per MoE layer and micro-batch of each tracked aux loss since the last call
         (Megatron's tracker, reduced over PP / DP as Megatron-LM's training log does)."""
-        from megatron.core.transformer.moe.moe_utils import (
-            clear_aux_losses_tracker,
-            get_moe_layer_wise_logging_tracker,
-            reduce_aux_losses_tracker_across_ranks,
-        )
+        from megatron.core import parallel_state
 
-        tracker = get_moe_layer_wise_logging_tracker()
-        if not tracker:
+        from megatron_mohge.compat.mcore import clear_metrics, metric_entries, reduce_metrics
+
+        entries = metric_entries()
+        if not entries:
             return {}
-        names = sorted(tracker)  # same order on every rank (collectives inside)
-        reduce_aux_losses_tracker_across_ranks(names)
+        names = sorted(entries)  # same order on every rank (collectives inside)
+        reduce_metrics(names, parallel_state.get_pipeline_model_parallel_group(),
+                       parallel_state.get_data_parallel_group(with_context_parallel=False))
         n_mb = self.run.train.global_batch_size // (self.run.train.micro_batch_size * self.dp)
         n_moe = max(1, sum(self.run.moe_layer_pattern))
-        out = {name: float(tracker[name]["values"].sum()) / (n_moe * n_mb * max(steps, 1))
+        out = {name: float(entries[name].values.sum()) / (n_moe * n_mb * max(steps, 1))
                for name in names}
-        clear_aux_losses_tracker()
+        clear_metrics()
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -14,6 +14,7 @@ Launched by ``tests._launch.run_workers("cpu_mode_worker.py", nproc, *args)``; e
   ``distopt=1``: distributed optimizer; ``overlap=1``: DDP ``overlap_grad_reduce``;
   ``dropout=1``: hidden / attention dropout 0.1; ``recompute=1``: full activation
   recomputation (replays the dropout masks through Megatron's RNG tracker);
+  ``recompute=2``: selective recompute of the norms (output-discarding checkpoints);
 * ``ckpt=1``: after training, dist-checkpoint the model, rebuild it with another seed,
   load, and report whether parameters and the eval loss round-trip; ``fp=1`` uses the
   fully-parallel save / load strategies; ``reload=tp2/ep1/pp1`` also loads the checkpoint
@@ -65,9 +66,12 @@ def build(case: dict, seed: int = C.SEED):
         overrides["moe_shared_expert_intermediate_size"] = 32
     if case["dropout"]:
         overrides.update(hidden_dropout=0.1, attention_dropout=0.1)
-    if case["recompute"]:
+    if case["recompute"] == 1:
         overrides.update(recompute_granularity="full", recompute_method="uniform",
                          recompute_num_layers=1)
+    elif case["recompute"] == 2:  # output-discarding checkpoints (0.19: share_storage)
+        overrides.update(recompute_granularity="selective",
+                         recompute_modules=["layernorm"])
     config = C.tiny_gpt_config(**overrides)
     gpt = C.build_gpt(config, share_embeddings_and_output_weights=bool(case["tied"]))
     model = C.wrap_ddp(gpt, config, use_distributed_optimizer=bool(case["distopt"]),

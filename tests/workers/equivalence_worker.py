@@ -93,27 +93,17 @@ def logits_pass(model, batches):
 
 def aux_values():
     """Per-layer aux losses, reduced like Megatron-LM logs them (mean over micro-batches)."""
-    from megatron.core.transformer.moe.moe_utils import (
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
-
     from megatron.core import parallel_state as ps
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    names = [n for n in AUX_NAMES if n in tracker]
-    reduce_aux_losses_tracker_across_ranks(names)
-    out = {}
-    for n in names:
-        v = tracker[n]["values"].clone()
-        if tracker[n].get("reduce_group") is None:
-            # Megatron tracks z_loss without a reduce group: each rank logs the mean over its
-            # own tokens (its DP micro-batches, its SP shard). Average over TP x DP x CP
-            # (equal token counts) to compare with the 1-rank reference.
-            dist.all_reduce(v, op=dist.ReduceOp.AVG,
-                            group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
-        out[n] = v
-    return out
+    from megatron_mohge.compat.mcore import metric_entries, reduce_metrics
+
+    entries = metric_entries()
+    names = [n for n in AUX_NAMES if n in entries]
+    # z_loss is a per-rank mean over its own tokens, averaged over TP x CP x DP by the tracker's
+    # avg group + DP mean (equal token counts): comparable with the 1-rank reference.
+    reduce_metrics(names, ps.get_pipeline_model_parallel_group(),
+                   ps.get_data_parallel_group(with_context_parallel=False))
+    return {n: entries[n].values.clone() for n in names}
 
 
 def grads_into_params(model):
@@ -132,9 +122,9 @@ def run_reference(args):
     C.save_checkpoint(model, os.path.join(args.ref_dir, "init"))
     batches = global_batch()
     logits = logits_pass(model, batches)
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_mohge.compat.mcore import clear_metrics
 
-    clear_aux_losses_tracker()
+    clear_metrics()
     model.zero_grad_buffer()
     loss = C.forward_backward(model, batches)
     aux = {k: v / len(batches) for k, v in aux_values().items()}
@@ -147,7 +137,7 @@ def run_reference(args):
 
 def compare_layout(args, spec: str, ref: dict) -> dict:
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron_mohge.compat.mcore import clear_metrics
 
     sizes = dict(kv.split("=") for kv in spec.split(",") if "=" in kv)
     tp, ep, pp = int(sizes.get("tp", 1)), int(sizes.get("ep", 1)), int(sizes.get("pp", 1))
@@ -171,7 +161,7 @@ def compare_layout(args, spec: str, ref: dict) -> dict:
         out["logits_max_abs_diff"] = float((logits - ref_logits).abs().max())
         out["logits_scale"] = float(ref_logits.abs().max())
 
-    clear_aux_losses_tracker()
+    clear_metrics()
     model.zero_grad_buffer()
     loss = C.forward_backward(model, batches)
     out["loss"], out["loss_ref"] = loss, ref["loss"]
