@@ -194,6 +194,13 @@ def test_builder_builds_mohge_gpt(mcore_world1):
     assert routers[0].training_progress == 0.9
 
 
+def mtp_transformer_layer(model):
+    """The transformer layer inside the first MTP layer (0.16: ``transformer_layer``; 0.19:
+    ``mtp_model_layer``)."""
+    mtp = model.mtp.layers[0]
+    return getattr(mtp, "transformer_layer", None) or mtp.mtp_model_layer
+
+
 def test_builder_mtp_layer_is_mohge(mcore_world1):
     import dataclasses
 
@@ -204,7 +211,7 @@ def test_builder_mtp_layer_is_mohge(mcore_world1):
     seed()
     tc = dataclasses.replace(transformer_config(args), mtp_num_layers=1)
     model = ML.build_mohge_gpt_model(args, tc, cfg)  # (MTP training forward needs CUDA)
-    assert isinstance(model.mtp.layers[0].transformer_layer.mlp.router, MoHGERouter)
+    assert isinstance(mtp_transformer_layer(model).mlp.router, MoHGERouter)
 
 
 def test_builder_passes_vp_stage_and_refuses_spec(mcore_world1, monkeypatch):
@@ -289,7 +296,13 @@ def megatron_lm_args(monkeypatch, tmp_path, extra=()):
     import sys
 
     import megatron.training.arguments as A
-    from megatron.training.tokenizer.tokenizer import _vocab_size_with_padding
+
+    try:  # core_v0.16
+        from megatron.training.tokenizer.tokenizer import _vocab_size_with_padding
+    except ImportError:  # core_v0.19: the tokenizers moved to megatron.core
+        from megatron.core.tokenizers.utils.build_tokenizer import (
+            vocab_size_with_padding as _vocab_size_with_padding,
+        )
 
     run, argv = tiny_run_argv(tmp_path, extra)
     monkeypatch.setattr(sys, "argv", argv)
@@ -381,7 +394,7 @@ def test_megatron_lm_mtp_layers_are_mohge(mcore_world1, monkeypatch, tmp_path):
     seed()
     model_cfg = mohge_gpt_model_config(args)
     model = model_cfg.get_builder_cls()(model_cfg).build_model(pgs)
-    assert isinstance(model.mtp.layers[0].transformer_layer.mlp.router, MoHGERouter)
+    assert isinstance(mtp_transformer_layer(model).mlp.router, MoHGERouter)
     # the callable spec through Megatron's GPTModelBuilder
     stock_cfg = gpt_config_from_args(args)
     stock_cfg.transformer_layer_spec = ML.mohge_decoder_spec

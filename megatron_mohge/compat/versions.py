@@ -120,6 +120,37 @@ SUPPORTED_MEGATRON_LM_TAGS = ("core_v0.16.1", "core_v0.19.0")
 #: The patch in patches/ for each supported tag (``patches/apply.sh`` picks by the same name).
 MEGATRON_LM_PATCHES = {tag: f"megatron-lm-{tag}.patch" for tag in SUPPORTED_MEGATRON_LM_TAGS}
 
+#: Megatron's ``NullTokenizer`` (``--tokenizer-type NullTokenizer --vocab-size V``): up to
+#: core_v0.17 its eod is the extra id V (vocabulary V + 1); from core_v0.18 V counts the eod,
+#: which defaults to V - 1 and is set by ``--null-tokenizer-eod-id`` (a flag core_v0.16 lacks).
+#: Measured in each tag's ``megatron/core/tokenizers/text/libraries/null_tokenizer.py``.
+NULL_TOKENIZER_COUNTS_EOD = SpecifierSet(">=0.18.0")
+
+
+def megatron_lm_version(megatron_lm_dir=None) -> "Version | None":
+    """megatron-core version of the Megatron-LM a run will use: the checkout's version file
+    (``megatron_lm_dir``, else ``$MEGATRON_LM_DIR``), else the installed megatron-core
+    distribution (read from its metadata, not imported); ``None`` when neither is known."""
+    import os
+    from importlib import metadata
+
+    for d in (megatron_lm_dir, os.environ.get("MEGATRON_LM_DIR")):
+        if d and megatron_lm_checkout_version(d) is not None:
+            return megatron_lm_checkout_version(d)
+    try:
+        return Version(metadata.version("megatron-core"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def null_tokenizer_counts_eod(version: "Version | None") -> bool:
+    """Whether ``version``'s NullTokenizer counts the eod in ``--vocab-size`` (unknown: the
+    newest supported tag's rule)."""
+    if version is None:
+        return True
+    return Version(version.base_version) in NULL_TOKENIZER_COUNTS_EOD
+
+
 #: ``pretrain()`` call styles. Up to core_v0.17.x Megatron-LM parses the command line inside
 #: ``pretrain(provider, model_provider, model_type, forward_step, ..., extra_args_provider=,
 #: args_defaults=)``. From core_v0.18.0 it is ``pretrain(cfg_container, provider, model_type,
