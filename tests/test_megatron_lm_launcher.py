@@ -482,6 +482,65 @@ def test_megatron_lm_aux_losses_reduced_in_log(mcore_world1, monkeypatch, tmp_pa
     assert totals == {}
 
 
+def test_launcher_run_pretrain_builds_and_forwards(mcore_world1, megatron_globals,
+                                                   monkeypatch, tmp_path):
+    """examples/pretrain_mohge.py's run_pretrain on this tag, up to Megatron's pretrain() (which
+    needs CUDA): the arguments it passes build the MoHGE model pretrain() would build, and the
+    model runs a forward. core_v0.16: parse + validate + set globals as initialize_megatron
+    does, then the model provider; core_v0.19: the PretrainConfigContainer's model builder."""
+    import functools
+    import sys
+
+    T = _need_megatron_lm()
+    import megatron.training as MT
+    import megatron.training.arguments as A
+    import pretrain_gpt
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.global_vars import set_global_variables
+
+    got = {}
+
+    @functools.wraps(MT.pretrain)  # same signature: the launcher picks its style from it
+    def pretrain(*a, **kw):
+        got.update(a=a, kw=kw)
+
+    monkeypatch.setattr(MT, "pretrain", pretrain)
+    monkeypatch.setattr(T, "num_floating_point_operations", T.num_floating_point_operations)
+    if hasattr(T, "track_moe_metrics"):
+        monkeypatch.setattr(T, "track_moe_metrics", T.track_moe_metrics)
+    else:
+        from megatron.core.transformer.moe import moe_logging
+
+        monkeypatch.setattr(moe_logging, "_MOE_METRICS_TRACKER", moe_logging.MoEMetricsTracker())
+    run, argv = tiny_run_argv(tmp_path)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ML.run_pretrain()
+    assert T.num_floating_point_operations.__mohge_stock__  # the hooks are installed
+    config_style = _pretrain_style() == "config_container"
+    # (cfg_container | provider, provider | model_provider, model_type, forward_step)
+    provider = got["a"][1] if config_style else got["a"][0]
+    assert provider is pretrain_gpt.train_valid_test_datasets_provider and provider.is_distributed
+    assert got["a"][3] is ML.mohge_forward_step
+    assert got["kw"]["get_embedding_ranks"] is pretrain_gpt.get_embedding_ranks
+    seed()
+    if config_style:
+        cfg = got["a"][0]
+        assert cfg.model.mohge == ML.mohge_config_from_args(MT.get_args())
+        model = cfg.model.get_builder_cls()(cfg.model).build_model(
+            ProcessGroupCollection.use_mpu_process_groups())
+        vocab = cfg.model.vocab_size
+    else:
+        model_provider, kw = got["a"][1], got["kw"]
+        args = A.parse_args(kw["extra_args_provider"])
+        A.validate_args(args, kw["args_defaults"])
+        set_global_variables(args)
+        model = model_provider(pre_process=True, post_process=True)
+        vocab = args.padded_vocab_size
+    assert vocab == run.megatron_padded_vocab(257)  # the byte tokenizer, padded
+    check_tiny_model(model, run, vocab)
+
+
 def test_megatron_lm_forward_step_reports_progress(monkeypatch):
     _need_megatron_lm()
     import megatron.training as MT
