@@ -403,7 +403,8 @@ def test_megatron_lm_mtp_layers_are_mohge(mcore_world1, monkeypatch, tmp_path):
     args.mtp_num_layers = stock_cfg.mtp_num_layers = None
     seed()
     model = GPTModelBuilder(stock_cfg).build_model(pgs)
-    routers = [layer.mlp.router for layer in model.decoder.layers if isinstance(layer.mlp, MoELayer)]
+    routers = [layer.mlp.router for layer in model.decoder.layers
+               if isinstance(layer.mlp, MoELayer)]
     assert len(routers) == 3 and all(isinstance(r, MoHGERouter) for r in routers)
 
 
@@ -547,13 +548,15 @@ def test_megatron_lm_forward_step_reports_progress(monkeypatch):
     import pretrain_gpt
 
     calls = []
-    monkeypatch.setattr(pretrain_gpt, "forward_step", lambda it, m, r=False: calls.append((it, m, r)))
+    monkeypatch.setattr(pretrain_gpt, "forward_step",
+                        lambda it, m, r=False: calls.append((it, m, r)))
     args = argparse.Namespace(mohge_config=None)
     monkeypatch.setattr(MT, "get_args", lambda: args)
     ML.mohge_forward_step("it", "model")
     assert calls == [("it", "model", False)]
     # the launcher script itself imports without side effects
-    spec = importlib.util.spec_from_file_location("pretrain_mohge", ROOT / "examples" / "pretrain_mohge.py")
+    spec = importlib.util.spec_from_file_location("pretrain_mohge",
+                                                  ROOT / "examples" / "pretrain_mohge.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert callable(mod.main)

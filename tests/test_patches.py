@@ -275,7 +275,8 @@ from megatron_mohge.integration import megatron_lm as ML
 sys.argv = ["pretrain_gpt.py", "--num-layers", "4", "--hidden-size", "1024",
             "--num-attention-heads", "16", "--seq-length", "4096", "--max-position-embeddings",
             "4096", "--swiglu", "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer",
-            "--vocab-size", "128000", "--mohge-config", "{ROOT / 'examples/configs/paper_3b_layer.yaml'}"]
+            "--vocab-size", "128000",
+            "--mohge-config", "{ROOT / 'examples/configs/paper_3b_layer.yaml'}"]
 a = A.parse_args(pretrain_gpt.mohge_lm.compose_extra_args_providers(None, ML.add_mohge_args))
 A.validate_args(a, {{}})
 a.padded_vocab_size = 128256

@@ -19,7 +19,8 @@ from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
 
 
 def activated_routed_width(args, cfg: MoHGEConfig) -> float:
-    """Summed width of the ``K`` routed experts per token used for FLOPs (see ``--mohge-flops-*``)."""
+    """Summed width of the ``K`` routed experts per token used for FLOPs
+    (``--mohge-flops-expectation`` / ``--mohge-flops-routed-width``)."""
     measured = getattr(args, "mohge_flops_routed_width", None)
     if measured:
         return cfg.topk * float(measured)

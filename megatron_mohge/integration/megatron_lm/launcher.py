@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.integration.megatron_lm.args import add_mohge_args, compose_extra_args_providers
-from megatron_mohge.integration.megatron_lm.hooks import install_megatron_lm_hooks, mohge_forward_step
+from megatron_mohge.integration.megatron_lm.hooks import (
+    install_megatron_lm_hooks,
+    mohge_forward_step,
+)
 
 #: What ``pretrain_gpt.py``'s main block passes as ``args_defaults`` (every tag so far).
 ARGS_DEFAULTS = {"tokenizer_type": "GPT2BPETokenizer"}
