@@ -24,8 +24,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(script: str, nproc: int, *args: str, timeout: float = 900) -> dict:
+def run_workers(script: str, nproc: int, *args: str, timeout: float = 900,
+                python: str = sys.executable) -> dict:
     """Launch ``tests/workers/<script>`` on ``nproc`` ranks; return rank 0's JSON result.
+
+    ``python``: the interpreter (another venv's, e.g. the other megatron-core line's).
 
     The worker receives ``--out PATH`` and must write its result there from rank 0.
     On failure the combined output of all ranks is raised with the exit code.
@@ -33,7 +36,7 @@ def run_workers(script: str, nproc: int, *args: str, timeout: float = 900) -> di
     with tempfile.TemporaryDirectory(prefix="mohge-dist-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
-            sys.executable, "-m", "torch.distributed.run",
+            python, "-m", "torch.distributed.run",
             f"--nproc-per-node={nproc}", "--nnodes=1",
             "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
             str(WORKERS / script), "--out", str(out), "--tmp", tmp, *args,

@@ -69,24 +69,31 @@ def test_layer_spec_works_as_gpt_transformer_layer_spec(world1):
 
 
 def test_decoder_block_spec_interleaves_and_slices_for_pipeline(world1):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_mohge import get_mohge_decoder_block_spec
     from megatron_mohge.experts import HeterogeneousExperts
 
+    from megatron_mohge.compat.mcore import builder_parts
+
     mc = mohge_cfg()
     tc = mc.apply_to(C.tiny_gpt_config(moe_layer_freq=[0, 1, 0, 1]))
     block = get_mohge_decoder_block_spec(tc, mc, use_te=False)
-    kinds = [spec.submodules.mlp.module for spec in block.layer_specs]
+    kinds = [builder_parts(spec.submodules.mlp).module for spec in block.layer_specs]
     assert kinds[0] is not MoELayer and kinds[1] is MoELayer and kinds[3] is MoELayer
-    assert block.layer_specs[1].submodules.mlp.submodules.experts.module is HeterogeneousExperts
+    moe = builder_parts(block.layer_specs[1].submodules.mlp)
+    assert builder_parts(moe.submodules.experts).module is HeterogeneousExperts
+    # Same builder shape as Megatron's own spec on the installed release (ModuleSpec / partial).
+    stock = get_gpt_decoder_block_spec(tc, use_transformer_engine=False)
+    assert type(block.layer_specs[1].submodules.mlp) is type(stock.layer_specs[1].submodules.mlp)
     tc_pp = mc.apply_to(C.tiny_gpt_config(moe_layer_freq=[0, 1, 0, 1],
                                           pipeline_model_parallel_size=2))
     first = get_mohge_decoder_block_spec(tc_pp, mc, use_te=False, pp_rank=0)
     last = get_mohge_decoder_block_spec(tc_pp, mc, use_te=False, pp_rank=1)
     assert len(first.layer_specs) == len(last.layer_specs) == 2
-    assert [s.submodules.mlp.module is MoELayer for s in first.layer_specs + last.layer_specs] == [
-        False, True, False, True]
+    assert [builder_parts(s.submodules.mlp).module is MoELayer
+            for s in first.layer_specs + last.layer_specs] == [False, True, False, True]
 
 
 def test_spec_errors_are_clear(world1):
@@ -117,7 +124,10 @@ def test_noisy_topk_router_trains_with_stock_uniform_experts(world1, hierarchica
     if hierarchical:
         kwargs.update(group_sizes=[4, 4], group_topk=2, hierarchical=True)
     block = get_noisy_topk_decoder_block_spec(tc, use_te=False, **kwargs)
-    assert block.layer_specs[0].submodules.mlp.submodules.experts.module is SequentialMLP
+    from megatron_mohge.compat.mcore import builder_parts
+
+    moe = builder_parts(block.layer_specs[0].submodules.mlp)
+    assert builder_parts(moe.submodules.experts).module is SequentialMLP
     model, losses = train_losses(tc, block)
     assert falls(losses, 0.95), losses  # zero-init noisy gates learn a bit slower
     from megatron_mohge.compat.mcore import metric_entries

@@ -283,3 +283,38 @@ def test_input_jitter_only_while_training():
     router.train()
     t1, _ = router(x)
     assert not torch.allclose(t1, p1)  # inputs scaled by U(0.5, 1.5) change the weights
+
+
+class _SizeOnlyGroup:
+    """A process group stand-in that only reports its size (the scaling reads nothing else)."""
+
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("per_token,tp_cp,mtp_repeats,want", [
+    (False, 1, 1, 1.0), (True, 1, 1, 5.0), (True, 2, 1, 10.0), (True, 2, 2, 5.0)])
+def test_attach_loss_scaling_is_the_same_rule_on_every_line(per_token, tp_cp, mtp_repeats, want):
+    """Regression: per-token aux losses are scaled by local tokens x TP*CP (0.19's rule; 0.16's
+    stock router omitted TP*CP) and repeated MTP layers divide by their repeat count."""
+    router = make_router(cfg_small())
+    router.calculate_per_token_loss = per_token
+    router.tp_cp_group = _SizeOnlyGroup(tp_cp)
+    if mtp_repeats > 1:
+        router.is_mtp_layer = True
+        router.config.mtp_num_layers = mtp_repeats
+        router.config.mtp_use_repeated_layer = True
+    w = torch.ones((), requires_grad=True)
+    x = torch.zeros(5, 4, requires_grad=True)
+    name = f"scaling_probe_{per_token}_{tp_cp}_{mtp_repeats}"  # tracker rows have fixed size
+    out = router.attach_loss(x, w * 0.5, 0.5, name, 5)
+    out.sum().backward()
+    assert w.grad.item() == pytest.approx(0.5 * want)  # d(loss * scale)/dw with loss = 0.5 w
+    layer = router.layer_number + (router.config.num_layers if mtp_repeats > 1 else 0)
+    from megatron_mohge.compat.mcore import metric_entries
+
+    assert metric_entries()[name].values[layer - 1].item() == pytest.approx(
+        1.0 / mtp_repeats)

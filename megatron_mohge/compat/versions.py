@@ -28,7 +28,7 @@ from packaging.version import Version
 MCORE_RANGE = SpecifierSet(">=0.16.1,<0.20")
 #: The tested lines (CI runs the suite on each; README's supported-versions table).
 TESTED_MCORE_LINES = {"0.16": SpecifierSet(">=0.16.1,<0.17"), "0.19": SpecifierSet(">=0.19.0,<0.20")}
-#: The exact releases CI installs per line (scripts/setup_env.sh reads these).
+#: The exact releases CI installs per line (scripts/setup_env.sh; tests/test_versions.py checks).
 TESTED_MCORE_RELEASES = {"0.16": "0.16.1", "0.19": "0.19.2"}
 
 

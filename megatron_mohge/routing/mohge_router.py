@@ -25,8 +25,9 @@ class MoHGERouter(GroupedExpertRouter):
 
     Attaches the cost-weighted group loss (``mohge_group_loss``, scheduled) and the
     intra-group experts loss (``mohge_intra_group_loss``) through Megatron's
-    ``MoEAuxLossAutoScaler`` and aux-loss tracker (``GroupedExpertRouter.attach_loss``). Returns ``(probs, routing_map)`` in the
-    allocation plan's slot order, as Megatron's dispatchers expect.
+    ``MoEAuxLossAutoScaler`` and aux-loss tracker (``GroupedExpertRouter.attach_loss``).
+    Returns ``(probs, routing_map)`` in the allocation plan's slot order, as Megatron's
+    dispatchers expect.
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
