@@ -167,7 +167,7 @@ class LaunchConfig:
     partition: Optional[str] = None  # sbatch --partition
     account: Optional[str] = None  # sbatch --account
     time: str = "04:00:00"  # sbatch --time
-    megatron_lm_dir: Optional[str] = None  # Megatron-LM checkout (tag core_v0.16.1)
+    megatron_lm_dir: Optional[str] = None  # Megatron-LM checkout (core_v0.16.1 or core_v0.19.0)
     container_image: Optional[str] = None  # pyxis --container-image (srun shape)
     container_mounts: list[str] = field(default_factory=list)  # pyxis --container-mounts
     extra_args: list[str] = field(default_factory=list)  # verbatim extra Megatron-LM flags

@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# Apply (or revert) the megatron-mohge patch to a Megatron-LM checkout.
+# Apply (or revert) the megatron-mohge patch for a Megatron-LM checkout's tag.
 #
-#   patches/apply.sh [--check] [--revert] [--force] MEGATRON_LM_DIR
+#   patches/apply.sh [--check] [--revert] [--force] [--tag TAG] MEGATRON_LM_DIR
 #
-# The checkout must be at tag core_v0.16.1: for a git checkout HEAD must carry the tag (a
-# checkout without tag information falls back to the version file); for an exported tree
-# megatron/core/package_info.py must say 0.16.1. --force skips the version check (the patch
-# may still not apply). --check only reports whether it would apply. Applying twice is a no-op.
+# One patch per supported tag: patches/megatron-lm-<TAG>.patch. The tag is found as follows:
+# for a git checkout, the supported tag HEAD carries (a checkout at another tag is refused;
+# one without tag information falls back to the version file); for an exported tree, the
+# supported tag on the MAJOR.MINOR line of megatron/core/package_info.py (a tag's version file
+# may be a patch release ahead: core_v0.19.0 says 0.19.1). --tag TAG names the patch and skips
+# detection; --force skips the version check and takes the patch of the version file's
+# MAJOR.MINOR line, else the newest (it may still not apply). --check only reports whether the
+# patch would apply. Applying twice is a no-op.
 set -euo pipefail
 
-TAG=core_v0.16.1
-VERSION=0.16.1
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PATCH="$HERE/megatron-lm-$TAG.patch"
 
-usage() { echo "usage: $0 [--check] [--revert] [--force] MEGATRON_LM_DIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--check] [--revert] [--force] [--tag TAG] MEGATRON_LM_DIR" >&2; exit 2; }
 die() { echo "apply.sh: $*" >&2; exit 1; }
 
-FORCE=0 REVERT=0 CHECK=0 DIR=
+FORCE=0 REVERT=0 CHECK=0 DIR= TAG=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --force) FORCE=1 ;;
     --revert|-R) REVERT=1 ;;
     --check) CHECK=1 ;;
+    --tag) [[ $# -ge 2 ]] || usage; TAG=$2; shift ;;
     -h|--help) usage ;;
     -*) echo "apply.sh: unknown option $1" >&2; usage ;;
     *) [[ -z "$DIR" ]] || usage; DIR=$1 ;;
@@ -30,7 +32,17 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 [[ -n "$DIR" ]] || usage
-[[ -f "$PATCH" ]] || die "patch not found: $PATCH"
+
+# Supported tags: one per patch file, oldest first.
+TAGS=()
+for p in "$HERE"/megatron-lm-core_v*.patch; do
+  [[ -f "$p" ]] || continue
+  t=${p##*/megatron-lm-}; TAGS+=("${t%.patch}")
+done
+[[ ${#TAGS[@]} -gt 0 ]] || die "no patches in $HERE"
+mapfile -t TAGS < <(printf '%s\n' "${TAGS[@]}" | sort -V)
+SUPPORTED=$(IFS=,; echo "${TAGS[*]}" | sed 's/,/, /g')
+
 [[ -d "$DIR" ]] || die "$DIR is not a directory"
 DIR=$(cd "$DIR" && pwd)
 for f in pretrain_gpt.py gpt_builders.py megatron/training/training.py; do
@@ -47,30 +59,48 @@ file_version() {  # MAJOR.MINOR.PATCH from megatron/core/package_info.py, or emp
   [[ -n "$major" && -n "$minor" && -n "$patch" ]] && echo "$major.$minor.$patch"
   return 0
 }
-
-check_version() {
-  local found fv
-  fv=$(file_version)
-  if [[ "$(git -C "$DIR" rev-parse --show-toplevel 2>/dev/null)" == "$DIR" ]]; then
-    if git -C "$DIR" tag --points-at HEAD 2>/dev/null | grep -qx "$TAG"; then
-      found="git tag $TAG"
-    elif [[ -n "$(git -C "$DIR" tag -l 'core_v*' 2>/dev/null | head -n1)" ]]; then
-      die "$DIR is at $(git -C "$DIR" describe --tags --always 2>/dev/null), not $TAG. Check out the tag (git -C $DIR checkout $TAG) or pass --force."
-    fi
-  fi
-  if [[ -z "${found:-}" ]]; then
-    [[ "$fv" == "$VERSION" ]] || die "$DIR has megatron-core version '${fv:-unknown}' (megatron/core/package_info.py), not $VERSION ($TAG). See patches/README.md for supported versions, or pass --force."
-    found="package_info.py $fv"
-  fi
-  [[ -z "$fv" || "$fv" == "$VERSION" ]] || die "$DIR: the tag says $TAG but package_info.py says $fv"
-  echo "apply.sh: $DIR is Megatron-LM $TAG ($found)"
+line() { local v=${1#core_v}; echo "${v%.*}"; }  # core_v0.19.0 / 0.19.1 -> 0.19
+tag_of_line() {  # the supported tag on MAJOR.MINOR line $1, or empty
+  local t
+  for t in "${TAGS[@]}"; do [[ "$(line "$t")" == "$1" ]] && echo "$t"; done
+  return 0
 }
 
-if [[ "$FORCE" == 1 ]]; then
-  echo "apply.sh: --force: skipping the version check (found '$(file_version)')"
+detect_tag() {  # sets TAG and FOUND, or dies
+  local fv t
+  fv=$(file_version)
+  if [[ "$(git -C "$DIR" rev-parse --show-toplevel 2>/dev/null)" == "$DIR" ]]; then
+    for t in "${TAGS[@]}"; do
+      if git -C "$DIR" tag --points-at HEAD 2>/dev/null | grep -qx "$t"; then
+        TAG=$t FOUND="git tag $t"
+      fi
+    done
+    if [[ -z "$TAG" && -n "$(git -C "$DIR" tag -l 'core_v*' 2>/dev/null | head -n1)" ]]; then
+      die "$DIR is at $(git -C "$DIR" describe --tags --always 2>/dev/null), not a supported tag ($SUPPORTED). Check out one (git -C $DIR checkout ${TAGS[-1]}) or pass --force."
+    fi
+  fi
+  if [[ -z "$TAG" ]]; then
+    TAG=$(tag_of_line "$(line "${fv:-none}")")
+    [[ -n "$TAG" ]] || die "$DIR has megatron-core version '${fv:-unknown}' (megatron/core/package_info.py): no patch for it (supported tags: $SUPPORTED). See patches/README.md, or pass --force."
+    FOUND="package_info.py $fv"
+  fi
+  [[ -z "$fv" || "$(line "$fv")" == "$(line "$TAG")" ]] || die "$DIR: the tag says $TAG but package_info.py says $fv"
+}
+
+FOUND=
+if [[ -n "$TAG" ]]; then
+  echo "apply.sh: --tag $TAG: skipping the version check (found '$(file_version)')"
+elif [[ "$FORCE" == 1 ]]; then
+  fv=$(file_version)
+  TAG=$(tag_of_line "$(line "${fv:-none}")")
+  TAG=${TAG:-${TAGS[-1]}}
+  echo "apply.sh: --force: skipping the version check (found '$fv'); using the $TAG patch"
 else
-  check_version
+  detect_tag
+  echo "apply.sh: $DIR is Megatron-LM $TAG ($FOUND)"
 fi
+PATCH="$HERE/megatron-lm-$TAG.patch"
+[[ -f "$PATCH" ]] || die "no patch for $TAG ($PATCH); supported tags: $SUPPORTED"
 
 # git apply works in plain directories too (it then behaves like patch -p1).
 GIT_APPLY=(git -C "$DIR" apply --whitespace=nowarn)
@@ -88,6 +118,6 @@ if "${GIT_APPLY[@]}" --check -R "$PATCH" 2>/dev/null; then
   echo "apply.sh: already applied in $DIR"; exit 0
 fi
 "${GIT_APPLY[@]}" --check "$PATCH" || die "the patch does not apply to $DIR (modified files, or another Megatron-LM version)"
-[[ "$CHECK" == 1 ]] && { echo "apply.sh: the patch applies cleanly"; exit 0; }
+[[ "$CHECK" == 1 ]] && { echo "apply.sh: $(basename "$PATCH") applies cleanly"; exit 0; }
 "${GIT_APPLY[@]}" "$PATCH"
 echo "apply.sh: applied $(basename "$PATCH") to $DIR (revert with: $0 --revert $DIR)"

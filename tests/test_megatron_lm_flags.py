@@ -106,19 +106,49 @@ def test_mohge_config_file_round_trip(tmp_path):
         load_mohge_config(CONFIGS / "paper_3b_moe.yaml")
 
 
-def test_byte_tokenizer_is_null_tokenizer(tmp_path):
-    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+@pytest.mark.parametrize("version, vocab_flags", [
+    ("0.16.1", ["--vocab-size", "256"]),  # core_v0.16.1: eod is the extra id 256
+    ("0.19.1", ["--vocab-size", "257", "--null-tokenizer-eod-id", "256"]),  # core_v0.19.0
+])
+def test_byte_tokenizer_is_null_tokenizer(tmp_path, version, vocab_flags):
+    """Megatron's NullTokenizer from the flags for each tag is our ByteTokenizer (ids 0..255,
+    eod 256); checked with the installed megatron-core's tokenizer builder on its own line."""
+    from packaging.version import Version
 
+    from megatron_mohge.compat.versions import mcore_version
     from megatron_mohge.data.tokenizers import ByteTokenizer
 
     run = load("small_mohge_1node.yaml", tmp_path=tmp_path)
-    f = as_dict(megatron_lm_flags(run))
-    assert f["--tokenizer-type"] == ["NullTokenizer"] and f["--vocab-size"] == ["256"]
-    tok = build_tokenizer(argparse.Namespace(tokenizer_type="NullTokenizer",
-                                             vocab_size=int(f["--vocab-size"][0])))
+    flags = megatron_lm_flags(run, megatron_lm_version=Version(version))
+    i = flags.index("--tokenizer-type")
+    assert flags[i:i + 2 + len(vocab_flags)] == ["--tokenizer-type", "NullTokenizer", *vocab_flags]
     byte = ByteTokenizer()
-    assert (tok.vocab_size, tok.eod) == (byte.vocab_size, byte.eod) == (257, 256)
-    assert run.padded_vocab_size(tok.vocab_size) == 384  # Megatron-LM pads the same way
+    assert (byte.vocab_size, byte.eod) == (257, 256)
+    assert run.padded_vocab_size(byte.vocab_size) == 384  # Megatron-LM pads the same way
+    if (mcore_version().major, mcore_version().minor) != Version(version).release[:2]:
+        return
+    try:  # core_v0.16 wheel
+        from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+    except ImportError:  # core_v0.19 wheel
+        from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+    f = as_dict(flags)
+    ns = argparse.Namespace(tokenizer_type="NullTokenizer", vocab_size=int(f["--vocab-size"][0]),
+                            null_tokenizer_eod_id=int(f.get("--null-tokenizer-eod-id", [-1])[0])
+                            if "--null-tokenizer-eod-id" in f else None,
+                            metadata_path=None, pad_vocab_size=False, rank=0)
+    tok = build_tokenizer(ns)
+    assert (tok.vocab_size, tok.eod) == (byte.vocab_size, byte.eod)
+
+
+def test_flags_follow_the_megatron_lm_checkout(tmp_path):
+    """Without an explicit version the flags follow launch.megatron_lm_dir's version file."""
+    for version, vocab in (((0, 16, 1), "256"), ((0, 19, 1), "257")):
+        mlm = tmp_path / f"mlm-{version[1]}"
+        (mlm / "megatron" / "core").mkdir(parents=True)
+        (mlm / "megatron" / "core" / "package_info.py").write_text(
+            "MAJOR = {}\nMINOR = {}\nPATCH = {}\nPRE_RELEASE = ''\n".format(*version))
+        run = load("small_mohge_1node.yaml", f"launch.megatron_lm_dir={mlm}", tmp_path=tmp_path)
+        assert as_dict(megatron_lm_flags(run))["--vocab-size"] == [vocab]
 
 
 def test_byte_tokenizer_vocab_mismatch(tmp_path):

@@ -1,13 +1,16 @@
 """The Megatron-LM launcher's pieces: argument hook, model builder, aux-loss names, FLOPs.
 
 The core parts run with megatron.core alone (the ``mcore_world1`` fixture); the parts that
-need Megatron-LM (``megatron.training``, ``pretrain_gpt``) are skipped unless a core_v0.16.1
-checkout is on ``PYTHONPATH``.
+need Megatron-LM (``megatron.training``, ``pretrain_gpt``) are skipped unless a checkout at
+core_v0.16.1 or core_v0.19.0 is on ``PYTHONPATH`` (``MEGATRON_LM_DIR`` too for the patch
+tests). The seams that differ between the tags are picked by shape, as the launcher does:
+``pretrain()``'s signature, ``track_moe_metrics`` vs the MoE metrics tracker.
 """
 
 import argparse
 import copy
 import importlib.util
+import inspect
 import warnings
 from pathlib import Path
 
@@ -191,6 +194,13 @@ def test_builder_builds_mohge_gpt(mcore_world1):
     assert routers[0].training_progress == 0.9
 
 
+def mtp_transformer_layer(model):
+    """The transformer layer inside the first MTP layer (0.16: ``transformer_layer``; 0.19:
+    ``mtp_model_layer``)."""
+    mtp = model.mtp.layers[0]
+    return getattr(mtp, "transformer_layer", None) or mtp.mtp_model_layer
+
+
 def test_builder_mtp_layer_is_mohge(mcore_world1):
     import dataclasses
 
@@ -201,7 +211,7 @@ def test_builder_mtp_layer_is_mohge(mcore_world1):
     seed()
     tc = dataclasses.replace(transformer_config(args), mtp_num_layers=1)
     model = ML.build_mohge_gpt_model(args, tc, cfg)  # (MTP training forward needs CUDA)
-    assert isinstance(model.mtp.layers[0].transformer_layer.mlp.router, MoHGERouter)
+    assert isinstance(mtp_transformer_layer(model).mlp.router, MoHGERouter)
 
 
 def test_builder_passes_vp_stage_and_refuses_spec(mcore_world1, monkeypatch):
@@ -237,13 +247,34 @@ def _need_megatron_lm():
     return pytest.importorskip("megatron.training.training")
 
 
-def megatron_lm_args(monkeypatch, tmp_path, extra=()):
-    """Parse and validate a tiny MoHGE run exactly as pretrain() does (no CUDA)."""
-    import sys
+def _pretrain_style():
+    from megatron.training import pretrain
 
-    import megatron.training.arguments as A
-    from megatron.training.tokenizer.tokenizer import _vocab_size_with_padding
+    from megatron_mohge.compat.versions import check_megatron_lm
 
+    return check_megatron_lm(pretrain)
+
+
+def _need_config_container():
+    """core_v0.18+: the model comes from a GPTModelConfig and its builder."""
+    _need_megatron_lm()
+    if _pretrain_style() != "config_container":
+        pytest.skip("Megatron-LM checkout before core_v0.18 (no GPTModelConfig / builder)")
+
+
+@pytest.fixture
+def megatron_globals():
+    """Megatron-LM's global args/tokenizer/timers, unset afterwards (``pretrain_cfg_container``
+    sets them as ``pretrain_gpt.py`` does; a second set in the same process would assert)."""
+    import megatron.training.global_vars as G
+
+    G.unset_global_variables()
+    yield
+    G.unset_global_variables()
+
+
+def tiny_run_argv(tmp_path, extra=()):
+    """The launcher's command line for a tiny MoHGE run (what the Slurm scripts generate)."""
     from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
     from megatron_mohge.run_config import RunConfig
 
@@ -257,7 +288,24 @@ def megatron_lm_args(monkeypatch, tmp_path, extra=()):
         "launch.extra_args=[--no-persist-layer-norm, --no-gradient-accumulation-fusion, "
         "--no-masked-softmax-fusion, --no-bias-swiglu-fusion, --no-bias-dropout-fusion]"])
     write_mohge_config(run)
-    monkeypatch.setattr(sys, "argv", ["pretrain_mohge.py", *megatron_lm_flags(run), *extra])
+    return run, ["pretrain_mohge.py", *megatron_lm_flags(run), *extra]
+
+
+def megatron_lm_args(monkeypatch, tmp_path, extra=()):
+    """Parse and validate a tiny MoHGE run as Megatron-LM does (no globals, no CUDA)."""
+    import sys
+
+    import megatron.training.arguments as A
+
+    try:  # core_v0.16
+        from megatron.training.tokenizer.tokenizer import _vocab_size_with_padding
+    except ImportError:  # core_v0.19: the tokenizers moved to megatron.core
+        from megatron.core.tokenizers.utils.build_tokenizer import (
+            vocab_size_with_padding as _vocab_size_with_padding,
+        )
+
+    run, argv = tiny_run_argv(tmp_path, extra)
+    monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = A.parse_args(ML.compose_extra_args_providers(None, ML.add_mohge_args))
     A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
@@ -265,40 +313,109 @@ def megatron_lm_args(monkeypatch, tmp_path, extra=()):
     return run, args
 
 
-def test_megatron_lm_parse_build_and_forward(mcore_world1, monkeypatch, tmp_path):
-    _need_megatron_lm()
+def check_tiny_model(model, run, vocab):
+    """MoHGE layers where --moe-layer-freq puts MoE; parameters as accounted; finite loss."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_mohge.integration.accounting import param_counts
+    from megatron_mohge.routing.mohge_router import MoHGERouter
 
+    kinds = [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers]
+    assert kinds == [False, True, True, True]
+    assert all(isinstance(layer.mlp.router, MoHGERouter)
+               for layer, moe in zip(model.decoder.layers, kinds) if moe)
+    assert sum(p.numel() for p in model.parameters()) == param_counts(run, vocab).total
+    tokens = torch.randint(0, 257, (2, 16))
+    loss = model(tokens, torch.arange(16).unsqueeze(0).expand(2, -1), None, labels=tokens)
+    assert loss.shape == (2, 16) and torch.isfinite(loss).all()
+
+
+def test_megatron_lm_parse_build_and_forward(mcore_world1, monkeypatch, tmp_path):
+    """The model-provider path (core_v0.16 launcher; gpt_builders.gpt_builder in a patched
+    checkout of either tag)."""
+    _need_megatron_lm()
     run, args = megatron_lm_args(monkeypatch, tmp_path, ["--mohge-intra-group-coeff", "0.01"])
     assert args.num_experts == 16 and args.moe_router_load_balancing_type == "none"
     assert ML.mohge_config_from_args(args).losses.intra_group_coeff == 0.01
     seed()
     model = ML.mohge_gpt_builder(args, True, True)  # config from core_transformer_config_from_args
-    assert [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers] == \
-        [False, True, True, True]
-    assert sum(p.numel() for p in model.parameters()) == \
-        param_counts(run, args.padded_vocab_size).total
-    tokens = torch.randint(0, 257, (2, 16))
-    loss = model(tokens, torch.arange(16).unsqueeze(0).expand(2, -1), None, labels=tokens)
-    assert torch.isfinite(loss).all()
+    check_tiny_model(model, run, args.padded_vocab_size)
+
+
+def test_megatron_lm_config_container_build_and_forward(mcore_world1, megatron_globals,
+                                                        monkeypatch, tmp_path):
+    """core_v0.18+: the launcher's parse -> MoHGEGPTModelConfig -> PretrainConfigContainer, and
+    the model ``pretrain`` builds from it (``get_builder_cls()(cfg.model).build_model``)."""
+    import sys
+
+    _need_config_container()
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training import get_args
+
+    from megatron_mohge.integration.megatron_lm.gpt_config import (
+        MoHGEGPTModelBuilder,
+        MoHGEGPTModelConfig,
+    )
+
+    run, argv = tiny_run_argv(tmp_path, ["--mohge-group-coeff", "0.5"])
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = ML.pretrain_cfg_container()
+    args = get_args()  # pretrain() reads the same global args
+    assert isinstance(cfg.model, MoHGEGPTModelConfig) and cfg.model.mohge.losses.group_coeff == 0.5
+    assert cfg.model.get_builder_cls() is MoHGEGPTModelBuilder
+    assert cfg.model.num_moe_experts == 16 and cfg.model.moe_ffn_hidden_size == 72
+    assert cfg.model.moe_router_load_balancing_type == "none"
+    cfg.model.finalize()
+    seed()
+    model = cfg.model.get_builder_cls()(cfg.model).build_model(
+        ProcessGroupCollection.use_mpu_process_groups())
+    assert model.pre_process and model.post_process
+    check_tiny_model(model, run, cfg.model.vocab_size)
+    assert cfg.model.vocab_size == args.padded_vocab_size
+
+
+def test_megatron_lm_mtp_layers_are_mohge(mcore_world1, monkeypatch, tmp_path):
+    """core_v0.18+: MoHGEGPTModelBuilder builds a MoHGE MTP layer; Megatron's own builder with
+    the callable spec builds the MoHGE decoder but refuses MTP (its MTP layer would be stock)."""
+    _need_config_container()
+    import megatron.training as MT
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    from megatron_mohge.integration.megatron_lm.gpt_config import mohge_gpt_model_config
+    from megatron_mohge.routing.mohge_router import MoHGERouter
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    run, args = megatron_lm_args(monkeypatch, tmp_path, ["--mtp-num-layers", "1"])
+    monkeypatch.setattr(MT, "get_args", lambda: args)
+    seed()
+    model_cfg = mohge_gpt_model_config(args)
+    model = model_cfg.get_builder_cls()(model_cfg).build_model(pgs)
+    assert isinstance(mtp_transformer_layer(model).mlp.router, MoHGERouter)
+    # the callable spec through Megatron's GPTModelBuilder
+    stock_cfg = gpt_config_from_args(args)
+    stock_cfg.transformer_layer_spec = ML.mohge_decoder_spec
+    with pytest.raises(ConfigError, match="--mtp-num-layers with the callable MoHGE --spec"):
+        GPTModelBuilder(stock_cfg).build_model(pgs)
+    args.mtp_num_layers = stock_cfg.mtp_num_layers = None
+    seed()
+    model = GPTModelBuilder(stock_cfg).build_model(pgs)
+    routers = [layer.mlp.router for layer in model.decoder.layers
+               if isinstance(layer.mlp, MoELayer)]
+    assert len(routers) == 3 and all(isinstance(r, MoHGERouter) for r in routers)
 
 
 def test_megatron_lm_hooks_and_flops(monkeypatch, tmp_path):
     T = _need_megatron_lm()
-    from megatron_mohge.compat.versions import (
-        UnsupportedMegatronVersion,
-        check_megatron_lm,
-        megatron_lm_pretrain_style,
-    )
-
     run, args = megatron_lm_args(monkeypatch, tmp_path)
     import megatron.training as MT
 
-    seen = {}  # Megatron's track_moe_metrics reduces on CUDA; record what it would get instead
-    monkeypatch.setattr(T, "track_moe_metrics", lambda *a, **kw: seen.update(kw))
     monkeypatch.setattr(T, "num_floating_point_operations", T.num_floating_point_operations)
+    if hasattr(T, "track_moe_metrics"):  # core_v0.16: restore the stock function afterwards
+        monkeypatch.setattr(T, "track_moe_metrics", T.track_moe_metrics)
     monkeypatch.setattr(MT, "get_args", lambda: args)
     stock = T.num_floating_point_operations(args, 8)
     assert ML.install_megatron_lm_hooks() == "installed"
@@ -307,19 +424,122 @@ def test_megatron_lm_hooks_and_flops(monkeypatch, tmp_path):
     # Megatron's own formula with the activated width spread over K experts agrees
     eff = copy.copy(args)
     eff.moe_ffn_hidden_size = activated_widths(run.moe.mohge).uniform / args.moe_router_topk
-    assert corrected == pytest.approx(T.num_floating_point_operations.__mohge_stock__(eff, 8))
+    stock_fn = T.num_floating_point_operations.__mohge_stock__
+    assert corrected == pytest.approx(stock_fn(eff, 8))
     assert corrected < stock
     assert ML.mohge_num_floating_point_operations(args, 8) == pytest.approx(corrected)
-    T.track_moe_metrics(loss_scale=1.0, iteration=1, track_names=["load_balancing_loss"])
-    assert seen["track_names"] == ["mohge_group_loss", "mohge_intra_group_loss"]
-    # pretrain() signature gate
-    check_megatron_lm(MT.pretrain)
-    assert megatron_lm_pretrain_style(MT.pretrain) == "args"
+    if "total_real_tokens_in_batch" in inspect.signature(stock_fn).parameters:  # core_v0.19
+        tokens = 8 * args.seq_length * 3 // 4  # a packed batch with a quarter of padding
+        kw = dict(total_real_tokens_in_batch=tokens,
+                  seqlen_squared_sum_in_batch=8 * args.seq_length ** 2 * 9 // 16)
+        assert T.num_floating_point_operations(args, 8, **kw) == \
+            pytest.approx(stock_fn(eff, 8, **kw))
+        assert ML.mohge_flops_correction(args, 8, total_real_tokens_in_batch=tokens) == \
+            pytest.approx(ML.mohge_flops_correction(args, 8) * 3 / 4)
+    assert _pretrain_style() == ("args" if hasattr(T, "track_moe_metrics") else "config_container")
 
-    def pretrain_018(cfg_container, provider, model_provider, model_type, forward_step): ...
 
-    with pytest.raises(UnsupportedMegatronVersion, match="core_v0.18"):
-        check_megatron_lm(pretrain_018)
+def test_megatron_lm_aux_losses_reduced_in_log(mcore_world1, monkeypatch, tmp_path):
+    """The MoHGE router losses reach training_log's totals. core_v0.16: the names passed to
+    track_moe_metrics (its reduction needs CUDA); core_v0.18+: the real tracker's report."""
+    T = _need_megatron_lm()
+    run, args = megatron_lm_args(monkeypatch, tmp_path)
+    import megatron.training as MT
+
+    monkeypatch.setattr(MT, "get_args", lambda: args)
+    monkeypatch.setattr(T, "num_floating_point_operations", T.num_floating_point_operations)
+    if hasattr(T, "track_moe_metrics"):
+        seen = {}
+        monkeypatch.setattr(T, "track_moe_metrics", lambda *a, **kw: seen.update(kw))
+        ML.install_megatron_lm_hooks()
+        T.track_moe_metrics(loss_scale=1.0, iteration=1, track_names=["load_balancing_loss"])
+        assert seen["track_names"] == ["mohge_group_loss", "mohge_intra_group_loss"]
+        return
+    from megatron.core.transformer.moe import moe_logging
+
+    tracker = moe_logging.MoEMetricsTracker()
+    monkeypatch.setattr(moe_logging, "_MOE_METRICS_TRACKER", tracker)
+    assert ML.install_megatron_lm_hooks() == "installed"
+    assert T.get_moe_metrics_tracker() is tracker and tracker.report.__mohge_stock__
+    layers = args.num_layers
+    for layer, (g, e) in zip((2, 3, 4), ((0.3, 0.1), (0.5, 0.2), (0.7, 0.3))):  # MoE layers
+        tracker.record("mohge_group_loss", torch.tensor(g), layer, layers)
+        tracker.record("mohge_intra_group_loss", torch.tensor(e), layer, layers)
+    totals = {}
+    # what training_log passes (core_v0.19.0): Megatron's names for the configured losses
+    log = T.get_moe_metrics_tracker().report(
+        loss_scale=0.5, iteration=1, force_initialize=True, track_names=[],
+        num_layers=layers, moe_layer_freq=args.moe_layer_freq, mtp_num_layers=None,
+        total_loss_dict=totals)
+    assert totals.keys() == {"mohge_group_loss", "mohge_intra_group_loss"}
+    assert totals["mohge_group_loss"].item() == pytest.approx(0.5 * 1.5 / 3)  # mean of layers
+    assert totals["mohge_intra_group_loss"].item() == pytest.approx(0.5 * 0.6 / 3)
+    assert "mohge" not in log  # losses go to the totals, not the extra MoE string
+    args.mohge_config = None  # runs without MoHGE are left alone
+    tracker.record("mohge_group_loss", torch.tensor(1.0), 2, layers)
+    totals = {}
+    tracker.report(loss_scale=1.0, iteration=2, track_names=[], num_layers=layers,
+                   total_loss_dict=totals)
+    assert totals == {}
+
+
+def test_launcher_run_pretrain_builds_and_forwards(mcore_world1, megatron_globals,
+                                                   monkeypatch, tmp_path):
+    """examples/pretrain_mohge.py's run_pretrain on this tag, up to Megatron's pretrain() (which
+    needs CUDA): the arguments it passes build the MoHGE model pretrain() would build, and the
+    model runs a forward. core_v0.16: parse + validate + set globals as initialize_megatron
+    does, then the model provider; core_v0.19: the PretrainConfigContainer's model builder."""
+    import functools
+    import sys
+
+    T = _need_megatron_lm()
+    import megatron.training as MT
+    import megatron.training.arguments as A
+    import pretrain_gpt
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.global_vars import set_global_variables
+
+    got = {}
+
+    @functools.wraps(MT.pretrain)  # same signature: the launcher picks its style from it
+    def pretrain(*a, **kw):
+        got.update(a=a, kw=kw)
+
+    monkeypatch.setattr(MT, "pretrain", pretrain)
+    monkeypatch.setattr(T, "num_floating_point_operations", T.num_floating_point_operations)
+    if hasattr(T, "track_moe_metrics"):
+        monkeypatch.setattr(T, "track_moe_metrics", T.track_moe_metrics)
+    else:
+        from megatron.core.transformer.moe import moe_logging
+
+        monkeypatch.setattr(moe_logging, "_MOE_METRICS_TRACKER", moe_logging.MoEMetricsTracker())
+    run, argv = tiny_run_argv(tmp_path)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ML.run_pretrain()
+    assert T.num_floating_point_operations.__mohge_stock__  # the hooks are installed
+    config_style = _pretrain_style() == "config_container"
+    # (cfg_container | provider, provider | model_provider, model_type, forward_step)
+    provider = got["a"][1] if config_style else got["a"][0]
+    assert provider is pretrain_gpt.train_valid_test_datasets_provider and provider.is_distributed
+    assert got["a"][3] is ML.mohge_forward_step
+    assert got["kw"]["get_embedding_ranks"] is pretrain_gpt.get_embedding_ranks
+    seed()
+    if config_style:
+        cfg = got["a"][0]
+        assert cfg.model.mohge == ML.mohge_config_from_args(MT.get_args())
+        model = cfg.model.get_builder_cls()(cfg.model).build_model(
+            ProcessGroupCollection.use_mpu_process_groups())
+        vocab = cfg.model.vocab_size
+    else:
+        model_provider, kw = got["a"][1], got["kw"]
+        args = A.parse_args(kw["extra_args_provider"])
+        A.validate_args(args, kw["args_defaults"])
+        set_global_variables(args)
+        model = model_provider(pre_process=True, post_process=True)
+        vocab = args.padded_vocab_size
+    assert vocab == run.megatron_padded_vocab(257)  # the byte tokenizer, padded
+    check_tiny_model(model, run, vocab)
 
 
 def test_megatron_lm_forward_step_reports_progress(monkeypatch):
@@ -328,13 +548,24 @@ def test_megatron_lm_forward_step_reports_progress(monkeypatch):
     import pretrain_gpt
 
     calls = []
-    monkeypatch.setattr(pretrain_gpt, "forward_step", lambda it, m, r=False: calls.append((it, m, r)))
+    monkeypatch.setattr(pretrain_gpt, "forward_step",
+                        lambda it, m, r=False: calls.append((it, m, r)))
     args = argparse.Namespace(mohge_config=None)
     monkeypatch.setattr(MT, "get_args", lambda: args)
     ML.mohge_forward_step("it", "model")
     assert calls == [("it", "model", False)]
     # the launcher script itself imports without side effects
-    spec = importlib.util.spec_from_file_location("pretrain_mohge", ROOT / "examples" / "pretrain_mohge.py")
+    spec = importlib.util.spec_from_file_location("pretrain_mohge",
+                                                  ROOT / "examples" / "pretrain_mohge.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert callable(mod.main)
+
+
+def test_check_megatron_lm_refuses_other_pretrain(monkeypatch):
+    from megatron_mohge.compat import versions as V
+
+    def pretrain_odd(provider, model_type): ...
+
+    with pytest.raises(V.UnsupportedMegatronVersion, match="core_v0.16.1 or core_v0.19.0"):
+        V.check_megatron_lm(pretrain_odd)

@@ -113,16 +113,56 @@ def make_moe_submodules(experts, shared_experts, router):
 # Every Megatron-LM-version-specific fact of the integration lives in this section.
 # ==================================================================================
 
-#: Megatron-LM tags the launcher and the patch were checked against.
-SUPPORTED_MEGATRON_LM_TAGS = ("core_v0.16.1",)
-#: The patch in patches/ for each supported tag.
-MEGATRON_LM_PATCHES = {"core_v0.16.1": "megatron-lm-core_v0.16.1.patch"}
+#: Megatron-LM tags the launcher and the patches were checked against. A tag's
+#: ``megatron/core/package_info.py`` may be a patch release ahead (core_v0.19.0's says 0.19.1:
+#: the tag sits on the release branch's version bump), so checks match MAJOR.MINOR only.
+SUPPORTED_MEGATRON_LM_TAGS = ("core_v0.16.1", "core_v0.19.0")
+#: The patch in patches/ for each supported tag (``patches/apply.sh`` picks by the same name).
+MEGATRON_LM_PATCHES = {tag: f"megatron-lm-{tag}.patch" for tag in SUPPORTED_MEGATRON_LM_TAGS}
+
+#: Megatron's ``NullTokenizer`` (``--tokenizer-type NullTokenizer --vocab-size V``): up to
+#: core_v0.17 its eod is the extra id V (vocabulary V + 1); from core_v0.18 V counts the eod,
+#: which defaults to V - 1 and is set by ``--null-tokenizer-eod-id`` (a flag core_v0.16 lacks).
+#: Measured in each tag's ``megatron/core/tokenizers/text/libraries/null_tokenizer.py``.
+NULL_TOKENIZER_COUNTS_EOD = SpecifierSet(">=0.18.0")
+
+
+def megatron_lm_version(megatron_lm_dir=None) -> "Version | None":
+    """megatron-core version of the Megatron-LM a run will use: the checkout's version file
+    (``megatron_lm_dir``, else ``$MEGATRON_LM_DIR``), else the installed megatron-core
+    distribution (read from its metadata, not imported); ``None`` when neither is known."""
+    import os
+    from importlib import metadata
+
+    for d in (megatron_lm_dir, os.environ.get("MEGATRON_LM_DIR")):
+        if d and megatron_lm_checkout_version(d) is not None:
+            return megatron_lm_checkout_version(d)
+    try:
+        return Version(metadata.version("megatron-core"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def null_tokenizer_counts_eod(version: "Version | None") -> bool:
+    """Whether ``version``'s NullTokenizer counts the eod in ``--vocab-size`` (unknown: the
+    newest supported tag's rule)."""
+    if version is None:
+        return True
+    return Version(version.base_version) in NULL_TOKENIZER_COUNTS_EOD
+
 
 #: ``pretrain()`` call styles. Up to core_v0.17.x Megatron-LM parses the command line inside
 #: ``pretrain(provider, model_provider, model_type, forward_step, ..., extra_args_provider=,
-#: args_defaults=)``. From core_v0.18.0 it is ``pretrain(cfg_container, provider, ...)``: the
-#: script first calls ``parse_and_validate_args(extra_args_provider=, args_defaults=)`` and
-#: ``pretrain_cfg_container_from_args(args)``, and ``pretrain`` has no ``extra_args_provider``.
+#: args_defaults=)``. From core_v0.18.0 it is ``pretrain(cfg_container, provider, model_type,
+#: forward_step, model_provider=None, ...)``: the script first calls
+#: ``parse_and_validate_args(extra_args_provider=, args_defaults=)`` and
+#: ``pretrain_cfg_container_from_args(args, gpt_config_from_args(args))``, and the model is
+#: built by the model config's builder (``GPTModelBuilder``), not by a model provider.
+#: Other core_v0.18+ changes the integration follows (found by shape, not by version):
+#: ``training_log`` reports MoE metrics through ``get_moe_metrics_tracker().report`` (no
+#: ``track_moe_metrics``), ``num_floating_point_operations`` takes
+#: ``total_real_tokens_in_batch``, and ``GPTModelBuilder`` builds the MTP layer from the
+#: stock decoder spec.
 PRETRAIN_STYLE_ARGS = "args"  # core_v0.16.x / core_v0.17.x
 PRETRAIN_STYLE_CONFIG_CONTAINER = "config_container"  # core_v0.18.0 and later
 
@@ -162,21 +202,31 @@ def megatron_lm_checkout_version(megatron_lm_dir) -> "Version | None":
     return Version(f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{pre.group(1) if pre else ''}")
 
 
-def check_megatron_lm(pretrain) -> None:
-    """Refuse Megatron-LM versions whose ``pretrain()`` the launcher cannot drive; warn on
-    versions other than the supported tags."""
+def check_megatron_lm(pretrain) -> str:
+    """The ``pretrain()`` style the launcher drives (``PRETRAIN_STYLE_*``); refuses a
+    ``pretrain()`` of neither style and warns on megatron-core lines no supported tag is on."""
     style = megatron_lm_pretrain_style(pretrain)
-    if style != PRETRAIN_STYLE_ARGS:
+    if style not in (PRETRAIN_STYLE_ARGS, PRETRAIN_STYLE_CONFIG_CONTAINER):
         raise UnsupportedMegatronVersion(
             "examples/pretrain_mohge.py drives Megatron-LM's pretrain(provider, model_provider, "
-            "model_type, forward_step, extra_args_provider=...) of core_v0.16.x/core_v0.17.x; "
-            f"this checkout's pretrain() is {style!r} (core_v0.18 moved argument parsing out of "
-            "pretrain into parse_and_validate_args + pretrain_cfg_container_from_args). Use a "
-            f"checkout at {', '.join(SUPPORTED_MEGATRON_LM_TAGS)}.")
+            "model_type, forward_step, extra_args_provider=...) (core_v0.16/0.17) and "
+            "pretrain(cfg_container, provider, model_type, forward_step, ...) (core_v0.18+); "
+            f"this checkout's pretrain{_signature(pretrain)} is neither. Use a checkout at "
+            f"{' or '.join(SUPPORTED_MEGATRON_LM_TAGS)}.")
     version = mcore_version()
-    if version not in TESTED_MCORE:
+    if version not in TESTED_MCORE:  # the supported tags are on the tested lines
         import warnings
 
         warnings.warn(f"megatron-mohge: Megatron-LM/megatron-core {version} is untested; the "
                       f"launcher was checked against {', '.join(SUPPORTED_MEGATRON_LM_TAGS)}.",
                       stacklevel=2)
+    return style
+
+
+def _signature(fn) -> str:
+    import inspect
+
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"

@@ -1,7 +1,8 @@
 """Integration with Megatron-LM (the training framework around megatron-core) and Slurm.
 
 * :mod:`~megatron_mohge.integration.megatron_lm` -- ``--mohge-config`` for Megatron-LM's
-  ``pretrain_gpt.py`` (argument hook, model builder, aux-loss names, FLOPs correction), used by
+  ``pretrain_gpt.py`` at core_v0.16.1 and core_v0.19.0 (argument hook, model builders,
+  aux-loss names, FLOPs correction, launcher; one module per job), used by
   ``examples/pretrain_mohge.py`` (no patch) and by ``patches/`` (a patched checkout).
 * :mod:`~megatron_mohge.integration.flags` -- a run YAML (``RunConfig``) to Megatron-LM flags.
 * :mod:`~megatron_mohge.integration.slurm` -- the exact ``srun``/``torchrun`` command lines of

@@ -6,9 +6,11 @@ for ``moe.kind: mohge``), parallelism, data and tokenizer, optimizer and LR sche
 evaluation, checkpoints (``--ckpt-format torch_dist``) and logging. ``launch.extra_args`` come
 last, so they override anything above (argparse keeps the last value).
 
-Tokenizers: ``byte`` -> ``--tokenizer-type NullTokenizer --vocab-size 256`` (ids 0..255 and
-eod 256, exactly our ``ByteTokenizer``; Megatron pads 257 to a multiple of
-``make_vocab_size_divisible_by x TP``); a ``tokenizer.json`` (or its folder) ->
+Tokenizers: ``byte`` -> Megatron's ``NullTokenizer`` with ids 0..255 and eod 256, exactly our
+``ByteTokenizer`` (``--vocab-size 256`` up to core_v0.17, ``--vocab-size 257
+--null-tokenizer-eod-id 256`` from core_v0.18, see ``compat.versions.NULL_TOKENIZER_COUNTS_EOD``;
+the flags follow the Megatron-LM checkout the run uses); Megatron pads 257 to a multiple of
+``make_vocab_size_divisible_by x TP``; a ``tokenizer.json`` (or its folder) ->
 ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model <folder>`` (Megatron-LM loads it with
 ``transformers.AutoTokenizer``, see the README, "Training with Megatron-LM on Slurm").
 """
@@ -20,8 +22,9 @@ from typing import Optional, Union
 
 from megatron_mohge.config import ConfigError
 
-#: The byte tokenizer's raw vocabulary (256 bytes + eod), as NullTokenizer(--vocab-size 256).
+#: The byte tokenizer's raw vocabulary (256 bytes + eod 256).
 BYTE_VOCAB = 257
+_FIND = object()  # megatron_lm_flags: find the Megatron-LM version
 
 
 def _num(x) -> str:
@@ -158,7 +161,9 @@ def parallel_flags(run) -> list[str]:
     return f
 
 
-def tokenizer_flags(run) -> list[str]:
+def tokenizer_flags(run, megatron_lm_version=None) -> list[str]:
+    """``megatron_lm_version``: the Megatron-LM (megatron-core) version the flags are for; the
+    byte tokenizer's flags differ between tags (``None``: the newest supported tag's)."""
     tok = run.data.tokenizer
     if tok == "byte":
         if run.model.vocab_size is not None and \
@@ -168,6 +173,11 @@ def tokenizer_flags(run) -> list[str]:
                 f"{BYTE_VOCAB} ids to {run.megatron_padded_vocab(BYTE_VOCAB)} (a multiple of "
                 "make_vocab_size_divisible_by x tensor_parallel); set model.vocab_size: null or "
                 "change model.make_vocab_size_divisible_by.")
+        from megatron_mohge.compat.versions import null_tokenizer_counts_eod
+
+        if null_tokenizer_counts_eod(megatron_lm_version):
+            return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB),
+                    "--null-tokenizer-eod-id", str(BYTE_VOCAB - 1)]
         return ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(BYTE_VOCAB - 1)]
     path = Path(tok).expanduser()
     if path.suffix == ".json" and path.name != "tokenizer.json":
@@ -180,7 +190,7 @@ def tokenizer_flags(run) -> list[str]:
     return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(folder)]
 
 
-def data_flags(run) -> list[str]:
+def data_flags(run, megatron_lm_version=None) -> list[str]:
     d = run.data
     if not d.path:
         raise ConfigError(
@@ -189,7 +199,7 @@ def data_flags(run) -> list[str]:
             "launch.extra_args for a synthetic benchmark).")
     return ["--data-path", *d.path, "--split", str(d.split),
             "--data-cache-path", str(Path(d.cache_dir) / "megatron_index_cache"),
-            *tokenizer_flags(run)]
+            *tokenizer_flags(run, megatron_lm_version)]
 
 
 def train_flags(run) -> list[str]:
@@ -239,12 +249,20 @@ def logging_flags(run) -> list[str]:
     return f
 
 
-def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list[str]:
+def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
+                      megatron_lm_version=_FIND) -> list[str]:
     """All Megatron-LM flags of ``run`` (``launch.extra_args`` last).
 
     ``mohge_config_path``: the file ``--mohge-config`` points at for MoHGE runs (default
     ``<output_dir>/mohge_layer.yaml``, written by :func:`write_mohge_config`).
+    ``megatron_lm_version``: the megatron-core version of the Megatron-LM checkout the flags
+    are for (default: found from ``launch.megatron_lm_dir`` / ``$MEGATRON_LM_DIR`` / the
+    installed megatron-core, ``compat.versions.megatron_lm_version``).
     """
+    if megatron_lm_version is _FIND:
+        from megatron_mohge.compat.versions import megatron_lm_version as find
+
+        megatron_lm_version = find(run.launch.megatron_lm_dir)
     return [*model_flags(run), *moe_flags(run, mohge_config_path), *parallel_flags(run),
-            *data_flags(run), *train_flags(run), *eval_flags(run), *checkpoint_flags(run),
-            *logging_flags(run), *run.launch.extra_args]
+            *data_flags(run, megatron_lm_version), *train_flags(run), *eval_flags(run),
+            *checkpoint_flags(run), *logging_flags(run), *run.launch.extra_args]

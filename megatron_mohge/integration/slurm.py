@@ -118,7 +118,10 @@ def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *
     shape = _shape(run, shape)
     check_layout(run, env)
     la = run.launch
-    flags = megatron_lm_flags(run, mohge_config_path)
+    from megatron_mohge.compat.versions import megatron_lm_version
+
+    mlm = env.get("MEGATRON_LM_DIR") or run.launch.megatron_lm_dir  # as render_env
+    flags = megatron_lm_flags(run, mohge_config_path, megatron_lm_version(mlm))
     addr = env.get("MASTER_ADDR") or "localhost"
     port = env.get("MASTER_PORT") or str(DEFAULT_MASTER_PORT)
     job = env.get("SLURM_JOB_ID") or run.name

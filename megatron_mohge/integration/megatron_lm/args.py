@@ -1,0 +1,209 @@
+"""``--mohge-config`` for Megatron-LM: the argument hook and the MoE arguments it implies.
+
+``--mohge-config PATH`` takes a MoHGE layer YAML or a run YAML (its ``moe.mohge`` section).
+While the command line is parsed it fills Megatron's own MoE arguments (``--num-experts E``,
+``--moe-router-topk K``, ``--moe-ffn-hidden-size``, shared-expert size, router dtype, no
+Megatron load-balancing loss, z-loss, jitter) exactly as ``MoHGEConfig.apply_to`` sets the
+``TransformerConfig``, so Megatron-LM's validation, logging and checkpoint metadata see a
+consistent MoE model; an explicit ``--num-experts``/``--moe-router-topk`` that disagrees is an
+error (:func:`finalize_mohge_args`). The same on every Megatron-LM tag: argparse is unchanged
+between core_v0.16 and core_v0.19 (only who calls the parser moved, see ``launcher``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from megatron_mohge.config import (
+    EXPERT_WEIGHTINGS,
+    GROUP_SCORES,
+    ConfigError,
+    MoHGEConfig,
+    read_yaml_file,
+)
+
+ARG_GROUP_TITLE = "MoHGE (megatron-mohge)"
+FLOPS_EXPECTATIONS = ("uniform", "min", "max")
+#: Command-line overrides of the MoHGE YAML: argparse dest -> path in MoHGEConfig.
+CLI_OVERRIDES = {
+    "mohge_group_coeff": ("losses", "group_coeff"),
+    "mohge_intra_group_coeff": ("losses", "intra_group_coeff"),
+    "mohge_group_start_fraction": ("losses", "group_start_fraction"),
+    "mohge_expert_weighting": ("router", "expert_weighting"),
+    "mohge_group_score": ("router", "group_score"),
+}
+
+def load_mohge_config(path) -> MoHGEConfig:
+    """A MoHGE layer YAML, or a run YAML whose ``moe.mohge`` section (mapping or path) is used."""
+    p = Path(path).expanduser()
+    data = read_yaml_file(p, "--mohge-config") or {}
+    if isinstance(data, dict) and ("moe" in data or "model" in data):
+        from megatron_mohge.run_config import RunConfig
+
+        run = RunConfig.from_yaml(p)
+        if run.moe.kind != "mohge" or run.moe.mohge is None:
+            raise ConfigError(f"--mohge-config {path}: a run file with moe.kind={run.moe.kind!r}; "
+                              "pass a run file with moe.kind: mohge, or a MoHGE layer YAML.")
+        return run.moe.mohge
+    return MoHGEConfig.from_dict(data)
+
+
+@dataclasses.dataclass
+class _MoEFields:
+    """The TransformerConfig fields ``MoHGEConfig.apply_to`` reads or writes, with
+    megatron-core's defaults: applying it here keeps the CLI arguments in step with it."""
+
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_router_dtype: Optional[str] = None
+    moe_router_load_balancing_type: Any = "aux_loss"
+    moe_aux_loss_coeff: Any = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+    moe_input_jitter_eps: Optional[float] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_pre_softmax: bool = False
+    moe_router_enable_expert_bias: bool = False
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_latent_size: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    tensor_model_parallel_size: int = 1
+    fp8: Optional[str] = None
+    fp8_recipe: Optional[str] = None
+
+
+#: Megatron-LM argument name of each TransformerConfig field we mirror (same unless listed).
+_ARG_NAME = {"num_moe_experts": "num_experts"}
+#: Fields ``apply_to`` writes: they become Megatron-LM arguments.
+MIRRORED_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                   "moe_shared_expert_intermediate_size", "moe_router_dtype",
+                   "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                   "moe_input_jitter_eps", "moe_router_topk_scaling_factor",
+                   "moe_router_pre_softmax")
+
+
+def megatron_moe_args(cfg: MoHGEConfig, ep: int = 1, expert_tp: Optional[int] = None,
+                      tp: int = 1) -> dict[str, Any]:
+    """Megatron-LM argument values (``args`` names) implied by ``cfg`` via ``apply_to``."""
+    fields = cfg.apply_to(_MoEFields(expert_model_parallel_size=ep,
+                                     expert_tensor_parallel_size=expert_tp,
+                                     tensor_model_parallel_size=tp))
+    return {_ARG_NAME.get(name, name): getattr(fields, name) for name in MIRRORED_FIELDS}
+
+
+class _MoHGEConfigAction(argparse.Action):
+    """Stores the path and fills Megatron's MoE arguments from the MoHGE config (later flags
+    on the command line still win; :func:`finalize_mohge_args` checks them)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        try:
+            cfg = load_mohge_config(values)
+            implied = megatron_moe_args(cfg, ep=1)  # EP is checked once all args are known
+        except ConfigError as exc:
+            parser.error(str(exc))
+        for name, value in implied.items():
+            setattr(namespace, name, value)
+
+
+def add_mohge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM ``extra_args_provider``: adds ``--mohge-config`` and its overrides."""
+    g = parser.add_argument_group(title=ARG_GROUP_TITLE)
+    g.add_argument("--mohge-config", type=str, default=None, action=_MoHGEConfigAction,
+                   help="MoHGE layer YAML (or a run YAML whose moe.mohge section is used). Sets "
+                        "--num-experts/--moe-router-topk/... to match and builds every MoE layer "
+                        "as a MoHGE layer.")
+    g.add_argument("--mohge-group-coeff", type=float, default=None,
+                   help="override losses.group_coeff (a_G of the group-wise aux loss)")
+    g.add_argument("--mohge-intra-group-coeff", type=float, default=None,
+                   help="override losses.intra_group_coeff (a_E of the intra-group loss)")
+    g.add_argument("--mohge-group-start-fraction", type=float, default=None,
+                   help="override losses.group_start_fraction (group loss off before it)")
+    g.add_argument("--mohge-expert-weighting", choices=EXPERT_WEIGHTINGS, default=None,
+                   help="override router.expert_weighting (renorm | paper)")
+    g.add_argument("--mohge-group-score", choices=GROUP_SCORES, default=None,
+                   help="override router.group_score (sigmoid | softmax)")
+    g.add_argument("--mohge-flops-expectation", choices=FLOPS_EXPECTATIONS, default="uniform",
+                   help="activated routed width used for FLOPs/throughput: the uniform-routing "
+                        "expectation (default), or the min / max reachable")
+    g.add_argument("--mohge-flops-routed-width", type=float, default=None,
+                   help="measured mean chosen expert width (megatron_mohge.metrics "
+                        "mean_chosen_width); FLOPs then use K x this width")
+    return parser
+
+
+def compose_extra_args_providers(*providers: Optional[Callable]) -> Callable:
+    """One ``extra_args_provider`` calling each given one (``None`` entries are skipped)."""
+    chain = [p for p in providers if p is not None]
+
+    def provider(parser):
+        for p in chain:
+            parser = p(parser) or parser
+        return parser
+
+    return provider
+
+
+_CONFIG_CACHE: dict = {}
+
+
+def mohge_config_from_args(args) -> Optional[MoHGEConfig]:
+    """The MoHGE config of ``args`` (``--mohge-config`` + overrides), or ``None`` without it.
+
+    Cached per (path, overrides): Megatron-LM asks for it at every model chunk and log step.
+    """
+    path = getattr(args, "mohge_config", None)
+    if not path:
+        return None
+    overrides = tuple((dest, getattr(args, dest, None)) for dest in CLI_OVERRIDES)
+    key = (str(path), overrides)
+    if key not in _CONFIG_CACHE:
+        data = load_mohge_config(path).to_dict()
+        for dest, value in overrides:
+            if value is not None:
+                section, name = CLI_OVERRIDES[dest]
+                data[section][name] = value
+        _CONFIG_CACHE[key] = MoHGEConfig.from_dict(data)
+    return _CONFIG_CACHE[key]
+
+
+def finalize_mohge_args(args, cfg: Optional[MoHGEConfig] = None) -> Optional[MoHGEConfig]:
+    """Check ``args`` against the MoHGE config and make its MoE arguments consistent.
+
+    ``--num-experts``/``--moe-router-topk`` that disagree raise ``ConfigError``; the other
+    mirrored MoE arguments are set to what ``apply_to`` gives (with a warning naming any that
+    changed), so logging and FLOPs read the same model the builder makes.
+    """
+    cfg = cfg or mohge_config_from_args(args)
+    if cfg is None:
+        return None
+    ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    want = megatron_moe_args(cfg, ep=ep, expert_tp=etp, tp=tp)
+    for name in ("num_experts", "moe_router_topk"):
+        have = getattr(args, name, None)
+        if have != want[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}={have} but --mohge-config {args.mohge_config} implies "
+                              f"{want[name]}; drop {flag} (it is set from the MoHGE config).")
+    changed = []
+    for name, value in want.items():
+        have = getattr(args, name, None)
+        if isinstance(have, list) and len(have) == 1 and not isinstance(value, list):
+            have = have[0]
+        if have != value:
+            changed.append(f"{name}: {have!r} -> {value!r}")
+        setattr(args, name, value)
+    if changed:
+        warnings.warn("megatron-mohge: MoE arguments set from --mohge-config: "
+                      + ", ".join(changed), stacklevel=2)
+    return cfg

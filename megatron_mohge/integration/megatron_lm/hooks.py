@@ -1,0 +1,158 @@
+"""Megatron-LM's training loop, told about MoHGE: loss-schedule progress, aux-loss logging, FLOPs.
+
+* :func:`update_training_progress` -- called from the forward step; Megatron never tells
+  routers how far training is, and the group-wise loss starts at a fraction of it.
+* :func:`mohge_track_names` -- ``training_log`` reduces (across pipeline stages and
+  data-parallel ranks) and logs only the MoE metrics it names; MoHGE adds its router losses.
+* :func:`install_megatron_lm_hooks` -- what the unpatched launcher installs at run time. The
+  seams differ by tag and are found by shape: ``track_moe_metrics(track_names=...)`` in
+  ``megatron.training.training`` up to core_v0.17; from core_v0.18 ``training_log`` calls
+  ``get_moe_metrics_tracker().report(track_names=...)`` (names it does not list are neither
+  reduced nor logged there), so the tracker's ``report`` is wrapped instead.
+  ``num_floating_point_operations`` is wrapped on every tag (``flops``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+from megatron_mohge.config import MoHGEConfig
+from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
+from megatron_mohge.integration.megatron_lm.flops import mohge_flops_correction
+
+#: Tracker names of Megatron's own load-balancing losses; MoHGE routers never log them.
+MEGATRON_LB_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss",
+                          "global_load_balancing_loss")
+
+_ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def update_training_progress(model, args) -> None:
+    """Tell the MoHGE / noisy routers of ``model`` how far training is (loss schedules).
+
+    Megatron-LM's loop never does; the group-wise loss stays off until
+    ``losses.group_start_fraction`` of ``args.train_iters`` otherwise never arrives. Cheap:
+    the router list of each model chunk is found once.
+    """
+    if not getattr(args, "mohge_config", None):
+        return
+    train_iters = getattr(args, "train_iters", None)
+    if not train_iters:
+        return
+    iteration = getattr(args, "curr_iteration", None)
+    if iteration is None:
+        iteration = getattr(args, "iteration", 0) or 0
+    routers = _ROUTERS.get(model)
+    if routers is None:
+        from megatron_mohge.routing.base import GroupedExpertRouter
+
+        routers = [m for m in model.modules() if isinstance(m, GroupedExpertRouter)]
+        _ROUTERS[model] = routers
+    for r in routers:
+        r.set_training_progress(iteration / train_iters)
+
+
+def mohge_aux_loss_names(cfg: MoHGEConfig) -> list[str]:
+    """Aux-loss tracker names the routers of ``cfg`` log (those with a non-zero coefficient)."""
+    if cfg.router.type == "mohge":
+        from megatron_mohge.routing.mohge_router import GROUP_LOSS_NAME, INTRA_GROUP_LOSS_NAME
+
+        pairs = ((cfg.losses.group_coeff, GROUP_LOSS_NAME),
+                 (cfg.losses.intra_group_coeff, INTRA_GROUP_LOSS_NAME))
+    else:
+        from megatron_mohge.routing.noisy_topk import IMPORTANCE_LOSS_NAME, LOAD_LOSS_NAME
+
+        pairs = ((cfg.noisy_gating.importance_coeff, IMPORTANCE_LOSS_NAME),
+                 (cfg.noisy_gating.load_coeff, LOAD_LOSS_NAME))
+    return [name for coeff, name in pairs if coeff > 0]
+
+
+def mohge_track_names(args, track_names) -> list[str]:
+    """Megatron-LM ``training_log``'s ``track_names`` with the MoHGE router losses added.
+
+    Megatron's own load-balancing names are dropped (MoHGE routers never log them); ``z_loss``
+    stays when ``--moe-z-loss-coeff`` (mirrored from ``router.z_loss_coeff``) is set. Runs
+    without ``--mohge-config`` get ``track_names`` back unchanged.
+    """
+    names = list(track_names or [])
+    cfg = mohge_config_from_args(args)
+    if cfg is None:
+        return names
+    names = [n for n in names if n not in MEGATRON_LB_LOSS_NAMES]
+    if cfg.router.z_loss_coeff and "z_loss" not in names:
+        names.append("z_loss")
+    return names + [n for n in mohge_aux_loss_names(cfg) if n not in names]
+
+
+def _with_mohge_track_names(stock):
+    """``stock`` (a function taking ``track_names=``) with :func:`mohge_track_names` applied."""
+    params = list(inspect.signature(stock).parameters)
+    position = params.index("track_names") if "track_names" in params else None
+
+    def wrapper(*a, **kw):
+        from megatron.training import get_args
+
+        if kw.get("track_names") is not None:  # how training_log passes it on every tag
+            kw["track_names"] = mohge_track_names(get_args(), kw["track_names"])
+        elif position is not None and len(a) > position and a[position] is not None:
+            a = (*a[:position], mohge_track_names(get_args(), a[position]), *a[position + 1:])
+        return stock(*a, **kw)
+
+    wrapper.__mohge_stock__ = stock
+    wrapper.__wrapped__ = stock
+    return wrapper
+
+
+def install_tracker_report_hook() -> bool:
+    """Wrap ``report`` of megatron.core's MoE metrics tracker (core_v0.18+); ``False`` when it
+    was already wrapped. The wrapper lives on the tracker object ``training_log`` reports to."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    if getattr(tracker.report, "__mohge_stock__", None):
+        return False
+    tracker.report = _with_mohge_track_names(tracker.report)
+    return True
+
+
+def install_megatron_lm_hooks() -> str:
+    """Make an unpatched ``megatron.training.training`` log MoHGE losses and count MoHGE FLOPs.
+
+    Returns ``"patched"`` (a patched checkout does it itself: nothing to do), ``"installed"``
+    or ``"already installed"``. The wrappers leave runs without ``--mohge-config`` unchanged.
+    """
+    import megatron.training.training as T
+
+    if getattr(T, "MOHGE_PATCH", None):
+        return "patched"
+    if getattr(T.num_floating_point_operations, "__mohge_stock__", None):
+        return "already installed"
+    if hasattr(T, "track_moe_metrics"):  # core_v0.16 / core_v0.17
+        T.track_moe_metrics = _with_mohge_track_names(T.track_moe_metrics)
+    elif hasattr(T, "get_moe_metrics_tracker"):  # core_v0.18+
+        install_tracker_report_hook()
+    else:
+        raise RuntimeError("megatron.training.training has neither track_moe_metrics nor "
+                           "get_moe_metrics_tracker: an unsupported Megatron-LM version; see "
+                           "megatron_mohge/compat/versions.py (Megatron-LM section)")
+    stock_flops = T.num_floating_point_operations
+    sig = inspect.signature(stock_flops)
+
+    def num_floating_point_operations(args, batch_size, *a, **kw):
+        tokens = sig.bind(args, batch_size, *a, **kw).arguments.get("total_real_tokens_in_batch")
+        return (stock_flops(args, batch_size, *a, **kw)
+                + mohge_flops_correction(args, batch_size, total_real_tokens_in_batch=tokens))
+
+    num_floating_point_operations.__mohge_stock__ = stock_flops
+    T.num_floating_point_operations = num_floating_point_operations
+    return "installed"
+
+
+def mohge_forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """``pretrain_gpt.forward_step`` after :func:`update_training_progress`."""
+    import pretrain_gpt
+    from megatron.training import get_args
+
+    update_training_progress(model, get_args())
+    return pretrain_gpt.forward_step(data_iterator, model, return_schedule_plan)
