@@ -417,9 +417,13 @@ def test_megatron_lm_hooks_and_flops(monkeypatch, tmp_path):
     if hasattr(T, "track_moe_metrics"):  # core_v0.16: restore the stock function afterwards
         monkeypatch.setattr(T, "track_moe_metrics", T.track_moe_metrics)
     monkeypatch.setattr(MT, "get_args", lambda: args)
+    monkeypatch.setattr(T, "finalize_model_grads", T.finalize_model_grads)
     stock = T.num_floating_point_operations(args, 8)
     assert ML.install_megatron_lm_hooks() == "installed"
     assert ML.install_megatron_lm_hooks() == "already installed"
+    # end-of-step balancing runs after Megatron's finalize_model_grads, wrapped once
+    assert T.finalize_model_grads._mohge_end_of_step
+    assert not getattr(T.finalize_model_grads.__wrapped__, "_mohge_end_of_step", False)
     corrected = T.num_floating_point_operations(args, 8)
     # Megatron's own formula with the activated width spread over K experts agrees
     eff = copy.copy(args)

@@ -117,13 +117,20 @@ def install_tracker_report_hook() -> bool:
 
 
 def install_megatron_lm_hooks() -> str:
-    """Make an unpatched ``megatron.training.training`` log MoHGE losses and count MoHGE FLOPs.
+    """Make an unpatched ``megatron.training.training`` log MoHGE losses and count MoHGE FLOPs,
+    and run :func:`megatron_mohge.routing.balance.end_of_step` after ``finalize_model_grads``.
 
     Returns ``"patched"`` (a patched checkout does it itself: nothing to do), ``"installed"``
     or ``"already installed"``. The wrappers leave runs without ``--mohge-config`` unchanged.
     """
     import megatron.training.training as T
 
+    from megatron_mohge.routing.balance import wrap_finalize_model_grads
+
+    # train() installs this name as config.finalize_model_grads_func on every tag: the
+    # once-per-step loss-free bias update and global-batch figures run right after it
+    # (idempotent; patched checkouts get it too).
+    T.finalize_model_grads = wrap_finalize_model_grads(T.finalize_model_grads)
     if getattr(T, "MOHGE_PATCH", None):
         return "patched"
     if getattr(T.num_floating_point_operations, "__mohge_stock__", None):
