@@ -22,7 +22,7 @@ SEED_FIELDS = ("heldout_loss", "heldout_loss_se", "total_params", "routed_expert
                "activated_params_per_token", "activated_routed_params_per_token",
                "train_tokens_per_s", "peak_mem_bytes", "expert_load_cv",
                "expert_load_max_over_mean", "rank_flops_max_over_mean", "group_load_cv",
-               "maxvio_micro", "maxvio_batch")
+               "maxvio_micro", "maxvio_batch", "wall_s", "cpu_s")
 # Figures compared run vs baseline, paired by seed: summary field -> name in `comparisons`
 # (``<name>_ratio_mean``, ``<name>_ratio_ci95``, ``<name>_ratio_per_seed``).
 COMPARED = {"heldout_loss": "loss", "activated_params_per_token": "activated_params",
@@ -61,7 +61,8 @@ def mean_over_seeds(values: list):
     seed."""
     first = values[0]
     if all(_is_num(v) for v in values):
-        return sum(values) / len(values)
+        # equal values (iteration numbers, parameter counts) stay as they are (ints)
+        return first if all(v == first for v in values) else sum(values) / len(values)
     if all(isinstance(v, dict) for v in values):
         return {k: mean_over_seeds([v[k] for v in values]) if all(k in v for v in values)
                 else first[k] for k in first}

@@ -24,8 +24,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 import yaml
 
@@ -119,8 +120,22 @@ def config_path(out_dir: Path, name: str, run: RunConfig) -> Path:
     return out_dir / "configs" / f"{name}.seed{run.train.seed}.yaml"
 
 
-def _start_run(name: str, run: RunConfig, nproc: int, out_dir: Path, threads: int,
-               log_file: Optional[Path], log=print) -> tuple:
+@dataclass
+class _Active:
+    """One training process in flight."""
+
+    key: object
+    name: str
+    run: RunConfig
+    proc: subprocess.Popen
+    cfg_path: Path
+    log_file: Optional[Path]
+    out: Optional[IO]
+    t0: float
+
+
+def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, threads: int,
+               log_file: Optional[Path], log=print) -> _Active:
     cfg_path = config_path(out_dir, name, run)
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     run.to_yaml(cfg_path)
@@ -132,6 +147,8 @@ def _start_run(name: str, run: RunConfig, nproc: int, out_dir: Path, threads: in
     if threads > 0:
         env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("PYTHONWARNINGS", "ignore")
+    if log_file is not None:  # line by line into the log, not in blocks at exit
+        env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = launch_command(cfg_path, nproc)
     where = f" (log: {log_file})" if log_file else ""
     log(f"[bench] {name} seed {run.train.seed}: {' '.join(cmd[1:])}{where}")
@@ -140,21 +157,33 @@ def _start_run(name: str, run: RunConfig, nproc: int, out_dir: Path, threads: in
         log_file.parent.mkdir(parents=True, exist_ok=True)
         out = open(log_file, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-    return proc, out, cfg_path, time.perf_counter()
+    return _Active(key, name, run, proc, cfg_path, log_file, out, time.perf_counter())
 
 
-def _finish_run(name: str, run: RunConfig, proc, out, cfg_path: Path, t0: float,
-                log_file: Optional[Path]) -> dict:
-    if out is not None:
-        out.close()
-    summary_path = run.out_dir / "summary.json"
-    if proc.returncode != 0 or not summary_path.is_file():
-        where = f"its log is {log_file}" if log_file else "its log is above"
-        raise RuntimeError(f"run {name} (seed {run.train.seed}) failed (exit {proc.returncode}); "
-                           f"{where} and its config {cfg_path}")
+def _finish_run(a: _Active, cpu_s: Optional[float]) -> dict:
+    if a.out is not None:
+        a.out.close()
+    summary_path = a.run.out_dir / "summary.json"
+    if a.proc.returncode != 0 or not summary_path.is_file():
+        where = f"its log is {a.log_file}" if a.log_file else "its log is above"
+        raise RuntimeError(f"run {a.name} (seed {a.run.train.seed}) failed (exit "
+                           f"{a.proc.returncode}); {where} and its config {a.cfg_path}")
     summary = json.loads(summary_path.read_text())
-    summary["wall_s"] = time.perf_counter() - t0
+    summary["wall_s"] = time.perf_counter() - a.t0
+    # CPU seconds of the run (all ranks): a cost figure a busy machine does not inflate
+    summary["cpu_s"] = cpu_s
     return summary
+
+
+def _reap(active: list[_Active]) -> tuple[Optional[_Active], Optional[float]]:
+    """A finished run and its CPU seconds, or (None, None). Reaped with wait4, so the
+    resource usage covers the run's whole process tree (torchrun and its ranks)."""
+    for a in active:
+        pid, status, usage = os.wait4(a.proc.pid, os.WNOHANG)
+        if pid:
+            a.proc.returncode = os.waitstatus_to_exitcode(status)
+            return a, usage.ru_utime + usage.ru_stime
+    return None, None
 
 
 def train_runs(queue: list[tuple], nproc_of, out_dir: Path, jobs: int = 1, log=print):
@@ -171,19 +200,27 @@ def train_runs(queue: list[tuple], nproc_of, out_dir: Path, jobs: int = 1, log=p
                 threads = max(1, cpus // (nproc * jobs)) if nproc * jobs > 1 else 0
                 log_file = (out_dir / "logs" / f"{name}.seed{run.train.seed}.log"
                             if jobs > 1 else None)
-                active.append((key, name, run, log_file,
-                               *_start_run(name, run, nproc, out_dir, threads, log_file, log)))
-            done = next((a for a in active if a[4].poll() is not None), None)
+                active.append(_start_run(key, name, run, nproc, out_dir, threads, log_file,
+                                         log))
+            done, cpu_s = _reap(active)
             if done is None:
                 time.sleep(0.5)
                 continue
             active.remove(done)
-            key, name, run, log_file, proc, out, cfg_path, t0 = done
-            yield key, name, run, _finish_run(name, run, proc, out, cfg_path, t0, log_file)
+            yield done.key, done.name, done.run, _finish_run(done, cpu_s)
     finally:
-        for a in active:  # a failed run stops the others (only the processes started here)
-            a[4].kill()
-            a[4].wait()
+        # a failed or interrupted run stops the others (only the processes started here);
+        # SIGTERM first, so torchrun stops its ranks
+        for a in active:
+            a.proc.terminate()
+        for a in active:
+            try:
+                a.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+                a.proc.wait()
+            if a.out is not None:
+                a.out.close()
 
 
 def train_run(name: str, run: RunConfig, nproc: int, out_dir: Path, log=print) -> dict:
@@ -221,6 +258,7 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
     fig["seed"] = run.train.seed
     fig["layout"] = summary["layout"]
     fig["wall_s"] = summary.get("wall_s")
+    fig["cpu_s"] = summary.get("cpu_s")
     for key in ("heldout_loss_se", "heldout_tokens", "heldout_batch_losses"):
         if key in summary:
             fig[key] = summary[key]
@@ -298,6 +336,8 @@ def _mean(values) -> Optional[float]:
 
 def target_checks(results: dict) -> dict:
     """The issue's targets, evaluated on the measured figures (reported, never asserted)."""
+    if results.get("study"):
+        return _study_targets(results["study"])
     runs, base = results["runs"], results["runs"].get(results.get("baseline", "moe"))
     if base is None or "mohge" not in runs:
         return {}
@@ -337,6 +377,20 @@ def target_checks(results: dict) -> dict:
     return {"figures": checks, "met": passed}
 
 
+def _study_targets(study: dict) -> dict:
+    """The paper's "parity at ~20% fewer params": parameter-efficiency ratio >= 1.2."""
+    eff = (study.get("efficiency") or {}).get(f"mohge_vs_{study['baseline_kind']}", {})
+    e = eff.get("total_params")
+    if not e or e.get("geomean") is None:
+        return {}
+    figures = {"param_efficiency_total": e["geomean"]}
+    met = {"param_efficiency>=1.2": e["geomean"] >= 1.2}
+    if e.get("geomean_ci95"):
+        figures["param_efficiency_total_ci95_low"] = e["geomean_ci95"][0]
+        met["param_efficiency_ci95_low>=1.2"] = e["geomean_ci95"][0] >= 1.2
+    return {"figures": figures, "met": met}
+
+
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
               log=print) -> dict:
@@ -372,6 +426,8 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
+        log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f} "
+            f"({fig['wall_s']:.0f} s)")
         per_seed[name].append(fig)
         per_seed[name].sort(key=lambda f: seed_list.index(f["seed"]))
         results["runs"] = aggregate_runs(per_seed)

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         out = Path(args.out or f"runs/bench-{preset.name}")
         names = args.runs.split(",") if args.runs else list(preset.runs)
         if args.with_dense:
-            names += [n for n in preset.optional_runs if n not in names]
+            names += [n for n in preset.optional_runs if n == "dense" and n not in names]
         if args.dry_run or preset.needs_gpu:
             seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
             runs = {(s, n): r for s in seeds
