@@ -7,7 +7,7 @@ layer microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PN
 with seed means and paired 95% intervals of every ratio to the baseline.
 
 Presets: ``default`` (CPU, 3 seeds, ~10 min on 2 cores), ``study`` (CPU scaling study:
-stock MoE vs MoHGE at three sizes, 3 seeds, ~45 min on 2 cores), ``paper-3b`` (the paper's
+stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``paper-3b`` (the paper's
 3B-class setting, for GPU clusters), ``load-balance-ablation`` (noisy top-k gating
 with/without its losses).
 """
