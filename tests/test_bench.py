@@ -183,3 +183,16 @@ def test_cli_dry_run_and_gpu_preset_error(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["--preset", "paper-3b", "--out", str(tmp_path)]) == 2
         assert "GPU" in capsys.readouterr().err
+
+
+def test_eval_and_valid_seed_fields_are_validated():
+    from megatron_mohge.run_config import RunConfig
+
+    run = RunConfig.from_dict({"eval": {"iters": 8, "final_iters": 64}})
+    assert run.eval.final_batches == 64 and run.data.valid_seed == 1234
+    assert RunConfig.from_dict({"eval": {"iters": 8}}).eval.final_batches == 8
+    with pytest.raises(ConfigError, match="eval.final_iters"):
+        RunConfig.from_dict({"eval": {"final_iters": 0}})
+    with pytest.raises(ConfigError, match="data.valid_seed"):
+        RunConfig.from_dict({"data": {"valid_seed": "x"}})
+    assert RunConfig.from_dict({"data": {"valid_seed": None}}).data.valid_seed is None
