@@ -109,6 +109,9 @@ class DataConfig:
     split: str = "95,5,0"  # train,valid,test weights of the documents
     cache_dir: str = "runs/data"  # default-corpus dataset and GPTDataset index cache
     default_corpus_bytes: int = 4_000_000  # how much Python stdlib source the default corpus uses
+    # Shuffles the validation split into samples. Fixed, so runs with different train.seed
+    # are evaluated on the same held-out samples (paired comparisons); null = train.seed.
+    valid_seed: Optional[int] = 1234
 
 
 @dataclass
@@ -137,6 +140,13 @@ class EvalConfig:
 
     interval: int = 100  # every this many steps (0: only at the end)
     iters: int = 8  # global batches per evaluation
+    # global batches of the final evaluation (the reported held-out loss); a larger final
+    # set lowers evaluation noise without slowing the periodic evaluations. None = iters
+    final_iters: Optional[int] = None
+
+    @property
+    def final_batches(self) -> int:
+        return self.final_iters if self.final_iters is not None else self.iters
 
 
 @dataclass
@@ -277,6 +287,8 @@ class RunConfig(YamlDataclass):
         self._validate_train()
         _int("eval.interval", self.eval.interval, 0)
         _int("eval.iters", self.eval.iters, 1)
+        if self.eval.final_iters is not None:
+            _int("eval.final_iters", self.eval.final_iters, 1)
         _int("checkpoint.interval", self.checkpoint.interval, 0)
         _bool("checkpoint.fully_parallel", self.checkpoint.fully_parallel)
         _bool("checkpoint.enabled", self.checkpoint.enabled)
@@ -389,6 +401,8 @@ class RunConfig(YamlDataclass):
                               f"train,valid,test with train and valid > 0 (e.g. '95,5,0'), "
                               f"got {d.split!r}")
         _int("data.default_corpus_bytes", d.default_corpus_bytes, 10_000)
+        if d.valid_seed is not None:
+            _int("data.valid_seed", d.valid_seed, 0)
 
     def _validate_train(self) -> None:
         t = self.train

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: installs what it needs, then runs `mohge-bench --preset default`: a tiny
-# MoHGE GPT and its stock Megatron MoE baseline trained on CPU (same data, seed and token
-# budget; 2 gloo ranks, EP=2), plus the layer microbenchmark. About 10 minutes on 2 cores.
+# MoHGE GPT and its stock Megatron MoE baseline trained on CPU (same data and token budget;
+# 2 gloo ranks, EP=2), once per seed for 3 seeds, plus the layer microbenchmark. About 10
+# minutes on 2 cores. `--preset study` is the scaling study (~40 minutes).
 # Writes runs/bench-default/{results.json,results.md,*.png}.
 #   scripts/bench.sh [--line 0.19|0.16] [mohge-bench arguments]
 # The line defaults to 0.19 (megatron-core 0.19.2 on Python 3.12; scripts/setup_env.sh);

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from megatron_mohge.bench import e2e
+from megatron_mohge.bench import e2e, stats
+from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs, mean_over_seeds
 from megatron_mohge.bench.presets import get_preset
 from megatron_mohge.config import ConfigError
 
@@ -27,11 +28,15 @@ def tiny_preset():
 
 
 def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
+    """Two seeds, two runs at a time: figures are seed means of the per-seed figures, and
+    the comparisons' intervals are the paired Student-t intervals of the per-seed ratios."""
     preset = tiny_preset()
-    results = e2e.run_bench(preset, tmp_path, names=["moe", "mohge"])
+    results = e2e.run_bench(preset, tmp_path, names=["moe", "mohge"], seeds=[11, 12], jobs=2)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["runs"].keys() == {"moe", "mohge"}
+    assert on_disk["seeds"] == [11, 12] and on_disk["seed"] == 11
     runs = on_disk["runs"]
+    _check_seed_consistency(on_disk)
     for name, r in runs.items():
         for key in CONTRACT:
             assert r[key] is not None, (name, key)
@@ -64,6 +69,90 @@ def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
     assert "routed_params_reduction" in results["targets"]["figures"]
 
 
+def _check_seed_consistency(res):
+    seeds = res["seeds"]
+    for name, r in res["runs"].items():
+        assert r["seeds"] == seeds and [f["seed"] for f in r["per_seed"]] == seeds
+        per = r["heldout_loss_per_seed"]
+        assert per == [f["heldout_loss"] for f in r["per_seed"]]
+        assert r["heldout_loss"] == pytest.approx(stats.mean(per))
+        assert r["activated_params_per_token"] == pytest.approx(
+            stats.mean(r["activated_params_per_token_per_seed"]))
+        assert r["heldout_ppl"] == pytest.approx(math.exp(r["heldout_loss"]))
+        # the held-out set: the same number of tokens for every seed, with its noise
+        assert len({f["heldout_tokens"] for f in r["per_seed"]}) == 1
+        assert all(f["heldout_loss_se"] > 0 for f in r["per_seed"])
+    # different seeds train different models (weights, data order)
+    assert len(set(res["runs"]["moe"]["heldout_loss_per_seed"])) == len(seeds)
+    comp = res["comparisons"]["mohge_vs_moe"]
+    assert comp["seeds"] == seeds
+    t = stats.t_quantile(0.975, len(seeds) - 1)
+    for field, short in (("heldout_loss", "loss"), ("activated_params_per_token",
+                                                    "activated_params"),
+                         ("expert_load_cv", "expert_load_cv"),
+                         ("rank_flops_max_over_mean", "rank_flops_max_over_mean")):
+        ratios = [a[field] / b[field] for a, b in zip(res["runs"]["mohge"]["per_seed"],
+                                                      res["runs"]["moe"]["per_seed"])]
+        assert comp[f"{short}_ratio_per_seed"] == pytest.approx(ratios)
+        mean = stats.mean(ratios)
+        assert comp[f"{short}_ratio_mean"] == pytest.approx(mean)
+        lo, hi = comp[f"{short}_ratio_ci95"]
+        assert lo <= mean <= hi
+        assert hi - lo == pytest.approx(2 * t * stats.sample_sd(ratios) / math.sqrt(len(seeds)))
+    assert len(comp["loss_ratio_eval_se"]) == len(seeds)
+    if "targets" in res:
+        assert res["targets"]["figures"]["heldout_loss_ratio_ci95_high"] == \
+            comp["loss_ratio_ci95"][1]
+
+
+def test_seed_report_and_plot(tmp_path):
+    """results.md shows every seed's loss and the paired intervals; the loss plot has them."""
+    from megatron_mohge.bench.report import write_report
+
+    per_seed = {n: [_fake_fig(n, s, loss) for s, loss in zip((1, 2, 3), losses)]
+                for n, losses in (("moe", (2.0, 2.2, 2.1)), ("mohge", (1.9, 2.3, 2.0)))}
+    res = {"seeds": [1, 2, 3], "valid_seed": 1234, "baseline": "moe",
+           "runs": aggregate_runs(per_seed),
+           "comparisons": compare_runs(per_seed, [("mohge", "moe")])}
+    _check_seed_consistency(res)
+    paths = write_report(res, tmp_path)
+    md = paths["results.md"].read_text()
+    assert "3 seeds (1, 2, 3)" in md and "valid_seed 1234" in md
+    assert "| mohge | 1.9000 | 2.3000 | 2.0000 | 2.0667 |" in md
+    c = res["comparisons"]["mohge_vs_moe"]
+    assert f"{c['loss_ratio_ci95'][0]:.4f}, {c['loss_ratio_ci95'][1]:.4f}" in md
+    assert paths["loss_curves.png"].stat().st_size > 1000
+
+
+def _fake_fig(name, seed, loss):
+    routed = 100.0 if name == "moe" else 81.25
+    act = 900.0 + (20.0 if name == "moe" else 15.0 + seed)
+    return {"kind": "moe" if name == "moe" else "mohge", "seed": seed, "heldout_loss": loss,
+            "heldout_ppl": math.exp(loss), "heldout_loss_se": 0.01, "heldout_tokens": 4096,
+            "heldout_batch_losses": [loss - 0.05, loss + 0.05, loss],
+            "total_params": 1000.0 + routed, "routed_expert_params": routed,
+            "activated_params_per_token": act, "activated_routed_params_per_token": act - 900,
+            "expert_load_cv": 0.5 + 0.1 * seed, "rank_flops_max_over_mean": 1.0 + 0.01 * seed,
+            "group_token_share": [0.5, 0.5],
+            "curves": {"iteration": [1, 2, 3], "train_loss": [3.0, loss + 0.3, loss + 0.1],
+                       "eval_iteration": [3], "eval_loss": [loss]}}
+
+
+def test_mean_over_seeds_and_resolve_seeds():
+    assert mean_over_seeds([{"a": 1, "b": [1.0, 2.0], "c": "x", "it": [5, 10]},
+                            {"a": 3, "b": [3.0, 4.0], "c": "y", "it": [5, 10]}]) == \
+        {"a": 2.0, "b": [2.0, 3.0], "c": "x", "it": [5, 10]}
+    p = get_preset("default")
+    assert e2e.resolve_seeds(p) == list(p.seeds) and len(p.seeds) >= 3
+    assert e2e.resolve_seeds(p, [2], 7) == [7, 8]
+    assert e2e.resolve_seeds(p, None, 7) == [7]
+    assert e2e.resolve_seeds(p, [5, 9, 1]) == [5, 9, 1]
+    with pytest.raises(ConfigError, match="seeds repeat"):
+        e2e.resolve_seeds(p, [5, 5])
+    with pytest.raises(ConfigError, match="--seeds 0"):
+        e2e.resolve_seeds(p, [0])
+
+
 def test_presets_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="--preset"):
         get_preset("nope")
@@ -84,9 +173,26 @@ def test_cli_dry_run_and_gpu_preset_error(tmp_path, capsys):
 
     assert main(["--preset", "paper-3b", "--dry-run", "--out", str(tmp_path)]) == 0
     assert "--nproc-per-node=8" in capsys.readouterr().out
-    assert (tmp_path / "configs" / "mohge.yaml").exists()
+    assert (tmp_path / "configs" / "mohge.seed1234.yaml").exists()
+    assert main(["--preset", "default", "--dry-run", "--seeds", "2", "--seed", "5",
+                 "--out", str(tmp_path / "d")]) == 0
+    assert {p.name for p in (tmp_path / "d" / "configs").iterdir()} == {
+        f"{n}.seed{s}.yaml" for n in ("moe", "mohge") for s in (5, 6)}
     import torch
 
     if not torch.cuda.is_available():
         assert main(["--preset", "paper-3b", "--out", str(tmp_path)]) == 2
         assert "GPU" in capsys.readouterr().err
+
+
+def test_eval_and_valid_seed_fields_are_validated():
+    from megatron_mohge.run_config import RunConfig
+
+    run = RunConfig.from_dict({"eval": {"iters": 8, "final_iters": 64}})
+    assert run.eval.final_batches == 64 and run.data.valid_seed == 1234
+    assert RunConfig.from_dict({"eval": {"iters": 8}}).eval.final_batches == 8
+    with pytest.raises(ConfigError, match="eval.final_iters"):
+        RunConfig.from_dict({"eval": {"final_iters": 0}})
+    with pytest.raises(ConfigError, match="data.valid_seed"):
+        RunConfig.from_dict({"data": {"valid_seed": "x"}})
+    assert RunConfig.from_dict({"data": {"valid_seed": None}}).data.valid_seed is None

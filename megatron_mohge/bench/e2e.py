@@ -1,14 +1,20 @@
-"""End-to-end comparison: train every run of a preset with ``mohge-train`` (same data, seed
-and token budget; each run in its own process tree, ``torchrun`` when the preset uses
-several ranks), run the layer microbenchmark, and assemble ``results.json``.
+"""End-to-end comparison: train every run of a preset with ``mohge-train`` once per seed
+(same data, token budget and held-out set; each run in its own process tree, ``torchrun``
+when the preset uses several ranks), run the layer microbenchmark, and assemble
+``results.json``.
 
-``results.json`` (the contract users rely on) has ``runs``: run name -> ``total_params``,
-``routed_expert_params``, ``activated_params_per_token`` (non-routed params + routed params
-activated per token, measured from the routing of the held-out batches),
+``results.json`` (the contract users rely on) has ``seeds`` and ``runs``: run name ->
+``total_params``, ``routed_expert_params``, ``activated_params_per_token`` (non-routed params
++ routed params activated per token, measured from the routing of the held-out batches),
 ``heldout_loss``, ``heldout_ppl``, ``train_tokens_per_s``, ``peak_mem_bytes``,
 ``group_token_share``, ``expert_load_cv``, ``expert_load_max_over_mean``, and with EP>1
 ``rank_flops_max_over_mean`` (all-size allocation; the contiguous layout side by side in
-``rank_flops``); plus ``layer_bench`` with ``median_s`` per layer kind.
+``rank_flops``) -- each the mean over seeds, with ``<field>_per_seed`` lists (seed order) for
+the :data:`SEED_FIELDS` and every seed's full figures in ``per_seed``. ``comparisons``
+holds, per ``<run>_vs_<baseline>``, the paired per-seed ratios of the :data:`COMPARED`
+figures with their mean and Student-t 95% interval (:mod:`megatron_mohge.bench.stats`);
+``layer_bench`` has ``median_s`` per layer kind; ``study`` (scaling-study presets) the
+loss-vs-params fits (:mod:`megatron_mohge.bench.study`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 import yaml
 
+from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs, layer_mean
 from megatron_mohge.bench.presets import Preset
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig
@@ -53,21 +61,40 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print) -> l
     return prefixes
 
 
+def resolve_seeds(preset: Preset, seeds: Optional[list[int]] = None,
+                  seed: Optional[int] = None) -> list[int]:
+    """The seeds to train: ``--seeds N`` (one value: N seeds from ``--seed``/the preset's
+    first seed on) or an explicit list; else ``--seed`` alone; else the preset's."""
+    first = preset.seeds[0] if seed is None else seed
+    if seeds is None:
+        return [first] if seed is not None else list(preset.seeds)
+    if len(seeds) == 1:
+        if seeds[0] < 1:
+            raise ConfigError(f"--seeds {seeds[0]}: give a number of seeds >= 1 or a list of "
+                              "two or more seeds")
+        return [first + i for i in range(seeds[0])]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: seeds repeat; give distinct "
+                          "seeds")
+    return list(seeds)
+
+
 def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = None,
                 data: Optional[list[str]] = None, tokenizer: Optional[str] = None,
                 seed: Optional[int] = None, iters: Optional[int] = None) -> dict[str, RunConfig]:
-    """Validated RunConfigs of the preset's runs with the command-line choices applied."""
+    """Validated RunConfigs of the preset's runs for one seed, with the command-line choices
+    applied; each writes to ``out_dir/runs/<name>/seed<seed>``."""
     runs = {}
     for name, d in preset.run_dicts(names).items():
-        d["output_dir"] = str(out_dir / "runs" / name)
+        if seed is not None:
+            d["train"]["seed"] = seed
+        d["output_dir"] = str(out_dir / "runs" / name / f"seed{d['train'].get('seed', 1234)}")
         d.setdefault("data", {})
         d["data"]["cache_dir"] = str(out_dir / "data")
         if data:
             d["data"]["path"] = list(data)
         if tokenizer:
             d["data"]["tokenizer"] = tokenizer
-        if seed is not None:
-            d["train"]["seed"] = seed
         if iters is not None:
             d["train"]["iters"] = iters
             d["train"]["lr_warmup_iters"] = min(d["train"]["lr_warmup_iters"], max(iters // 10, 1))
@@ -89,28 +116,118 @@ def launch_command(config_path: Path, nproc: int) -> list[str]:
             f"--nproc-per-node={nproc}", *train]
 
 
-def train_run(name: str, run: RunConfig, nproc: int, out_dir: Path, log=print) -> dict:
-    cfg_path = out_dir / "configs" / f"{name}.yaml"
+def config_path(out_dir: Path, name: str, run: RunConfig) -> Path:
+    return out_dir / "configs" / f"{name}.seed{run.train.seed}.yaml"
+
+
+@dataclass
+class _Active:
+    """One training process in flight."""
+
+    key: object
+    name: str
+    run: RunConfig
+    proc: subprocess.Popen
+    cfg_path: Path
+    log_file: Optional[Path]
+    out: Optional[IO]
+    t0: float
+
+
+def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, threads: int,
+               log_file: Optional[Path], log=print) -> _Active:
+    cfg_path = config_path(out_dir, name, run)
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     run.to_yaml(cfg_path)
     summary_path = run.out_dir / "summary.json"
     if summary_path.exists():
         summary_path.unlink()
     env = dict(os.environ)
-    # One BLAS thread per rank when several ranks share the cores (torchrun's own default).
-    if nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # One BLAS thread per rank when several ranks (or runs) share the cores.
+    if threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("PYTHONWARNINGS", "ignore")
+    if log_file is not None:  # line by line into the log, not in blocks at exit
+        env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = launch_command(cfg_path, nproc)
-    log(f"[bench] {name}: {' '.join(cmd[1:])}")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0 or not summary_path.is_file():
-        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); its log is above and its "
-                           f"config in {cfg_path}")
+    where = f" (log: {log_file})" if log_file else ""
+    log(f"[bench] {name} seed {run.train.seed}: {' '.join(cmd[1:])}{where}")
+    out = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+    return _Active(key, name, run, proc, cfg_path, log_file, out, time.perf_counter())
+
+
+def _finish_run(a: _Active, cpu_s: Optional[float]) -> dict:
+    if a.out is not None:
+        a.out.close()
+    summary_path = a.run.out_dir / "summary.json"
+    if a.proc.returncode != 0 or not summary_path.is_file():
+        where = f"its log is {a.log_file}" if a.log_file else "its log is above"
+        raise RuntimeError(f"run {a.name} (seed {a.run.train.seed}) failed (exit "
+                           f"{a.proc.returncode}); {where} and its config {a.cfg_path}")
     summary = json.loads(summary_path.read_text())
-    summary["wall_s"] = time.perf_counter() - t0
+    summary["wall_s"] = time.perf_counter() - a.t0
+    # CPU seconds of the run (all ranks): a cost figure a busy machine does not inflate
+    summary["cpu_s"] = cpu_s
     return summary
+
+
+def _reap(active: list[_Active]) -> tuple[Optional[_Active], Optional[float]]:
+    """A finished run and its CPU seconds, or (None, None). Reaped with wait4, so the
+    resource usage covers the run's whole process tree (torchrun and its ranks)."""
+    for a in active:
+        pid, status, usage = os.wait4(a.proc.pid, os.WNOHANG)
+        if pid:
+            a.proc.returncode = os.waitstatus_to_exitcode(status)
+            return a, usage.ru_utime + usage.ru_stime
+    return None, None
+
+
+def train_runs(queue: list[tuple], nproc_of, out_dir: Path, jobs: int = 1, log=print):
+    """Train ``queue`` (``(key, name, RunConfig)`` tuples) with up to ``jobs`` runs at once;
+    yields ``(key, name, run, summary)`` in completion order. With one job the run's output
+    goes to this terminal, else to ``out_dir/logs/<name>.seed<seed>.log``."""
+    cpus = os.cpu_count() or 1
+    pending, active = list(queue), []
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                key, name, run = pending.pop(0)
+                nproc = nproc_of(run)
+                threads = max(1, cpus // (nproc * jobs)) if nproc * jobs > 1 else 0
+                log_file = (out_dir / "logs" / f"{name}.seed{run.train.seed}.log"
+                            if jobs > 1 else None)
+                active.append(_start_run(key, name, run, nproc, out_dir, threads, log_file,
+                                         log))
+            done, cpu_s = _reap(active)
+            if done is None:
+                time.sleep(0.5)
+                continue
+            active.remove(done)
+            yield done.key, done.name, done.run, _finish_run(done, cpu_s)
+    finally:
+        # a failed or interrupted run stops the others (only the processes started here);
+        # SIGTERM first, so torchrun stops its ranks
+        for a in active:
+            a.proc.terminate()
+        for a in active:
+            try:
+                a.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+                a.proc.wait()
+            if a.out is not None:
+                a.out.close()
+
+
+def train_run(name: str, run: RunConfig, nproc: int, out_dir: Path, log=print) -> dict:
+    """One run in the foreground (its output on this terminal)."""
+    for *_, summary in train_runs([(None, name, run)], lambda _: nproc, out_dir, 1, log):
+        return summary
+    raise AssertionError("unreachable")
 
 
 def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, log=print) -> dict:
@@ -140,8 +257,13 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
         "peak_mem_bytes", "group_token_share", "expert_load_cv", "expert_load_max_over_mean")}
     for k in BALANCE_FIELDS:  # absent in summaries of older runs
         fig[k] = summary.get(k)
+    fig["seed"] = run.train.seed
     fig["layout"] = summary["layout"]
     fig["wall_s"] = summary.get("wall_s")
+    fig["cpu_s"] = summary.get("cpu_s")
+    for key in ("heldout_loss_se", "heldout_tokens", "heldout_batch_losses"):
+        if key in summary:
+            fig[key] = summary[key]
     layers = summary["layers"]
     widths = _expert_widths(run)
     if widths and layers:
@@ -160,6 +282,9 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
             for ep in layers[0].get("rank_flops", {})}
     if any("importance_cv" in l for l in layers):
         fig["importance_cv"] = _mean(l.get("importance_cv") for l in layers)
+    for key in SEED_FIELDS:  # per-layer figures the summary does not average itself
+        if key not in fig and key not in summary and layers and key in layers[0]:
+            fig[key] = layer_mean(layers, key)
     hist = summary["history"]
     fig["curves"] = dict(
         iteration=[h["iteration"] for h in hist], train_loss=[h["loss"] for h in hist],
@@ -225,6 +350,8 @@ def _mean(values) -> Optional[float]:
 
 def target_checks(results: dict) -> dict:
     """The issue's targets, evaluated on the measured figures (reported, never asserted)."""
+    if results.get("study"):
+        return _study_targets(results["study"])
     runs, base = results["runs"], results["runs"].get(results.get("baseline", "moe"))
     if base is None or "mohge" not in runs:
         return {}
@@ -243,6 +370,11 @@ def target_checks(results: dict) -> dict:
     lb = results.get("layer_bench")
     if lb:
         checks["layer_time_mohge_over_equal_total"] = lb["ratios"]["mohge_over_equal_total"]
+    comp = (results.get("comparisons") or {}).get(f"mohge_vs_{results.get('baseline', 'moe')}",
+                                                  {})
+    ci = comp.get("loss_ratio_ci95")
+    if ci:
+        checks["heldout_loss_ratio_ci95_high"] = ci[1]
     passed = {
         "routed_params_reduction>=0.18": checks["routed_params_reduction"] >= 0.18,
         "heldout_loss<=+1%": checks["heldout_loss_vs_baseline"] <= 0.01,
@@ -252,36 +384,76 @@ def target_checks(results: dict) -> dict:
         v = checks.get(f"rank_flops_all_size_ep{ep}")
         if v is not None:
             passed[f"rank_flops_all_size_ep{ep}<=1.05"] = v <= 1.05
+    if ci:  # the seed-paired 95% interval of the loss ratio, not only its mean
+        passed["heldout_loss_ratio_ci95<=1.01"] = ci[1] <= 1.01
     if lb:
         passed["layer_time<=equal_total"] = checks["layer_time_mohge_over_equal_total"] <= 1.0
     return {"figures": checks, "met": passed}
 
 
+def _study_targets(study: dict) -> dict:
+    """The paper's "parity at ~20% fewer params": parameter-efficiency ratio >= 1.2."""
+    eff = (study.get("efficiency") or {}).get(f"mohge_vs_{study['baseline_kind']}", {})
+    e = eff.get("total_params")
+    if not e or e.get("geomean") is None:
+        return {}
+    figures = {"param_efficiency_total": e["geomean"]}
+    met = {"param_efficiency>=1.2": e["geomean"] >= 1.2}
+    if e.get("geomean_ci95"):
+        figures["param_efficiency_total_ci95_low"] = e["geomean_ci95"][0]
+        met["param_efficiency_ci95_low>=1.2"] = e["geomean_ci95"][0] >= 1.2
+    return {"figures": figures, "met": met}
+
+
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
-              seed=None, iters=None, layer_bench: bool = True, log=print) -> dict:
+              seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
+              log=print) -> dict:
+    """Train the preset's runs once per seed (seed-major order, so every finished seed is a
+    complete paired comparison) and write ``results.json`` after each run."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    seed_list = resolve_seeds(preset, seeds, seed)
+    jobs = jobs or preset.jobs
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     prefixes = resolve_data(list(data or []), tok, out_dir, log)
-    runs = run_configs(preset, out_dir, names=names, data=prefixes or None, tokenizer=tokenizer,
-                       seed=seed, iters=iters)
+    by_seed = {s: run_configs(preset, out_dir, names=names, data=prefixes or None,
+                              tokenizer=tokenizer, seed=s, iters=iters) for s in seed_list}
+    first = next(iter(by_seed[seed_list[0]].values()))
     if not prefixes:  # prepare the default corpus once, before the runs race for it
         from megatron_mohge.data import ensure_default_dataset, load_tokenizer
 
-        first = next(iter(runs.values()))
         ensure_default_dataset(first.data.cache_dir, load_tokenizer(first.data.tokenizer),
                                max_bytes=first.data.default_corpus_bytes)
     results = {"preset": preset.name, "description": preset.description,
-               "seed": next(iter(runs.values())).train.seed, "baseline": preset.baseline,
-               "kind": preset.kind, "nproc": preset.nproc, "env": _env(), "runs": {}}
+               "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
+               "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
+               "jobs": jobs, "env": _env(), "runs": {}}
+    names = list(by_seed[seed_list[0]])
+    per_seed: dict[str, list[dict]] = {n: [] for n in names}
+    queue = [(s, n, by_seed[s][n]) for s in seed_list for n in names]
+
+    def nproc_of(run: RunConfig) -> int:
+        return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
+
     t0 = time.perf_counter()
-    for name, run in runs.items():
-        nproc = preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
-        summary = train_run(name, run, nproc, out_dir, log)
-        results["runs"][name] = run_figures(summary, run)
-        results["runs"][name]["nproc"] = nproc
+    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
+        fig = run_figures(summary, run)
+        fig["nproc"] = nproc_of(run)
+        log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f} "
+            f"({fig['wall_s']:.0f} s)")
+        per_seed[name].append(fig)
+        per_seed[name].sort(key=lambda f: seed_list.index(f["seed"]))
+        results["runs"] = aggregate_runs(per_seed)
+        results["comparisons"] = compare_runs(per_seed, preset.comparison_pairs(names))
         _write(out_dir, results)
+    if preset.study:
+        from megatron_mohge.bench.study import analyze
+
+        results["study"] = analyze(results, preset.study)
     if layer_bench and preset.layer_bench:
-        mohge = next((r.moe.mohge for r in runs.values() if r.moe.kind == "mohge"), None)
+        mohge = next((r.moe.mohge for r in by_seed[seed_list[0]].values()
+                      if r.moe.kind == "mohge"), None)
         if mohge is not None:
             results["layer_bench"] = run_layer_bench_subprocess(preset, mohge.to_dict(), out_dir,
                                                                 log)

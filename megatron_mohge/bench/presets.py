@@ -29,6 +29,10 @@ class Preset:
     layer_bench: Optional[dict] = None  # run_layer_bench keyword arguments (no mohge config)
     kind: str = "comparison"  # comparison | ablation
     optional_runs: dict = field(default_factory=dict)  # added on request (e.g. --with-dense)
+    seeds: tuple = (1234,)  # every run is trained once per seed (paired across runs)
+    jobs: int = 1  # runs trained at once (single-rank runs on separate cores)
+    # scaling study: run name -> {"kind": model kind, "size": size label}; None otherwise
+    study: Optional[dict] = None
 
     def run_dicts(self, names: Optional[list[str]] = None) -> dict[str, dict]:
         """Full RunConfig mappings of the selected runs (base + run overrides)."""
@@ -50,39 +54,62 @@ class Preset:
         return out
 
 
+    def comparison_pairs(self, names: list[str]) -> list[tuple[str, str]]:
+        """(run, baseline) pairs compared seed by seed: every run vs ``baseline``; in a study,
+        every run vs the baseline kind's run of the same size."""
+        if self.study:
+            members, base_kind = self.study["runs"], self.study["baseline_kind"]
+            by_size = {m["size"]: n for n, m in members.items()
+                       if m["kind"] == base_kind and n in names}
+            return [(n, by_size[m["size"]]) for n, m in members.items()
+                    if n in names and m["kind"] != base_kind and m["size"] in by_size]
+        return [(n, self.baseline) for n in names if n != self.baseline]
+
+
 def _tiny_mohge(weighting: str) -> dict:
     cfg = MoHGEConfig.from_yaml(CONFIGS / "tiny_mohge.yaml").to_dict()
     cfg["router"]["expert_weighting"] = weighting
     return cfg
 
 
+# The default comparison's budget: 3 seeds x 2 runs x DEFAULT_ITERS steps plus the layer
+# microbenchmark fit in ~10 minutes on 2 cores (0.15 CPU-s per step and ~12 CPU-s of start-up
+# per run, measured; 2-rank steps overlap imperfectly, so wall ~ 0.1-0.2 s per step).
+DEFAULT_SEEDS = (1234, 1235, 1236)
+DEFAULT_ITERS = 300
+
+
 def _default() -> Preset:
     # The CPU-sized comparison: the paper's MoHGE-3B layer shape scaled down 16x (see
     # tiny_mohge.yaml): 8 groups x 2 experts of widths 24..80 vs 16 stock experts of width 64,
     # both top-2, 18.75% fewer routed parameters. Two ranks, EP=2 (gloo on CPU), so the
-    # all-size allocation runs for real.
+    # all-size allocation runs for real. MoHGE with the paper's expert weighting is optional
+    # (--runs moe,mohge,mohge_paper): three seeds of two runs is what fits the budget.
     base = dict(
         model=dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=64),
         parallel=dict(expert_parallel=2),
         data=dict(tokenizer="byte"),
-        train=dict(iters=300, micro_batch_size=8, global_batch_size=16, lr=3e-3, min_lr=3e-4,
-                   lr_warmup_iters=30),
-        eval=dict(interval=100, iters=8),
+        train=dict(iters=DEFAULT_ITERS, micro_batch_size=8, global_batch_size=16, lr=3e-3,
+                   min_lr=3e-4, lr_warmup_iters=30),
+        # periodic evaluations on 8 batches (the curve); the reported held-out loss on 64
+        # batches = 65,536 tokens, the same samples for every seed (data.valid_seed)
+        eval=dict(interval=100, iters=8, final_iters=64),
         logging=dict(interval=25, progress_bar=False),
         checkpoint=dict(enabled=False),
     )
     stock = dict(kind="moe", num_experts=16, expert_hidden_size=64, topk=2, aux_loss_coeff=1e-2)
     return Preset(
         name="default",
-        description="tiny GPT (4 layers, hidden 64) on the Python stdlib corpus, 300 steps, "
-                    "2 ranks with EP=2: stock MoE vs MoHGE (renorm and paper weighting)",
+        description=f"tiny GPT (4 layers, hidden 64) on the Python stdlib corpus, "
+                    f"{DEFAULT_ITERS} steps, 2 ranks with EP=2, {len(DEFAULT_SEEDS)} seeds: "
+                    f"stock MoE vs MoHGE",
         base=base,
         runs={"moe": {"moe": stock},
-              "mohge": {"moe": dict(kind="mohge", mohge=_tiny_mohge("renorm"))},
-              "mohge_paper": {"moe": dict(kind="mohge", mohge=_tiny_mohge("paper"))}},
-        optional_runs={"dense": {"moe": dict(kind="dense"), "parallel": dict(expert_parallel=1),
+              "mohge": {"moe": dict(kind="mohge", mohge=_tiny_mohge("renorm"))}},
+        optional_runs={"mohge_paper": {"moe": dict(kind="mohge", mohge=_tiny_mohge("paper"))},
+                       "dense": {"moe": dict(kind="dense"), "parallel": dict(expert_parallel=1),
                                  "model": dict(ffn_hidden_size=128)}},
-        nproc=2,
+        nproc=2, seeds=DEFAULT_SEEDS,
         layer_bench=dict(hidden_size=64, tokens=1024, stock_num_experts=16, stock_width=64,
                          stock_topk=2, repeats=20, warmup=3),
     )
@@ -172,8 +199,57 @@ def _balance() -> Preset:
         base=d.base, runs=runs, nproc=d.nproc)
 
 
-PRESETS = {"default": _default, "paper-3b": _paper_3b, "load-balance-ablation": _ablation,
-           "balance": _balance}
+
+def _scaled_mohge(hidden: int) -> dict:
+    """tiny_mohge.yaml with its widths scaled from hidden 64 to ``hidden`` (a multiple of 8,
+    so the widths stay integers and the routed params stay at 52/64 = 0.8125 of stock)."""
+    if hidden % 8:
+        raise ConfigError(f"study sizes: hidden {hidden} must be a multiple of 8")
+    cfg = _tiny_mohge("renorm")
+    cfg["widths"] = [w * hidden // 64 for w in cfg["widths"]]
+    return cfg
+
+
+STUDY_HIDDEN = (32, 48, 72)
+# Steps of every study run: 18 runs, two at a time, fit ~40 minutes on 2 idle cores (CPU
+# seconds per step measured at each size); the last 20% of the steps move the train loss by
+# a few percent (reported as the plateau figure).
+STUDY_ITERS = 1500  # total params 0.23M .. 1.1M (4.9x); head dim 8 .. 18
+
+
+def _study() -> Preset:
+    # The default backbone recipe (4 layers, seq 64, 4 heads, same optimizer and data) at
+    # three widths; stock MoE with 16 experts of width = hidden, MoHGE with the tiny_mohge
+    # widths scaled by hidden/64 (0.8125x the stock routed params at every size). Single-rank
+    # runs (EP=1: the loss does not depend on EP), two at a time on two cores. Long enough
+    # that the last 20% of the steps move the train loss by only a few percent (reported).
+    base = copy.deepcopy(_default().base)
+    base["parallel"] = dict(expert_parallel=1)
+    base["train"].update(iters=STUDY_ITERS, lr_warmup_iters=STUDY_ITERS // 10)
+    base["eval"] = dict(interval=0, iters=8, final_iters=64)
+    base["logging"]["interval"] = 50
+    runs, members = {}, {}
+    for h in STUDY_HIDDEN:
+        model = dict(hidden_size=h)
+        stock = dict(kind="moe", num_experts=16, expert_hidden_size=h, topk=2,
+                     aux_loss_coeff=1e-2)
+        for kind, moe in (("moe", stock), ("mohge", dict(kind="mohge", mohge=_scaled_mohge(h)))):
+            name = f"{kind}_h{h}"
+            runs[name] = {"moe": moe, "model": model}
+            members[name] = {"kind": kind, "size": f"h{h}"}
+    return Preset(
+        name="study",
+        description=f"scaling study: stock MoE vs MoHGE (0.81x routed params) at hidden "
+                    f"{'/'.join(map(str, STUDY_HIDDEN))}, {STUDY_ITERS} steps, 3 seeds",
+        base=base, runs=runs, nproc=1, jobs=2, seeds=(1234, 1235, 1236),
+        study={"runs": members, "kinds": ["moe", "mohge"], "baseline_kind": "moe",
+               "sizes": [f"h{h}" for h in STUDY_HIDDEN]},
+        baseline="moe_h48",
+    )
+
+
+PRESETS = {"default": _default, "study": _study, "balance": _balance, "paper-3b": _paper_3b,
+           "load-balance-ablation": _ablation}
 
 
 def get_preset(name: str) -> Preset:

@@ -1,10 +1,13 @@
 """Markdown tables and PNG plots from a benchmark ``results.json`` dict.
 
-``markdown_report(results)`` gives a main table (one row per run, deltas in % relative to
-``results["baseline"]``), a group-share table for MoHGE runs and the layer-microbenchmark
+``markdown_report(results)`` gives a main table (one row per run, seed means, deltas in %
+relative to ``results["baseline"]``), with several seeds the per-seed held-out losses and
+the paired comparisons (ratio means and Student-t 95% intervals), a group-share table for
+MoHGE runs, the scaling-study tables (``results["study"]``) and the layer-microbenchmark
 table when ``results["layer_bench"]`` is present. ``write_plots(results, out_dir)`` writes
-``loss_curves.png``, ``group_share.png``, ``rank_load.png`` and ``chosen_width_hist.png``,
-each only when some run has its data. ``write_report`` does both (``results.md`` + plots).
+``loss_curves.png`` (one thin line per seed, the seed mean bold), ``group_share.png``,
+``rank_load.png``, ``chosen_width_hist.png`` and ``study_loss_vs_params.png``, each only when
+some run has its data. ``write_report`` does both (``results.md`` + plots).
 
 Plots use ``matplotlib.figure.Figure`` with the Agg canvas directly, so pyplot's global
 backend is neither needed nor changed. Optional keys may be missing throughout.
@@ -24,6 +27,7 @@ from typing import Any, Optional, Union
 PathLike = Union[str, Path]
 DASH = "—"
 PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png")
+STUDY_PLOT = "study_loss_vs_params.png"  # scaling-study presets only
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -200,8 +204,14 @@ def markdown_report(results: dict) -> str:
     meta = []
     if results.get("preset") is not None:
         meta.append(f"preset `{results['preset']}`")
-    if results.get("seed") is not None:
+    seeds = results.get("seeds")
+    if seeds and len(seeds) > 1:
+        meta.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), figures are seed "
+                    "means")
+    elif results.get("seed") is not None:
         meta.append(f"seed {results['seed']}")
+    if results.get("valid_seed") is not None:
+        meta.append(f"held-out samples fixed by valid_seed {results['valid_seed']}")
     base = results.get("baseline")
     runs = results.get("runs") or {}
     if base in runs:
@@ -212,6 +222,13 @@ def markdown_report(results: dict) -> str:
     if meta:
         blocks.append(", ".join(meta) + ".")
     blocks += ["## Runs", main_table(results) if runs else "_no runs_"]
+    seeds_md = seed_tables(results)
+    if seeds_md:
+        blocks += ["## Seeds and paired comparisons", seeds_md]
+    if results.get("study"):
+        from megatron_mohge.bench.study import study_markdown
+
+        blocks += ["## Scaling study", study_markdown(results["study"])]
     gs = group_share_table(results)
     if gs:
         blocks += ["## Group token share (MoHGE runs)",
@@ -229,6 +246,48 @@ def markdown_report(results: dict) -> str:
         blocks += ["## Targets", _table(["target", "measured"], rows),
                    ", ".join(f"{k} = {fmt_float(v, 4)}" for k, v in figs.items())]
     return "\n\n".join(blocks) + "\n"
+
+
+def _ci(ci: Any, digits: int = 4) -> str:
+    if not ci or len(ci) != 2 or _num(ci[0]) is None:
+        return DASH
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def seed_tables(results: dict) -> Optional[str]:
+    """Held-out loss per seed (with its evaluation standard error) and, per comparison, the
+    paired ratios to the baseline: mean, 95% interval, per seed."""
+    runs = results.get("runs") or {}
+    seeds = results.get("seeds") or []
+    if not any(r.get("heldout_loss_per_seed") for r in runs.values()):
+        return None
+    rows = []
+    for name, r in runs.items():
+        per = r.get("heldout_loss_per_seed") or []
+        se = [x for x in (r.get("heldout_loss_se_per_seed") or []) if _num(x) is not None]
+        rows.append([name] + [fmt_float(x, 4) for x in per] + [""] * (len(seeds) - len(per))
+                    + [fmt_float(sum(per) / len(per), 4) if per else DASH,
+                       fmt_float(sum(se) / len(se), 4) if se else DASH,
+                       str(r.get("heldout_tokens", DASH))])
+    blocks = ["Held-out loss per seed (same held-out samples for every seed and run; "
+              "eval SE: standard error over the held-out batches, the evaluation noise of one "
+              "run's loss):",
+              _table(["run"] + [f"seed {s}" for s in seeds]
+                     + ["mean", "eval SE", "held-out tokens"], rows)]
+    for comp, c in (results.get("comparisons") or {}).items():
+        crows = []
+        for key in sorted(k[:-len("_ratio_mean")] for k in c if k.endswith("_ratio_mean")):
+            per = c.get(f"{key}_ratio_per_seed") or []
+            crows.append([key, fmt_float(c[f"{key}_ratio_mean"], 4),
+                          _ci(c.get(f"{key}_ratio_ci95")), ", ".join(f"{x:.4f}" for x in per)])
+        eval_se = c.get("loss_ratio_eval_se")
+        note = (f" Evaluation noise of the loss ratio (SE over held-out batches, paired): "
+                f"{', '.join(f'{x:.4f}' for x in eval_se)}." if eval_se else "")
+        blocks += [f"**{comp.replace('_vs_', ' vs ')}**: ratios run / baseline, paired by "
+                   f"seed; 95% interval mean ± t·sd/√n over {len(c.get('seeds', []))} seeds "
+                   f"(— with one seed).{note}",
+                   _table(["figure", "ratio mean", "95% CI", "per seed"], crows)]
+    return "\n\n".join(blocks)
 
 
 def ablation_table(results: dict) -> Optional[str]:
@@ -259,11 +318,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def _loss_runs(runs: dict) -> dict:
+    """run -> (mean curves, [per-seed curves]) for runs with loss curves."""
     out = {}
     for name, r in runs.items():
         c = r.get("curves") or {}
         if c.get("train_loss") or c.get("eval_loss"):
-            out[name] = c
+            per = [f.get("curves") or {} for f in r.get("per_seed") or []]
+            out[name] = (c, per if len(per) > 1 else [], r)
     return out
 
 
@@ -272,20 +333,33 @@ def plot_loss_curves(runs: dict, path: Path) -> Optional[Path]:
     if not data:
         return None
     fig, (ax,) = _figure(1, 7.0, 4.2)
-    for i, (name, c) in enumerate(data.items()):
+    for i, (name, (c, per_seed, r)) in enumerate(data.items()):
         color = f"C{i % 10}"
+        for pc in per_seed:  # the spread: one thin line per seed
+            tl = pc.get("train_loss") or []
+            it = pc.get("iteration") or list(range(1, len(tl) + 1))
+            ax.plot(it[:len(tl)], tl[:len(it)], color=color, lw=0.6, alpha=0.35)
         tl = c.get("train_loss") or []
         if tl:
             it = c.get("iteration") or list(range(1, len(tl) + 1))
-            ax.plot(it[:len(tl)], tl[:len(it)], color=color, lw=1.2, label=f"{name} train")
+            label = f"{name} train" + (f" (mean of {len(per_seed)} seeds)" if per_seed else "")
+            ax.plot(it[:len(tl)], tl[:len(it)], color=color, lw=1.4, label=label)
         el = c.get("eval_loss") or []
         if el:
             ei = c.get("eval_iteration") or list(range(1, len(el) + 1))
             ax.plot(ei[:len(el)], el[:len(ei)], color=color, lw=1.6, ls="--", marker="o",
                     ms=3, label=f"{name} eval")
+        final = [x for x in (r.get("heldout_loss_per_seed") or []) if _num(x) is not None]
+        if len(final) > 1 and el:  # the final held-out loss: seed mean and 95% interval
+            from megatron_mohge.bench.stats import mean_ci
+
+            m = mean_ci(final)
+            x = (c.get("eval_iteration") or [len(el)])[-1]
+            ax.errorbar([x], [m["mean"]], yerr=[[m["mean"] - m["ci"][0]], [m["ci"][1] - m["mean"]]],
+                        color=color, capsize=4, lw=1.5)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
-    ax.set_title("Training (solid) and held-out (dashed) loss")
+    ax.set_title("Training (solid; thin: seeds) and held-out (dashed; bar: 95% CI) loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -394,6 +468,12 @@ def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
     for fname, fn in zip(PLOT_NAMES, (plot_loss_curves, plot_group_share, plot_rank_load,
                                       plot_chosen_width_hist)):
         p = fn(runs, out / fname)
+        if p is not None:
+            written.append(p)
+    if results.get("study"):
+        from megatron_mohge.bench.study import plot_study
+
+        p = plot_study(results["study"], out / STUDY_PLOT)
         if p is not None:
             written.append(p)
     return written

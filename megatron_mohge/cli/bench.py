@@ -1,11 +1,15 @@
 """``mohge-bench``: is MoHGE worth it for my model? One command, one comparison.
 
-Trains the preset's runs (stock Megatron MoE baseline, MoHGE with both expert weightings,
-optionally dense) on the same data with the same seed and token budget, runs the layer
-microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PNG plots.
+Trains the preset's runs (stock Megatron MoE baseline, MoHGE; optionally MoHGE with the
+paper's expert weighting and dense) on the same data and token budget, once per seed (the
+same seed gives every run the same data order; all seeds share one held-out set), runs the
+layer microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PNG plots,
+with seed means and paired 95% intervals of every ratio to the baseline.
 
-Presets: ``default`` (CPU, ~10 min on 2 cores), ``paper-3b`` (the paper's 3B-class setting,
-for GPU clusters), ``load-balance-ablation`` (noisy top-k gating with/without its losses).
+Presets: ``default`` (CPU, 3 seeds, ~10 min on 2 cores), ``study`` (CPU scaling study:
+stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``paper-3b`` (the paper's
+3B-class setting, for GPU clusters), ``load-balance-ablation`` (noisy top-k gating
+with/without its losses).
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ def parse_args(argv=None):
                         "default: the Python stdlib corpus")
     p.add_argument("--tokenizer", default=None, help="byte (default) or a tokenizer.json path")
     p.add_argument("--out", default=None, help="output directory (default runs/bench-<preset>)")
-    p.add_argument("--seed", type=int, default=None, help="seed of every run (default 1234)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the (first) seed; alone: train every run once with this seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                   help="one number N: N seeds (--seed, --seed+1, ...); several: these seeds. "
+                        "Default: the preset's (default preset: 3)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once (default: the preset's; study: 2)")
     p.add_argument("--runs", default=None, help="comma-separated subset of the preset's runs")
     p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
     p.add_argument("--iters", type=int, default=None,
@@ -49,10 +59,13 @@ def main(argv=None) -> int:
         out = Path(args.out or f"runs/bench-{preset.name}")
         names = args.runs.split(",") if args.runs else list(preset.runs)
         if args.with_dense:
-            names += [n for n in preset.optional_runs if n not in names]
+            names += [n for n in preset.optional_runs if n == "dense" and n not in names]
         if args.dry_run or preset.needs_gpu:
-            runs = e2e.run_configs(preset, out, names=names, data=args.data,
-                                   tokenizer=args.tokenizer, seed=args.seed, iters=args.iters)
+            seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
+            runs = {(s, n): r for s in seeds
+                    for n, r in e2e.run_configs(preset, out, names=names, data=args.data,
+                                                tokenizer=args.tokenizer, seed=s,
+                                                iters=args.iters).items()}
             if preset.needs_gpu and not args.dry_run:
                 import torch
 
@@ -61,14 +74,15 @@ def main(argv=None) -> int:
                         f"--preset {preset.name} is sized for GPU clusters (needs CUDA); run it "
                         "there, or add --dry-run to write its run configs and commands here")
             if args.dry_run:
-                for name, run in runs.items():
-                    path = out / "configs" / f"{name}.yaml"
+                for (_, name), run in runs.items():
+                    path = e2e.config_path(out, name, run)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     run.to_yaml(path)
                     print(" ".join(e2e.launch_command(path, preset.nproc)))
                 return 0
         results = e2e.run_bench(preset, out, names=names, data=args.data,
-                                tokenizer=args.tokenizer, seed=args.seed, iters=args.iters,
+                                tokenizer=args.tokenizer, seed=args.seed, seeds=args.seeds,
+                                iters=args.iters, jobs=args.jobs,
                                 layer_bench=not args.no_layer_bench)
     except ConfigError as exc:
         print(f"mohge-bench: {exc}", file=sys.stderr)

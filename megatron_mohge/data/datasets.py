@@ -82,9 +82,15 @@ def default_index_cache(prefix: str) -> str:
 def build_gpt_datasets(prefixes: Union[str, Path, Sequence[Union[str, Path]]],
                        tokenizer: Union[str, Tokenizer], *, seq_length: int, seed: int,
                        split: str = "949,50,1", train_samples: int, valid_samples: int,
-                       cache_dir: Optional[Union[str, Path]] = None):
+                       cache_dir: Optional[Union[str, Path]] = None,
+                       valid_seed: Optional[int] = None):
     """Build the train and validation ``GPTDataset`` (or ``BlendedDataset`` for several
     prefixes, blended in proportion to their sizes as Megatron-LM does without weights).
+
+    Which documents are held out never depends on a seed (megatron-core cuts the split by
+    document index). ``seed`` shuffles documents into samples; the validation split is
+    shuffled with ``valid_seed`` instead when given, so runs with different training seeds
+    are evaluated on the same held-out samples.
 
     Must be called on every rank when ``torch.distributed`` is initialised (the builder
     synchronises with barriers). Returns ``(train_ds, valid_ds)``.
@@ -110,34 +116,46 @@ def build_gpt_datasets(prefixes: Union[str, Path, Sequence[Union[str, Path]]],
         _check_split_sizes(p, split, int(seq_length))
     cache = os.path.abspath(os.fspath(cache_dir)) if cache_dir else default_index_cache(prefixes[0])
 
-    config = GPTDatasetConfig(
-        random_seed=int(seed),
-        sequence_length=int(seq_length),
-        blend=(prefixes, None),
-        split=split,
-        path_to_cache=cache,
-        tokenizer=tok,
-        mmap_bin_files=True,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        # MoHGE / Megatron attention builds the causal mask itself; a [1, s, s] mask per
-        # sample would only cost memory.
-        create_attention_mask=False,
-    )
-    # The test split is never used for training; skipping it also avoids megatron-core's
-    # endless epoch loop when a small corpus leaves it without documents. Train/validation
-    # boundaries stay exactly those of `split` (the matrix keeps its book-ends).
-    config.split_matrix = [config.split_matrix[0], config.split_matrix[1], None]
-    sizes = [int(train_samples), int(valid_samples), 0]
+    def gpt_config(random_seed: int, keep: tuple) -> GPTDatasetConfig:
+        config = GPTDatasetConfig(
+            random_seed=int(random_seed),
+            sequence_length=int(seq_length),
+            blend=(prefixes, None),
+            split=split,
+            path_to_cache=cache,
+            tokenizer=tok,
+            mmap_bin_files=True,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            # MoHGE / Megatron attention builds the causal mask itself; a [1, s, s] mask per
+            # sample would only cost memory.
+            create_attention_mask=False,
+        )
+        # Only the splits in `keep` are built. The test split never is: it is not used, and
+        # skipping it avoids megatron-core's endless epoch loop when a small corpus leaves
+        # it without documents. Boundaries stay exactly those of `split` (the matrix keeps
+        # its book-ends).
+        config.split_matrix = [m if i in keep else None
+                               for i, m in enumerate(config.split_matrix)]
+        return config
 
-    with warnings.catch_warnings():
-        # pad == eod (ByteTokenizer, most HF vocabs): megatron-core warns and then uses pad
-        # id -1, i.e. masks nothing -- what we want, so the warning is only noise.
-        warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
-        # Every rank builds (lambda: True): each one reads its own data-parallel slice.
-        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, sizes, lambda: True, config).build()
+    def build(config: GPTDatasetConfig, sizes: list[int]):
+        with warnings.catch_warnings():
+            # pad == eod (ByteTokenizer, most HF vocabs): megatron-core warns and then uses
+            # pad id -1, i.e. masks nothing -- what we want, so the warning is only noise.
+            warnings.filterwarnings("ignore",
+                                    message="The pad token id in the tokenizer collides")
+            # Every rank builds (lambda: True): each one reads its own data-parallel slice.
+            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True,
+                                                 config).build()
+
+    if valid_seed is None or int(valid_seed) == int(seed):
+        train_ds, valid_ds, _ = build(gpt_config(seed, (0, 1)),
+                                      [int(train_samples), int(valid_samples), 0])
+    else:
+        train_ds = build(gpt_config(seed, (0,)), [int(train_samples), 0, 0])[0]
+        valid_ds = build(gpt_config(valid_seed, (1,)), [0, int(valid_samples), 0])[1]
 
     if valid_ds is None or len(valid_ds) == 0:
         raise ConfigError(f"the validation split is empty for datasets {prefixes} with "

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mohge.bench.stats import standard_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.metrics import (
     attach_stock_counters,
@@ -88,7 +89,8 @@ class Trainer:
         self.train_ds, self.valid_ds = build_gpt_datasets(
             prefixes, self.tokenizer, seq_length=run.model.seq_length, seed=t.seed,
             split=run.data.split, train_samples=t.iters * t.global_batch_size,
-            valid_samples=run.eval.iters * t.global_batch_size, cache_dir=run.data.cache_dir)
+            valid_samples=max(run.eval.iters, run.eval.final_batches) * t.global_batch_size,
+            cache_dir=run.data.cache_dir, valid_seed=run.data.valid_seed)
 
     def _batches(self, dataset, iteration: int) -> list[dict]:
         from megatron.core import parallel_state as ps
@@ -127,10 +129,12 @@ class Trainer:
         return dict(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else None,
                     skipped=not ok, lr=self.optimizer.param_groups[0]["lr"])
 
-    def evaluate(self) -> float:
-        """Token-mean LM loss over ``eval.iters`` fixed held-out global batches (their routing
-        counts are kept in ``_eval_routers``, apart from the training counts)."""
-        batches = [self._batches(self.valid_ds, i) for i in range(self.run.eval.iters)]
+    def evaluate(self, num_batches: Optional[int] = None) -> float:
+        """Token-mean LM loss over the first ``num_batches`` (default ``eval.iters``) fixed
+        held-out global batches. Their routing counts are kept in ``_eval_routers``, apart
+        from the training counts, and the per-batch losses in ``_eval_batch_losses``."""
+        n = num_batches or self.run.eval.iters
+        batches = [self._batches(self.valid_ds, i) for i in range(n)]
         # keep the training-routing counts of the current log window out of the evaluation
         chunks = M.model_chunks(self.model)
         saved = snapshot_routing_counts(chunks)
@@ -138,7 +142,8 @@ class Trainer:
         losses = [M.eval_loss(self.model, b) for b in batches]
         self._eval_routers = snapshot_routing_counts(chunks)
         restore_routing_counts(saved)
-        return sum(losses) / len(losses)
+        self._eval_batch_losses = losses
+        return sum(losses) / len(losses)  # equal token counts per batch: the token mean
 
     # ------------------------------------------------------------------ metrics
     def routing(self) -> list[dict]:
@@ -269,7 +274,7 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        final_eval = self.evaluate()
+        final_eval = self.evaluate(run.eval.final_batches)
         self._log_eval(final_eval)
         if run.checkpoint.enabled and (self.state.iteration > start or not resumed):
             self.save()
@@ -342,6 +347,12 @@ class Trainer:
             activated_routed_params_per_token=per_token_routed,
             activated_params_per_token=dense + per_token_routed,
             heldout_loss=final_eval, heldout_ppl=math.exp(min(final_eval, 50)),
+            # evaluation noise: the standard error of the loss across the held-out global
+            # batches (global_batch_size x seq_length tokens each), and the batch losses
+            heldout_loss_se=standard_error(self._eval_batch_losses),
+            heldout_batch_losses=list(self._eval_batch_losses),
+            heldout_tokens=len(self._eval_batch_losses) * self.run.train.global_batch_size
+            * self.run.model.seq_length,
             train_tokens_per_s=tokens_per_s, peak_mem_bytes=peak,
             group_token_share=_mean_share(layers) or [],
             **balance_figures(layers),
