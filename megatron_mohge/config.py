@@ -22,6 +22,7 @@ ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
 GROUP_SCORES = ("sigmoid", "softmax")
 EXPERT_WEIGHTINGS = ("renorm", "paper")
 INTRA_GROUP_MODES = ("paper", "per_group")
+RELEASED_INTRA_GROUP_COEFF = 5e-3  # a_E of the released MoHGE-3B runs (paper mode)
 
 
 class ConfigError(ValueError):
@@ -85,8 +86,13 @@ class LossConfig:
     group_coeff: float = 1e-5  # a_G of the cost-weighted group-wise loss (released: 1e-5)
     group_cost_delta: Optional[float] = None  # Delta in c_g = 1 + (W_g - W_1)/Delta; None = mean width
     group_start_fraction: float = 0.5  # group loss is off before this fraction of training
-    intra_group_coeff: float = 5e-3  # a_E of the intra-group experts loss (reference runs: 5e-3)
-    intra_group_mode: str = "paper"  # paper: one Switch loss over all experts; per_group [ours]
+    # a_E of the intra-group experts loss. The released setting is paper mode at 5e-3
+    # (RELEASED_INTRA_GROUP_COEFF). Its loss sums sparse renormalised weights, which add up to
+    # 1 per token, so it only moves weight among the chosen experts and sends almost no
+    # gradient towards an idle one (scripts/probe_intra_group_grad.py). Default: per_group
+    # (dense in-group softmax, 1 at perfect balance, as Megatron's aux loss) at 10x.
+    intra_group_coeff: float = 5e-2
+    intra_group_mode: str = "per_group"  # per_group [ours] | paper: one Switch loss, count N*Kg
     # Loss-free balancing inside each group [ours, after arXiv 2408.15664]: a per-expert bias
     # on the in-group expert logits, used for top-K selection only, moved by
     # b_e += rate * sign(mean load of e's group - load_e) once per optimizer step from the

@@ -1,6 +1,6 @@
 """Why the paper's intra-group loss balances poorly: gradient reaching an overloaded expert.
 
-Routes T tokens through the tiny bench layer's shape (8 groups x 2 experts, Kg=4, K=2) where,
+Routes T tokens through the earlier tiny bench layer (8 groups x 2 experts, Kg=4, K=2) where,
 inside every group, expert 0's logit leads expert 1's by ``delta`` (so in-group softmax
 pi_0 = sigmoid(delta)): expert 0 is overloaded. Prints, per ``delta``, the gradient of each
 balancing objective (coefficient 1) w.r.t. the overloaded experts' logits z_0 and the

@@ -169,9 +169,12 @@ def test_cli_bare_layer_and_warnings(capsys):
     assert r["model"]["padded_vocab_size"] == 384  # byte tokenizer default (257), padded
     assert r["allocation"]["ep_size"] == 4
     text = "\n".join(r["warnings"])
-    assert "not a multiple of 128" in text  # widths 24..80
-    assert "not every group size divides EP=4" in text
+    assert "not a multiple of 128" in text  # widths 28..76
+    assert "not every group size divides" not in text  # 4 experts per group: all-size at EP=4
     assert "group-wise loss switches on" not in text  # no training schedule for a bare layer
+    assert CC.main([tiny, "--hidden-size", "64", "--num-layers", "4", "--ep", "8", "--json"]) == 0
+    assert "not every group size divides EP=8" in "\n".join(
+        json.loads(capsys.readouterr().out)["warnings"])
     assert CC.main([tiny, "--hidden-size", "64", "--num-layers", "4", "--ep", "4",
                     "--vocab-size", "1000", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["padded_vocab_size"] == 1024

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megatron_mohge.config import ConfigError, MoHGEConfig
+from megatron_mohge.config import RELEASED_INTRA_GROUP_COEFF, ConfigError, MoHGEConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -81,7 +81,7 @@ DEFAULT_ITERS = 300
 
 def _default() -> Preset:
     # The CPU-sized comparison: the paper's MoHGE-3B layer shape scaled down 16x (see
-    # tiny_mohge.yaml): 8 groups x 2 experts of widths 24..80 vs 16 stock experts of width 64,
+    # tiny_mohge.yaml): 4 groups x 4 experts of widths 28..76 vs 16 stock experts of width 64,
     # both top-2, 18.75% fewer routed parameters. Two ranks, EP=2 (gloo on CPU), so the
     # all-size allocation runs for real. MoHGE with the paper's expert weighting is optional
     # (--runs moe,mohge,mohge_paper): three seeds of two runs is what fits the budget.
@@ -181,16 +181,20 @@ def _balance() -> Preset:
         cfg["losses"].update(losses)
         return {"moe": dict(kind="mohge", mohge=cfg)}
 
-    a_e = MoHGEConfig.from_yaml(CONFIGS / "tiny_mohge.yaml").losses.intra_group_coeff
+    a_e = RELEASED_INTRA_GROUP_COEFF  # multiples of the released a_E
     runs = {"moe": d.runs["moe"]}
     for mode, tag in (("paper", "aux"), ("per_group", "pg")):
         for mult, suffix in ((1, ""), (10, "_x10"), (100, "_x100")):
             runs[f"mohge_{tag}{suffix}"] = mohge(intra_group_mode=mode,
                                                  intra_group_coeff=a_e * mult)
-    runs["mohge_aux_global"] = mohge(global_batch_stats=True)
-    runs["mohge_aux_x10_global"] = mohge(global_batch_stats=True, intra_group_coeff=a_e * 10)
+    runs["mohge_aux_global"] = mohge(intra_group_mode="paper", intra_group_coeff=a_e,
+                                     global_batch_stats=True)
+    runs["mohge_pg_x10_global"] = mohge(intra_group_mode="per_group", intra_group_coeff=a_e * 10,
+                                        global_batch_stats=True)
     runs["mohge_lossfree"] = mohge(intra_group_coeff=0.0, expert_bias_update_rate=1e-2)
-    runs["mohge_lossfree_aux"] = mohge(expert_bias_update_rate=1e-2)
+    runs["mohge_lossfree_pg_x10"] = mohge(intra_group_mode="per_group",
+                                          intra_group_coeff=a_e * 10,
+                                          expert_bias_update_rate=1e-2)
     return Preset(
         name="balance",
         description="balancing methods inside groups (paper aux loss in both modes at 1x/10x/"
@@ -201,20 +205,20 @@ def _balance() -> Preset:
 
 
 def _scaled_mohge(hidden: int) -> dict:
-    """tiny_mohge.yaml with its widths scaled from hidden 64 to ``hidden`` (a multiple of 8,
+    """tiny_mohge.yaml with its widths scaled from hidden 64 to ``hidden`` (a multiple of 16,
     so the widths stay integers and the routed params stay at 52/64 = 0.8125 of stock)."""
-    if hidden % 8:
-        raise ConfigError(f"study sizes: hidden {hidden} must be a multiple of 8")
+    if hidden % 16:
+        raise ConfigError(f"study sizes: hidden {hidden} must be a multiple of 16")
     cfg = _tiny_mohge("renorm")
     cfg["widths"] = [w * hidden // 64 for w in cfg["widths"]]
     return cfg
 
 
-STUDY_HIDDEN = (32, 48, 72)
+STUDY_HIDDEN = (32, 48, 80)
 # Steps of every study run: 18 runs, two at a time, fit ~40 minutes on 2 idle cores (CPU
 # seconds per step measured at each size); the last 20% of the steps move the train loss by
 # a few percent (reported as the plateau figure).
-STUDY_ITERS = 1500  # total params 0.23M .. 1.1M (4.9x); head dim 8 .. 18
+STUDY_ITERS = 1500  # head dim 8 .. 20; total params in the study report
 
 
 def _study() -> Preset:
