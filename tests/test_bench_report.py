@@ -56,6 +56,16 @@ def make_results(with_optional=True):
                                        "all_size_max_over_mean": 104 / 102,
                                        "contiguous_max_over_mean": 144 / 102}
         runs["mohge"]["chosen_width_hist"] = {"widths": [24, 48, 80], "fraction": [0.5, 0.3, 0.2]}
+        for name, (cv, flops) in (("moe", (0.25, None)), ("mohge", (0.04, 1.02))):
+            r = runs[name]
+            r.update(group_load_cv=cv, train_group_load_cv=cv / 2, maxvio_micro=0.9,
+                     train_maxvio_micro=0.7, train_maxvio_batch=0.5, train_expert_load_cv=0.2,
+                     rank_flops_by_ep={"2": {"contiguous_max_over_mean": 1.4,
+                                             **({"all_size_max_over_mean": flops} if flops
+                                                else {})}},
+                     train_rank_flops_by_ep={"2": {"contiguous_max_over_mean": 1.3}})
+            r["curves"]["maxvio_batch"] = [None, 2.0, 1.5, 1.0, 0.8, 0.5]
+            r["curves"]["rank_flops_ep2"] = [1.3, 1.2, 1.1, 1.05, flops or 1.4, flops or 1.4]
         res["layer_bench"] = {
             "config": {"hidden_size": 16, "tokens": 64, "repeats": 3, "warmup": 1,
                        "dispatcher": "allgather"},
@@ -162,3 +172,24 @@ def test_plots_do_not_import_pyplot(tmp_path):
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
     assert (tmp_path / "loss_curves.png").exists()
+
+
+def test_balance_table_and_plot(tmp_path):
+    res = make_results()
+    md = markdown_report(res)
+    assert "## Balance" in md
+    row = next(line for line in md.splitlines() if line.startswith("| mohge |") and "/" in line
+               and "1.020 / 1.400" in line)
+    assert "0.040 / 0.020" in row and "— / 1.300" in row
+    moe_row = next(line for line in md.splitlines() if line.startswith("| moe |")
+                   and "— / 1.400" in line)
+    assert "0.250 / 0.125" in moe_row
+    paths = write_plots(res, tmp_path)
+    assert (tmp_path / "balance.png").read_bytes()[:8] == PNG_MAGIC
+    assert tmp_path / "balance.png" in paths
+    # no balance data (older results): no table, no plot
+    old = make_results(with_optional=False)
+    assert "## Balance" not in markdown_report(old)
+    assert not (tmp_path / "old" / "balance.png").exists()
+    write_plots(old, tmp_path / "old")
+    assert not (tmp_path / "old" / "balance.png").exists()

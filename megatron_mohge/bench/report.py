@@ -26,7 +26,8 @@ from typing import Any, Optional, Union
 
 PathLike = Union[str, Path]
 DASH = "—"
-PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png")
+PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png",
+              "balance.png")
 STUDY_PLOT = "study_loss_vs_params.png"  # scaling-study presets only
 
 
@@ -144,6 +145,37 @@ def main_table(results: dict) -> str:
     return _table(header, rows)
 
 
+def _flops(r: dict, key: str, ep: str) -> str:
+    d = (r.get(key) or {}).get(ep) or {}
+    a, c = d.get("all_size_max_over_mean"), d.get("contiguous_max_over_mean")
+    return f"{fmt_float(a, 3)} / {fmt_float(c, 3)}"
+
+
+def balance_table(results: dict) -> Optional[str]:
+    runs = {n: r for n, r in (results.get("runs") or {}).items()
+            if r.get("kind") != "dense" and "group_load_cv" in r}
+    if not runs:
+        return None
+    eps = sorted({ep for r in runs.values() for ep in (r.get("rank_flops_by_ep") or {})}, key=int)
+    header = ["run", "load CV held-out / train", "group CV held-out / train",
+              "MaxVio micro held-out / train", "MaxVio batch (train)"]
+    header += [f"rank FLOPs EP{ep} held-out" for ep in eps]
+    header += [f"rank FLOPs EP{ep} train" for ep in eps]
+    rows = []
+    for name, r in runs.items():
+        rows.append([name,
+                     f"{fmt_float(r.get('expert_load_cv'), 3)} / "
+                     f"{fmt_float(r.get('train_expert_load_cv'), 3)}",
+                     f"{fmt_float(r.get('group_load_cv'), 3)} / "
+                     f"{fmt_float(r.get('train_group_load_cv'), 3)}",
+                     f"{fmt_float(r.get('maxvio_micro'), 2)} / "
+                     f"{fmt_float(r.get('train_maxvio_micro'), 2)}",
+                     fmt_float(r.get("train_maxvio_batch"), 2)]
+                    + [_flops(r, "rank_flops_by_ep", ep) for ep in eps]
+                    + [_flops(r, "train_rank_flops_by_ep", ep) for ep in eps])
+    return _table(header, rows)
+
+
 def group_share_table(results: dict) -> Optional[str]:
     runs = {n: r for n, r in (results.get("runs") or {}).items()
             if r.get("kind") == "mohge" and r.get("group_token_share")}
@@ -229,6 +261,15 @@ def markdown_report(results: dict) -> str:
         from megatron_mohge.bench.study import study_markdown
 
         blocks += ["## Scaling study", study_markdown(results["study"])]
+    bt = balance_table(results)
+    if bt:
+        blocks += ["## Balance",
+                   "Means over MoE layers. MaxVio = max expert load / mean - 1: per micro-batch "
+                   "on one rank, and per global batch (training only). Group CV: expert load CV "
+                   "inside each group. Rank FLOPs: max/mean of per-EP-rank expert FLOPs from the "
+                   "measured counts, all-size allocation (MoHGE) / Megatron's contiguous layout. "
+                   "*held-out*: routing of the final evaluation; *train*: log windows of the last "
+                   "quarter of training.", bt]
     gs = group_share_table(results)
     if gs:
         blocks += ["## Group token share (MoHGE runs)",
@@ -458,6 +499,29 @@ def plot_chosen_width_hist(runs: dict, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
+def plot_balance(runs: dict, path: Path) -> Optional[Path]:
+    """Balance over training: global-batch MaxVio and EP=2 rank FLOPs max/mean per run."""
+    data = {n: r["curves"] for n, r in runs.items()
+            if any(v is not None for v in (r.get("curves") or {}).get("maxvio_batch") or [])}
+    if not data:
+        return None
+    fig, axes = _figure(2, 5.5, 3.8)
+    for i, (name, c) in enumerate(data.items()):
+        it = c.get("iteration") or []
+        for ax, key in zip(axes, ("maxvio_batch", "rank_flops_ep2")):
+            pts = [(x, y) for x, y in zip(it, c.get(key) or []) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), color=f"C{i % 10}", lw=1.3, label=name)
+    axes[0].set_title("MaxVio of the global batch")
+    axes[1].set_title("rank FLOPs max/mean, EP=2\n(all-size for MoHGE, contiguous for stock)")
+    axes[1].axhline(1.05, color="gray", lw=0.8, ls=":")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
     """Write the PNGs that have data into ``out_dir``; return their paths (in
     ``PLOT_NAMES`` order). Plots without data are skipped, not written."""
@@ -466,7 +530,7 @@ def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
     runs = results.get("runs") or {}
     written = []
     for fname, fn in zip(PLOT_NAMES, (plot_loss_curves, plot_group_share, plot_rank_load,
-                                      plot_chosen_width_hist)):
+                                      plot_chosen_width_hist, plot_balance)):
         p = fn(runs, out / fname)
         if p is not None:
             written.append(p)
