@@ -17,6 +17,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mohge", "megatron_mohge.*"]),
     include_package_data=True,
+    # Reference configs, the Megatron-LM launcher and the Slurm scripts ship inside the
+    # package (read with importlib.resources), so a regular, non-editable install has them.
+    package_data={"megatron_mohge.resources": ["*.py", "configs/*.yaml", "slurm/*.sbatch"]},
     install_requires=[
         # torch is not pinned: GPU clusters bring their own CUDA build. The helper scripts
         # install the CPU wheel first on CPU machines so nothing here pulls a CUDA build.
