@@ -24,14 +24,20 @@ from typing import Optional
 import yaml
 
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig
 
 
-def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print) -> list[str]:
-    """Dataset prefixes for ``--data``: indexed-dataset prefixes are used as they are; text
-    files / folders are tokenized once into ``out_dir/data/corpus``."""
-    from megatron_mohge.data import check_dataset, load_tokenizer, prepare_data
+def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
+                 split_documents: Optional[str] = None,
+                 json_keys: Optional[list[str]] = None) -> list[str]:
+    """Dataset prefixes for ``--data``: indexed-dataset prefixes are used as they are; text /
+    JSON lines / Parquet files and folders are tokenized once into ``out_dir/data/corpus``
+    (``mohge-prepare-data``'s document rules; several JSON keys: one dataset each)."""
+    from megatron_mohge.data import check_dataset, load_tokenizer
+    from megatron_mohge.data.formats import DEFAULT_JSON_KEYS, DEFAULT_SPLIT
+    from megatron_mohge.data.prepare import prepare_datasets
 
     if not data:
         return []
@@ -46,10 +52,13 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print) -> l
     if texts:
         prefix = out_dir / "data" / "corpus"
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        meta = prepare_data(texts, prefix, load_tokenizer(tokenizer), progress=True)
-        log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']:,} tokens "
-            f"-> {prefix}")
-        prefixes.append(str(prefix.resolve()))
+        metas = prepare_datasets(texts, prefix, load_tokenizer(tokenizer), progress=True,
+                                 split=split_documents or DEFAULT_SPLIT,
+                                 json_keys=tuple(json_keys or DEFAULT_JSON_KEYS))
+        for out, meta in metas.items():
+            log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']:,} tokens "
+                f"-> {out}")
+            prefixes.append(str(Path(out).resolve()))
     return prefixes
 
 
@@ -80,12 +89,17 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
     return runs
 
 
+class RunFailedError(RuntimeError):
+    """A run of the benchmark crashed (its traceback is in the log above)."""
+
+
 def launch_command(config_path: Path, nproc: int) -> list[str]:
-    """``mohge-train`` for one run: plain Python for one rank, else torchrun (gloo on CPU)."""
+    """``mohge-train`` for one run: plain Python for one rank, else torchrun (gloo on CPU)
+    through ``megatron_mohge.cli.launch``, which reports a rank's usage error as one line."""
     train = ["-m", "megatron_mohge.cli.train", "--config", str(config_path)]
     if nproc == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return [sys.executable, "-m", "megatron_mohge.cli.launch", "--standalone",
             f"--nproc-per-node={nproc}", *train]
 
 
@@ -101,13 +115,20 @@ def train_run(name: str, run: RunConfig, nproc: int, out_dir: Path, log=print) -
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONWARNINGS", "ignore")
+    # A rank's usage error (bad data, config) comes back here, reported once (usage_errors.py).
+    error_file = out_dir / "configs" / f"{name}.usage_error.txt"
+    error_file.unlink(missing_ok=True)
+    env[ERROR_FILE_ENV] = str(error_file)
     cmd = launch_command(cfg_path, nproc)
     log(f"[bench] {name}: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env)
+    message = read_usage_error(error_file)
+    if message is not None:
+        raise ConfigError(f"run {name}: {message}")
     if proc.returncode != 0 or not summary_path.is_file():
-        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); its log is above and its "
-                           f"config in {cfg_path}")
+        raise RunFailedError(f"run {name} failed (exit {proc.returncode}); its log is above and "
+                             f"its config in {cfg_path}")
     summary = json.loads(summary_path.read_text())
     summary["wall_s"] = time.perf_counter() - t0
     return summary
@@ -128,7 +149,8 @@ def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, l
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"layer microbenchmark failed (exit {proc.returncode})")
+        raise RunFailedError(f"layer microbenchmark failed (exit {proc.returncode}); its log "
+                             f"is above")
     return json.loads(out.read_text())
 
 
@@ -244,10 +266,12 @@ def target_checks(results: dict) -> dict:
 
 
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
-              seed=None, iters=None, layer_bench: bool = True, log=print) -> dict:
+              seed=None, iters=None, layer_bench: bool = True, log=print,
+              split_documents=None, json_keys=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
-    prefixes = resolve_data(list(data or []), tok, out_dir, log)
+    prefixes = resolve_data(list(data or []), tok, out_dir, log,
+                            split_documents=split_documents, json_keys=json_keys)
     runs = run_configs(preset, out_dir, names=names, data=prefixes or None, tokenizer=tokenizer,
                        seed=seed, iters=iters)
     if not prefixes:  # prepare the default corpus once, before the runs race for it
