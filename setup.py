@@ -37,6 +37,8 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.9"],
         # Training and benchmark tools: HF tokenizers, TensorBoard event files, PNG plots.
         "train": ["tokenizers>=0.19", "tensorboard>=2.14", "matplotlib>=3.7"],
+        # Optional input formats of mohge-prepare-data / --data: Parquet and .zst files.
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
         "test": ["pytest>=8"],
     },
     entry_points={
