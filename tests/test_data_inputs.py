@@ -287,3 +287,10 @@ def test_stdlib_default_corpus_still_one_document_per_file(tmp_path):
     first = Path(meta["sources"]["first"][0])
     assert first.is_relative_to(Path(sysconfig.get_paths()["stdlib"]))
     assert read_back(tmp_path / "std")[0] == byte_ids(first.read_text(encoding="utf-8"))
+
+
+def test_input_file_given_as_dataset_prefix(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl")
+    with pytest.raises(ConfigError, match=r"docs.jsonl' is an input file, not a prepared "
+                                          r"dataset: tokenize it first with `mohge-prepare-data"):
+        check_dataset(src, "byte")

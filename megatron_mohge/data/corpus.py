@@ -154,20 +154,5 @@ def collect_text_files(inputs: Iterable[Union[str, Path]]) -> list[Path]:
     return non_empty
 
 
-def limit_bytes(files: list[Path], max_bytes: Optional[int]) -> list[Path]:
-    """Leading files of ``files`` while their total size is below ``max_bytes``."""
-    if max_bytes is None:
-        return files
-    if max_bytes <= 0:
-        raise ConfigError(f"max_bytes={max_bytes} must be positive (or None for no limit)")
-    out, total = [], 0
-    for f in files:
-        if total >= max_bytes:
-            break
-        out.append(f)
-        total += f.stat().st_size
-    return out
-
-
-__all__ = ["default_corpus_files", "collect_text_files", "check_text_file", "limit_bytes",
+__all__ = ["default_corpus_files", "collect_text_files", "check_text_file",
            "stdlib_dir"]

@@ -267,6 +267,12 @@ def read_metadata(prefix: Union[str, Path]) -> Optional[dict]:
     prefix = normalize_prefix(prefix)
     paths = _paths(prefix)
     missing = [paths[k] for k in ("bin", "idx") if not os.path.isfile(paths[k])]
+    if missing and os.path.exists(prefix):  # e.g. data.path: [docs.jsonl]
+        raise ConfigError(
+            f"dataset {prefix!r} is an input {'folder' if os.path.isdir(prefix) else 'file'}, "
+            f"not a prepared dataset: tokenize it first with `mohge-prepare-data {prefix} "
+            f"--output-prefix data/NAME` and use data/NAME (mohge-bench --data takes input "
+            f"files directly)")
     if missing:
         raise ConfigError(
             f"dataset {prefix!r} not found: missing {' and '.join(missing)}. Prepare it with "
@@ -393,5 +399,6 @@ def ensure_default_dataset(cache_dir: Union[str, Path], tokenizer: Union[str, To
     return prefix
 
 
-__all__ = ["prepare_data", "prepare_datasets", "output_prefixes", "read_metadata", "check_dataset", "ensure_default_dataset",
+__all__ = ["prepare_data", "prepare_datasets", "output_prefixes", "iter_texts", "read_metadata",
+           "check_dataset", "ensure_default_dataset",
            "default_dataset_prefix", "normalize_prefix", "DEFAULT_CORPUS_MAX_BYTES"]

@@ -109,8 +109,8 @@ def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *
 
     ``env`` supplies ``MASTER_ADDR`` (default ``localhost``), ``MASTER_PORT`` (default 29500),
     ``SLURM_JOB_ID`` (rendezvous id) and, when present, ``SLURM_NNODES`` (checked against
-    ``launch.nodes``). ``script_path``: ``pretrain_mohge.py`` (no patch; shipped in the package) or a patched
-    checkout's ``pretrain_gpt.py``.
+    ``launch.nodes``). ``script_path``: the shipped ``pretrain_mohge.py`` (no patch;
+    ``resources.launcher_path()``) or a patched checkout's ``pretrain_gpt.py``.
     """
     env = env if env is not None else os.environ
     shape = _shape(run, shape)
