@@ -17,6 +17,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mohge", "megatron_mohge.*"]),
     include_package_data=True,
+    # Reference configs, the Megatron-LM launcher and the Slurm scripts ship inside the
+    # package (read with importlib.resources), so a regular, non-editable install has them.
+    package_data={"megatron_mohge.resources": ["*.py", "configs/*.yaml", "slurm/*.sbatch"]},
     install_requires=[
         # torch is not pinned: GPU clusters bring their own CUDA build. The helper scripts
         # install the CPU wheel first on CPU machines so nothing here pulls a CUDA build.
@@ -35,6 +38,8 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.9"],
         # Training and benchmark tools: HF tokenizers, TensorBoard event files, PNG plots.
         "train": ["tokenizers>=0.19", "tensorboard>=2.14", "matplotlib>=3.7"],
+        # Optional input formats of mohge-prepare-data / --data: Parquet and .zst files.
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
         "test": ["pytest>=8"],
     },
     entry_points={

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,11 +422,12 @@ class MoHGEConfig(YamlDataclass):
         if p is not None and p.suffix in (".yaml", ".yml") and not p.exists():
             raise ConfigError(f"MoHGEConfig.from_yaml: file not found: {p}")
         if p is not None and p.exists():
-            text = p.read_text()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"MoHGEConfig.from_yaml: invalid YAML: {exc}") from exc
+            data = read_yaml_file(p, "MoHGE config")
+        else:
+            try:
+                data = load_yaml(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"MoHGEConfig.from_yaml: invalid YAML: {exc}") from exc
         return cls.from_dict(data)
 
     @classmethod
@@ -502,13 +504,42 @@ def expect_choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``5E+4`` as floats.
+
+    PyYAML implements YAML 1.1, whose float pattern needs a dot (``1.0e-3``), so ``1e-3``
+    would load as the *string* "1e-3"; YAML 1.2 and Python both read it as a number, and so
+    do our configs wherever a float is expected.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as our config files are parsed (safe, scientific notation = float)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_file(path: Union[str, Path], what: str) -> Any:
     """Parse YAML file ``path``; ``what`` names it in errors (e.g. "run config")."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{what}: file not found: {path}")
+    raw = p.read_bytes()
+    if b"\x00" in raw:
+        raise ConfigError(f"{what} {path}: not a text file (it contains NUL bytes); pass the "
+                          f"YAML config file")
     try:
-        return yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8-sig")  # a UTF-8 BOM (some Windows editors) is fine
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} "
+                          f"at offset {exc.start}); save the file as UTF-8") from None
+    try:
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: invalid YAML: {exc}") from exc
 

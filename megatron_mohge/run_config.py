@@ -26,6 +26,7 @@ from megatron_mohge.config import (
     MoHGEConfig,
     NoisyGatingConfig,
     YamlDataclass,
+    load_yaml,
     read_yaml_file,
 )
 from megatron_mohge.config import expect_bool as _bool
@@ -495,7 +496,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. train.iters=50)")
         key, _, raw = item.partition("=")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
         node = out

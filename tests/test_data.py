@@ -196,7 +196,7 @@ def test_collect_text_files_errors(tmp_path):
 def test_prepare_round_trip(kind, corpus, hf_tok, tmp_path):
     tok = ByteTokenizer() if kind == "byte" else hf_tok
     prefix = str(tmp_path / f"out_{kind}")
-    meta = prepare_data([corpus], prefix, tok, progress=False)
+    meta = prepare_data([corpus], prefix, tok, progress=False, split="file")
     expected = [tok.tokenize((corpus / n).read_text(encoding="utf-8")) + [tok.eod]
                 for n in sorted(DOCS)]  # folder order: a.txt, b.md, sub/c.py
     assert read_back(prefix) == expected
@@ -320,7 +320,8 @@ def test_get_micro_batches(train_valid):
 
 def test_cli_exit_codes(corpus, tmp_path, capsys):
     prefix = tmp_path / "cli_ds"
-    assert prepare_main([str(corpus), "--output-prefix", str(prefix), "--no-progress"]) == 0
+    assert prepare_main([str(corpus), "--output-prefix", str(prefix), "--no-progress",
+                         "--split-documents", "file"]) == 0
     out = capsys.readouterr().out
     assert "3 documents" in out and str(prefix) + ".bin" in out
     assert read_metadata(prefix)["num_documents"] == 3

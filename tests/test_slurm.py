@@ -10,6 +10,7 @@ import pytest
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.integration import slurm as S
+from megatron_mohge.resources import launcher_path
 from megatron_mohge.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,8 @@ def test_torchrun_sbatch_dry_run(tmp_path, fake_slurm, nodes, slurm_env):
     t = argv.index("torchrun")
     assert argv[t + 1:t + 6] == [f"--nnodes={nodes}", "--nproc-per-node=8", f"--rdzv-id={job}",
                                  "--rdzv-backend=c10d", f"--rdzv-endpoint=gpu001:{port}"]
-    assert argv[t + 6] == str(ROOT / "examples" / "pretrain_mohge.py")
+    # the launcher shipped in the package (not examples/, absent from a pip install)
+    assert argv[t + 6] == str(launcher_path())
     flags = argv[t + 7:]
     assert flags[flags.index("--mohge-config") + 1] == str(out_dir / "mohge_layer.yaml")
     assert (out_dir / "mohge_layer.yaml").is_file()

@@ -32,14 +32,20 @@ import yaml
 
 from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs, layer_mean
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig
 
 
-def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print) -> list[str]:
-    """Dataset prefixes for ``--data``: indexed-dataset prefixes are used as they are; text
-    files / folders are tokenized once into ``out_dir/data/corpus``."""
-    from megatron_mohge.data import check_dataset, load_tokenizer, prepare_data
+def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
+                 split_documents: Optional[str] = None,
+                 json_keys: Optional[list[str]] = None) -> list[str]:
+    """Dataset prefixes for ``--data``: indexed-dataset prefixes are used as they are; text /
+    JSON lines / Parquet files and folders are tokenized once into ``out_dir/data/corpus``
+    (``mohge-prepare-data``'s document rules; several JSON keys: one dataset each)."""
+    from megatron_mohge.data import check_dataset, load_tokenizer
+    from megatron_mohge.data.formats import DEFAULT_JSON_KEYS, DEFAULT_SPLIT
+    from megatron_mohge.data.prepare import prepare_datasets
 
     if not data:
         return []
@@ -54,10 +60,13 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print) -> l
     if texts:
         prefix = out_dir / "data" / "corpus"
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        meta = prepare_data(texts, prefix, load_tokenizer(tokenizer), progress=True)
-        log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']:,} tokens "
-            f"-> {prefix}")
-        prefixes.append(str(prefix.resolve()))
+        metas = prepare_datasets(texts, prefix, load_tokenizer(tokenizer), progress=True,
+                                 split=split_documents or DEFAULT_SPLIT,
+                                 json_keys=tuple(json_keys or DEFAULT_JSON_KEYS))
+        for out, meta in metas.items():
+            log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']:,} tokens "
+                f"-> {out}")
+            prefixes.append(str(Path(out).resolve()))
     return prefixes
 
 
@@ -107,12 +116,17 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
     return runs
 
 
+class RunFailedError(RuntimeError):
+    """A run of the benchmark crashed (its traceback is in the log above)."""
+
+
 def launch_command(config_path: Path, nproc: int) -> list[str]:
-    """``mohge-train`` for one run: plain Python for one rank, else torchrun (gloo on CPU)."""
+    """``mohge-train`` for one run: plain Python for one rank, else torchrun (gloo on CPU)
+    through ``megatron_mohge.cli.launch``, which reports a rank's usage error as one line."""
     train = ["-m", "megatron_mohge.cli.train", "--config", str(config_path)]
     if nproc == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return [sys.executable, "-m", "megatron_mohge.cli.launch", "--standalone",
             f"--nproc-per-node={nproc}", *train]
 
 
@@ -149,6 +163,10 @@ def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, thread
     env.setdefault("PYTHONWARNINGS", "ignore")
     if log_file is not None:  # line by line into the log, not in blocks at exit
         env.setdefault("PYTHONUNBUFFERED", "1")
+    # A rank's usage error (bad data, config) comes back here, reported once (usage_errors.py).
+    error_file = _usage_error_file(cfg_path)
+    error_file.unlink(missing_ok=True)
+    env[ERROR_FILE_ENV] = str(error_file)
     cmd = launch_command(cfg_path, nproc)
     where = f" (log: {log_file})" if log_file else ""
     log(f"[bench] {name} seed {run.train.seed}: {' '.join(cmd[1:])}{where}")
@@ -160,14 +178,21 @@ def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, thread
     return _Active(key, name, run, proc, cfg_path, log_file, out, time.perf_counter())
 
 
+def _usage_error_file(cfg_path: Path) -> Path:
+    return cfg_path.with_suffix(".usage_error.txt")
+
+
 def _finish_run(a: _Active, cpu_s: Optional[float]) -> dict:
     if a.out is not None:
         a.out.close()
     summary_path = a.run.out_dir / "summary.json"
+    message = read_usage_error(_usage_error_file(a.cfg_path))
+    if message is not None:
+        raise ConfigError(f"run {a.name}: {message}")
     if a.proc.returncode != 0 or not summary_path.is_file():
         where = f"its log is {a.log_file}" if a.log_file else "its log is above"
-        raise RuntimeError(f"run {a.name} (seed {a.run.train.seed}) failed (exit "
-                           f"{a.proc.returncode}); {where} and its config {a.cfg_path}")
+        raise RunFailedError(f"run {a.name} (seed {a.run.train.seed}) failed (exit "
+                             f"{a.proc.returncode}); {where} and its config {a.cfg_path}")
     summary = json.loads(summary_path.read_text())
     summary["wall_s"] = time.perf_counter() - a.t0
     # CPU seconds of the run (all ranks): a cost figure a busy machine does not inflate
@@ -245,7 +270,8 @@ def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, l
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"layer microbenchmark failed (exit {proc.returncode})")
+        raise RunFailedError(f"layer microbenchmark failed (exit {proc.returncode}); its log "
+                             f"is above")
     return json.loads(out.read_text())
 
 
@@ -407,7 +433,7 @@ def _study_targets(study: dict) -> dict:
 
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
-              log=print) -> dict:
+              log=print, split_documents=None, json_keys=None) -> dict:
     """Train the preset's runs once per seed (seed-major order, so every finished seed is a
     complete paired comparison) and write ``results.json`` after each run."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -416,7 +442,8 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
-    prefixes = resolve_data(list(data or []), tok, out_dir, log)
+    prefixes = resolve_data(list(data or []), tok, out_dir, log,
+                            split_documents=split_documents, json_keys=json_keys)
     by_seed = {s: run_configs(preset, out_dir, names=names, data=prefixes or None,
                               tokenizer=tokenizer, seed=s, iters=iters) for s in seed_list}
     first = next(iter(by_seed[seed_list[0]].values()))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.config import RELEASED_INTRA_GROUP_COEFF, ConfigError, MoHGEConfig
+from megatron_mohge.resources import config_path
 
-CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Preset:
 
 
 def _tiny_mohge(weighting: str) -> dict:
-    cfg = MoHGEConfig.from_yaml(CONFIGS / "tiny_mohge.yaml").to_dict()
+    cfg = MoHGEConfig.from_yaml(config_path("tiny_mohge.yaml")).to_dict()
     cfg["router"]["expert_weighting"] = weighting
     return cfg
 
@@ -118,7 +117,7 @@ def _default() -> Preset:
 def _paper_3b() -> Preset:
     # The paper's MoHGE-3B setting and its stock baseline (15 layers, hidden 1024, 64 experts,
     # Kg=4, K=6, widths 384..1280 vs 1024, 2 shared experts). For GPU clusters.
-    layer = MoHGEConfig.from_yaml(CONFIGS / "paper_3b_layer.yaml").to_dict()
+    layer = MoHGEConfig.from_yaml(config_path("paper_3b_layer.yaml")).to_dict()
     renorm = copy.deepcopy(layer)
     renorm["router"]["expert_weighting"] = "renorm"
     base = dict(

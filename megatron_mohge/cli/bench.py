@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from megatron_mohge.config import ConfigError
+from megatron_mohge.data.formats import SPLIT_RULES
 
 
 def parse_args(argv=None):
@@ -28,8 +29,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=list(PRESETS))
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="text files / folders (tokenized once) or indexed dataset prefixes; "
-                        "default: the Python stdlib corpus")
+                   help="text / JSON lines (.jsonl) / Parquet files or folders (tokenized "
+                        "once, as mohge-prepare-data) or indexed dataset prefixes; default: "
+                        "the Python stdlib corpus")
+    p.add_argument("--json-keys", nargs="+", default=None, metavar="KEY",
+                   help="--data JSON lines / Parquet: the text field(s) (default: text)")
+    p.add_argument("--split-documents", choices=SPLIT_RULES, default=None,
+                   help="--data plain text: a document is a paragraph (blank-line, the "
+                        "default), a line, or a whole file")
     p.add_argument("--tokenizer", default=None, help="byte (default) or a tokenizer.json path")
     p.add_argument("--out", default=None, help="output directory (default runs/bench-<preset>)")
     p.add_argument("--seed", type=int, default=None,
@@ -83,10 +90,14 @@ def main(argv=None) -> int:
         results = e2e.run_bench(preset, out, names=names, data=args.data,
                                 tokenizer=args.tokenizer, seed=args.seed, seeds=args.seeds,
                                 iters=args.iters, jobs=args.jobs,
-                                layer_bench=not args.no_layer_bench)
+                                layer_bench=not args.no_layer_bench,
+                                split_documents=args.split_documents, json_keys=args.json_keys)
     except ConfigError as exc:
         print(f"mohge-bench: {exc}", file=sys.stderr)
         return 2
+    except e2e.RunFailedError as exc:  # the run's own traceback is above; no second one
+        print(f"mohge-bench: {exc}", file=sys.stderr)
+        return 1
     from megatron_mohge.bench.report import markdown_report, write_report
 
     paths = write_report(results, out)

@@ -7,6 +7,14 @@ Examples::
     mohge-prepare-data --train-tokenizer 8192 --tokenizer-out data/bpe8k.json \\
         --output-prefix data/stdlib_bpe8k
     mohge-prepare-data corpus/ --tokenizer data/bpe8k.json --output-prefix data/corpus_bpe8k
+    mohge-prepare-data docs.jsonl --json-keys text --output-prefix data/docs_byte
+    mohge-prepare-data book.txt --split-documents line --output-prefix data/book_byte
+
+Input formats (by file name; ``.gz``/``.bz2``/``.xz``/``.zst`` compressed too): ``.jsonl`` /
+``.json`` (one JSON object per line, text under --json-keys, as Megatron-LM's
+``tools/preprocess_data.py``; several keys write one dataset per key, PREFIX_<key>),
+``.parquet`` (the --json-keys columns; needs pyarrow), anything else is UTF-8 text cut into
+documents by --split-documents.
 
 Exit codes: 0 success, 2 bad input (message on stderr, no traceback).
 """
@@ -19,6 +27,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_mohge.config import ConfigError
+from megatron_mohge.data.formats import (DEFAULT_JSON_KEYS, DEFAULT_SPLIT, SPLIT_RULES,
+                                         DocumentSpec)
 
 PROG = "mohge-prepare-data"
 
@@ -26,13 +36,21 @@ PROG = "mohge-prepare-data"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Tokenize text files (one document per file, eod after each) into a "
-                    "Megatron-LM compatible .bin/.idx dataset plus a .json sidecar that "
-                    "records the tokenizer. Without INPUT, the Python standard library's "
-                    ".py sources are used.",
+        description="Tokenize documents (eod after each) into a Megatron-LM compatible "
+                    ".bin/.idx dataset plus a .json sidecar that records the tokenizer. "
+                    "Inputs: JSON lines (.jsonl/.json, text under --json-keys), Parquet, or "
+                    "UTF-8 text cut into documents by --split-documents; .gz/.bz2/.xz/.zst "
+                    "compressed too. Without INPUT, the Python standard library's .py sources "
+                    "are used, one document per file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="text files or folders (recursive; hidden files skipped)")
+                   help="files or folders (recursive; hidden files skipped)")
+    p.add_argument("--json-keys", nargs="+", default=list(DEFAULT_JSON_KEYS), metavar="KEY",
+                   help="JSON lines / Parquet: the text field(s); several keys write one "
+                        "dataset per key (PREFIX_<key>)")
+    p.add_argument("--split-documents", choices=SPLIT_RULES, default=DEFAULT_SPLIT,
+                   help="plain text: a document is a paragraph (text between blank lines), "
+                        "a non-blank line, or a whole file")
     p.add_argument("--output-prefix", default=None,
                    help="write PREFIX.bin/.idx/.json (default: data/<stdlib|corpus>_<tokenizer>)")
     p.add_argument("--tokenizer", default=None,
@@ -43,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where --train-tokenizer saves tokenizer.json "
                         "(default: PREFIX.tokenizer.json)")
     p.add_argument("--max-bytes", type=int, default=None, metavar="N",
-                   help="stop after N bytes of input files (default: all)")
+                   help="stop after the document that reaches N bytes of text (default: all)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -58,8 +76,6 @@ def _human_bytes(n: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron_mohge.data.corpus import (collect_text_files, default_corpus_files,
-                                            limit_bytes)
     from megatron_mohge.data.tokenizers import load_tokenizer, train_hf_tokenizer
 
     if args.train_tokenizer is not None and args.tokenizer is not None:
@@ -76,23 +92,27 @@ def _run(args: argparse.Namespace) -> int:
         tok_tag = Path(args.tokenizer).stem.replace("tokenizer", "hf") or "hf"
     prefix = args.output_prefix or f"data/{source}_{tok_tag}"
 
+    spec = DocumentSpec(split=args.split_documents, json_keys=tuple(args.json_keys))
     if args.train_tokenizer is not None:
-        files = (limit_bytes(collect_text_files(args.inputs), args.max_bytes) if args.inputs
-                 else default_corpus_files(args.max_bytes))
+        from megatron_mohge.data.prepare import iter_texts
+
         out = args.tokenizer_out or f"{prefix}.tokenizer.json"
-        tokenizer = train_hf_tokenizer(files, args.train_tokenizer, out)
-        print(f"{PROG}: trained a byte-level BPE (vocab {tokenizer.vocab_size}) on "
-              f"{len(files)} files -> {tokenizer.spec}", file=sys.stderr)
+        texts = iter_texts(args.inputs or None, spec, args.max_bytes)
+        tokenizer = train_hf_tokenizer([], args.train_tokenizer, out, texts=texts)
+        print(f"{PROG}: trained a byte-level BPE (vocab {tokenizer.vocab_size}) on the inputs "
+              f"-> {tokenizer.spec}", file=sys.stderr)
     else:
         tokenizer = load_tokenizer(args.tokenizer or "byte")
 
-    from megatron_mohge.data.prepare import prepare_data
+    from megatron_mohge.data.prepare import prepare_datasets
 
-    meta = prepare_data(args.inputs or None, prefix, tokenizer, max_bytes=args.max_bytes,
-                        progress=not args.no_progress, workers=args.workers)
-    print(f"{PROG}: {meta['num_documents']} documents, {meta['num_tokens']:,} tokens from "
-          f"{_human_bytes(meta['num_bytes'])} (tokenizer {tokenizer.spec}, vocab "
-          f"{meta['vocab_size']}) -> {prefix}.bin, {prefix}.idx, {prefix}.json")
+    metas = prepare_datasets(args.inputs or None, prefix, tokenizer, max_bytes=args.max_bytes,
+                             progress=not args.no_progress, workers=args.workers,
+                             split=spec.split, json_keys=spec.json_keys)
+    for out_prefix, meta in metas.items():
+        print(f"{PROG}: {meta['num_documents']} documents, {meta['num_tokens']:,} tokens from "
+              f"{_human_bytes(meta['num_bytes'])} (tokenizer {tokenizer.spec}, vocab "
+              f"{meta['vocab_size']}) -> {out_prefix}.bin, {out_prefix}.idx, {out_prefix}.json")
     return 0
 
 

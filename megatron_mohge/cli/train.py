@@ -12,12 +12,16 @@ import argparse
 import sys
 import warnings
 
+from megatron_mohge.cli.usage_errors import report_usage_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig
 
 
+PROG = "mohge-train"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mohge-train", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run YAML (see examples/configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -32,8 +36,7 @@ def main(argv=None) -> int:
     try:
         run = RunConfig.from_yaml(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"mohge-train: {exc}", file=sys.stderr)
-        return 2
+        return report_usage_error(PROG, exc)
     if args.print_config:
         print(run.to_yaml(), end="")
         return 0
@@ -46,8 +49,8 @@ def main(argv=None) -> int:
         trainer = Trainer(run)
         summary = trainer.train()
     except ConfigError as exc:  # bad data / checkpoint discovered at run time
-        print(f"mohge-train: {exc}", file=sys.stderr)
-        return 2
+        # Once per job, not once per rank (see usage_errors.py).
+        return report_usage_error(PROG, exc)
     if M.rank() == 0:
         print(f"[{run.name}] done: held-out loss {summary['heldout_loss']:.4f} "
               f"(ppl {summary['heldout_ppl']:.3f}), {summary['total_params']:,} params, "

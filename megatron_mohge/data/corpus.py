@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from megatron_mohge.config import ConfigError
+from megatron_mohge.data.formats import compression_of, format_of
 
 # Folders of the stdlib that are not "library text": regression tests (huge, repetitive
 # data files), the IDLE app, and third-party packages installed into the base interpreter.
@@ -105,12 +106,14 @@ def check_text_file(path: Path) -> None:
 
 
 def collect_text_files(inputs: Iterable[Union[str, Path]]) -> list[Path]:
-    """Expand files and folders into a de-duplicated list of UTF-8 text files.
+    """Expand files and folders into a de-duplicated list of input files.
 
     Order: inputs as given, folders expanded recursively in sorted order (hidden files and
-    folders skipped). Empty files are skipped with a warning; every other file must look
-    like UTF-8 text (binary files are an error rather than silently dropped, because a
-    wrong folder would otherwise quietly train on junk).
+    folders skipped). Every file name is accepted: ``.parquet`` and compressed files
+    (``.gz``/``.bz2``/``.xz``/``.zst``) are read by format (``formats.py``), any other file
+    (``.txt``, ``.rst.txt``, ``.md``, ``.py``, ``.jsonl`` ...) must look like UTF-8 text.
+    Empty files are skipped with a warning; binary files are an error rather than silently
+    dropped, because a wrong folder would otherwise quietly train on junk.
     """
     inputs = list(inputs)
     if not inputs:
@@ -146,24 +149,10 @@ def collect_text_files(inputs: Iterable[Union[str, Path]]) -> list[Path]:
         warnings.warn(f"skipping {len(empty)} empty input file(s): {', '.join(empty[:5])}"
                       f"{' ...' if len(empty) > 5 else ''}", stacklevel=2)
     for f in non_empty:
-        check_text_file(f)
+        if format_of(f) != "parquet" and not compression_of(f):  # the others are binary
+            check_text_file(f)
     return non_empty
 
 
-def limit_bytes(files: list[Path], max_bytes: Optional[int]) -> list[Path]:
-    """Leading files of ``files`` while their total size is below ``max_bytes``."""
-    if max_bytes is None:
-        return files
-    if max_bytes <= 0:
-        raise ConfigError(f"max_bytes={max_bytes} must be positive (or None for no limit)")
-    out, total = [], 0
-    for f in files:
-        if total >= max_bytes:
-            break
-        out.append(f)
-        total += f.stat().st_size
-    return out
-
-
-__all__ = ["default_corpus_files", "collect_text_files", "check_text_file", "limit_bytes",
+__all__ = ["default_corpus_files", "collect_text_files", "check_text_file",
            "stdlib_dir"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from megatron_mohge.config import ConfigError
+from megatron_mohge.data.integrity import content_key, read_index
 from megatron_mohge.data.prepare import check_dataset, normalize_prefix
 from megatron_mohge.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -112,9 +113,13 @@ def build_gpt_datasets(prefixes: Union[str, Path, Sequence[Union[str, Path]]],
         raise ConfigError(f"valid_samples={valid_samples} must be >= 0")
     tok = load_tokenizer(tokenizer)
     for p in prefixes:
-        check_dataset(p, tok)
+        check_dataset(p, tok)  # also: .bin / .idx / sidecar belong together (integrity.py)
         _check_split_sizes(p, split, int(seq_length))
     cache = os.path.abspath(os.fspath(cache_dir)) if cache_dir else default_index_cache(prefixes[0])
+    # megatron-core names cached sample indices by the dataset *path*; data re-prepared at
+    # the same prefix would reuse indices of the old documents (a wrong split or IndexError).
+    # One sub-folder per content (the .idx hashes) keys the cache on the data instead.
+    cache = os.path.join(cache, "content-" + content_key([read_index(p) for p in prefixes]))
 
     def gpt_config(random_seed: int, keep: tuple) -> GPTDatasetConfig:
         config = GPTDatasetConfig(

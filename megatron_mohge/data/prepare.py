@@ -2,12 +2,15 @@
 
 The ``.bin``/``.idx`` pair is written by megatron-core's own ``IndexedDatasetBuilder`` with
 the token dtype Megatron-LM's ``tools/preprocess_data.py`` picks (``DType.optimal_dtype``:
-uint16 below 65500 ids, else int32), so the files load in Megatron-LM unchanged. One input
-file is one document, followed by one ``eod`` token.
+uint16 below 65500 ids, else int32), so the files load in Megatron-LM unchanged. Documents
+come from ``formats.py`` (JSON lines / Parquet by key, plain text by a splitting rule); each
+is followed by one ``eod`` token, as ``preprocess_data.py`` writes them.
 
 The sidecar ``<prefix>.json`` records the tokenizer (spec, content fingerprint, vocab size,
 eod), so training can refuse data prepared with another tokenizer (:func:`check_dataset`)
-instead of silently training on wrong ids.
+instead of silently training on wrong ids, and the ``.bin`` size and ``.idx`` hash, so a
+``.bin`` / ``.idx`` / sidecar that do not belong together are caught at load time
+(``integrity.py``).
 
 megatron-core is imported inside the functions that need it: importing it takes seconds,
 and tokenizer worker processes import this module.
@@ -27,7 +30,10 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from megatron_mohge.config import ConfigError
-from megatron_mohge.data.corpus import collect_text_files, default_corpus_files, limit_bytes
+from megatron_mohge.data.corpus import collect_text_files, default_corpus_files
+from megatron_mohge.data.formats import (DEFAULT_JSON_KEYS, DEFAULT_SPLIT, DocumentSpec,
+                                         format_of, iter_documents)
+from megatron_mohge.data.integrity import file_sha256, verify_dataset_files
 from megatron_mohge.data.tokenizers import Tokenizer, describe, load_tokenizer, tokenizer_metadata
 from megatron_mohge.version import __version__
 
@@ -55,15 +61,6 @@ def _paths(prefix: str) -> dict[str, str]:
     return {"bin": prefix + ".bin", "idx": prefix + ".idx", "json": prefix + ".json"}
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        # collect_text_files only sniffs the first 8 KiB; the rest is checked here.
-        raise ConfigError(f"input file {str(path)!r} is not valid UTF-8 (byte {err.start}); "
-                          f"remove it from the inputs or convert it to UTF-8") from err
-
-
 # --- tokenization, in-process or in spawned workers -------------------------------------
 
 _WORKER_TOKENIZER: Optional[Tokenizer] = None
@@ -74,30 +71,61 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _tokenize_file(path: Path, tokenizer: Optional[Tokenizer] = None) -> tuple[np.ndarray, int]:
-    """Token ids of one document with ``eod`` appended, and the file's size in bytes."""
+def _tokenize_document(texts: tuple[str, ...], tokenizer: Optional[Tokenizer] = None
+                       ) -> tuple[list[np.ndarray], int]:
+    """Token ids of one document per text (``eod`` appended), and the texts' UTF-8 bytes.
+
+    As Megatron-LM's ``preprocess_data.py`` (``Encoder.encode``): the ``eod`` goes after a
+    document's last token, and an empty text stays an empty document without one.
+    """
     tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
-    text = _read_text(path)
-    ids = tok.tokenize(text)
-    arr = np.empty(len(ids) + 1, dtype=np.int64)
-    arr[:-1] = ids
-    arr[-1] = tok.eod
-    return arr, len(text.encode("utf-8"))
+    out, nbytes = [], 0
+    for text in texts:
+        ids = tok.tokenize(text)
+        arr = np.empty(len(ids) + 1 if ids else 0, dtype=np.int64)
+        if ids:
+            arr[:-1] = ids
+            arr[-1] = tok.eod
+        out.append(arr)
+        nbytes += len(text.encode("utf-8"))
+    return out, nbytes
 
 
-def _tokenized(files: Sequence[Path], tokenizer: Tokenizer,
-               workers: int) -> Iterator[tuple[np.ndarray, int]]:
-    if workers <= 1 or len(files) < 2:
-        for f in files:
-            yield _tokenize_file(f, tokenizer)
+def _documents(files: Sequence[Path], spec: DocumentSpec) -> Iterator[tuple[str, ...]]:
+    for f in files:
+        yield from iter_documents(f, spec)
+
+
+def _tokenized(docs: Iterable[tuple[str, ...]], tokenizer: Tokenizer,
+               workers: int) -> Iterator[tuple[list[np.ndarray], int]]:
+    if workers <= 1:
+        for doc in docs:
+            yield _tokenize_document(doc, tokenizer)
         return
     import multiprocessing
 
     # spawn, not fork: the parent may hold torch / Rust-tokenizers threads, which fork copies
-    # in a broken state. imap keeps file order, so the dataset does not depend on `workers`.
+    # in a broken state. imap keeps document order, so the dataset does not depend on
+    # `workers`; documents are read in this process, so errors name the file and line.
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        yield from pool.imap(_tokenize_file, files, chunksize=4)
+        yield from pool.imap(_tokenize_document, docs, chunksize=64)
+
+
+def iter_texts(inputs: Optional[Sequence[Union[str, Path]]], spec: DocumentSpec,
+               max_bytes: Optional[int] = None) -> Iterator[str]:
+    """The document texts ``prepare_datasets`` would tokenize (all keys), e.g. to train a
+    tokenizer on exactly them rather than on raw files (JSON syntax, Parquet bytes)."""
+    if not inputs:
+        files, spec = default_corpus_files(max_bytes), DocumentSpec("file", spec.json_keys)
+    else:
+        files = collect_text_files(inputs)
+    total = 0
+    for doc in _documents(files, spec):
+        yield from doc
+        total += sum(len(t.encode("utf-8")) for t in doc)
+        if max_bytes is not None and total >= max_bytes:
+            return
 
 
 def _remove_quietly(paths: Iterable[str]) -> None:
@@ -108,15 +136,43 @@ def _remove_quietly(paths: Iterable[str]) -> None:
             pass
 
 
+def output_prefixes(output_prefix: Union[str, Path], json_keys: Sequence[str]) -> list[str]:
+    """One dataset per JSON key: ``PREFIX`` for one key, ``PREFIX_<key>`` for several (as
+    Megatron-LM's ``preprocess_data.py`` names one dataset per ``--json-keys`` entry)."""
+    prefix = normalize_prefix(output_prefix)
+    if len(json_keys) == 1:
+        return [prefix]
+    return [f"{prefix}_{k}" for k in json_keys]
+
+
 def prepare_data(inputs: Optional[Sequence[Union[str, Path]]], output_prefix: Union[str, Path],
                  tokenizer: Union[str, Tokenizer], *, max_bytes: Optional[int] = None,
-                 progress: bool = True, workers: int = 1) -> dict:
-    """Tokenize ``inputs`` (files / folders; None or empty: the stdlib corpus) into
-    ``<output_prefix>.bin/.idx/.json``; return the sidecar metadata.
+                 progress: bool = True, workers: int = 1, split: str = DEFAULT_SPLIT,
+                 json_keys: Sequence[str] = DEFAULT_JSON_KEYS) -> dict:
+    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx/.json``; return the sidecar.
 
-    ``max_bytes`` stops after that many bytes of input files (the last file may overshoot).
-    Files are written under temporary names and renamed at the end, sidecar last, so an
-    interrupted run never leaves a dataset that looks complete.
+    One JSON key only; :func:`prepare_datasets` writes one dataset per key.
+    """
+    if len(tuple(json_keys)) != 1:
+        raise ConfigError(f"prepare_data writes one dataset but json_keys={list(json_keys)}; "
+                          f"use prepare_datasets for several keys")
+    return next(iter(prepare_datasets(inputs, output_prefix, tokenizer, max_bytes=max_bytes,
+                                      progress=progress, workers=workers, split=split,
+                                      json_keys=json_keys).values()))
+
+
+def prepare_datasets(inputs: Optional[Sequence[Union[str, Path]]],
+                     output_prefix: Union[str, Path], tokenizer: Union[str, Tokenizer], *,
+                     max_bytes: Optional[int] = None, progress: bool = True, workers: int = 1,
+                     split: str = DEFAULT_SPLIT,
+                     json_keys: Sequence[str] = DEFAULT_JSON_KEYS) -> dict[str, dict]:
+    """Tokenize ``inputs`` (files / folders; None or empty: the stdlib corpus, one document
+    per file) into one ``.bin/.idx/.json`` dataset per JSON key; returns prefix -> sidecar.
+
+    Documents come from :mod:`megatron_mohge.data.formats` (JSON lines / Parquet by
+    ``json_keys``, plain text by ``split``). ``max_bytes`` stops after the document that
+    reaches that many bytes of text. Files are written under temporary names and renamed at
+    the end, sidecars last, so an interrupted run never leaves a dataset that looks complete.
     """
     from tqdm import tqdm
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -124,59 +180,81 @@ def prepare_data(inputs: Optional[Sequence[Union[str, Path]]], output_prefix: Un
     tok = load_tokenizer(tokenizer)
     if workers < 1:
         raise ConfigError(f"workers={workers} must be >= 1")
+    if max_bytes is not None and max_bytes <= 0:
+        raise ConfigError(f"max_bytes={max_bytes} must be positive (or None for no limit)")
     default_corpus = not inputs
-    if default_corpus:
-        files = default_corpus_files(max_bytes)
-    else:
-        files = limit_bytes(collect_text_files(inputs), max_bytes)
-    prefix = normalize_prefix(output_prefix)
-    final = _paths(prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = _paths(f"{prefix}.tmp{os.getpid()}")
+    # The stdlib corpus is code: one document per file, as it always was (its cache key).
+    spec = DocumentSpec(split="file" if default_corpus else split, json_keys=tuple(json_keys))
+    files = default_corpus_files(max_bytes) if default_corpus else collect_text_files(inputs)
+    prefixes = output_prefixes(output_prefix, spec.json_keys)
+    Path(prefixes[0]).parent.mkdir(parents=True, exist_ok=True)
+    finals = [_paths(p) for p in prefixes]
+    tmps = [_paths(f"{p}.tmp{os.getpid()}") for p in prefixes]
     dtype = DType.optimal_dtype(tok.vocab_size)
 
-    num_docs = num_tokens = num_bytes = 0
-    builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
+    num_docs = num_bytes = 0
+    num_tokens = [0] * len(prefixes)
+    builders = []
     try:
-        bar = tqdm(_tokenized(files, tok, workers), total=len(files), unit="file",
-                   desc=f"tokenizing -> {Path(prefix).name}", file=sys.stderr,
+        for tmp in tmps:
+            builders.append(IndexedDatasetBuilder(tmp["bin"], dtype=dtype))
+        bar = tqdm(_tokenized(_documents(files, spec), tok, workers), unit="doc",
+                   desc=f"tokenizing -> {Path(prefixes[0]).name}", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
-        for ids, nbytes in bar:
-            builder.add_document(ids, [len(ids)])
+        for docs, nbytes in bar:
+            for i, ids in enumerate(docs):
+                builders[i].add_document(ids, [len(ids)] if len(ids) else [])
+                num_tokens[i] += len(ids)
             num_docs += 1
-            num_tokens += len(ids)
             num_bytes += nbytes
+            if max_bytes is not None and num_bytes >= max_bytes:
+                break
         bar.close()
-        builder.finalize(tmp["idx"])
-        meta = {
-            "format": SIDECAR_FORMAT,
-            **tokenizer_metadata(tok),
-            "dtype": np.dtype(dtype).name,
-            "num_documents": num_docs,
-            "num_tokens": num_tokens,
-            "num_bytes": num_bytes,
-            "sources": {
-                "count": len(files),
-                "first": [str(f) for f in files[:_SOURCES_LISTED]],
-                "default_corpus": default_corpus,
-                "max_bytes": max_bytes,
-                **({"python": platform.python_version()} if default_corpus else {}),
-            },
-            "megatron_mohge_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        Path(tmp["json"]).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        # A stale sidecar must not vouch for a half-replaced pair: drop it first, write last.
-        _remove_quietly([final["json"]])
-        os.replace(tmp["bin"], final["bin"])
-        os.replace(tmp["idx"], final["idx"])
-        os.replace(tmp["json"], final["json"])
+        if num_docs == 0:
+            raise ConfigError(f"the inputs ({len(files)} file(s), e.g. {str(files[0])!r}) hold "
+                              f"no documents (only blank text); pass files with text in them")
+        metas = {}
+        for i, (prefix, tmp) in enumerate(zip(prefixes, tmps)):
+            builders[i].finalize(tmp["idx"])
+            metas[prefix] = {
+                "format": SIDECAR_FORMAT,
+                **tokenizer_metadata(tok),
+                "dtype": np.dtype(dtype).name,
+                "num_documents": num_docs,
+                "num_tokens": num_tokens[i],
+                "num_bytes": num_bytes,
+                # Integrity: checked against the .idx / .bin at load time (integrity.py).
+                "bin_bytes": os.path.getsize(tmp["bin"]),
+                "idx_sha256": file_sha256(tmp["idx"]),
+                "documents": {"split": spec.split, "json_key": spec.json_keys[i],
+                              "formats": sorted({format_of(f) for f in files})},
+                "sources": {
+                    "count": len(files),
+                    "first": [str(f) for f in files[:_SOURCES_LISTED]],
+                    "default_corpus": default_corpus,
+                    "max_bytes": max_bytes,
+                    **({"python": platform.python_version()} if default_corpus else {}),
+                },
+                "megatron_mohge_version": __version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"),
+            }
+            Path(tmp["json"]).write_text(json.dumps(metas[prefix], indent=1) + "\n",
+                                         encoding="utf-8")
+        for final, tmp in zip(finals, tmps):
+            # A stale sidecar must not vouch for a half-replaced pair: drop it first, write last.
+            _remove_quietly([final["json"]])
+            os.replace(tmp["bin"], final["bin"])
+            os.replace(tmp["idx"], final["idx"])
+            os.replace(tmp["json"], final["json"])
     except BaseException:
-        if not builder.data_file.closed:
-            builder.data_file.close()
-        _remove_quietly(tmp.values())
+        for b in builders:
+            if not b.data_file.closed:
+                b.data_file.close()
+        for tmp in tmps:
+            _remove_quietly(tmp.values())
         raise
-    return meta
+    return metas
 
 
 # --- reading back / checking -------------------------------------------------------------
@@ -189,6 +267,12 @@ def read_metadata(prefix: Union[str, Path]) -> Optional[dict]:
     prefix = normalize_prefix(prefix)
     paths = _paths(prefix)
     missing = [paths[k] for k in ("bin", "idx") if not os.path.isfile(paths[k])]
+    if missing and os.path.exists(prefix):  # e.g. data.path: [docs.jsonl]
+        raise ConfigError(
+            f"dataset {prefix!r} is an input {'folder' if os.path.isdir(prefix) else 'file'}, "
+            f"not a prepared dataset: tokenize it first with `mohge-prepare-data {prefix} "
+            f"--output-prefix data/NAME` and use data/NAME (mohge-bench --data takes input "
+            f"files directly)")
     if missing:
         raise ConfigError(
             f"dataset {prefix!r} not found: missing {' and '.join(missing)}. Prepare it with "
@@ -229,6 +313,7 @@ def check_dataset(prefix: Union[str, Path], tokenizer: Union[str, Tokenizer]) ->
     tok = load_tokenizer(tokenizer)
     prefix = normalize_prefix(prefix)
     meta = read_metadata(prefix)
+    verify_dataset_files(prefix, meta)
     if meta is None:
         top = _max_token_id(prefix)
         if top is not None and top >= tok.vocab_size:
@@ -314,5 +399,6 @@ def ensure_default_dataset(cache_dir: Union[str, Path], tokenizer: Union[str, To
     return prefix
 
 
-__all__ = ["prepare_data", "read_metadata", "check_dataset", "ensure_default_dataset",
+__all__ = ["prepare_data", "prepare_datasets", "output_prefixes", "iter_texts", "read_metadata",
+           "check_dataset", "ensure_default_dataset",
            "default_dataset_prefix", "normalize_prefix", "DEFAULT_CORPUS_MAX_BYTES"]

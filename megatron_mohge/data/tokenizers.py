@@ -212,8 +212,10 @@ def load_tokenizer(spec: Union[str, Path, Tokenizer], eod_token: Optional[str] =
 
 
 def train_hf_tokenizer(files: Sequence[Union[str, Path]], vocab_size: int,
-                       out_path: Union[str, Path]) -> HFTokenizer:
-    """Train a byte-level BPE on ``files`` and save it as a tokenizer.json at ``out_path``.
+                       out_path: Union[str, Path], *,
+                       texts: Optional[Iterable[str]] = None) -> HFTokenizer:
+    """Train a byte-level BPE on ``files`` (or on the documents ``texts``, e.g. the text
+    fields of JSON lines, instead) and save it as a tokenizer.json at ``out_path``.
 
     Byte-level (GPT-2 style) so any text round-trips exactly; ``<|endoftext|>`` is the only
     special token and becomes ``eod``. ``out_path`` may be a folder (``tokenizer.json`` is
@@ -224,10 +226,10 @@ def train_hf_tokenizer(files: Sequence[Union[str, Path]], vocab_size: int,
         raise ConfigError(f"tokenizer vocab_size {vocab_size} is too small: a byte-level BPE "
                           f"needs at least 257 ids (256 bytes + {TRAINED_EOD}); use e.g. 4096")
     paths = [str(Path(f)) for f in files]
-    if not paths:
+    if not paths and texts is None:
         raise ConfigError("train_hf_tokenizer got no text files; pass at least one input file")
     missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
+    if missing and texts is None:
         raise ConfigError(f"tokenizer training file {missing[0]!r} does not exist; "
                           f"check the input paths")
     tk = _import_tokenizers()
@@ -239,7 +241,10 @@ def train_hf_tokenizer(files: Sequence[Union[str, Path]], vocab_size: int,
         vocab_size=int(vocab_size), special_tokens=[TRAINED_EOD], show_progress=False,
         # every byte gets an id even if absent from the training text -> no unknown bytes
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train(paths, trainer)
+    if texts is not None:
+        tok.train_from_iterator(texts, trainer)
+    else:
+        tok.train(paths, trainer)
     out = Path(out_path).expanduser()
     if out.is_dir() or str(out_path).endswith(("/", "\\")):
         out = out / "tokenizer.json"

@@ -20,16 +20,14 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Mapping, Optional
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+from megatron_mohge.resources import launcher_path
 
 SHAPES = ("torchrun", "srun")
 DEFAULT_MASTER_PORT = 29500
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCRIPT = REPO_ROOT / "examples" / "pretrain_mohge.py"
 
 
 def _shape(run, shape: Optional[str]) -> str:
@@ -111,8 +109,8 @@ def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *
 
     ``env`` supplies ``MASTER_ADDR`` (default ``localhost``), ``MASTER_PORT`` (default 29500),
     ``SLURM_JOB_ID`` (rendezvous id) and, when present, ``SLURM_NNODES`` (checked against
-    ``launch.nodes``). ``script_path``: ``examples/pretrain_mohge.py`` (no patch) or a patched
-    checkout's ``pretrain_gpt.py``.
+    ``launch.nodes``). ``script_path``: the shipped ``pretrain_mohge.py`` (no patch;
+    ``resources.launcher_path()``) or a patched checkout's ``pretrain_gpt.py``.
     """
     env = env if env is not None else os.environ
     shape = _shape(run, shape)
@@ -152,8 +150,9 @@ def parse_args(argv=None):
                    help="torchrun (one task per node) or srun (one task per GPU); default "
                         "launch.shape")
     p.add_argument("--script", default=None,
-                   help=f"training script (default {DEFAULT_SCRIPT}; a patched checkout's "
-                        "$MEGATRON_LM_DIR/pretrain_gpt.py works too)")
+                   help="training script (default: the pretrain_mohge.py shipped in the "
+                        "package, see python -m megatron_mohge.resources; a patched "
+                        "checkout's $MEGATRON_LM_DIR/pretrain_gpt.py works too)")
     p.add_argument("--python", default="python", help="interpreter of the srun shape's tasks")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--print-env", action="store_true", help="print the export lines")
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
         if args.flags:
             print(shlex.join(megatron_lm_flags(run)))
             return 0
-        script = args.script or str(DEFAULT_SCRIPT)
+        script = args.script or str(launcher_path())
         for line in render_commands(run, script, os.environ, shape=args.shape,
                                     python=args.python):
             print(line)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,22 @@ from megatron_mohge.run_config import RunConfig
 from megatron_mohge.training import checkpoint as ckpt_lib
 from megatron_mohge.training import mcore as M
 from megatron_mohge.training import model as model_lib
+
+
+def tensorboard_writer(log_dir: Path, run_name: str):
+    """A TensorBoard ``SummaryWriter``, or None with a one-line warning when the optional
+    ``tensorboard`` package (the ``[train]`` extra) is missing: event files are a nicety,
+    the run itself (logs, summary.json, checkpoints) does not need them."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        # print, not warnings.warn: mohge-bench runs the ranks with PYTHONWARNINGS=ignore.
+        print(f"[{run_name}] warning: logging.tensorboard is on but the tensorboard package "
+              f"is not installed, so no event files are written; pip install "
+              f"'megatron-mohge[train]' or set logging.tensorboard=false", file=sys.stderr,
+              flush=True)
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 @dataclass
@@ -67,12 +84,7 @@ class Trainer:
         self.state = TrainState()
         self.writer = None
         if run.logging.tensorboard and self.rank == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:  # tensorboard is in the [train] extra
-                raise ConfigError("logging.tensorboard: the tensorboard package is missing; "
-                                  "pip install 'megatron-mohge[train]' or set it to false") from exc
-            self.writer = SummaryWriter(str(run.out_dir / "tensorboard"))
+            self.writer = tensorboard_writer(run.out_dir / "tensorboard", run.name)
 
     # ------------------------------------------------------------------ data
     def _setup_data(self) -> None:

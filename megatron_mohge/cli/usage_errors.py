@@ -1,0 +1,63 @@
+"""A usage error (bad config, data or checkpoint) of a multi-rank run, reported as one line.
+
+Every rank of ``mohge-train`` usually meets the same bad input, and ``torchrun`` answers a
+rank's non-zero exit with a ``ChildFailedError`` wall that does not contain the message.
+Here a rank's ``ConfigError`` is
+
+* written to ``$MOHGE_USAGE_ERROR_FILE`` when a launcher that reports it set one
+  (``mohge-bench``, ``python -m megatron_mohge.cli.launch``); the first rank to fail wins;
+* else printed once (by rank 0, or by any rank when no launcher collects it), and written to
+  torchrun's per-rank ``$TORCHELASTIC_ERROR_FILE`` so torchrun's own report shows it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+USAGE_EXIT = 2  # argparse's exit status for usage errors; every mohge CLI uses it
+ERROR_FILE_ENV = "MOHGE_USAGE_ERROR_FILE"
+
+
+def report_usage_error(prog: str, exc: BaseException) -> int:
+    """Report ``exc`` of this rank as described above; returns :data:`USAGE_EXIT`."""
+    message = str(exc)
+    collected = os.environ.get(ERROR_FILE_ENV)
+    if collected:
+        try:  # O_EXCL: the first failing rank's message is kept
+            fd = os.open(collected, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return USAGE_EXIT
+        except OSError:
+            collected = None  # cannot record it: print it below instead
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(message)
+            return USAGE_EXIT
+    elastic = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if elastic:
+        line = f"{prog}: {message}"
+        try:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
+            with open(elastic, "w", encoding="utf-8") as fh:
+                json.dump({"message": {"message": line, "extraInfo": {
+                    "py_callstack": line, "timestamp": str(int(time.time()))}}}, fh)
+        except OSError:
+            elastic = None
+    if os.environ.get("RANK", "0") == "0" or not elastic:
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    return USAGE_EXIT
+
+
+def read_usage_error(path) -> Optional[str]:
+    """The message a rank recorded in ``path``, or None when no rank recorded one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+__all__ = ["report_usage_error", "read_usage_error", "USAGE_EXIT", "ERROR_FILE_ENV"]
