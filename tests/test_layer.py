@@ -12,7 +12,6 @@ HIDDEN = 16
 
 
 def build_layer(cfg: MoHGEConfig, **tc_kw):
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_mohge.specs import get_mohge_moe_module_spec
@@ -23,7 +22,7 @@ def build_layer(cfg: MoHGEConfig, **tc_kw):
     kw.update(tc_kw)
     tc = cfg.apply_to(TransformerConfig(**kw))
     torch.manual_seed(0)
-    layer = build_module(get_mohge_moe_module_spec(cfg, use_te=False), config=tc, layer_number=1)
+    layer = get_mohge_moe_module_spec(cfg, use_te=False)(config=tc, layer_number=1)
     with torch.no_grad():  # non-trivial routing
         layer.router.weight.normal_(0, 0.5)
         if hasattr(layer.router, "group_weight"):  # the flat noisy router has none

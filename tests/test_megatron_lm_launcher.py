@@ -210,8 +210,19 @@ def test_builder_mtp_layer_is_mohge(mcore_world1):
     cfg = ML.finalize_mohge_args(args)
     seed()
     tc = dataclasses.replace(transformer_config(args), mtp_num_layers=1)
-    model = ML.build_mohge_gpt_model(args, tc, cfg)  # (MTP training forward needs CUDA)
+    model = ML.build_mohge_gpt_model(args, tc, cfg)
     assert isinstance(mtp_transformer_layer(model).mlp.router, MoHGERouter)
+    check_mtp_forward(model)
+
+
+def check_mtp_forward(model):
+    """A training forward with the MTP loss and a backward reaching the MTP layer's experts."""
+    tokens = torch.randint(0, 128, (2, 16))
+    loss = model(tokens, torch.arange(16).unsqueeze(0).expand(2, -1), None, labels=tokens)
+    assert loss.shape == (2, 16) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    experts = mtp_transformer_layer(model).mlp.experts
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in experts.parameters())
 
 
 def test_builder_passes_vp_stage_and_refuses_spec(mcore_world1, monkeypatch):
@@ -395,6 +406,7 @@ def test_megatron_lm_mtp_layers_are_mohge(mcore_world1, monkeypatch, tmp_path):
     model_cfg = mohge_gpt_model_config(args)
     model = model_cfg.get_builder_cls()(model_cfg).build_model(pgs)
     assert isinstance(mtp_transformer_layer(model).mlp.router, MoHGERouter)
+    check_mtp_forward(model)
     # the callable spec through Megatron's GPTModelBuilder
     stock_cfg = gpt_config_from_args(args)
     stock_cfg.transformer_layer_spec = ML.mohge_decoder_spec

@@ -17,7 +17,8 @@ def test_install_range_and_scripts_agree_with_version_facts():
     from packaging.specifiers import SpecifierSet
 
     setup = (REPO / "setup.py").read_text()
-    assert SpecifierSet(re.search(r'"megatron-core([^"]+)"', setup).group(1)) == versions.MCORE_RANGE
+    pinned = re.search(r'"megatron-core([^"]+)"', setup).group(1)
+    assert SpecifierSet(pinned) == versions.MCORE_RANGE
     script = (REPO / "scripts" / "setup_env.sh").read_text()
     for line, release in versions.TESTED_MCORE_RELEASES.items():
         assert f"megatron-core=={release}" in script, line

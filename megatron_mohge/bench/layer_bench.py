@@ -85,14 +85,12 @@ def _seed_all(seed: int) -> None:
 def build_mohge_layer(mohge: MoHGEConfig, hidden_size: int, dispatcher: str = "allgather",
                       seed: int = 1234):
     """The MoHGE ``MoELayer`` (local experts), built after seeding, in training mode."""
-    from megatron.core.transformer.spec_utils import build_module
-
     from megatron_mohge.specs import get_mohge_moe_module_spec
 
     tc = mohge.apply_to(_base_config(hidden_size, dispatcher))
     _seed_all(seed)
-    layer = build_module(get_mohge_moe_module_spec(mohge, use_te=False), config=tc,
-                         layer_number=1)
+    # Specs are ModuleSpecs (0.16) or partials (0.19); both are called to build.
+    layer = get_mohge_moe_module_spec(mohge, use_te=False)(config=tc, layer_number=1)
     # Full training cost: the scheduled group loss is on (as in the second part of training).
     layer.router.set_training_progress(1.0)
     return layer.train()
@@ -102,13 +100,12 @@ def build_stock_layer(num_experts: int, width: int, topk: int, hidden_size: int,
                       dispatcher: str = "allgather", seed: int = 1234):
     """Megatron's stock ``MoELayer`` (``SequentialMLP`` experts, aux-loss balancing)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
 
     tc = _base_config(hidden_size, dispatcher, num_moe_experts=num_experts,
                       moe_ffn_hidden_size=width, moe_router_topk=topk)
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
     _seed_all(seed)
-    layer = build_module(spec, config=tc, layer_number=1)
+    layer = spec(config=tc, layer_number=1)
     return layer.train()
 
 

@@ -153,3 +153,24 @@ def clear_metrics() -> None:
         return
     for entry in metric_entries().values():
         entry.values.zero_()
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def write_legacy_common(directory) -> None:
+    """Make a dist-checkpoint loadable by every supported line (collective).
+
+    megatron-core 0.19 saves the common (non-tensor) state as a ``common_state`` object inside
+    the torch_dist files; 0.16 reads it only from ``common.pt``. After a save, rank 0 writes
+    ``common.pt`` from the checkpoint when it is missing (0.19 reads ``common.pt`` first when
+    present, so both lines then load the same state). A no-op for 0.16 checkpoints.
+    """
+    import os
+
+    from megatron.core.dist_checkpointing import serialization
+
+    path = os.path.join(str(directory), "common.pt")
+    if torch.distributed.get_rank() == 0 and not os.path.exists(path):
+        torch.save(serialization.load_common_state_dict(str(directory)), path)
+    torch.distributed.barrier()

@@ -27,7 +27,8 @@ from packaging.version import Version
 #: What setup.py accepts.
 MCORE_RANGE = SpecifierSet(">=0.16.1,<0.20")
 #: The tested lines (CI runs the suite on each; README's supported-versions table).
-TESTED_MCORE_LINES = {"0.16": SpecifierSet(">=0.16.1,<0.17"), "0.19": SpecifierSet(">=0.19.0,<0.20")}
+TESTED_MCORE_LINES = {"0.16": SpecifierSet(">=0.16.1,<0.17"),
+                      "0.19": SpecifierSet(">=0.19.0,<0.20")}
 #: The exact releases CI installs per line (scripts/setup_env.sh; tests/test_versions.py checks).
 TESTED_MCORE_RELEASES = {"0.16": "0.16.1", "0.19": "0.19.2"}
 
@@ -70,7 +71,8 @@ def is_tested_mcore() -> bool:
 
 def _install_hint() -> str:
     return ("Install megatron-core==0.19.2 (Python >= 3.12) or megatron-core==0.16.1 (Python "
-            "3.10/3.11), or port the gates in megatron_mohge/compat/versions.py to the new release.")
+            "3.10/3.11), or port the gates in megatron_mohge/compat/versions.py to the new "
+            "release.")
 
 
 def require_tested_mcore(feature: str) -> None:

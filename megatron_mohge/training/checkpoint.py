@@ -50,6 +50,8 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
     ``{name: text}`` written into the checkpoint directory by rank 0 (e.g. the run config)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_mohge.compat.mcore import write_legacy_common
+
     final = root / f"iter_{iteration:07d}"
     tmp = root / f"iter_{iteration:07d}.tmp"
     if dist.get_rank() == 0:
@@ -58,7 +60,7 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(state, str(tmp), M.save_strategy(fully_parallel))
-    dist.barrier()
+    write_legacy_common(tmp)  # loadable by megatron-core 0.16 and 0.19 (collective)
     if dist.get_rank() == 0:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)

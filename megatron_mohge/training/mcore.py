@@ -333,9 +333,12 @@ def save_checkpoint(model: ModelArg, directory: Union[str, Path], *,
     (collective: every rank calls it; ``directory`` is created, it must be empty)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_mohge.compat.mcore import write_legacy_common
+
     Path(directory).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded_state_dict(model), str(directory),
                             save_strategy(fully_parallel))
+    write_legacy_common(directory)  # loadable by megatron-core 0.16 and 0.19
 
 
 def load_checkpoint(model: ModelArg, directory: Union[str, Path], *,

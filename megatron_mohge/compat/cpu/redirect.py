@@ -47,6 +47,7 @@ REDIRECTED_MODULES = tuple(MC + m for m in (
     "optimizer.grad_scaler",  # fp16 loss scaler tensors
     "models.gpt.gpt_model",  # static-batch inference offsets
     "transformer.attention",  # static inference KV cache
+    "transformer.multi_token_prediction",  # MTP loss tracker (training forward with MTP)
 ))
 
 
