@@ -40,14 +40,31 @@ def main(argv=None) -> int:
     # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mohge.training import mcore as M
+    from megatron_mohge.training import procs
+    from megatron_mohge.training.health import TrainingDiverged
     from megatron_mohge.training.trainer import Trainer
 
+    _sigterm_as_interrupt()
+    trainer = None
     try:
         trainer = Trainer(run)
         summary = trainer.train()
-    except ConfigError as exc:  # bad data / checkpoint discovered at run time
-        print(f"mohge-train: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:  # bad data / checkpoint / busy folder discovered at run time
+        return _fail(M, f"mohge-train: {exc}", 2)
+    except TrainingDiverged as exc:  # nothing of the diverged step was saved or logged
+        return _fail(M, f"mohge-train: {exc}", 3)
+    except KeyboardInterrupt:
+        return _fail(M, f"mohge-train: interrupted; the latest complete checkpoint in "
+                        f"{run.save_dir} is intact, re-run the same command to resume", 130)
+    except RuntimeError as exc:
+        if trainer is None or not procs.is_timeout(exc):
+            raise
+        # every surviving rank reports (the stalled one cannot): one line each
+        print(f"mohge-train: {trainer.describe_timeout(exc)}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.release_locks()
     if M.rank() == 0:
         print(f"[{run.name}] done: held-out loss {summary['heldout_loss']:.4f} "
               f"(ppl {summary['heldout_ppl']:.3f}), {summary['total_params']:,} params, "
@@ -59,6 +76,25 @@ def main(argv=None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _fail(M, message: str, code: int) -> int:
+    """Print ``message`` once (rank 0; the errors here are the same on every rank)."""
+    if M.rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    return code
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (torchrun stopping the job, Slurm pre-emption) ends the run as Ctrl-C does:
+    Python unwinds, the folder lock is released and the checkpoint writers exit with the
+    rank; a save in progress is left as an ignored ``.tmp`` directory."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":
