@@ -246,6 +246,9 @@ def target_checks(results: dict) -> dict:
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, iters=None, layer_bench: bool = True, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
+    identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seed=seed,
+                              iters=iters, layer_bench=layer_bench)
+    check_out_dir(out_dir, identity)  # before anything is written into --out
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     prefixes = resolve_data(list(data or []), tok, out_dir, log)
     runs = run_configs(preset, out_dir, names=names, data=prefixes or None, tokenizer=tokenizer,
@@ -259,6 +262,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results = {"preset": preset.name, "description": preset.description,
                "seed": next(iter(runs.values())).train.seed, "baseline": preset.baseline,
                "kind": preset.kind, "nproc": preset.nproc, "env": _env(), "runs": {}}
+    results["config"] = identity
     t0 = time.perf_counter()
     for name, run in runs.items():
         nproc = preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
@@ -279,8 +283,42 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
 
 def _write(out_dir: Path, results: dict) -> None:
     from megatron_mohge.training.checkpoint import atomic_write
+    from megatron_mohge.training.health import dumps
 
-    atomic_write(out_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write(out_dir / "results.json", dumps(results, indent=1))
+
+
+# ------------------------------------------------------------------ one bench per --out
+def bench_identity(preset: Preset, names, *, data, tokenizer, seed, iters,
+                   layer_bench: bool) -> dict:
+    """What makes two benches the same experiment, recorded in results.json["config"]: the
+    command-line choices (None: the preset's default) and the preset's run configs."""
+    return {"preset": preset.name, "seed": seed, "iters": iters, "tokenizer": tokenizer,
+            "data": [str(Path(d).resolve()) for d in data or []],
+            "layer_bench": bool(layer_bench), "runs": preset.run_dicts(names)}
+
+
+def check_out_dir(out_dir: Path, identity: dict) -> None:
+    """Refuse to mix results: an --out holding results.json of another bench (other seed,
+    preset, runs, data or budget) stays as it is. Re-running the same bench replaces them."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("config")
+    except ValueError:
+        old = None
+    if old == json.loads(json.dumps(identity)):
+        return
+    if old is None:
+        diff = "it has no record of its configuration"
+    else:
+        keys = [k for k in identity if k != "runs" and old.get(k) != identity[k]]
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {identity[k]!r}" for k in keys)
+        if old.get("runs") != json.loads(json.dumps(identity["runs"])):
+            diff += (", " if diff else "") + "run configs differ"
+    raise ConfigError(f"--out {out_dir} already holds results.json of another bench ({diff}); "
+                      "use another --out, or move that results.json away to replace it.")
 
 
 def _env() -> dict:

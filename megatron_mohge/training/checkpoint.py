@@ -126,6 +126,8 @@ def resolve(root: Path, *, fallback: bool = False) -> Resume:
     if fallback and previous:
         if target.is_dir():
             target.rename(target.with_name(target.name + ".damaged"))
+        if tracker.is_file():  # the tracker names the latest *usable* checkpoint again
+            atomic_write(tracker, str(int(previous[-1].name[len("iter_"):])))
         return Resume(previous[-1], (note + "; " if note else "") +
                       f"{why}; checkpoint.fallback: resuming from the previous complete "
                       f"checkpoint {previous[-1].name} (the damaged one is now "
