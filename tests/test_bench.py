@@ -31,6 +31,7 @@ def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
     results = e2e.run_bench(preset, tmp_path, names=["moe", "mohge"])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["runs"].keys() == {"moe", "mohge"}
+    assert on_disk["config"]["runs"].keys() == {"moe", "mohge"}  # what produced the figures
     runs = on_disk["runs"]
     for name, r in runs.items():
         for key in CONTRACT:

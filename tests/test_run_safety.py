@@ -352,3 +352,30 @@ def test_a_stalled_rank_fails_the_job_within_the_timeout_naming_it(tmp_path, cac
     out = log.read_text()
     assert rc != 0
     assert "rank 1 stopped responding" in out and "collective_timeout_s=15" in out, out[-4000:]
+
+
+# ------------------------------------------------------------------ mohge-bench
+def test_bench_refuses_to_mix_results_of_another_bench(tmp_path):
+    from megatron_mohge.bench import e2e
+    from tests.test_bench import tiny_preset
+
+    preset = tiny_preset()
+    first = e2e.bench_identity(preset, ["moe"], data=None, tokenizer=None, seed=1234,
+                               iters=None, layer_bench=False)
+    (tmp_path / "results.json").write_text(json.dumps({"seed": 1234, "config": first}))
+    with pytest.raises(ConfigError, match="seed 1234 -> 7"):
+        e2e.run_bench(preset, tmp_path, names=["moe"], seed=7, layer_bench=False)
+    assert not (tmp_path / "runs").exists()  # refused before writing anything
+    e2e.check_out_dir(tmp_path, first)  # the same bench again may replace its results
+    (tmp_path / "results.json").write_text(json.dumps({"seed": 1234}))  # no config record
+    with pytest.raises(ConfigError, match="no record of its configuration"):
+        e2e.check_out_dir(tmp_path, first)
+
+
+def test_bench_cli_refuses_an_out_folder_in_use(tmp_path, capsys):
+    from megatron_mohge.cli.bench import main
+
+    with FolderLock(tmp_path, "mohge-bench"):
+        assert main(["--out", str(tmp_path), "--runs", "moe", "--iters", "2"]) == 2
+    assert f"in use by mohge-bench (pid {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

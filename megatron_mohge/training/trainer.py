@@ -63,7 +63,6 @@ class Trainer:
         M.init_layout(p.tensor_parallel, p.expert_parallel, p.pipeline_parallel,
                       run.expert_tensor_parallel, seed=run.train.seed,
                       timeout_s=p.collective_timeout_s)
-        procs.install_child_reaper()
         self.heartbeat = procs.Heartbeat.start()
         self._setup_data()
         self._setup_health()
@@ -317,6 +316,7 @@ class Trainer:
 
     def save(self) -> Path:
         self._set_phase(f"checkpoint save at iteration {self.state.iteration}")
+        procs.install_child_reaper()  # before dist_checkpointing starts its writer processes
         path = ckpt_lib.save(self._checkpoint_state(False), self.run.save_dir,
                              self.state.iteration, fully_parallel=self.run.checkpoint.fully_parallel,
                              files={ckpt_lib.RUN_FILE: self.run.to_yaml()})
