@@ -15,6 +15,8 @@ eod 256, exactly our ``ByteTokenizer``; Megatron pads 257 to a multiple of
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Optional, Union
 
@@ -152,6 +154,8 @@ def parallel_flags(run) -> list[str]:
         f.append("--sequence-parallel")
     if p.use_distributed_optimizer:
         f.append("--use-distributed-optimizer")
+    # Megatron-LM takes whole minutes; round up so a job never fails sooner than configured
+    f += ["--distributed-timeout-minutes", str(max(1, math.ceil(p.collective_timeout_s / 60)))]
     f += ["--transformer-impl", _transformer_impl(run)]
     if _transformer_impl(run) == "local":
         f.append("--no-rope-fusion")  # the fused RoPE kernel is Transformer Engine's
