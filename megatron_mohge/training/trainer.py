@@ -176,8 +176,8 @@ class Trainer:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
             error = (f"checkpoint.load: reading {ckpt} failed on rank {self.rank}: "
                      f"{type(exc).__name__}: {first}. The checkpoint is damaged or was saved by "
-                     f"an incompatible model; add checkpoint.fallback=true to resume from the "
-                     f"previous complete checkpoint, or move it away.")
+                     f"an incompatible model; to resume from the previous complete checkpoint, "
+                     f"rename it {ckpt.name}.damaged and add checkpoint.fallback=true.")
         errors = [e for e in M.all_gather_object(error) if e]
         if errors:
             raise ConfigError(errors[0])
