@@ -383,3 +383,29 @@ def test_bench_cli_refuses_an_out_folder_in_use(tmp_path, capsys):
         assert main(["--out", str(tmp_path), "--runs", "moe", "--iters", "2"]) == 2
     assert f"in use by mohge-bench (pid {os.getpid()}" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_cleanly_keeping_the_latest_checkpoint(tmp_path, cache):
+    import signal
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(tmp_path, cache, "term", 1, [
+            "train.iters=400", "train.lr_decay_iters=400", "checkpoint.interval=2"]),
+            stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=str(REPO))
+    try:
+        deadline = time.time() + 300
+        while "it     3 |" not in log.read_text() and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert rc == 130 and "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "term" / ".mohge.lock").exists()  # released, not left stale
+    latest = ckpt_lib.resolve(tmp_path / "term" / "checkpoints").ckpt
+    assert latest is not None and ckpt_lib.problem(latest) is None
