@@ -278,6 +278,26 @@ def test_resume_with_a_changed_model_names_the_fields(trained, tmp_path, cache):
 
 
 # ------------------------------------------------------------------ process hygiene
+def test_heartbeat_names_the_rank_that_stopped_beating_in_its_phase():
+    import torch.distributed as dist
+
+    from megatron_mohge.training.procs import Heartbeat, timeout_message
+
+    store = dist.HashStore()  # stands in for the job's rendezvous store
+    me = Heartbeat(store, 0, 3, interval=0.05)
+    other = Heartbeat(store, 2, 3, interval=0.05)  # alive, beating
+    me.phase = "step 3"
+    store.set(Heartbeat.PREFIX + "1", "7 step 4")  # rank 1 beat once, then froze
+    try:
+        assert me.stalled(wait=0.5) == {1: "step 4"}
+        msg = timeout_message(RuntimeError("Timed out waiting 15000ms"), me, 0, "step 4", 15)
+    finally:
+        me.stop()
+        other.stop()
+    assert "rank 1 stopped responding (last seen in step 4)" in msg
+    assert "collective_timeout_s=15" in msg and "rank 2" not in msg
+
+
 def _children(pid: int) -> set:
     out = set()
     for p in Path("/proc").iterdir():
@@ -355,7 +375,8 @@ def test_a_stalled_rank_fails_the_job_within_the_timeout_naming_it(tmp_path, cac
             proc.kill()
     out = log.read_text()
     assert rc != 0
-    assert "rank 1 stopped responding" in out and "collective_timeout_s=15" in out, out[-4000:]
+    assert "rank 1 stopped responding (last seen in step" in out, out[-4000:]
+    assert "collective_timeout_s=15" in out
 
 
 # ------------------------------------------------------------------ mohge-bench

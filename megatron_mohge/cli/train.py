@@ -4,6 +4,11 @@ Single process by default; under ``torchrun`` the ranks form the TP/EP/PP layout
 config's ``parallel`` section (gloo + CPU mode without a GPU, NCCL with GPUs). Writes logs,
 TensorBoard events, checkpoints and ``summary.json`` under ``output_dir`` (``runs/<name>``).
 Re-running the same command resumes from the latest complete checkpoint.
+
+Exit codes: 0 done; 2 bad config, data or checkpoint, or the output folder is in use by
+another run; 3 the run diverged (non-finite loss / grad norm, or a loss spike), stopped
+before that step was saved; 1 a collective timed out (a stalled rank, named); 130 Ctrl-C
+or SIGTERM (the latest complete checkpoint is intact).
 """
 
 from __future__ import annotations

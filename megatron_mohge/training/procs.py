@@ -84,20 +84,42 @@ def _own_writer_results_queue(pid: int) -> None:
 
 class Heartbeat:
     """A daemon thread incrementing ``mohge/heartbeat/<rank>`` in the rendezvous store every
-    ``interval`` seconds, and the phase the rank is in (``step 12``, ``save 10``)."""
+    ``interval`` seconds, with the phase the rank is in (``step 12``, ``checkpoint save ...``).
+    A rank stopped as a whole (SIGSTOP, a frozen node) stops beating; one stuck inside a
+    CUDA call usually keeps beating (the GIL is released) and is reported as alive."""
 
     PREFIX = "mohge/heartbeat/"
 
-    def __init__(self, store, rank: int, world: int, interval: float = 1.0):
+    def __init__(self, store, rank: int, world: int, interval: float = 2.0):
         self.store, self.rank, self.world, self.interval = store, rank, world, interval
-        self.phase = "start"
+        self._phase = "start"
         self._beats = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mohge-heartbeat", daemon=True)
         self._thread.start()
 
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        """Written through at once (one small store write per step), so that a rank that
+        stops is reported in the phase it stopped in, not the one of its last beat."""
+        self._phase = value
+        self._beat(count=False)
+
+    def _beat(self, count: bool = True) -> bool:
+        if count:
+            self._beats += 1
+        try:  # the store client is thread safe (c10d serialises its requests)
+            self.store.set(f"{self.PREFIX}{self.rank}", f"{self._beats} {self._phase}")
+            return True
+        except Exception:  # the store is gone: the job is ending
+            return False
+
     @classmethod
-    def start(cls, interval: float = 1.0) -> Optional["Heartbeat"]:
+    def start(cls, interval: float = 2.0) -> Optional["Heartbeat"]:
         """On the default process group's store (None when there is no store to use)."""
         import torch.distributed as dist
 
@@ -111,10 +133,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._beats += 1
-            try:
-                self.store.set(f"{self.PREFIX}{self.rank}", f"{self._beats} {self.phase}")
-            except Exception:  # the store is gone: the job is ending
+            if not self._beat():
                 return
 
     def stop(self) -> None:
