@@ -139,7 +139,7 @@ def resolve(root: Path, *, fallback: bool = False) -> Resume:
         raise ConfigError(f"checkpoint.load: cannot resume from {target}: {why}. {prev}, or move "
                           f"{root} away to start from scratch. Nothing was overwritten.")
     raise ConfigError(f"checkpoint.load: {tracker} points at {target}, which is missing; "
-                      "fix the file or remove it to start from scratch")
+                      f"fix the file, or move {root} away to start from scratch")
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
