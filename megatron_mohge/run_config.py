@@ -99,6 +99,10 @@ class ParallelConfig:
     expert_tensor_parallel: Optional[int] = None  # expert-TP size; None = tensor_parallel
     sequence_parallel: Optional[bool] = None  # None: on when TP > 1 (Megatron needs it for MoE)
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
+    # A collective (or barrier) waiting longer than this fails the job, naming the stalled
+    # rank; Megatron-LM's --distributed-timeout-minutes default (10 min). Cover the slowest
+    # checkpoint save: ranks wait for each other at its barriers.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -159,6 +163,18 @@ class CheckpointConfig:
     load: Optional[str] = None  # resume from here; None = `save` if it holds a checkpoint
     fully_parallel: bool = False  # spread checkpoint I/O over DP ranks (Megatron-LM default)
     enabled: bool = True  # False: never save (benchmarks)
+    keep_last: int = 0  # keep this many newest checkpoints (never the one resumed from); 0 = all
+    # True: when the newest checkpoint is damaged (truncated / missing files), resume from the
+    # previous complete one (the damaged one is renamed iter_XXXXXXX.damaged); False: stop
+    fallback: bool = False
+
+
+@dataclass
+class HealthConfig:
+    """Stop a diverging run before it is saved (non-finite loss / grad norm always stops it)."""
+
+    loss_spike_factor: Optional[float] = None  # stop if loss > factor x mean of the window; None = off
+    loss_spike_window: int = 20  # steps in that mean (the guard starts once it is full)
 
 
 @dataclass
@@ -196,6 +212,7 @@ class RunConfig(YamlDataclass):
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -293,6 +310,11 @@ class RunConfig(YamlDataclass):
         _int("checkpoint.interval", self.checkpoint.interval, 0)
         _bool("checkpoint.fully_parallel", self.checkpoint.fully_parallel)
         _bool("checkpoint.enabled", self.checkpoint.enabled)
+        _int("checkpoint.keep_last", self.checkpoint.keep_last, 0)
+        _bool("checkpoint.fallback", self.checkpoint.fallback)
+        if self.health.loss_spike_factor is not None:
+            _num("health.loss_spike_factor", self.health.loss_spike_factor, 1.0)
+        _int("health.loss_spike_window", self.health.loss_spike_window, 1)
         _int("logging.interval", self.logging.interval, 1)
         _bool("logging.tensorboard", self.logging.tensorboard)
         _bool("logging.progress_bar", self.logging.progress_bar)
@@ -353,6 +375,7 @@ class RunConfig(YamlDataclass):
         if p.sequence_parallel is not None:
             _bool("parallel.sequence_parallel", p.sequence_parallel)
         _bool("parallel.use_distributed_optimizer", p.use_distributed_optimizer)
+        _num("parallel.collective_timeout_s", p.collective_timeout_s, 1.0)
         tp = p.tensor_parallel
         if m.num_attention_heads % tp:
             raise ConfigError(f"parallel.tensor_parallel={tp} must divide "

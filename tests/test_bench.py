@@ -35,6 +35,7 @@ def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["runs"].keys() == {"moe", "mohge"}
     assert on_disk["seeds"] == [11, 12] and on_disk["seed"] == 11
+    assert on_disk["config"]["runs"].keys() == {"moe", "mohge"}  # what produced the figures
     runs = on_disk["runs"]
     _check_seed_consistency(on_disk)
     for name, r in runs.items():

@@ -46,6 +46,7 @@ def test_stock_moe_flags(tmp_path):
     assert "--moe-grouped-gemm" in f and f["--transformer-impl"] == ["transformer_engine"]
     assert f["--expert-model-parallel-size"] == ["4"]
     assert "--mohge-config" not in f
+    assert f["--distributed-timeout-minutes"] == ["10"]  # parallel.collective_timeout_s
     assert f["--ckpt-format"] == ["torch_dist"]
     assert f["--save"] == [str(tmp_path / "checkpoints")] and f["--save-interval"] == ["2000"]
     assert f["--load"] == [str(tmp_path / "checkpoints")]

@@ -441,6 +441,10 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     jobs = jobs or preset.jobs
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
+    identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seeds=seed_list,
+                              iters=iters, layer_bench=layer_bench,
+                              split_documents=split_documents, json_keys=json_keys)
+    check_out_dir(out_dir, identity)  # before anything is written into --out
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     prefixes = resolve_data(list(data or []), tok, out_dir, log,
                             split_documents=split_documents, json_keys=json_keys)
@@ -456,6 +460,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
                "jobs": jobs, "env": _env(), "runs": {}}
+    results["config"] = identity
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     queue = [(s, n, by_seed[s][n]) for s in seed_list for n in names]
@@ -492,8 +497,43 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
 
 def _write(out_dir: Path, results: dict) -> None:
     from megatron_mohge.training.checkpoint import atomic_write
+    from megatron_mohge.training.health import dumps
 
-    atomic_write(out_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write(out_dir / "results.json", dumps(results, indent=1))
+
+
+# ------------------------------------------------------------------ one bench per --out
+def bench_identity(preset: Preset, names, *, data, tokenizer, seeds, iters,
+                   layer_bench: bool, split_documents=None, json_keys=None) -> dict:
+    """What makes two benches the same experiment, recorded in results.json["config"]: the
+    command-line choices (None: the preset's default) and the preset's run configs."""
+    return {"preset": preset.name, "seeds": list(seeds), "iters": iters, "tokenizer": tokenizer,
+            "data": [str(Path(d).resolve()) for d in data or []],
+            "split_documents": split_documents, "json_keys": json_keys,
+            "layer_bench": bool(layer_bench), "runs": preset.run_dicts(names)}
+
+
+def check_out_dir(out_dir: Path, identity: dict) -> None:
+    """Refuse to mix results: an --out holding results.json of another bench (other seed,
+    preset, runs, data or budget) stays as it is. Re-running the same bench replaces them."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("config")
+    except ValueError:
+        old = None
+    if old == json.loads(json.dumps(identity)):
+        return
+    if old is None:
+        diff = "it has no record of its configuration"
+    else:
+        keys = [k for k in identity if k != "runs" and old.get(k) != identity[k]]
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {identity[k]!r}" for k in keys)
+        if old.get("runs") != json.loads(json.dumps(identity["runs"])):
+            diff += (", " if diff else "") + "run configs differ"
+    raise ConfigError(f"--out {out_dir} already holds results.json of another bench ({diff}); "
+                      "use another --out, or move that results.json away to replace it.")
 
 
 def _env() -> dict:

@@ -343,7 +343,9 @@ def main(argv: Optional[list] = None) -> dict:
     print(format_table(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        from megatron_mohge.training.health import dumps
+
+        args.out.write_text(dumps(result, indent=2))
         print(f"wrote {args.out}")
     return result
 

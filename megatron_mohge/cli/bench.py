@@ -87,11 +87,17 @@ def main(argv=None) -> int:
                     run.to_yaml(path)
                     print(" ".join(e2e.launch_command(path, preset.nproc)))
                 return 0
-        results = e2e.run_bench(preset, out, names=names, data=args.data,
-                                tokenizer=args.tokenizer, seed=args.seed, seeds=args.seeds,
-                                iters=args.iters, jobs=args.jobs,
-                                layer_bench=not args.no_layer_bench,
-                                split_documents=args.split_documents, json_keys=args.json_keys)
+        from megatron_mohge.training.lock import FolderLock
+
+        with FolderLock(out, "mohge-bench") as lock:  # one bench per --out at a time
+            if lock.stale:
+                print(f"mohge-bench: note: {lock.stale}", file=sys.stderr)
+            results = e2e.run_bench(preset, out, names=names, data=args.data,
+                                    tokenizer=args.tokenizer, seed=args.seed, seeds=args.seeds,
+                                    iters=args.iters, jobs=args.jobs,
+                                    layer_bench=not args.no_layer_bench,
+                                    split_documents=args.split_documents,
+                                    json_keys=args.json_keys)
     except ConfigError as exc:
         print(f"mohge-bench: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ the flags follow the Megatron-LM checkout the run uses); Megatron pads 257 to a 
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Optional, Union
 
@@ -155,6 +157,8 @@ def parallel_flags(run) -> list[str]:
         f.append("--sequence-parallel")
     if p.use_distributed_optimizer:
         f.append("--use-distributed-optimizer")
+    # Megatron-LM takes whole minutes; round up so a job never fails sooner than configured
+    f += ["--distributed-timeout-minutes", str(max(1, math.ceil(p.collective_timeout_s / 60)))]
     f += ["--transformer-impl", _transformer_impl(run)]
     if _transformer_impl(run) == "local":
         f.append("--no-rope-fusion")  # the fused RoPE kernel is Transformer Engine's

@@ -1,25 +1,52 @@
 """Crash-safe training checkpoints on Megatron's ``dist_checkpointing``.
 
 Layout (Megatron-LM's names): ``<root>/iter_XXXXXXX/`` per checkpoint and
-``<root>/latest_checkpointed_iteration.txt``. A save writes ``iter_XXXXXXX.tmp`` first, renames
-it when every rank is done, and only then replaces the tracker file (atomically), so an
-interrupted save (Ctrl-C, crash, pre-emption) leaves the previous checkpoint as "latest".
+``<root>/latest_checkpointed_iteration.txt``. A save writes ``iter_XXXXXXX.tmp`` first, records
+the size of every file in ``manifest.json``, renames it when every rank is done, and only then
+replaces the tracker file (atomically), so an interrupted save (Ctrl-C, crash, pre-emption)
+leaves the previous checkpoint as "latest". On resume the manifest finds truncated or missing
+files before ``dist_checkpointing`` trips over them; a missing tracker never means "start
+over" while complete checkpoints exist; a changed model is named field by field from the
+checkpoint's ``run.yaml``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
+import yaml
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.training import mcore as M
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MANIFEST_FILE = "manifest.json"  # {file name: size in bytes}, written last by a save
+RUN_FILE = "run.yaml"  # the RunConfig of the run that saved the checkpoint
+# written by every dist_checkpointing save, read first by every load
+REQUIRED_FILES = (".metadata", "common.pt")
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+# Config fields (dotted prefixes) that may change between a checkpoint and the run resuming
+# from it: they do not change the parameters or what they compute. Everything else under
+# ``model`` and ``moe`` must match the checkpoint's run.yaml; the parallel layout
+# (TP/EP/PP, dist-ckpt reshards), ``train``, ``data``, ``eval`` and the rest may change.
+RESUMABLE_CHANGES = (
+    "model.hidden_dropout", "model.attention_dropout", "model.init_method_std",
+    "moe.token_dispatcher", "moe.use_te", "moe.aux_loss_coeff", "moe.z_loss_coeff",
+    "moe.noisy_gating.importance_coeff", "moe.noisy_gating.load_coeff",
+    "moe.noisy_gating.noise",
+    "moe.mohge.losses", "moe.mohge.allocation", "moe.mohge.router.z_loss_coeff",
+    "moe.mohge.router.input_jitter_eps", "moe.mohge.noisy_gating.importance_coeff",
+    "moe.mohge.noisy_gating.load_coeff", "moe.mohge.noisy_gating.noise",
+)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -28,20 +55,157 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def latest(root: Path) -> Optional[Path]:
-    """The latest complete checkpoint under ``root``, or None when there is none."""
-    tracker = root / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ConfigError(f"checkpoint.load: {tracker} is corrupt ({text!r}); it should hold "
-                          "the iteration of the latest checkpoint")
-    ckpt = root / f"iter_{int(text):07d}"
+def iteration_dirs(root: Path) -> list[Path]:
+    """``root``'s published ``iter_XXXXXXX`` directories, oldest first (no .tmp / .damaged)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _ITER_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be loaded (naming the file), or None when it looks complete: its
+    dist-ckpt files exist and match the sizes its save recorded."""
     if not ckpt.is_dir():
-        raise ConfigError(f"checkpoint.load: {tracker} points at {ckpt}, which is missing; "
-                          "fix the file or remove it to start from scratch")
-    return ckpt
+        return f"{ckpt} is missing"
+    for name in REQUIRED_FILES:
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name} is missing"
+    manifest = ckpt / MANIFEST_FILE
+    if not manifest.is_file():  # saved before manifests existed: the required files only
+        return None
+    try:
+        sizes = json.loads(manifest.read_text())
+    except ValueError:
+        return f"{manifest} is not valid JSON"
+    for name, size in sizes.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, its save wrote {size} (truncated?)"
+    return None
+
+
+@dataclass
+class Resume:
+    """Where a run resumes: ``ckpt`` (None: start from scratch) and what to tell the user."""
+
+    ckpt: Optional[Path]
+    note: str = ""
+
+
+def resolve(root: Path, *, fallback: bool = False) -> Resume:
+    """The checkpoint to resume from in ``root`` (rank 0 only: it may rename a damaged one).
+
+    The tracker names the latest checkpoint; without one, the newest ``iter_*`` is taken
+    (a crash between publishing a checkpoint and the tracker, or a deleted tracker) -- never
+    "start over" on top of existing checkpoints. A damaged target stops the run unless
+    ``fallback``; then it is renamed ``*.damaged`` and the previous complete one is used.
+    """
+    tracker = root / TRACKER_FILE
+    dirs = iteration_dirs(root)
+    note = ""
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise ConfigError(f"checkpoint.load: {tracker} is corrupt ({text!r}); it should hold "
+                              "the iteration of the latest checkpoint")
+        target = root / f"iter_{int(text):07d}"
+    elif dirs:
+        target = dirs[-1]
+        note = (f"{tracker.name} is missing in {root}; resuming from the newest checkpoint "
+                f"there, {target.name}")
+    else:
+        return Resume(None)
+    why = problem(target)
+    if why is None:
+        return Resume(target, note)
+    previous = [d for d in iteration_dirs(root) if d.name < target.name and problem(d) is None]
+    if fallback and previous:
+        if target.is_dir():
+            target.rename(target.with_name(target.name + ".damaged"))
+        if tracker.is_file():  # the tracker names the latest *usable* checkpoint again
+            atomic_write(tracker, str(int(previous[-1].name[len("iter_"):])))
+        return Resume(previous[-1], (note + "; " if note else "") +
+                      f"{why}; checkpoint.fallback: resuming from the previous complete "
+                      f"checkpoint {previous[-1].name} (the damaged one is now "
+                      f"{target.name}.damaged)")
+    if target.is_dir() or previous:
+        prev = (f"The previous complete checkpoint is {previous[-1]}: add checkpoint.fallback=true "
+                f"to resume from it (the damaged one is kept as {target.name}.damaged)"
+                if previous else "No earlier complete checkpoint exists there")
+        raise ConfigError(f"checkpoint.load: cannot resume from {target}: {why}. {prev}, or move "
+                          f"{root} away to start from scratch. Nothing was overwritten.")
+    raise ConfigError(f"checkpoint.load: {tracker} points at {target}, which is missing; "
+                      f"fix the file, or move {root} away to start from scratch")
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``model`` / ``moe`` fields that differ between a checkpoint's run.yaml (``saved``)
+    and this run (``current``), as "field: saved -> current", except RESUMABLE_CHANGES.
+    Fields one side does not have (another package version) are not compared."""
+    a, b = _flatten({k: saved.get(k) for k in ("model", "moe")}), _flatten(
+        {k: current.get(k) for k in ("model", "moe")})
+    out = []
+    for key in sorted(set(a) & set(b)):
+        if a[key] != b[key] and not any(key == p or key.startswith(p + ".")
+                                        for p in RESUMABLE_CHANGES):
+            out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    # a section present on one side only (e.g. moe.mohge null vs a mapping)
+    for key in sorted(set(a) ^ set(b)):
+        parent = key.rsplit(".", 1)[0]
+        if parent in a or parent in b:
+            out.append(f"{parent}: {a.get(parent, '...')!r} -> {b.get(parent, '...')!r}")
+    return sorted(set(out))
+
+
+def check_compatible(ckpt: Path, current: dict) -> None:
+    """Refuse to resume ``current`` (a RunConfig dict) from ``ckpt`` if the model differs."""
+    path = ckpt / RUN_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return
+    changes = config_changes(saved, current)
+    if changes:
+        raise ConfigError(
+            f"checkpoint.load: {ckpt} holds a different model than this config (compared with "
+            f"{path}): {'; '.join(changes)}. Restore these fields to resume, or set "
+            "checkpoint.save / output_dir elsewhere to train the new model from scratch. "
+            "(The parallel layout, train, data and eval sections may change.)")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def rotate(root: Path, keep_last: int, protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints (rank 0), never one in ``protect``
+    (the checkpoint this run resumed from); 0 keeps everything. Returns the deleted ones."""
+    if keep_last <= 0:
+        return []
+    keep = {p.resolve() for p in protect}
+    dirs = iteration_dirs(root)
+    gone = []
+    for d in dirs[:-keep_last]:
+        if d.resolve() in keep:
+            continue
+        # renamed first: a crash half-way never leaves a half-deleted "complete" checkpoint
+        trash = d.with_name(d.name + ".deleting")
+        os.replace(d, trash)
+        shutil.rmtree(trash)
+        gone.append(d)
+    return gone
 
 
 def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = False,
@@ -64,7 +228,10 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
     if dist.get_rank() == 0:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        if final.exists():
+        sizes = {str(p.relative_to(tmp)): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(sizes, indent=1))
+        if final.exists():  # only after checkpoint.fallback re-trains past a damaged one
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write(root / TRACKER_FILE, str(iteration))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -40,14 +41,15 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
 
 
-def init_distributed() -> int:
+def init_distributed(timeout_s: Optional[float] = None) -> int:
     """Initialise ``torch.distributed`` and return the world size.
 
     Without CUDA: :func:`megatron_mohge.compat.enable_cpu_mode` + gloo; with CUDA: NCCL on
     ``LOCAL_RANK``'s GPU (not exercised by the CPU test suite). Under ``torchrun``
     (``RANK`` / ``WORLD_SIZE`` set) it joins the launched job; otherwise it creates a 1-rank
     group on a free local port (single-process tests). An already initialised default
-    group is reused.
+    group is reused. ``timeout_s``: how long a collective may wait before it fails
+    (torch's default when None).
     """
     if use_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -58,12 +60,13 @@ def init_distributed() -> int:
         enable_cpu_mode()
         backend = "gloo"
     if not dist.is_initialized():
+        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **kw)
         else:
             dist.init_process_group(
-                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-            )
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                **kw)
     return dist.get_world_size()
 
 
@@ -73,13 +76,14 @@ def rank() -> int:
 
 
 def init_layout(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None,
-                seed: int = 1234) -> None:
+                seed: int = 1234, timeout_s: Optional[float] = None) -> None:
     """``initialize_model_parallel(tp, pp, ep, etp)`` + Megatron's RNG seeding.
 
     The data-parallel size is ``world / (tp * pp)``; EP is carved out of DP x TP as in
     Megatron (``etp`` defaults to ``tp``). Seeds the CPU RNG and Megatron's RNG tracker
     (``model_parallel_cuda_manual_seed``) identically on every rank, so with
     ``use_cpu_initialization=True`` TP shards are slices of the 1-rank weights.
+    ``timeout_s``: collective timeout of the new groups (Megatron's 30 min when None).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -91,6 +95,7 @@ def init_layout(tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)

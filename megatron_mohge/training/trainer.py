@@ -10,12 +10,13 @@ Checkpoints are written to ``<save>/iter_XXXXXXX.tmp`` and renamed when complete
 crash never leaves a half-written "latest" checkpoint. Every step reseeds the RNGs from
 ``(seed, iteration)`` and the data order is a function of the iteration, so a resumed run
 reproduces the uninterrupted one bit for bit (also on another EP size, up to reduction
-order).
+order). Run safety (one writer per folder, numerical health, damaged or mismatched
+checkpoints, stalled ranks, orphaned writer processes): ``lock``, ``health``, ``checkpoint``
+and ``procs`` next to this module.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -38,6 +39,8 @@ from megatron_mohge.metrics import (
 )
 from megatron_mohge.run_config import RunConfig
 from megatron_mohge.training import checkpoint as ckpt_lib
+from megatron_mohge.training import health as health_lib
+from megatron_mohge.training import procs
 from megatron_mohge.training import mcore as M
 from megatron_mohge.training import model as model_lib
 
@@ -70,13 +73,17 @@ class Trainer:
 
     def __init__(self, run: RunConfig, *, log=print):
         self.run, self.log = run, log
-        world = M.init_distributed()
+        world = M.init_distributed(timeout_s=run.parallel.collective_timeout_s)
+        self.rank = M.rank()
+        self._take_locks()
         self.dp = run.check_world_size(world)
         p = run.parallel
         M.init_layout(p.tensor_parallel, p.expert_parallel, p.pipeline_parallel,
-                      run.expert_tensor_parallel, seed=run.train.seed)
-        self.rank = M.rank()
+                      run.expert_tensor_parallel, seed=run.train.seed,
+                      timeout_s=p.collective_timeout_s)
+        self.heartbeat = procs.Heartbeat.start()
         self._setup_data()
+        self._setup_health()
         self.model, self.tc = model_lib.build_model(run, self.vocab_size)
         self.optimizer, self.scheduler = model_lib.build_optimizer_and_scheduler(run, self.model)
         attach_stock_counters(M.model_chunks(self.model))
@@ -85,6 +92,109 @@ class Trainer:
         self.writer = None
         if run.logging.tensorboard and self.rank == 0:
             self.writer = tensorboard_writer(run.out_dir / "tensorboard", run.name)
+
+    # ------------------------------------------------------------------ run safety
+    def _take_locks(self) -> None:
+        """Rank 0 locks the output folder (and the checkpoint folder when it lies outside):
+        a second run into them stops here, on every rank, before writing anything."""
+        from megatron_mohge.training.lock import FolderLock
+
+        self.locks, error = [], None
+        if self.rank == 0:
+            folders = [self.run.out_dir]
+            save = self.run.save_dir
+            if self.run.checkpoint.enabled and not _inside(save, self.run.out_dir):
+                folders.append(save)
+            try:
+                for folder in folders:
+                    lock = FolderLock(folder, "mohge-train").acquire()
+                    self.locks.append(lock)
+                    if lock.stale:
+                        self.log(f"note: {lock.stale}")
+            except ConfigError as exc:
+                error = str(exc)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            self.release_locks()
+            raise ConfigError(box[0])
+
+    def release_locks(self) -> None:
+        for lock in getattr(self, "locks", []):
+            lock.release()
+        self.locks = []
+
+    def _setup_health(self) -> None:
+        t, h = self.run.train, self.run.health
+        hint = (f"Lower train.lr (now {t.lr:g})"
+                + (" or enable gradient clipping (train.clip_grad is 0)" if not t.clip_grad else "")
+                + "; re-running resumes from the latest checkpoint, so change the config first.")
+        self.health = health_lib.HealthMonitor(
+            spike_factor=h.loss_spike_factor, spike_window=h.loss_spike_window,
+            vocab_size=self.tokenizer.vocab_size, hint=hint,
+            log=self.log if self.rank == 0 else (lambda *_: None))
+        self._resumed_from: Optional[Path] = None
+
+    def _set_phase(self, phase: str) -> None:
+        """What this rank is doing, for the heartbeat (named when a collective times out)."""
+        self.phase = phase
+        if self.heartbeat is not None:
+            self.heartbeat.phase = phase
+
+    def describe_timeout(self, exc: BaseException) -> str:
+        return procs.timeout_message(exc, self.heartbeat, self.rank, getattr(self, "phase", "?"),
+                                     self.run.parallel.collective_timeout_s)
+
+    def _resolve_checkpoint(self, root: Path) -> Optional[Path]:
+        """Rank 0 picks the checkpoint (it may rename a damaged one) and every rank gets the
+        same answer, or the same error; a changed model is refused before loading."""
+        result = [None, None]
+        if self.rank == 0:
+            try:
+                resume = ckpt_lib.resolve(root, fallback=self.run.checkpoint.fallback)
+                if resume.ckpt is not None:
+                    ckpt_lib.check_compatible(resume.ckpt, self.run.to_dict())
+                if resume.note:
+                    self.log(f"note: {resume.note}")
+                result = [str(resume.ckpt) if resume.ckpt else None, None]
+            except ConfigError as exc:
+                result = [None, str(exc)]
+        dist.broadcast_object_list(result, src=0)
+        if result[1] is not None:
+            raise ConfigError(result[1])
+        return Path(result[0]) if result[0] else None
+
+    def _check_save_dir_free(self, load_dir: Path) -> None:
+        """Resuming from ``checkpoint.load`` must not write over another run's checkpoints
+        in ``checkpoint.save`` (a re-run of the same command should resume from there)."""
+        save = self.run.save_dir
+        if not self.run.checkpoint.enabled or load_dir.resolve() == save.resolve():
+            return
+        existing = ckpt_lib.iteration_dirs(save)
+        if existing:
+            raise ConfigError(
+                f"checkpoint.save: {save} already holds checkpoints ({existing[-1].name}); "
+                f"starting from checkpoint.load={load_dir} would write over them. To continue "
+                "the run saved there, drop checkpoint.load (it resumes from checkpoint.save); "
+                "to start another run, set checkpoint.save or output_dir elsewhere.")
+
+    def _load_checked(self, ckpt: Path) -> dict:
+        """``ckpt_lib.load`` with a one-paragraph error instead of dist-ckpt's traceback (the
+        failure is shared so that no rank trains on while another one stopped)."""
+        state, error = None, None
+        try:
+            state = ckpt_lib.load(self._checkpoint_state(True), ckpt,
+                                  fully_parallel=self.run.checkpoint.fully_parallel)
+        except Exception as exc:  # noqa: BLE001 - any reader error: named, not a traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+            error = (f"checkpoint.load: reading {ckpt} failed on rank {self.rank}: "
+                     f"{type(exc).__name__}: {first}. The checkpoint is damaged or was saved by "
+                     f"an incompatible model; to resume from the previous complete checkpoint, "
+                     f"rename it {ckpt.name}.damaged and add checkpoint.fallback=true.")
+        errors = [e for e in M.all_gather_object(error) if e]
+        if errors:
+            raise ConfigError(errors[0])
+        return state
 
     # ------------------------------------------------------------------ data
     def _setup_data(self) -> None:
@@ -135,7 +245,9 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = M.forward_backward(self.model, self._batches(self.train_ds, it))
+        self.health.check_loss(loss, it + 1)  # before the update: weights stay finite
         ok, grad_norm, _ = self.optimizer.step()
+        self.health.check_grad_norm(grad_norm, ok, it + 1)
         self.scheduler.step(increment=1)
         self.state.iteration += 1
         return dict(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else None,
@@ -219,17 +331,24 @@ class Trainer:
                 "train_state": {"history": self.state.history, "evals": self.state.evals}}
 
     def save(self) -> Path:
-        return ckpt_lib.save(self._checkpoint_state(False), self.run.save_dir,
+        self._set_phase(f"checkpoint save at iteration {self.state.iteration}")
+        procs.install_child_reaper()  # before dist_checkpointing starts its writer processes
+        path = ckpt_lib.save(self._checkpoint_state(False), self.run.save_dir,
                              self.state.iteration, fully_parallel=self.run.checkpoint.fully_parallel,
-                             files={"run.yaml": self.run.to_yaml()})
+                             files={ckpt_lib.RUN_FILE: self.run.to_yaml()})
+        if self.rank == 0:
+            protect = (self._resumed_from,) if self._resumed_from else ()
+            for gone in ckpt_lib.rotate(self.run.save_dir, self.run.checkpoint.keep_last, protect):
+                self.log(f"checkpoint.keep_last={self.run.checkpoint.keep_last}: removed {gone}")
+        return path
 
     def load(self, root: Path) -> bool:
         """Resume from ``root``'s latest complete checkpoint; False if there is none."""
-        ckpt = ckpt_lib.latest(root)
+        ckpt = self._resolve_checkpoint(root)
         if ckpt is None:
             return False
-        state = ckpt_lib.load(self._checkpoint_state(True), ckpt,
-                              fully_parallel=self.run.checkpoint.fully_parallel)
+        state = self._load_checked(ckpt)
+        self._resumed_from = ckpt
         M.load_model_state(self.model, state["model"])
         self.optimizer.load_state_dict(ckpt_lib.fit_optimizer_state(state["optimizer"],
                                                                     self.optimizer))
@@ -246,10 +365,12 @@ class Trainer:
     def train(self) -> dict:
         run, t = self.run, self.run.train
         load_dir = Path(run.checkpoint.load) if run.checkpoint.load else run.save_dir
-        if run.checkpoint.load and not (load_dir / ckpt_lib.TRACKER_FILE).is_file():
+        if run.checkpoint.load and not (load_dir / ckpt_lib.TRACKER_FILE).is_file() \
+                and not ckpt_lib.iteration_dirs(load_dir):
             raise ConfigError(f"checkpoint.load: no checkpoint in {load_dir} (missing "
                               f"{ckpt_lib.TRACKER_FILE}); point it at a save directory or set "
                               "it to null")
+        self._check_save_dir_free(load_dir)
         resumed = self.load(load_dir)
         start = self.state.iteration
         if resumed and self.rank == 0:
@@ -265,6 +386,7 @@ class Trainer:
         reset_routing_counts(M.model_chunks(self.model))
         self.aux_losses(1)  # start the aux-loss window empty
         for it in range(start, t.iters):
+            self._set_phase(f"step {it + 1}")
             t0 = time.perf_counter()
             out = self.step()
             dt = time.perf_counter() - t0
@@ -337,6 +459,10 @@ class Trainer:
             w.flush()
 
     def _log_eval(self, loss: float) -> None:
+        if not math.isfinite(loss):  # before it is logged, saved or published
+            raise health_lib.TrainingDiverged(
+                f"non-finite held-out loss ({loss}) at iteration {self.state.iteration}: "
+                f"stopped before saving. {self.health.hint}", self.state.iteration)
         self.state.evals.append(dict(iteration=self.state.iteration, loss=loss))
         if self.rank == 0:
             self.log(f"[{self.run.name}] it {self.state.iteration:5d} | held-out loss {loss:.4f} "
@@ -377,13 +503,24 @@ class Trainer:
         if self.rank == 0:
             out = self.run.out_dir
             out.mkdir(parents=True, exist_ok=True)
-            ckpt_lib.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+            ckpt_lib.atomic_write(out / "summary.json", health_lib.dumps(summary, indent=1))
             if self.writer is not None:
                 self.writer.close()
         return summary
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         M.destroy_layout()
+        self.release_locks()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _mean(values) -> Optional[float]:

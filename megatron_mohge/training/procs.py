@@ -1,0 +1,190 @@
+"""Process hygiene of a training rank: no orphans, no silent hangs.
+
+* **Children die with their rank.** ``dist_checkpointing``'s file writer forks worker
+  processes per save and keeps a ``multiprocessing`` Manager (a spawned server process,
+  0.3-0.6 GB) for their results for the life of the rank. Killed with SIGKILL, the rank
+  leaves them sleeping forever. Every child forked from the main thread and the Manager get
+  ``PR_SET_PDEATHSIG``: the kernel kills them when the rank dies, however it dies.
+* **A stalled rank fails the job.** The process groups get ``parallel.collective_timeout_s``;
+  each rank also beats a heartbeat counter in the job's rendezvous store from a thread, so
+  a rank whose collective timed out can name the ranks that stopped beating (SIGSTOP, a
+  hung device, a frozen node) instead of only "timed out".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_installed = False
+_fork_from_main = False  # set in the parent just before each fork, read by the child
+
+
+def die_with_parent(parent_pid: Optional[int] = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before prctl took effect
+
+
+def _before_fork() -> None:
+    global _fork_from_main
+    _fork_from_main = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child(parent_pid: int) -> None:
+    # PDEATHSIG fires when the *thread* that forked exits: only for forks from the main
+    # thread, which lives as long as the rank (a worker thread's fork would die with it)
+    if _fork_from_main and os.getppid() == parent_pid:
+        die_with_parent(parent_pid)
+
+
+def install_child_reaper() -> None:
+    """Make the rank's future children (forked writers, the writers' results Manager) die
+    with it. Idempotent; call once per rank before the first checkpoint save."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    pid = os.getpid()
+    os.register_at_fork(before=_before_fork,
+                        after_in_child=lambda: _after_fork_in_child(pid))
+    _own_writer_results_queue(pid)
+
+
+def _own_writer_results_queue(pid: int) -> None:
+    """Start the dist-ckpt writers' results Manager ourselves, with PDEATHSIG. It is spawned
+    (fork + exec, which skips the at-fork hooks), so it needs the Manager's initializer;
+    megatron-core keeps it in the module global ``_results_queue`` (checked by shape)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if getattr(fsa, "_results_queue", "absent") is not None or not hasattr(
+            fsa, "_get_write_results_queue"):
+        return  # another megatron-core layout, or already created
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(pid,))
+    fsa._results_queue = manager.Queue()
+    fsa._mohge_manager = manager  # keep it referenced for the life of the rank
+
+
+class Heartbeat:
+    """A daemon thread incrementing ``mohge/heartbeat/<rank>`` in the rendezvous store every
+    ``interval`` seconds, with the phase the rank is in (``step 12``, ``checkpoint save ...``).
+    A rank stopped as a whole (SIGSTOP, a frozen node) stops beating; one stuck inside a
+    CUDA call usually keeps beating (the GIL is released) and is reported as alive."""
+
+    PREFIX = "mohge/heartbeat/"
+
+    def __init__(self, store, rank: int, world: int, interval: float = 2.0):
+        self.store, self.rank, self.world, self.interval = store, rank, world, interval
+        self._phase = "start"
+        self._beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mohge-heartbeat", daemon=True)
+        self._thread.start()
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        """Written through at once (one small store write per step), so that a rank that
+        stops is reported in the phase it stopped in, not the one of its last beat."""
+        self._phase = value
+        self._beat(count=False)
+
+    def _beat(self, count: bool = True) -> bool:
+        if count:
+            self._beats += 1
+        try:  # the store client is thread safe (c10d serialises its requests)
+            self.store.set(f"{self.PREFIX}{self.rank}", f"{self._beats} {self._phase}")
+            return True
+        except Exception:  # the store is gone: the job is ending
+            return False
+
+    @classmethod
+    def start(cls, interval: float = 2.0) -> Optional["Heartbeat"]:
+        """On the default process group's store (None when there is no store to use)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return None
+        try:  # private accessor of the default group's store; degrade to no heartbeat
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError):
+            return None
+        return cls(store, dist.get_rank(), dist.get_world_size(), interval)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self._beat():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _read(self) -> dict:
+        out = {}
+        for r in range(self.world):
+            key = f"{self.PREFIX}{r}"
+            if self.store.check([key]):
+                beats, _, phase = self.store.get(key).decode().partition(" ")
+                out[r] = (int(beats), phase)
+        return out
+
+    def stalled(self, wait: Optional[float] = None) -> Optional[dict]:
+        """{rank: phase} of the ranks whose counter did not move over ``wait`` seconds (3
+        beats); None when the store does not answer within that time either."""
+        wait = 3 * self.interval if wait is None else wait
+        result: dict = {}
+
+        def probe():
+            first = self._read()
+            time.sleep(wait)
+            second = self._read()
+            result["v"] = {r: second.get(r, first.get(r, (0, "not started")))[1]
+                           for r in range(self.world)
+                           if r != self.rank and second.get(r, (0,))[0] == first.get(r, (0,))[0]}
+
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        t.join(wait + 10.0)
+        return result.get("v")
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A collective that gave up waiting (gloo: "Timed out waiting", NCCL watchdog: "timeout")."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def timeout_message(exc: BaseException, heartbeat: Optional[Heartbeat], rank: int,
+                    phase: str, timeout_s: float) -> str:
+    stalled = heartbeat.stalled() if heartbeat is not None else None
+    if stalled:
+        who = "; ".join(f"rank {r} stopped responding (last seen in {p})"
+                        for r, p in sorted(stalled.items()))
+    elif stalled is None and heartbeat is not None:
+        who = "the rendezvous store did not answer, so the stalled rank is unknown"
+    else:
+        who = "every other rank is alive (a mismatched collective, or one rank far slower)"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return (f"rank {rank}: a collective in {phase} waited longer than "
+            f"parallel.collective_timeout_s={timeout_s:g} s: {who}. The job stops; resume "
+            f"from the latest checkpoint. ({first})")
