@@ -15,9 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "name": "tiny",
     "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32},
+    # Kg=2 of 2 groups, K=2 of 4 experts, and a loss-free bias moving fast enough to change
+    # the routing within a few steps: bit-exact resume needs the bias from the checkpoint.
     "moe": {"kind": "mohge", "mohge": {"widths": [16, 32], "experts_per_group": 2,
-                                       "group_topk": 1, "topk": 2,
-                                       "losses": {"group_start_fraction": 0.0}}},
+                                       "group_topk": 2, "topk": 2,
+                                       "losses": {"group_start_fraction": 0.0,
+                                                  "expert_bias_update_rate": 0.5}}},
     "parallel": {"expert_parallel": 2},
     "data": {"default_corpus_bytes": 300_000},
     "train": {"iters": 6, "micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3,
@@ -74,6 +77,10 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["heldout_loss"] == full["heldout_loss"]  # bit-exact
     assert (part / "checkpoints" / "iter_0000003").is_dir()
+    # the loss-free bias moved, and the resumed run continued from the saved one
+    biases = [l["balance_bias"] for l in full["layers"]]
+    assert all(any(b != 0 for b in layer) for layer in biases)
+    assert [l["balance_bias"] for l in resumed["layers"]] == biases
 
 
 @pytest.mark.slow
@@ -89,6 +96,9 @@ def test_resume_at_another_expert_parallel_size(tmp_path, cache):
         for a, b in zip(out["history"][3:], full["history"][3:]):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert out["heldout_loss"] == pytest.approx(full["heldout_loss"], rel=1e-5)
+        # the bias (canonical order, replicated) is the same at every EP size
+        assert [l["balance_bias"] for l in out["layers"]] == \
+            [l["balance_bias"] for l in full["layers"]]
 
 
 def test_bad_checkpoint_and_config_errors(tmp_path, cache):

@@ -287,6 +287,8 @@ class Trainer:
                 imp = r.importance_E.double().clone()
                 dist.all_reduce(imp, group=group)
                 d["importance_cv"] = float(imp.std(unbiased=False) / imp.mean().clamp_min(1e-12))
+            if getattr(r, "balance_bias_E", None) is not None:  # loss-free balancing state
+                d["balance_bias"] = r.balance_bias_E.tolist()
             d["rank_flops"] = {str(e): rank_flops_layouts(r, layer.tokens_per_expert, e)
                                for e in sorted({2, 4, 8, ep}) if e > 1
                                and len(layer.tokens_per_expert) % e == 0}
