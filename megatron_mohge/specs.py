@@ -28,6 +28,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_mohge.compat.versions import make_moe_submodules
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.experts.hetero import HeterogeneousExperts
+from megatron_mohge.experts.selection import resolve_expert_backend
 
 
 def te_available() -> bool:
@@ -71,8 +72,12 @@ def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] 
                                 moe_grouped_gemm=use_te)
     stock_experts = stock.submodules.experts
     # TE >= 1.7 gives TEGroupedMLP (grouped GEMMs); otherwise Megatron falls back to per-expert
-    # MLPs with whatever linears the backend has, and so do we.
-    backend = "te" if getattr(stock_experts.module, "__name__", "") == "TEGroupedMLP" else "local"
+    # MLPs with whatever linears the backend has, and so does our local backend.
+    te_grouped = getattr(stock_experts.module, "__name__", "") == "TEGroupedMLP"
+    backend = resolve_expert_backend(mohge_config.expert_backend, use_te, te_grouped)
+    if backend == "local" and te_grouped:  # per-expert MLPs: Megatron's non-grouped linears
+        stock_experts = get_moe_module_spec(use_te=use_te, num_experts=mohge_config.num_experts,
+                                            moe_grouped_gemm=False).submodules.experts
     experts = ModuleSpec(module=HeterogeneousExperts,
                          params={"mohge_config": mohge_config, "backend": backend},
                          submodules=stock_experts.submodules)
