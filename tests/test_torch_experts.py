@@ -146,6 +146,41 @@ def test_misaligned_sizes_are_padded_and_still_match_local():
     assert torch_.experts.width_experts[0].linear_fc2.weight.shape == (2, 12, 12)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_bias_and_ungated_against_per_expert_math(gated):
+    """Biases (which local experts cannot run at EP=TP=1 in megatron-core 0.16: an in-place
+    add on a view) and plain activations, against the MLP formula expert by expert."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_mohge.experts.torch_backend import TorchGroupedMLP
+
+    tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                           use_cpu_initialization=True, gated_linear_unit=gated,
+                           activation_func=F.silu if gated else F.gelu, add_bias_linear=True,
+                           num_moe_experts=3, moe_ffn_hidden_size=8, ffn_hidden_size=8)
+    mlp = TorchGroupedMLP(3, tc)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_()
+    counts, x, probs = [3, 0, 4], torch.randn(7, 16), torch.rand(7)
+    out, bias = mlp(x, counts, probs)
+    assert bias is None
+    start, ref = 0, []
+    for k, t in enumerate(counts):
+        xs, ps = x[start:start + t], probs[start:start + t, None]
+        h = xs @ mlp.linear_fc1.weight[k].T + mlp.linear_fc1.bias[k]
+        if gated:
+            g, u = h.chunk(2, dim=-1)
+            h = F.silu(g) * u
+        else:
+            h = F.gelu(h)
+        ref.append((h * ps) @ mlp.linear_fc2.weight[k].T + mlp.linear_fc2.bias[k] * ps)
+        start += t
+    assert rel(out, torch.cat(ref)) <= FP32_TOL
+    assert mlp.linear_fc1.bias.tensor_model_parallel and not hasattr(
+        mlp.linear_fc2.bias, "tensor_model_parallel")
+
+
 def test_empty_experts_and_empty_runs():
     from megatron_mohge.experts.torch_backend import TorchGroupedMLP
 

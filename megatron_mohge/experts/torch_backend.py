@@ -124,7 +124,7 @@ class _GroupedLinear(torch.nn.Module):
     write them); on load they carry nothing and are dropped."""
 
     def __init__(self, n: int, out_features: int, in_features: int, bias: bool, *, dtype,
-                 device, partition_dim: int, is_expert_parallel: bool):
+                 device, partition_dim: int, is_expert_parallel: bool, sequence_parallel: bool):
         super().__init__()
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -137,8 +137,12 @@ class _GroupedLinear(torch.nn.Module):
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(n, out_features, dtype=dtype,
                                                        device=device))
-            # fc1's bias is TP-sharded with its rows; fc2's (partition_dim 2) is replicated.
-            set_tensor_model_parallel_attributes(self.bias, partition_dim == 1, 1, 1)
+            # As Megatron: fc1's bias is TP-sharded with its rows; fc2's is replicated over TP
+            # and, like a RowParallelLinear bias, marked for sequence-parallel grad reduction.
+            if partition_dim == 1:
+                set_tensor_model_parallel_attributes(self.bias, True, 1, 1)
+            else:
+                self.bias.sequence_parallel = sequence_parallel
             self.bias.allreduce = not is_expert_parallel
         else:
             self.register_parameter("bias", None)
@@ -188,7 +192,12 @@ class TorchGroupedMLP(MegatronModule):
         device = torch.device("cpu") if config.use_cpu_initialization else \
             torch.device("cuda", torch.cuda.current_device())
         ep_par = config.expert_model_parallel_size > 1
-        kw = dict(dtype=config.params_dtype, device=device, is_expert_parallel=ep_par)
+        kw = dict(dtype=config.params_dtype, device=device, is_expert_parallel=ep_par,
+                  sequence_parallel=bool(config.sequence_parallel))
+        if not grouped_mm_works(device.type, config.params_dtype):
+            raise ValueError(f"torch._grouped_mm does not run for {config.params_dtype} on "
+                             f"{device.type} with torch {torch.__version__} (older builds take "
+                             "only bf16 on sm90 GPUs); use the local expert backend.")
         self.linear_fc1 = _GroupedLinear(num_local_experts, out1, self.hidden,
                                          config.add_bias_linear, partition_dim=1, **kw)
         self.linear_fc2 = _GroupedLinear(num_local_experts, self.hidden, self.width_local,
