@@ -124,6 +124,15 @@ def test_torch_backend_runs_every_layer_on_grouped_gemms():
     assert isinstance(layer.experts, TorchGroupedMLP)
 
 
+def test_compare_expert_backends():
+    from megatron_mohge.bench.layer_bench import compare_expert_backends
+
+    res = compare_expert_backends(tiny_cfg(), hidden_size=HIDDEN, tokens=32, repeats=2, warmup=0)
+    assert set(res["median_s"]) == {"local", "torch"}
+    assert res["torch_over_local"] == pytest.approx(res["median_s"]["torch"]
+                                                    / res["median_s"]["local"])
+
+
 def test_width_scale():
     from megatron_mohge.bench.layer_bench import scale_widths
 

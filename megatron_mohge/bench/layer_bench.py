@@ -430,6 +430,43 @@ def scale_widths(cfg: MoHGEConfig, factor: int) -> MoHGEConfig:
                                shared_expert_width=shared)
 
 
+def compare_expert_backends(mohge: MoHGEConfig, *, hidden_size: int, tokens: int,
+                            repeats: int = 20, warmup: int = 3, seed: int = 1234,
+                            dispatcher: str = "allgather", dtype: str = "fp32") -> dict:
+    """MoHGE layer fwd+bwd with each of ``BACKENDS`` on the same weights' draw (same seed),
+    timed in interleaved rounds (the figure behind ``expert_backend: auto`` on CPU).
+
+    Returns ``{"median_s": {backend: s}, "p10_s", "p90_s", "torch_over_local"}``."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from megatron_mohge.training.mcore import device
+
+    _check_int("repeats", repeats, 1)
+    dev = device()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 1, hidden_size, generator=gen).to(dev, getattr(torch, DTYPES[dtype]))
+    x.requires_grad_(True)
+    layers = {b: build_mohge_layer(mohge, hidden_size, dispatcher, seed, b, dtype).to(dev)
+              for b in BACKENDS}
+    times = {b: [] for b in BACKENDS}
+    try:
+        for r in range(warmup + repeats):
+            order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+            for b in order:
+                dt = _time_fwd_bwd(layers[b], x)
+                if r >= warmup:
+                    times[b].append(dt)
+    finally:
+        clear_aux_losses_tracker()
+    med = {b: statistics.median(t) for b, t in times.items()}
+    return dict(config=dict(hidden_size=hidden_size, tokens=tokens, repeats=repeats,
+                            warmup=warmup, dtype=dtype, widths=list(mohge.widths),
+                            threads=torch.get_num_threads(), device=str(dev)),
+                median_s=med, p10_s={b: _quantile(t, 0.1) for b, t in times.items()},
+                p90_s={b: _quantile(t, 0.9) for b, t in times.items()},
+                torch_over_local=med["torch"] / med["local"])
+
+
 def _count(n: float) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
@@ -488,6 +525,8 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--width-scale", type=int, default=1,
                    help="multiply the MoHGE widths (and shared width) by this, e.g. 4 for the "
                         "representative hidden-256 shape from a hidden-64 config")
+    p.add_argument("--compare-backends", action="store_true",
+                   help="only time the MoHGE layer with local vs torch experts, interleaved")
     p.add_argument("--out", type=Path, help="write the result dict as JSON here")
     args = p.parse_args(argv)
 
@@ -500,6 +539,16 @@ def main(argv: Optional[list] = None) -> dict:
     init_distributed()
     init_layout(seed=args.seed)
     try:
+        if args.compare_backends:
+            result = compare_expert_backends(cfg, hidden_size=args.hidden, tokens=args.tokens,
+                                             repeats=args.repeats, warmup=args.warmup,
+                                             seed=args.seed, dispatcher=args.dispatcher,
+                                             dtype=args.dtype)
+            print(json.dumps({k: result[k] for k in ("median_s", "p10_s", "p90_s",
+                                                      "torch_over_local")}, indent=1))
+            if args.out is not None:
+                args.out.write_text(json.dumps(result, indent=2))
+            return result
         result = run_layer_bench(cfg, hidden_size=args.hidden, tokens=args.tokens,
                                  stock_num_experts=args.stock_experts,
                                  stock_width=args.stock_width, stock_topk=args.stock_topk,
