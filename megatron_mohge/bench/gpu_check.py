@@ -44,9 +44,9 @@ SHAPES = {
         train_batch=dict(micro_batch_size=8, global_batch_size=8),
         train_width_scale=8, stock_width=512),
     "cpu": dict(
-        numerics=dict(hidden=64, tokens=256, width_scale=1),
-        layer=dict(hidden_size=64, tokens=256, stock_num_experts=16, stock_width=64,
-                   stock_topk=2, repeats=2, warmup=1, dtype="fp32"),
+        numerics=dict(hidden=64, tokens=128, width_scale=1),
+        layer=dict(hidden_size=64, tokens=128, stock_num_experts=16, stock_width=64,
+                   stock_topk=2, repeats=1, warmup=1, dtype="fp32"),
         matmul=256, train_iters=4,
         train_model=dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
                          precision="fp32"),
@@ -201,7 +201,7 @@ def markdown(results: dict) -> str:
                   f"{n['tolerance']:.0e}): {'PASS' if n['passed'] else 'FAIL'}", ""]
     mm = results.get("matmul")
     if mm:
-        lines += [f"Plain {mm['n']}^3 {mm['dtype']} matmul: {mm['tflops']:.2f} TFLOP/s.", ""]
+        lines += [f"Plain {mm['n']}^3 {mm['dtype']} matmul: {mm['tflops']:.3g} TFLOP/s.", ""]
     for backend, bench in (results.get("layer_bench") or {}).items():
         lines += [f"## MoE layer fwd+bwd, `{backend}` experts", ""]
         lines += [bench["skipped"]] if "skipped" in bench else [layer_bench_table(bench)]
