@@ -181,6 +181,26 @@ def test_bias_and_ungated_against_per_expert_math(gated):
         mlp.linear_fc2.bias, "tensor_model_parallel")
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_cuda_token_group_padding_matches_local(dtype, tol):
+    """The CUDA path pads token groups to 16-byte row multiples; forced on here on CPU."""
+    from megatron_mohge.experts.torch_backend import token_group_padding
+
+    padded, dest = token_group_padding([3, 0, 9, 8], 8)
+    assert padded == [8, 0, 16, 8]
+    assert dest.tolist() == [0, 1, 2] + list(range(8, 17)) + list(range(24, 32))
+    local = build(CFG, "local", dtype=dtype)
+    torch_ = build(CFG, "torch", dtype=dtype)
+    for run_module in torch_.experts.width_experts:
+        run_module.token_group_align = 8
+    x = torch.randn(10, 2, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out_l, dx_l = run(local, x)
+    out_t, dx_t = run(torch_, x)
+    assert rel(out_t, out_l) <= tol and rel(dx_t, dx_l) <= tol
+    for g_t, g_l in zip(expert_grads(torch_), expert_grads(local)):
+        assert rel(g_t, g_l) <= tol
+
+
 def test_empty_experts_and_empty_runs():
     from megatron_mohge.experts.torch_backend import TorchGroupedMLP
 

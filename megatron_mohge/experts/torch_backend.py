@@ -35,9 +35,12 @@ break that rule:
 Gradients flow through the same padded operands (``F.pad``'s backward drops the padding).
 
 Zero columns add nothing to the products, so results are unchanged; the cost is a copy of
-the affected weights per step (a one-time warning names it). Token counts need no padding
-(unlike TE's FP8 path): every group size, zero included, is valid. FP8/FP4 is not
-supported here (use ``te``).
+the affected weights per step (a one-time warning names it). On CUDA each expert's token
+group is also padded to a multiple of those 16 bytes' rows (8 in bf16) with zero rows, as
+torchtitan does for ``torch._grouped_mm``: the weight-gradient GEMM groups along the token
+dimension. Padded rows have zero input and zero prob and are dropped from the output, so they
+contribute nothing. On CPU (torch's per-group fallback) no token padding is done. FP8/FP4 is
+not supported here (use ``te``).
 """
 
 from __future__ import annotations
@@ -97,6 +100,17 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def token_group_padding(counts: Sequence[int], align: int) -> tuple[list[int], torch.Tensor]:
+    """Group sizes rounded up to ``align`` rows, and each token's row in the padded layout."""
+    padded = [_round_up(c, align) for c in counts]
+    c = torch.tensor(counts, dtype=torch.long)
+    start = torch.cumsum(c, 0) - c
+    p = torch.tensor(padded, dtype=torch.long)
+    start_pad = torch.cumsum(p, 0) - p
+    dest = torch.arange(int(c.sum())) + torch.repeat_interleave(start_pad - start, c)
+    return padded, dest
 
 
 def _per_token(bias_n: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -205,6 +219,8 @@ class TorchGroupedMLP(MegatronModule):
         if config.perform_initialization:
             self._init_weights(config, etp, self.tp_group.rank())
         align = stride_alignment(config.params_dtype)
+        #: rows per token group on the device the experts run on (1: no token padding)
+        self.token_group_align = align if device.type == "cuda" else 1
         self._hidden_pad = _round_up(self.hidden, align)
         self._width_pad = _round_up(self.width_local, align)
         if (self._hidden_pad, self._width_pad) != (self.hidden, self.width_local):
@@ -291,6 +307,14 @@ class TorchGroupedMLP(MegatronModule):
         if self.config.moe_apply_probs_on_input:
             x = (permuted_probs.unsqueeze(-1) * x).to(permuted_local_hidden_states.dtype)
             permuted_probs = torch.ones_like(permuted_probs)
+        align = self.token_group_align
+        dest = None
+        if align > 1 and any(c % align for c in counts):  # zero rows, see module doc
+            counts, dest = token_group_padding(counts, align)
+            dest = dest.to(x.device, non_blocking=True)
+            x = x.new_zeros(sum(counts), x.shape[-1]).index_copy(0, dest, x)
+            permuted_probs = permuted_probs.new_zeros(sum(counts)).index_copy(
+                0, dest, permuted_probs)
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
         offs = offs.to(x.device, non_blocking=True)
         w1, b1, w2, b2 = self._padded_params()
@@ -307,8 +331,10 @@ class TorchGroupedMLP(MegatronModule):
             out = out + (_per_token(b2, counts) * permuted_probs.unsqueeze(-1)).to(out.dtype)
         # The grouped GEMM's backward needs a dense, aligned output gradient (a `.sum()` gives
         # a stride-0 one); padded hidden columns are cut here.
-        out = _ContiguousGrad.apply(out)
-        return out[:, : self.hidden], None
+        out = _ContiguousGrad.apply(out)[:, : self.hidden]
+        if dest is not None:
+            out = out.index_select(0, dest)
+        return out, None
 
     def backward_dw(self):
         """Weight gradients are not deferred in this backend."""
