@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -169,7 +168,8 @@ def train_runs(device: str, shape: dict, out_dir: Path, log) -> dict:
     base = dict(model=dict(shape["train_model"]), data=dict(tokenizer="byte",
                                                             cache_dir=str(out_dir / "data"),
                                                             default_corpus_bytes=1_000_000),
-                train=dict(iters=iters, lr_warmup_iters=max(1, iters // 10), **shape["train_batch"]),
+                train=dict(iters=iters, lr_warmup_iters=max(1, iters // 10),
+                           **shape["train_batch"]),
                 eval=dict(interval=0, iters=2), logging=dict(interval=max(1, iters // 5),
                                                                progress_bar=False),
                 checkpoint=dict(enabled=False))
@@ -261,8 +261,9 @@ def main(argv: Optional[list] = None) -> dict:
     results["wall_s"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results))
+    verdict = "PASS" if results["numerics"]["passed"] else "FAIL"
     log(f"[gpu_check] wrote {args.out / 'results.json'} and results.md "
-        f"({results['wall_s']:.0f} s); numerics {'PASS' if results['numerics']['passed'] else 'FAIL'}")
+        f"({results['wall_s']:.0f} s); numerics {verdict}")
     return results
 
 

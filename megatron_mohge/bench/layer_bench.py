@@ -288,7 +288,8 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
         raise ValueError(f"run_layer_bench: backend must be one of {', '.join(BACKENDS)}, "
                          f"got {backend!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"run_layer_bench: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"run_layer_bench: dtype must be one of {', '.join(DTYPES)}, "
+                         f"got {dtype!r}")
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -389,7 +390,8 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
         kinds[kind] = dict(median_s=med, p10_s=_quantile(times[kind], 0.1),
                            p90_s=_quantile(times[kind], 0.9), router_s=router_s,
                            router_share=router_s / med, times_s=times[kind], expert_s=expert_s,
-                           expert_gemm_flops=flops[kind], expert_gflops=flops[kind] / expert_s / 1e9,
+                           expert_gemm_flops=flops[kind],
+                           expert_gflops=flops[kind] / expert_s / 1e9,
                            **info[kind])
     mm_s = statistics.median(mm_times)
     matmul = dict(shape=[assignments, h, mm_cols], flops=mm_flops, median_s=mm_s,

@@ -200,8 +200,9 @@ def layer_bench_table(bench: dict) -> str:
     mm = bench.get("matmul")
     if mm:
         lines.append("")
-        lines.append(f"Plain matmul of the same FLOPs as MoHGE's experts ({' x '.join(map(str, mm['shape']))}"
-                     f", fwd+bwd, same rounds): {fmt_float(mm.get('gflops'), 2)} GFLOP/s. Router "
+        shape = " x ".join(map(str, mm["shape"]))
+        lines.append(f"Plain matmul of the same FLOPs as MoHGE's experts ({shape}, fwd+bwd, "
+                     f"same rounds): {fmt_float(mm.get('gflops'), 2)} GFLOP/s. Router "
                      f"share MoHGE minus equal-total stock: "
                      f"{fmt_float(bench.get('router_share_points_over_equal_total'), 1)} points.")
     return "\n".join(lines)

@@ -115,8 +115,8 @@ class HeterogeneousExperts(MegatronModule):
         ps = torch.split(permuted_probs, run_tokens)
         outputs = []
         for module, x, p, c in zip(self.width_experts, xs, ps, per_run):
-            out, bias = module(x, c if self.backend == "torch" else torch.tensor(c, dtype=torch.long),
-                               p)
+            counts = c if self.backend == "torch" else torch.tensor(c, dtype=torch.long)
+            out, bias = module(x, counts, p)
             assert bias is None, "expert bias is folded into the output by Megatron experts"
             outputs.append(out)
         return torch.cat(outputs, dim=0), None
