@@ -407,7 +407,11 @@ class TorchGroupedMLP(MegatronModule):
 
         def build(factory_key, data, replica_id, flattened_range):
             if flattened_range is not None:
-                raise NotImplementedError("flattened_range checkpoints of torch experts")
+                raise NotImplementedError(
+                    "torch experts: distributed-optimizer checkpoints in the "
+                    "'fully_sharded_model_space' format (flattened per-parameter shards) are not "
+                    "supported; use metadata distrib_optim_sharding_type='dp_reshardable' "
+                    "(Megatron-LM's default) or expert_backend=local.")
             shards = []
             for k, index in enumerate(expert_indices):
                 parts = per_expert(factory_key, data, k, index)
