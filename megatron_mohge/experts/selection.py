@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from megatron_mohge.config import ConfigError
 
-#: expert_backend="auto" on a CPU-only machine. Measured with the layer benchmark at the
-#: default (hidden 64, 1,024 tokens) and representative (hidden 256, 4,096 tokens) shapes;
-#: see README "Expert backends".
+#: expert_backend="auto" on a CPU-only machine: torch was faster than local in the layer
+#: benchmark's --compare-backends at both the default (hidden 64, 1,024 tokens: 0.89x median)
+#: and the representative shape (hidden 256, 4,096 tokens: 0.72x), on a heavily loaded
+#: machine; README "Expert backends" has the table and its caveats.
 CPU_AUTO_BACKEND = "torch"
 
 
