@@ -1,4 +1,4 @@
-"""Routed experts of heterogeneous widths (local, torch grouped-GEMM and Transformer Engine backends)."""
+"""Routed experts of heterogeneous widths: local, torch grouped-GEMM and TE backends."""
 
 from megatron_mohge.experts.hetero import HeterogeneousExperts, width_config
 
