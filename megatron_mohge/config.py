@@ -24,6 +24,7 @@ GROUP_SCORES = ("sigmoid", "softmax")
 EXPERT_WEIGHTINGS = ("renorm", "paper")
 INTRA_GROUP_MODES = ("paper", "per_group")
 RELEASED_INTRA_GROUP_COEFF = 5e-3  # a_E of the released MoHGE-3B runs (paper mode)
+EXPERT_BACKENDS = ("auto", "local", "torch", "te")
 
 
 class ConfigError(ValueError):
@@ -153,6 +154,10 @@ class MoHGEConfig(YamlDataclass):
     losses: LossConfig = field(default_factory=LossConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     noisy_gating: NoisyGatingConfig = field(default_factory=NoisyGatingConfig)
+    # Expert GEMMs: local (Megatron SequentialMLP) | torch (torch._grouped_mm per width) | te
+    # (TE grouped GEMM) | auto (te when TE is usable, else torch on CUDA, else the faster of
+    # local/torch on CPU: megatron_mohge.experts.selection). Checkpoints are the same for all.
+    expert_backend: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.experts_per_group, int) and not isinstance(self.experts_per_group, bool):
@@ -258,6 +263,7 @@ class MoHGEConfig(YamlDataclass):
                 raise ConfigError("MoHGEConfig.shared_expert_width: required when "
                                   "num_shared_experts > 0 (the FFN width of each shared expert).")
             _check_int("shared_expert_width", self.shared_expert_width, 1)
+        _check_choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
         self._validate_router()
         self._validate_losses()
         self._validate_allocation()
@@ -370,6 +376,9 @@ class MoHGEConfig(YamlDataclass):
         etp = getattr(tc, "expert_tensor_parallel_size", None)
         etp = int(etp if etp is not None else getattr(tc, "tensor_model_parallel_size", 1))
         fp8 = bool(getattr(tc, "fp8", None))
+        if self.expert_backend == "torch" and (fp8 or getattr(tc, "fp4", None)):
+            raise ConfigError("MoHGEConfig.expert_backend=torch has no FP8/FP4 path; use te (or "
+                              "auto with Transformer Engine), or turn off fp8/fp4.")
         self.check_parallel_layout(ep, etp, fp8=fp8, fp8_align=_fp8_align(tc))
         shared = (self.num_shared_experts * self.shared_expert_width
                   if self.num_shared_experts else None)

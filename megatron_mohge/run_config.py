@@ -86,7 +86,8 @@ class MoEConfig:
     z_loss_coeff: Optional[float] = None  # kind=moe: router z-loss; None disables
     noisy_gating: NoisyGatingConfig = field(default_factory=NoisyGatingConfig)  # router=noisy_topk
     token_dispatcher: str = "auto"  # auto (alltoall if EP>1 else allgather) | alltoall | allgather | flex
-    use_te: Optional[bool] = None  # Transformer Engine experts; None = when usable (GPU + TE)
+    use_te: Optional[bool] = None  # Transformer Engine layers; None = when usable (GPU + TE)
+    # (MoHGE expert GEMMs: moe.mohge.expert_backend, local | torch | te | auto)
 
 
 @dataclass
@@ -345,6 +346,10 @@ class RunConfig(YamlDataclass):
         if moe.kind == "mohge" and moe.mohge is None:
             raise ConfigError("moe.mohge: required when moe.kind is mohge (the MoHGE layer: widths, "
                               "experts_per_group, group_topk, topk; or a path to its YAML file).")
+        if moe.kind == "mohge" and moe.use_te is False and moe.mohge.expert_backend == "te":
+            raise ConfigError("moe.mohge.expert_backend: te needs Transformer Engine layers but "
+                              "moe.use_te is false; use expert_backend torch or local, or drop "
+                              "use_te.")
         if moe.kind == "moe":
             _int("moe.num_experts", moe.num_experts, 1)
             _int("moe.expert_hidden_size", moe.expert_hidden_size, 1)

@@ -32,6 +32,7 @@ from megatron_mohge.compat.mcore import builder_parts, builds_subclass_of, rebui
 from megatron_mohge.compat.versions import make_moe_submodules
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.experts.hetero import HeterogeneousExperts
+from megatron_mohge.experts.selection import resolve_expert_backend
 
 
 def te_available() -> bool:
@@ -78,18 +79,25 @@ def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] 
     stock = get_moe_module_spec(use_te=use_te, num_experts=mohge_config.num_experts,
                                 moe_grouped_gemm=use_te)
     return _replace_moe_parts(stock, router=router_builder(mohge_config),
-                              mohge_config=mohge_config)
+                              mohge_config=mohge_config, use_te=use_te)
 
 
-def _replace_moe_parts(stock, *, router, mohge_config: Optional[MoHGEConfig] = None):
+def _replace_moe_parts(stock, *, router, mohge_config: Optional[MoHGEConfig] = None,
+                       use_te: bool = False):
     """``stock`` MoE builder with ``router`` and (for MoHGE) heterogeneous experts."""
     _, stock_sub, stock_params = builder_parts(stock)
     experts = stock_experts = stock_sub.experts
     if mohge_config is not None:
         # TE >= 1.7 gives TEGroupedMLP (grouped GEMMs); otherwise Megatron falls back to
-        # per-expert MLPs with whatever linears the backend has, and so do we.
+        # per-expert MLPs with whatever linears the backend has, and so does our local backend.
         module, expert_sub, _ = builder_parts(stock_experts)
-        backend = "te" if getattr(module, "__name__", "") == "TEGroupedMLP" else "local"
+        te_grouped = getattr(module, "__name__", "") == "TEGroupedMLP"
+        backend = resolve_expert_backend(mohge_config.expert_backend, use_te, te_grouped)
+        if backend == "local" and te_grouped:  # per-expert MLPs: Megatron's non-grouped linears
+            stock_experts = builder_parts(get_moe_module_spec(
+                use_te=use_te, num_experts=mohge_config.num_experts,
+                moe_grouped_gemm=False))[1].experts
+            _, expert_sub, _ = builder_parts(stock_experts)
         experts = rebuild_like(stock_experts, HeterogeneousExperts, expert_sub,
                                {"mohge_config": mohge_config, "backend": backend})
     submodules = make_moe_submodules(

@@ -24,6 +24,8 @@ def tiny_preset():
     p.base["logging"]["interval"] = 1
     p.layer_bench = dict(hidden_size=32, tokens=64, stock_num_experts=16, stock_width=64,
                          stock_topk=2, repeats=2, warmup=1)
+    p.layer_bench_representative = dict(p.layer_bench, width_scale=2, repeats=1, warmup=0,
+                                        backends=["local", "torch"])
     return p
 
 
@@ -66,6 +68,10 @@ def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
     flops = mohge["rank_flops"]
     assert len(flops["all_size"]) == 2 and len(flops["contiguous"]) == 2
     assert set(results["layer_bench"]["median_s"]) >= {"mohge", "moe_equal_total"}
+    rep = results["layer_bench_representative"]
+    assert {b: r["config"]["backend"] for b, r in rep.items()} == {"local": "local",
+                                                                    "torch": "torch"}
+    assert rep["torch"]["config"]["widths"] == [2 * w for w in cfg["widths"]]
     assert (tmp_path / "results.md").exists() is False  # the CLI writes the report
     assert "routed_params_reduction" in results["targets"]["figures"]
 

@@ -24,3 +24,15 @@ def test_save_at_ep2_load_at_other_ep_sizes(saved_at_ep2, ep):
     # Same weights: logits agree up to the summation order of the expert combine.
     assert loaded["logits_max_abs_diff"] <= 1e-5 * loaded["logits_scale"]
     assert loaded["heldout_loss"] == pytest.approx(saved["heldout_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("save_backend,load_backend", [("torch", "local"), ("local", "torch")])
+def test_checkpoint_moves_between_expert_backends_and_ep_sizes(tmp_path, save_backend,
+                                                              load_backend):
+    saved = run_workers("checkpoint_worker.py", 2, "--mode", "save", "--ckpt", str(tmp_path),
+                        "--ep", "2", "--backend", save_backend)
+    loaded = run_workers("checkpoint_worker.py", 1, "--mode", "load", "--ckpt", str(tmp_path),
+                         "--ep", "1", "--backend", load_backend)
+    assert (saved["backend"], loaded["backend"]) == (save_backend, load_backend)
+    assert loaded["logits_max_abs_diff"] <= 1e-5 * loaded["logits_scale"]
+    assert loaded["heldout_loss"] == pytest.approx(saved["heldout_loss"], rel=1e-6)

@@ -58,6 +58,23 @@ def test_ep2_both_dispatchers_match_one_rank(reference):
         assert all(len(r["local_experts"][0]) == 4 for r in ranks)
 
 
+def test_torch_backend_ep2_matches_local_one_rank(reference):
+    # The reference (local experts, EP=1) checkpoint loads into torch grouped-GEMM experts at
+    # EP=2; logits, loss, aux losses and every gradient match.
+    results = run_compare(reference, 2, ["ep=2,disp=alltoall,backend=torch"])
+    check(results)
+    assert all(r["expert_backend"] == "torch" for r in results["ep=2,disp=alltoall,backend=torch"])
+
+
+@pytest.mark.slow
+def test_torch_backend_world4_layouts_match_local_one_rank(reference):
+    layouts = ["tp=2,ep=2,disp=alltoall,backend=torch", "tp=2,ep=2,disp=allgather,backend=torch",
+               "ep=4,disp=alltoall,backend=torch"]
+    results = run_compare(reference, 4, layouts)
+    check(results)
+    assert results[layouts[0]][0]["layout"]["tp"] == 2
+
+
 @pytest.mark.slow
 def test_world4_layouts_match_one_rank(reference):
     layouts = [

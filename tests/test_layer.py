@@ -1,5 +1,7 @@
 """The MoHGE MoELayer built from our spec: outputs, parameters, checkpoint keys, TE keys."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,8 @@ pytestmark = pytest.mark.usefixtures("mcore_world1")
 HIDDEN = 16
 
 
-def build_layer(cfg: MoHGEConfig, **tc_kw):
+def build_layer(cfg: MoHGEConfig, backend: str = "local", **tc_kw):
+    """The MoHGE layer with ``backend`` experts (these tests read the local MLPs)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_mohge.specs import get_mohge_moe_module_spec
@@ -20,6 +23,7 @@ def build_layer(cfg: MoHGEConfig, **tc_kw):
               gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
               moe_token_dispatcher_type="allgather")
     kw.update(tc_kw)
+    cfg = dataclasses.replace(cfg, expert_backend=backend)
     tc = cfg.apply_to(TransformerConfig(**kw))
     torch.manual_seed(0)
     layer = get_mohge_moe_module_spec(cfg, use_te=False)(config=tc, layer_number=1)

@@ -45,6 +45,15 @@ def test_mohge_config_fills_megatron_moe_args():
     assert ML.mohge_config_from_args(argparse.Namespace(mohge_config=None)) is None
 
 
+def test_expert_backend_flag_overrides_the_yaml():
+    args = parser().parse_args(["--mohge-config", str(TINY), "--mohge-expert-backend", "torch"])
+    assert ML.mohge_config_from_args(args).expert_backend == "torch"
+    args = parser().parse_args(["--mohge-config", str(TINY)])
+    assert ML.mohge_config_from_args(args).expert_backend == "auto"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--mohge-config", str(TINY), "--mohge-expert-backend", "cuda"])
+
+
 def test_run_yaml_and_bad_paths():
     args = parser().parse_args(["--mohge-config", str(CONFIGS / "small_mohge_1node.yaml")])
     assert args.num_experts == 32 and args.moe_router_topk == 4

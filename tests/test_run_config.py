@@ -76,3 +76,13 @@ def test_padded_vocab_and_derived_fields():
                                ).moe_layer_pattern == [1, 0, 1, 0]
     with pytest.raises(ConfigError, match="model.vocab_size"):
         RunConfig.from_dict({"model": {"vocab_size": 100}}).padded_vocab_size(257)
+
+
+def test_expert_backend_is_set_through_the_mohge_section():
+    run = RunConfig.from_yaml(CONFIGS / "cpu_tiny_mohge.yaml", ["moe.mohge.expert_backend=torch"])
+    assert run.moe.mohge.expert_backend == "torch"
+    with pytest.raises(ConfigError, match="expert_backend"):
+        RunConfig.from_yaml(CONFIGS / "cpu_tiny_mohge.yaml", ["moe.mohge.expert_backend=cuda"])
+    with pytest.raises(ConfigError, match="moe.use_te is false"):
+        RunConfig.from_yaml(CONFIGS / "cpu_tiny_mohge.yaml",
+                            ["moe.mohge.expert_backend=te", "moe.use_te=false"])

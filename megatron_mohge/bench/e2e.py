@@ -255,17 +255,22 @@ def train_run(name: str, run: RunConfig, nproc: int, out_dir: Path, log=print) -
     raise AssertionError("unreachable")
 
 
-def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, log=print) -> dict:
-    """The layer microbenchmark in its own (single-rank) process, for a clean timing."""
+def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, log=print,
+                               lb: Optional[dict] = None, backend: str = "local",
+                               tag: str = "") -> dict:
+    """The layer microbenchmark in its own (single-rank) process, for a clean timing.
+
+    ``lb``: the shape (default ``preset.layer_bench``); ``tag`` suffixes the output name."""
     cfg_path = out_dir / "configs" / "layer_bench_mohge.yaml"
     cfg_path.write_text(yaml.safe_dump(mohge_cfg, sort_keys=False))
-    out = out_dir / "layer_bench.json"
-    lb = preset.layer_bench
+    out = out_dir / f"layer_bench{tag}.json"
+    lb = lb or preset.layer_bench
     cmd = [sys.executable, "-m", "megatron_mohge.bench.layer_bench", "--config", str(cfg_path),
            "--hidden", str(lb["hidden_size"]), "--tokens", str(lb["tokens"]),
            "--stock-experts", str(lb["stock_num_experts"]), "--stock-width", str(lb["stock_width"]),
            "--stock-topk", str(lb["stock_topk"]), "--repeats", str(lb["repeats"]),
-           "--warmup", str(lb["warmup"]), "--out", str(out)]
+           "--warmup", str(lb["warmup"]), "--width-scale", str(lb.get("width_scale", 1)),
+           "--backend", backend, "--out", str(out)]
     log(f"[bench] layer microbenchmark: {' '.join(cmd[1:])}")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env)
@@ -489,6 +494,12 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
         if mohge is not None:
             results["layer_bench"] = run_layer_bench_subprocess(preset, mohge.to_dict(), out_dir,
                                                                 log)
+            rep = preset.layer_bench_representative
+            if rep:  # {backend: result} at the representative shape
+                results["layer_bench_representative"] = {
+                    b: run_layer_bench_subprocess(preset, mohge.to_dict(), out_dir, log, lb=rep,
+                                                  backend=b, tag=f"_representative_{b}")
+                    for b in rep["backends"]}
     results["targets"] = target_checks(results)
     results["wall_s"] = time.perf_counter() - t0
     _write(out_dir, results)

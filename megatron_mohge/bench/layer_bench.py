@@ -14,8 +14,21 @@ attached, as in training) on the same input ``x [tokens, 1, hidden]``:
   per token: ``E`` experts of width round(mean width of the experts MoHGE's router chose
   for ``x``), top-``K``.
 
-Widths are rounded half up (``floor(w + 0.5)``, at least 1). On CPU both sides run their
-experts as Megatron's ``SequentialMLP`` (MoHGE: one per width), so it is like for like.
+Widths are rounded half up (``floor(w + 0.5)``, at least 1). ``moe_equal_total`` also has
+MoHGE's *expected* routed FLOPs per token (same ``E``, ``K`` and mean width: the
+uniform-routing expectation), so it is the same-expected-FLOPs comparison too
+(``ratios.mohge_over_same_expected_flops``).
+
+``backend`` picks the expert GEMMs of *every* layer, so each comparison is like for like:
+``local`` = Megatron's ``SequentialMLP`` (MoHGE: one per width), ``torch`` =
+``TorchGroupedMLP`` (one ``torch._grouped_mm`` per linear; MoHGE: per width).
+
+Besides the layer times, each kind reports its experts alone (``expert_s``: forward +
+backward of the expert module on the tokens the dispatcher gave it) and the achieved
+``expert_gflops`` of their GEMM FLOPs (``3 x 2 x tokens x 3 x hidden x width`` summed over
+experts: fwd + two bwd GEMMs of a gated expert; activation time included), against
+``matmul_gflops`` of one plain ``[tokens*K, hidden] @ [hidden, 3*w]`` matmul fwd+bwd of the
+same FLOPs as MoHGE's experts, timed in the same rounds.
 
 Library use (the caller initialises ``torch.distributed`` and the model-parallel state)::
 
@@ -46,6 +59,10 @@ from megatron_mohge.config import MoHGEConfig
 
 KINDS = ("mohge", "moe_baseline", "moe_equal_total", "moe_equal_activated")
 DISPATCHERS = ("allgather", "alltoall")
+BACKENDS = ("local", "torch")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+#: the stock kind whose expected routed FLOPs/token equal MoHGE's (see module doc)
+SAME_EXPECTED_FLOPS_KIND = "moe_equal_total"
 STOCK_AUX_LOSS_COEFF = 1e-2
 GATED_MULT = 3  # gated (SwiGLU) expert: gate + up + down projections, no biases
 
@@ -62,12 +79,13 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"run_layer_bench: {name} must be >= {minimum}, got {value}")
 
 
-def _base_config(hidden_size: int, dispatcher: str, **moe):
+def _base_config(hidden_size: int, dispatcher: str, dtype: str = "fp32", **moe):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    params_dtype = getattr(torch, DTYPES[dtype])
     kw = dict(num_layers=1, hidden_size=hidden_size, num_attention_heads=1,
               use_cpu_initialization=True, gated_linear_unit=True, activation_func=F.silu,
-              add_bias_linear=False, bf16=False, fp16=False, params_dtype=torch.float32,
+              add_bias_linear=False, bf16=dtype == "bf16", fp16=False, params_dtype=params_dtype,
               cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
               moe_grouped_gemm=False, moe_token_dispatcher_type=dispatcher,
               moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=STOCK_AUX_LOSS_COEFF)
@@ -83,11 +101,14 @@ def _seed_all(seed: int) -> None:
 
 
 def build_mohge_layer(mohge: MoHGEConfig, hidden_size: int, dispatcher: str = "allgather",
-                      seed: int = 1234):
-    """The MoHGE ``MoELayer`` (local experts), built after seeding, in training mode."""
+                      seed: int = 1234, backend: str = "local", dtype: str = "fp32"):
+    """The MoHGE ``MoELayer`` (``backend`` experts), built after seeding, in training mode."""
+    import dataclasses
+
     from megatron_mohge.specs import get_mohge_moe_module_spec
 
-    tc = mohge.apply_to(_base_config(hidden_size, dispatcher))
+    mohge = dataclasses.replace(mohge, expert_backend=backend)
+    tc = mohge.apply_to(_base_config(hidden_size, dispatcher, dtype))
     _seed_all(seed)
     # Specs are ModuleSpecs (0.16) or partials (0.19); both are called to build.
     layer = get_mohge_moe_module_spec(mohge, use_te=False)(config=tc, layer_number=1)
@@ -97,13 +118,24 @@ def build_mohge_layer(mohge: MoHGEConfig, hidden_size: int, dispatcher: str = "a
 
 
 def build_stock_layer(num_experts: int, width: int, topk: int, hidden_size: int,
-                      dispatcher: str = "allgather", seed: int = 1234):
-    """Megatron's stock ``MoELayer`` (``SequentialMLP`` experts, aux-loss balancing)."""
+                      dispatcher: str = "allgather", seed: int = 1234, backend: str = "local",
+                      dtype: str = "fp32"):
+    """Megatron's stock ``MoELayer`` (aux-loss balancing) with ``SequentialMLP`` experts
+    (``local``) or ``TorchGroupedMLP`` experts (``torch``)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
-    tc = _base_config(hidden_size, dispatcher, num_moe_experts=num_experts,
+    tc = _base_config(hidden_size, dispatcher, dtype, num_moe_experts=num_experts,
                       moe_ffn_hidden_size=width, moe_router_topk=topk)
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    if backend == "torch":  # the same spec (ModuleSpec on 0.16, partial on 0.19), other experts
+        import dataclasses
+
+        from megatron_mohge.compat.mcore import builder_parts, rebuild_like
+        from megatron_mohge.experts.torch_backend import TorchGroupedMLP
+
+        module, sub, params = builder_parts(spec)
+        experts = rebuild_like(sub.experts, TorchGroupedMLP, builder_parts(sub.experts).submodules)
+        spec = rebuild_like(spec, module, dataclasses.replace(sub, experts=experts), params)
     _seed_all(seed)
     layer = spec(config=tc, layer_number=1)
     return layer.train()
@@ -132,26 +164,84 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
+class _Timer:
+    """Wall time on CPU; CUDA events on a GPU (no host-side launch overhead counted twice)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.cuda = x.is_cuda
+        _sync(x)
+        if self.cuda:
+            self.start, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.t0
+
+
 def _time_fwd_bwd(layer, x: torch.Tensor) -> float:
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    _sync(x)
-    t0 = time.perf_counter()
+    t = _Timer(x)
     out, _ = layer(x)
     out.sum().backward()
-    _sync(x)
-    return time.perf_counter() - t0
+    return t.stop()
 
 
 def _time_router(layer, x: torch.Tensor) -> float:
     # The router forward as the layer runs it in training (grad on, losses attached).
-    _sync(x)
-    t0 = time.perf_counter()
+    t = _Timer(x)
     probs, routing_map = layer.router(x)
-    _sync(x)
-    dt = time.perf_counter() - t0
+    dt = t.stop()
     del probs, routing_map
     return dt
+
+
+def capture_expert_inputs(layer, x: torch.Tensor) -> tuple:
+    """``(tokens [T', h], tokens_per_expert list, probs [T'])`` the dispatcher hands the
+    layer's experts for ``x`` (one forward, no grad)."""
+    seen = {}
+
+    def hook(module, args):
+        hidden, tpe, probs = args[:3]
+        seen["args"] = (hidden.detach().clone(), [int(v) for v in tpe.tolist()],
+                        probs.detach().clone())
+
+    handle = layer.experts.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            layer(x)
+    finally:
+        handle.remove()
+    return seen["args"]
+
+
+def _time_experts(layer, inputs: tuple, grad: torch.Tensor) -> float:
+    hidden, counts, probs = inputs
+    layer.zero_grad(set_to_none=True)
+    h = hidden.requires_grad_(True)
+    h.grad = None
+    t = _Timer(hidden)
+    out, _ = layer.experts(h, torch.tensor(counts), probs)
+    out.backward(grad)
+    return t.stop()
+
+
+def _time_matmul(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> float:
+    a.grad = b.grad = None
+    t = _Timer(a)
+    (a @ b).backward(grad)
+    return t.stop()
+
+
+def expert_gemm_flops(counts: list, widths: list, hidden: int) -> float:
+    """Forward + backward GEMM FLOPs of gated experts: per expert ``3 x 2 t h (2w + w)``."""
+    return float(sum(3 * 2 * t * hidden * GATED_MULT * w for t, w in zip(counts, widths)))
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -165,15 +255,19 @@ def _quantile(values: list[float], q: float) -> float:
 
 def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_num_experts: int,
                     stock_width: int, stock_topk: int, repeats: int = 20, warmup: int = 3,
-                    seed: int = 1234, dispatcher: str = "allgather") -> dict:
+                    seed: int = 1234, dispatcher: str = "allgather", backend: str = "local",
+                    dtype: str = "fp32") -> dict:
     """Time forward + backward of ``out.sum()`` for the four layer kinds (see module doc).
 
     Needs ``torch.distributed`` and Megatron's model-parallel state (world 1:
     ``init_distributed(); init_layout()``). Returns ``{"config", "kinds", "ratios",
     "median_s"}``; each kind has ``median_s``, ``p10_s``, ``p90_s``, ``router_s``,
     ``router_share``, ``routed_expert_params``, ``activated_routed_params_per_token``,
-    ``num_experts``, ``topk`` and its width(s). Clears Megatron's aux-loss tracker at the end
-    (the layers log their balancing losses into it).
+    ``num_experts``, ``topk`` and its width(s), plus ``expert_s``, ``expert_gflops``,
+    ``expert_gemm_flops``, ``expected_routed_flops_per_token`` (forward, uniform routing) and
+    ``routed_flops_per_token`` (forward, measured routing). ``matmul`` holds the plain-matmul
+    reference. Clears Megatron's aux-loss tracker at the end (the layers log their
+    balancing losses into it).
     """
     if not isinstance(mohge, MoHGEConfig):
         raise TypeError(f"run_layer_bench: mohge must be a MoHGEConfig, got {type(mohge).__name__}")
@@ -191,6 +285,12 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"run_layer_bench: dispatcher must be one of {', '.join(DISPATCHERS)}, "
                          f"got {dispatcher!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"run_layer_bench: backend must be one of {', '.join(BACKENDS)}, "
+                         f"got {backend!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"run_layer_bench: dtype must be one of {', '.join(DTYPES)}, "
+                         f"got {dtype!r}")
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -205,12 +305,13 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
 
     dev = device()
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 1, hidden_size, generator=gen).to(dev).requires_grad_(True)
+    tdtype = getattr(torch, DTYPES[dtype])
+    x = torch.randn(tokens, 1, hidden_size, generator=gen).to(dev, tdtype).requires_grad_(True)
 
     h, K, E = hidden_size, mohge.topk, mohge.num_experts
     layers, info = {}, {}
 
-    layers["mohge"] = build_mohge_layer(mohge, h, dispatcher, seed).to(dev)
+    layers["mohge"] = build_mohge_layer(mohge, h, dispatcher, seed, backend, dtype).to(dev)
     routing = measure_mohge_routing(layers["mohge"], x.detach())
     mean_width = sum(mohge.expert_widths) / E
     info["mohge"] = dict(num_experts=E, topk=K, widths=list(mohge.widths),
@@ -219,13 +320,18 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
                          routed_expert_params=sum(mohge.routed_params_per_expert(h, gated=True)),
                          activated_routed_params_per_token=routing.activated_routed_params_per_token,
                          mean_width=mean_width, mean_chosen_width=routing.mean_chosen_width,
-                         group_token_share=routing.group_token_share)
+                         group_token_share=routing.group_token_share,
+                         expected_routed_flops_per_token=2.0 * GATED_MULT * h * K * mean_width,
+                         routed_flops_per_token=2.0 * routing.activated_routed_params_per_token)
 
     def stock(kind: str, n: int, width: int, k: int, **extra) -> None:
-        layers[kind] = build_stock_layer(n, width, k, h, dispatcher, seed).to(dev)
+        layers[kind] = build_stock_layer(n, width, k, h, dispatcher, seed, backend,
+                                         dtype).to(dev)
+        flops = 2.0 * k * GATED_MULT * h * width
         info[kind] = dict(num_experts=n, topk=k, width=width,
                           routed_expert_params=n * GATED_MULT * h * width,
                           activated_routed_params_per_token=float(k * GATED_MULT * h * width),
+                          expected_routed_flops_per_token=flops, routed_flops_per_token=flops,
                           **extra)
 
     stock("moe_baseline", stock_num_experts, stock_width, stock_topk)
@@ -236,17 +342,41 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
     # Round-robin: each round runs one fwd+bwd and one router forward of every kind (the
     # starting kind rotates), so background load on this shared machine hits all kinds
     # alike instead of whichever kind happened to be timed during a busy spell.
+    # The experts' own inputs (what the dispatcher hands them) and their GEMM FLOPs.
+    expert_in, flops, grads = {}, {}, {}
+    for kind in KINDS:
+        expert_in[kind] = capture_expert_inputs(layers[kind], x.detach())
+        counts = expert_in[kind][1]
+        widths = (layers[kind].experts.expert_widths_local() if kind == "mohge"
+                  else [info[kind]["width"]] * len(counts))
+        flops[kind] = expert_gemm_flops(counts, widths, h)
+        grads[kind] = torch.randn(expert_in[kind][0].shape, generator=gen).to(dev, tdtype)
+    # Plain matmul with the FLOPs of MoHGE's experts: [T*K, h] @ [h, 3 * mean chosen width].
+    assignments = sum(expert_in["mohge"][1])
+    mm_cols = max(1, round(flops["mohge"] / (3 * 2 * max(assignments, 1) * h)))
+    mm_a = torch.randn(assignments, h, generator=gen).to(dev, tdtype).requires_grad_(True)
+    mm_b = (torch.randn(h, mm_cols, generator=gen) * h ** -0.5).to(dev, tdtype).requires_grad_(True)
+    mm_grad = torch.randn(assignments, mm_cols, generator=gen).to(dev, tdtype)
+    mm_flops = 3 * 2.0 * assignments * h * mm_cols
+
     times = {k: [] for k in KINDS}
     router_times = {k: [] for k in KINDS}
+    expert_times = {k: [] for k in KINDS}
+    mm_times = []
     try:
         for r in range(warmup + repeats):
             order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]
             for kind in order:
                 dt = _time_fwd_bwd(layers[kind], x)
                 dr = _time_router(layers[kind], x)
+                de = _time_experts(layers[kind], expert_in[kind], grads[kind])
                 if r >= warmup:
                     times[kind].append(dt)
                     router_times[kind].append(dr)
+                    expert_times[kind].append(de)
+            dm = _time_matmul(mm_a, mm_b, mm_grad)
+            if r >= warmup:
+                mm_times.append(dm)
     finally:
         layers["mohge"].router.reset_routing_counts()
         for layer in layers.values():
@@ -257,24 +387,87 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
     for kind in KINDS:
         med = statistics.median(times[kind])
         router_s = statistics.median(router_times[kind])
+        expert_s = statistics.median(expert_times[kind])
         kinds[kind] = dict(median_s=med, p10_s=_quantile(times[kind], 0.1),
                            p90_s=_quantile(times[kind], 0.9), router_s=router_s,
-                           router_share=router_s / med, times_s=times[kind], **info[kind])
+                           router_share=router_s / med, times_s=times[kind], expert_s=expert_s,
+                           expert_gemm_flops=flops[kind],
+                           expert_gflops=flops[kind] / expert_s / 1e9,
+                           **info[kind])
+    mm_s = statistics.median(mm_times)
+    matmul = dict(shape=[assignments, h, mm_cols], flops=mm_flops, median_s=mm_s,
+                  gflops=mm_flops / mm_s / 1e9)
+    for k in kinds.values():
+        k["expert_gflops_over_matmul"] = k["expert_gflops"] / matmul["gflops"]
     med = {k: kinds[k]["median_s"] for k in KINDS}
     ratios = {
         "mohge_over_equal_total": med["mohge"] / med["moe_equal_total"],
         "mohge_over_equal_activated": med["mohge"] / med["moe_equal_activated"],
         "mohge_over_baseline": med["mohge"] / med["moe_baseline"],
+        "mohge_over_same_expected_flops": med["mohge"] / med[SAME_EXPECTED_FLOPS_KIND],
     }
     config = dict(hidden_size=h, tokens=tokens, repeats=repeats, warmup=warmup, seed=seed,
                   dispatcher=dispatcher, device=str(dev), threads=torch.get_num_threads(),
+                  backend=backend, dtype=dtype, same_expected_flops_kind=SAME_EXPECTED_FLOPS_KIND,
                   widths=list(mohge.widths), experts_per_group=list(mohge.experts_per_group),
                   group_topk=mohge.group_topk, topk=K, stock_num_experts=stock_num_experts,
                   stock_width=stock_width, stock_topk=stock_topk,
                   equal_total_width=info["moe_equal_total"]["width"],
                   equal_activated_width=info["moe_equal_activated"]["width"],
                   width_rounding="half up: floor(w + 0.5), at least 1")
-    return {"config": config, "kinds": kinds, "ratios": ratios, "median_s": med}
+    # Target: MoHGE's router share at most 2 points above the equal-total stock layer's.
+    share_points = 100 * (kinds["mohge"]["router_share"] - kinds["moe_equal_total"]["router_share"])
+    return {"config": config, "kinds": kinds, "ratios": ratios, "median_s": med,
+            "matmul": matmul, "router_share_points_over_equal_total": share_points}
+
+
+def scale_widths(cfg: MoHGEConfig, factor: int) -> MoHGEConfig:
+    """``cfg`` with every expert width (and the shared width) times ``factor``."""
+    import dataclasses
+
+    _check_int("width_scale", factor, 1)
+    if factor == 1:
+        return cfg
+    shared = cfg.shared_expert_width * factor if cfg.shared_expert_width else None
+    return dataclasses.replace(cfg, widths=[w * factor for w in cfg.widths],
+                               shared_expert_width=shared)
+
+
+def compare_expert_backends(mohge: MoHGEConfig, *, hidden_size: int, tokens: int,
+                            repeats: int = 20, warmup: int = 3, seed: int = 1234,
+                            dispatcher: str = "allgather", dtype: str = "fp32") -> dict:
+    """MoHGE layer fwd+bwd with each of ``BACKENDS`` on the same weights' draw (same seed),
+    timed in interleaved rounds (the figure behind ``expert_backend: auto`` on CPU).
+
+    Returns ``{"median_s": {backend: s}, "p10_s", "p90_s", "torch_over_local"}``."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from megatron_mohge.training.mcore import device
+
+    _check_int("repeats", repeats, 1)
+    dev = device()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 1, hidden_size, generator=gen).to(dev, getattr(torch, DTYPES[dtype]))
+    x.requires_grad_(True)
+    layers = {b: build_mohge_layer(mohge, hidden_size, dispatcher, seed, b, dtype).to(dev)
+              for b in BACKENDS}
+    times = {b: [] for b in BACKENDS}
+    try:
+        for r in range(warmup + repeats):
+            order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+            for b in order:
+                dt = _time_fwd_bwd(layers[b], x)
+                if r >= warmup:
+                    times[b].append(dt)
+    finally:
+        clear_aux_losses_tracker()
+    med = {b: statistics.median(t) for b, t in times.items()}
+    return dict(config=dict(hidden_size=hidden_size, tokens=tokens, repeats=repeats,
+                            warmup=warmup, dtype=dtype, widths=list(mohge.widths),
+                            threads=torch.get_num_threads(), device=str(dev)),
+                median_s=med, p10_s={b: _quantile(t, 0.1) for b, t in times.items()},
+                p90_s={b: _quantile(t, 0.9) for b, t in times.items()},
+                torch_over_local=med["torch"] / med["local"])
 
 
 def _count(n: float) -> str:
@@ -288,9 +481,11 @@ def format_table(result: dict) -> str:
     """Plain-text table of a ``run_layer_bench`` result."""
     c = result["config"]
     head = (f"{'kind':<20} {'E':>4} {'K':>3} {'width':>10} {'routed':>8} {'act/tok':>8} "
-            f"{'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'router ms':>10} {'router %':>9}")
+            f"{'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'router ms':>10} {'router %':>9}"
+            f" {'experts ms':>10} {'GFLOP/s':>8} {'vs mm':>6}")
     lines = [f"MoE layer fwd+bwd: hidden={c['hidden_size']} tokens={c['tokens']} "
              f"repeats={c['repeats']} warmup={c['warmup']} dispatcher={c['dispatcher']} "
+             f"backend={c.get('backend', 'local')} dtype={c.get('dtype', 'fp32')} "
              f"device={c.get('device', '?')} threads={c.get('threads', '?')}", head,
              "-" * len(head)]
     for kind, k in result["kinds"].items():
@@ -300,9 +495,17 @@ def format_table(result: dict) -> str:
             f"{_count(k['routed_expert_params']):>8} "
             f"{_count(k['activated_routed_params_per_token']):>8} {k['median_s'] * 1e3:>10.2f} "
             f"{k['p10_s'] * 1e3:>8.2f} {k['p90_s'] * 1e3:>8.2f} {k['router_s'] * 1e3:>10.3f} "
-            f"{k['router_share'] * 100:>8.1f}%")
+            f"{k['router_share'] * 100:>8.1f}%"
+            + (f" {k['expert_s'] * 1e3:>10.2f} {k['expert_gflops']:>8.2f} "
+               f"{k['expert_gflops_over_matmul']:>6.2f}" if "expert_s" in k else ""))
     lines.append("ratios (median): " + "  ".join(f"{n}={v:.3f}"
                                                  for n, v in result["ratios"].items()))
+    if "matmul" in result:
+        m = result["matmul"]
+        lines.append(f"plain matmul {m['shape'][0]}x{m['shape'][1]} @ {m['shape'][1]}x"
+                     f"{m['shape'][2]} fwd+bwd: {m['median_s'] * 1e3:.2f} ms, "
+                     f"{m['gflops']:.2f} GFLOP/s; router share MoHGE - equal_total: "
+                     f"{result['router_share_points_over_equal_total']:+.1f} points")
     return "\n".join(lines)
 
 
@@ -319,6 +522,14 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dispatcher", choices=DISPATCHERS, default="allgather")
+    p.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="expert GEMMs of every layer: local (SequentialMLP) or torch (grouped)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--width-scale", type=int, default=1,
+                   help="multiply the MoHGE widths (and shared width) by this, e.g. 4 for the "
+                        "representative hidden-256 shape from a hidden-64 config")
+    p.add_argument("--compare-backends", action="store_true",
+                   help="only time the MoHGE layer with local vs torch experts, interleaved")
     p.add_argument("--out", type=Path, help="write the result dict as JSON here")
     args = p.parse_args(argv)
 
@@ -326,16 +537,27 @@ def main(argv: Optional[list] = None) -> dict:
 
     import torch.distributed as dist
 
-    cfg = MoHGEConfig.from_yaml(args.config)
+    cfg = scale_widths(MoHGEConfig.from_yaml(args.config), args.width_scale)
     own_group = not dist.is_initialized()
     init_distributed()
     init_layout(seed=args.seed)
     try:
+        if args.compare_backends:
+            result = compare_expert_backends(cfg, hidden_size=args.hidden, tokens=args.tokens,
+                                             repeats=args.repeats, warmup=args.warmup,
+                                             seed=args.seed, dispatcher=args.dispatcher,
+                                             dtype=args.dtype)
+            print(json.dumps({k: result[k] for k in ("median_s", "p10_s", "p90_s",
+                                                      "torch_over_local")}, indent=1))
+            if args.out is not None:
+                args.out.write_text(json.dumps(result, indent=2))
+            return result
         result = run_layer_bench(cfg, hidden_size=args.hidden, tokens=args.tokens,
                                  stock_num_experts=args.stock_experts,
                                  stock_width=args.stock_width, stock_topk=args.stock_topk,
                                  repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                                 dispatcher=args.dispatcher)
+                                 dispatcher=args.dispatcher, backend=args.backend,
+                                 dtype=args.dtype)
     finally:
         destroy_layout()
         if own_group:

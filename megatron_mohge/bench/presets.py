@@ -26,6 +26,9 @@ class Preset:
     needs_gpu: bool = False
     baseline: str = "moe"
     layer_bench: Optional[dict] = None  # run_layer_bench keyword arguments (no mohge config)
+    # A representative layer shape (hidden >= 256, >= 4096 tokens) timed once per expert
+    # backend: layer_bench keywords plus width_scale (MoHGE widths x it) and backends.
+    layer_bench_representative: Optional[dict] = None
     kind: str = "comparison"  # comparison | ablation
     optional_runs: dict = field(default_factory=dict)  # added on request (e.g. --with-dense)
     seeds: tuple = (1234,)  # every run is trained once per seed (paired across runs)
@@ -111,6 +114,11 @@ def _default() -> Preset:
         nproc=2, seeds=DEFAULT_SEEDS,
         layer_bench=dict(hidden_size=64, tokens=1024, stock_num_experts=16, stock_width=64,
                          stock_topk=2, repeats=20, warmup=3),
+        # The same layer 4x wider (hidden 256, widths 96..320 vs stock 256, as the paper's
+        # 1024-hidden layer scaled 4x down), where GEMMs rather than per-call costs dominate.
+        layer_bench_representative=dict(hidden_size=256, tokens=4096, stock_num_experts=16,
+                                        stock_width=256, stock_topk=2, width_scale=4,
+                                        repeats=10, warmup=2, backends=["local", "torch"]),
     )
 
 

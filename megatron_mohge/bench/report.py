@@ -198,6 +198,9 @@ def layer_bench_table(bench: dict) -> str:
     kinds = bench.get("kinds") or {}
     header = ["layer kind", "E", "K", "width", "routed params", "activated routed/token",
               "median ms", "p10–p90 ms", "router ms", "router share"]
+    gemm = any("expert_gflops" in k for k in kinds.values())
+    if gemm:
+        header += ["experts ms", "expert GFLOP/s", "vs matmul"]
     rows = []
     for kind, k in kinds.items():
         if k.get("widths"):
@@ -214,10 +217,12 @@ def layer_bench_table(bench: dict) -> str:
             fmt_float(None if k.get("router_s") is None else 1e3 * k["router_s"], 3),
             fmt_float(None if k.get("router_share") is None else 100 * k["router_share"], 1,
                       "%"),
-        ])
+        ] + ([fmt_float(None if k.get("expert_s") is None else 1e3 * k["expert_s"], 2),
+              fmt_float(k.get("expert_gflops"), 2),
+              fmt_float(k.get("expert_gflops_over_matmul"), 2)] if gemm else []))
     lines = []
     desc = ", ".join(f"{key}={c[key]}" for key in ("hidden_size", "tokens", "repeats", "warmup",
-                                                   "dispatcher") if key in c)
+                                                   "dispatcher", "backend", "dtype") if key in c)
     if desc:
         lines.append(f"One MoE layer, forward + backward ({desc}); medians over interleaved "
                      "rounds, machine load not controlled.")
@@ -228,6 +233,14 @@ def layer_bench_table(bench: dict) -> str:
         lines.append("")
         lines.append("Median-time ratios: " + ", ".join(
             f"{n.replace('_', ' ')} = {fmt_float(v, 3)}" for n, v in ratios.items()))
+    mm = bench.get("matmul")
+    if mm:
+        lines.append("")
+        shape = " x ".join(map(str, mm["shape"]))
+        lines.append(f"Plain matmul of the same FLOPs as MoHGE's experts ({shape}, fwd+bwd, "
+                     f"same rounds): {fmt_float(mm.get('gflops'), 2)} GFLOP/s. Router "
+                     f"share MoHGE minus equal-total stock: "
+                     f"{fmt_float(bench.get('router_share_points_over_equal_total'), 1)} points.")
     return "\n".join(lines)
 
 
@@ -280,6 +293,9 @@ def markdown_report(results: dict) -> str:
                    "Held-out perplexity and the balance of the final evaluation's routing.", abl]
     if results.get("layer_bench"):
         blocks += ["## Layer microbenchmark", layer_bench_table(results["layer_bench"])]
+    for backend, bench in (results.get("layer_bench_representative") or {}).items():
+        blocks += [f"## Layer microbenchmark, representative shape, `{backend}` experts",
+                   layer_bench_table(bench)]
     targets = (results.get("targets") or {}).get("met")
     if targets:
         figs = results["targets"].get("figures", {})

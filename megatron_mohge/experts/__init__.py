@@ -1,4 +1,4 @@
-"""Routed experts of heterogeneous widths (local torch path and Transformer Engine path)."""
+"""Routed experts of heterogeneous widths: local, torch grouped-GEMM and TE backends."""
 
 from megatron_mohge.experts.hetero import HeterogeneousExperts, width_config
 

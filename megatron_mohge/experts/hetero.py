@@ -5,6 +5,8 @@ group (width) is one contiguous run. We build one Megatron expert module per run
 config copy whose FFN width is that group's width:
 
 * ``backend="local"``: ``SequentialMLP`` (one ``MLP`` per expert; runs anywhere);
+* ``backend="torch"``: ``TorchGroupedMLP`` (one ``torch._grouped_mm`` for fc1 and one for
+  fc2 per width; no TE needed), see ``torch_backend.py``;
 * ``backend="te"``: ``TEGroupedMLP`` (one Transformer Engine grouped GEMM per width, with
   its FP8 padding), see ``te_backend.py``.
 
@@ -14,7 +16,7 @@ both at the run boundaries and concatenate the runs' outputs in the same order.
 Checkpoints key experts by ``(group, index)``: expert ``i`` of group ``g`` is entry ``i``
 of an expert axis of size ``N_g`` under ``<prefix>group_<g>.``, whatever EP rank or slot
 holds it, so a checkpoint saved at one EP size loads at another, and both backends write
-the same keys (as Megatron's SequentialMLP and TEGroupedMLP do).
+the same keys (as Megatron's SequentialMLP and TEGroupedMLP do); all three backends do.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron_mohge.compat.mcore import supported_kwargs
 from megatron_mohge.config import MoHGEConfig
 
-BACKENDS = ("local", "te")
+BACKENDS = ("local", "torch", "te")
 
 
 def width_config(config, width: int):
@@ -61,7 +63,7 @@ class HeterogeneousExperts(MegatronModule):
         name: module instance name (passed by ``MoELayer`` from megatron-core 0.19); each
             width run is named ``<name>.width_experts.<r>``.
         mohge_config: the MoHGE layer description.
-        backend: ``"local"`` or ``"te"``.
+        backend: ``"local"``, ``"torch"`` or ``"te"``.
     """
 
     def __init__(self, num_local_experts: int, config, submodules: MLPSubmodules,
@@ -94,6 +96,11 @@ class HeterogeneousExperts(MegatronModule):
 
                 modules.append(build_te_grouped_mlp(len(idx), cfg, submodules, pg_collection,
                                                     name=run_name))
+            elif backend == "torch":
+                from megatron_mohge.experts.torch_backend import TorchGroupedMLP
+
+                modules.append(TorchGroupedMLP(len(idx), cfg, pg_collection=pg_collection,
+                                               name=run_name))
             else:
                 modules.append(SequentialMLP(len(idx), cfg, submodules, pg_collection=pg_collection,
                                              **supported_kwargs(SequentialMLP, name=run_name)))
@@ -116,7 +123,8 @@ class HeterogeneousExperts(MegatronModule):
         ps = torch.split(permuted_probs, run_tokens)
         outputs = []
         for module, x, p, c in zip(self.width_experts, xs, ps, per_run):
-            out, bias = module(x, torch.tensor(c, dtype=torch.long), p)
+            counts = c if self.backend == "torch" else torch.tensor(c, dtype=torch.long)
+            out, bias = module(x, counts, p)
             assert bias is None, "expert bias is folded into the output by Megatron experts"
             outputs.append(out)
         return torch.cat(outputs, dim=0), None
@@ -140,6 +148,11 @@ class HeterogeneousExperts(MegatronModule):
                 sd = te_run_sharded_state_dict(module, f"{prefix}width_experts.{r}.",
                                                f"{prefix}group_{g}.", idx, n_g, sharded_offsets,
                                                metadata)
+            elif self.backend == "torch":
+                sd = module.expert_sharded_state_dict(
+                    f"{prefix}width_experts.{r}.", f"{prefix}group_{g}.", idx, n_g,
+                    sharded_offsets, metadata,
+                    singleton_key_prefix=lambda i, g=g: f"{prefix}group_{g}.{i}.")
             else:
                 sd = {}
                 for k, expert in enumerate(module.local_experts):

@@ -39,12 +39,13 @@ def main():
         p.add_argument("--mode", choices=["save", "load"], required=True),
         p.add_argument("--ckpt", required=True),
         p.add_argument("--ep", type=int, required=True),
-        p.add_argument("--steps", type=int, default=3)))
+        p.add_argument("--steps", type=int, default=3),
+        p.add_argument("--backend", default="local", help="expert backend")))
     C.init_distributed()
     C.init_layout(1, args.ep, 1)
-    mc = EW.mohge_config()
+    mc = EW.mohge_config(backend=args.backend)
     model, tc = EW.build(mc, "alltoall" if args.ep > 1 else "allgather")
-    result = dict(layout=C.layout())
+    result = dict(layout=C.layout(), backend=args.backend)
     if args.mode == "save":
         EW.spread_gates(model)
         opt = C.build_optimizer(model)

@@ -27,7 +27,7 @@ AUX_NAMES = ("mohge_group_loss", "mohge_intra_group_loss", "z_loss", "noisy_impo
              "noisy_load_loss")
 
 
-def mohge_config(router_type: str = "mohge"):
+def mohge_config(router_type: str = "mohge", backend: str = "local"):
     from megatron_mohge import MoHGEConfig
 
     # 8 experts in 4 groups of 2: EP=2 is all-size (one of each width per rank), EP=4 needs
@@ -39,7 +39,8 @@ def mohge_config(router_type: str = "mohge"):
         losses=dict(group_coeff=1e-2, group_start_fraction=0.0, intra_group_coeff=1e-2),
         # Noise draws differ between layouts (per-rank RNG streams), so the noisy routers are
         # compared deterministically: without noise (load from hard counts, logged only).
-        noisy_gating=dict(noise=False, importance_coeff=0.1, load_coeff=0.1))
+        noisy_gating=dict(noise=False, importance_coeff=0.1, load_coeff=0.1),
+        expert_backend=backend)
 
 
 def build(mc, dispatcher: str):
@@ -116,7 +117,7 @@ def grads_into_params(model):
 def run_reference(args):
     C.init_distributed()
     C.init_layout(1, 1, 1)
-    mc = mohge_config(args.router)
+    mc = mohge_config(args.router, args.backend)
     model, tc = build(mc, "allgather")
     spread_gates(model)
     C.save_checkpoint(model, os.path.join(args.ref_dir, "init"))
@@ -144,7 +145,9 @@ def compare_layout(args, spec: str, ref: dict) -> dict:
     etp = int(sizes["etp"]) if "etp" in sizes else None
     dispatcher = sizes.get("disp", "allgather")
     C.init_layout(tp, ep, pp, etp=etp)
-    mc = mohge_config(args.router)
+    # backend=torch|local: expert backend of this layout (the reference's is --backend), so
+    # the reference checkpoint is also loaded across backends.
+    mc = mohge_config(args.router, sizes.get("backend", args.backend))
     model, tc = build(mc, dispatcher)
     C.load_checkpoint(model, os.path.join(args.ref_dir, "init"))
     batches = C.synthetic_batches(0)
@@ -186,8 +189,10 @@ def compare_layout(args, spec: str, ref: dict) -> dict:
             worst_abs, worst_rel, worst_name = diff, rel, name
     out.update(grad_max_abs_diff=worst_abs, grad_max_rel_diff=worst_rel, grad_worst=worst_name,
                num_params_compared=n)
-    out["local_experts"] = [m.experts.runs for m in C.unwrap(model).modules()
-                            if hasattr(m, "experts") and hasattr(m.experts, "runs")][:1]
+    experts = [m.experts for m in C.unwrap(model).modules()
+               if hasattr(m, "experts") and hasattr(m.experts, "runs")]
+    out["local_experts"] = [e.runs for e in experts][:1]
+    out["expert_backend"] = experts[0].backend if experts else None
     C.destroy_layout()
     return out
 
@@ -207,7 +212,8 @@ def main():
         p.add_argument("--mode", choices=["reference", "compare"], required=True),
         p.add_argument("--ref-dir", required=True),
         p.add_argument("--layouts", default=""),
-        p.add_argument("--router", default="mohge")))
+        p.add_argument("--router", default="mohge"),
+        p.add_argument("--backend", default="local", help="expert backend of the reference")))
     if args.mode == "reference":
         run_reference(args)
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from megatron_mohge.config import (
+    EXPERT_BACKENDS,
     EXPERT_WEIGHTINGS,
     GROUP_SCORES,
     ConfigError,
@@ -28,8 +29,10 @@ from megatron_mohge.config import (
 
 ARG_GROUP_TITLE = "MoHGE (megatron-mohge)"
 FLOPS_EXPECTATIONS = ("uniform", "min", "max")
-#: Command-line overrides of the MoHGE YAML: argparse dest -> path in MoHGEConfig.
+#: Command-line overrides of the MoHGE YAML: argparse dest -> path in MoHGEConfig
+#: (section None: a top-level field).
 CLI_OVERRIDES = {
+    "mohge_expert_backend": (None, "expert_backend"),
     "mohge_group_coeff": ("losses", "group_coeff"),
     "mohge_intra_group_coeff": ("losses", "intra_group_coeff"),
     "mohge_group_start_fraction": ("losses", "group_start_fraction"),
@@ -131,6 +134,10 @@ def add_mohge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="override router.expert_weighting (renorm | paper)")
     g.add_argument("--mohge-group-score", choices=GROUP_SCORES, default=None,
                    help="override router.group_score (sigmoid | softmax)")
+    g.add_argument("--mohge-expert-backend", choices=EXPERT_BACKENDS, default=None,
+                   help="override expert_backend: local (SequentialMLP) | torch (torch._grouped_mm "
+                        "per width, no TE) | te | auto (te with --transformer-impl "
+                        "transformer_engine and TE, else torch on GPUs)")
     g.add_argument("--mohge-flops-expectation", choices=FLOPS_EXPECTATIONS, default="uniform",
                    help="activated routed width used for FLOPs/throughput: the uniform-routing "
                         "expectation (default), or the min / max reachable")
@@ -170,7 +177,7 @@ def mohge_config_from_args(args) -> Optional[MoHGEConfig]:
         for dest, value in overrides:
             if value is not None:
                 section, name = CLI_OVERRIDES[dest]
-                data[section][name] = value
+                (data if section is None else data[section])[name] = value
         _CONFIG_CACHE[key] = MoHGEConfig.from_dict(data)
     return _CONFIG_CACHE[key]
 
