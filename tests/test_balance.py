@@ -239,3 +239,24 @@ def test_warns_once_when_the_bias_is_never_updated():
     import megatron_mohge
 
     assert megatron_mohge.wrap_finalize_model_grads is wrap_finalize_model_grads
+
+
+def test_bench_targets_report_balance_against_stock():
+    from megatron_mohge.bench.e2e import target_checks
+
+    def run(cv, group_cv, flops):
+        return {"routed_expert_params": 100, "heldout_loss": 2.0,
+                "activated_routed_params_per_token": 10, "activated_params_per_token": 50,
+                "expert_load_cv": cv, "group_load_cv": group_cv, "rank_flops_by_ep": flops}
+
+    res = {"baseline": "moe", "runs": {
+        "moe": run(0.3, 0.3, {"2": {"contiguous_max_over_mean": 1.1}}),
+        "mohge": run(0.5, 0.1, {"2": {"all_size_max_over_mean": 1.02,
+                                      "contiguous_max_over_mean": 1.2},
+                                "4": {"all_size_max_over_mean": 1.3,
+                                      "contiguous_max_over_mean": 1.25}})}}
+    met = target_checks(res)["met"]
+    assert met["rank_flops_all_size_ep2<=1.05"] and met["rank_flops_all_size_ep2<contiguous"]
+    assert not met["rank_flops_all_size_ep4<=1.05"]
+    assert not met["rank_flops_all_size_ep4<contiguous"]
+    assert not met["expert_load_cv<=stock_load_cv"] and met["group_load_cv<=stock_load_cv"]

@@ -415,6 +415,13 @@ def target_checks(results: dict) -> dict:
         v = checks.get(f"rank_flops_all_size_ep{ep}")
         if v is not None:
             passed[f"rank_flops_all_size_ep{ep}<=1.05"] = v <= 1.05
+            c = checks.get(f"rank_flops_contiguous_ep{ep}")
+            if c is not None:
+                passed[f"rank_flops_all_size_ep{ep}<contiguous"] = v < c
+    for key in ("expert_load_cv", "group_load_cv"):  # MoHGE's balance vs the stock MoE's CV
+        if m.get(key) is not None and base.get("expert_load_cv") is not None:
+            checks[f"{key}_vs_stock_load_cv"] = m[key] - base["expert_load_cv"]
+            passed[f"{key}<=stock_load_cv"] = m[key] <= base["expert_load_cv"]
     if ci:  # the seed-paired 95% interval of the loss ratio, not only its mean
         passed["heldout_loss_ratio_ci95<=1.01"] = ci[1] <= 1.01
     if lb:
