@@ -233,7 +233,9 @@ def test_warns_once_when_the_bias_is_never_updated():
     router = make_router(cfg_small(losses=dict(expert_bias_update_rate=0.1)))
     router.train()
     router.counter.step_forwards = mohge_router._STEP_FORWARDS_WARN
-    mohge_router._warned_bias = False
+    from megatron_mohge.routing import base
+
+    base._WARNED.discard("bias")
     with pytest.warns(UserWarning, match="wrap_finalize_model_grads"):
         router(torch.randn(4, 16))
     import megatron_mohge

@@ -183,7 +183,7 @@ def test_group_loss_schedule(monkeypatch):
     from megatron_mohge import set_training_progress
     from megatron_mohge.routing import base
 
-    monkeypatch.setattr(base, "_warned_progress", False)  # warned once per process
+    monkeypatch.setattr(base, "_WARNED", set())  # warned once per process
     cfg = cfg_small(losses=dict(group_start_fraction=0.5))
     router = make_router(cfg)
     x = torch.randn(4, 2, 16)

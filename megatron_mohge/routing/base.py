@@ -218,15 +218,19 @@ def set_training_progress(model, iteration: int, train_iters: int) -> None:
                 sub.set_training_progress(iteration / train_iters)
 
 
-_warned_progress = False
+_WARNED: set = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def warn_progress_unknown(start_fraction: float) -> None:
-    global _warned_progress
-    if not _warned_progress:
-        _warned_progress = True
-        warnings.warn(
-            f"MoHGE group loss has losses.group_start_fraction={start_fraction} but training "
-            "progress was never reported, so it stays off. Call "
-            "megatron_mohge.set_training_progress(model, iteration, train_iters) every step "
-            "(or set group_start_fraction: 0).", stacklevel=3)
+    warn_once("progress",
+        f"MoHGE group loss has losses.group_start_fraction={start_fraction} but training "
+        "progress was never reported, so it stays off. Call "
+        "megatron_mohge.set_training_progress(model, iteration, train_iters) every step "
+        "(or set group_start_fraction: 0).")

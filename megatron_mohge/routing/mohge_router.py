@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -12,6 +11,7 @@ from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.base import (
     GroupedExpertRouter,
     _default_pg_collection,
+    warn_once,
     warn_progress_unknown,
 )
 from megatron_mohge.routing.functional import two_level_route, valid_token_mask
@@ -164,16 +164,12 @@ class MoHGERouter(GroupedExpertRouter):
 
 # A training loop that never runs end_of_step keeps accumulating step counts: say so once.
 _STEP_FORWARDS_WARN = 10_000
-_warned_bias = False
 
 
 def warn_bias_never_updated(forwards: int) -> None:
-    global _warned_bias
-    if not _warned_bias:
-        _warned_bias = True
-        warnings.warn(
-            f"MoHGE loss-free balancing: {forwards} training forward passes without an update "
-            "of the expert bias. Wrap Megatron's finalize_model_grads with "
-            "megatron_mohge.routing.balance.wrap_finalize_model_grads (mohge-train and the "
-            "Megatron-LM launcher do), or call megatron_mohge.routing.balance.end_of_step(model) "
-            "once per optimizer step.", stacklevel=3)
+    warn_once(
+        "bias", f"MoHGE loss-free balancing: {forwards} training forward passes without an "
+        "update of the expert bias. Wrap Megatron's finalize_model_grads with "
+        "megatron_mohge.routing.balance.wrap_finalize_model_grads (mohge-train and the "
+        "Megatron-LM launcher do), or call megatron_mohge.routing.balance.end_of_step(model) "
+        "once per optimizer step.")
