@@ -94,9 +94,9 @@ class RoutingCounter(torch.nn.Module):
     @torch.no_grad()
     def add_batch(self, global_load_E: torch.Tensor) -> None:
         """Account one optimizer step's global-batch load (summed over ranks)."""
-        if float(global_load_E.sum()) > 0:
-            self.maxvio_batch_sum += max_violation(global_load_E).to(self.maxvio_batch_sum)
-            self.maxvio_batch_n += 1
+        routed = (global_load_E.sum() > 0).to(self.maxvio_batch_n)  # no host sync
+        self.maxvio_batch_sum += max_violation(global_load_E).to(self.maxvio_batch_sum) * routed
+        self.maxvio_batch_n += routed
 
     def reset_step(self) -> None:
         self.step_tokens_per_expert_E.zero_()

@@ -144,7 +144,7 @@ class MoHGERouter(GroupedExpertRouter):
         """End of an optimizer step: update the loss-free bias from the global batch's load
         (canonical order, summed over every rank and micro-batch) and start the next step's
         global-batch statistics."""
-        if self.balance_bias_E is not None and float(global_load_E.sum()) > 0:
+        if self.balance_bias_E is not None:  # an empty step moves nothing: sign(0 - 0) = 0
             self._keep_bias_fp32()
             index = self.group_index(self.balance_bias_E.device)
             self.balance_bias_E.copy_(L.loss_free_bias_update(
