@@ -37,7 +37,7 @@ def test_mohge_config_fills_megatron_moe_args():
                                 "--mohge-expert-weighting", "paper"])
     cfg = MoHGEConfig.from_yaml(TINY)
     assert args.num_experts == cfg.num_experts == 16 and args.moe_router_topk == 2
-    assert args.moe_ffn_hidden_size == 80 and args.moe_router_load_balancing_type == "none"
+    assert args.moe_ffn_hidden_size == 76 and args.moe_router_load_balancing_type == "none"
     assert args.moe_aux_loss_coeff == 0.0 and args.moe_router_dtype == "fp32"
     got = ML.mohge_config_from_args(args)
     assert got.losses.group_coeff == 0.5 and got.router.expert_weighting == "paper"

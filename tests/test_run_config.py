@@ -10,7 +10,7 @@ CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
 
 def test_example_configs_load_and_round_trip(tmp_path):
     run = RunConfig.from_yaml(CONFIGS / "cpu_tiny_mohge.yaml")
-    assert run.moe.kind == "mohge" and run.moe.mohge.widths[0] == 24  # path resolved
+    assert run.moe.kind == "mohge" and run.moe.mohge.widths[0] == 28  # path resolved
     path = tmp_path / "run.yaml"
     run.to_yaml(path)
     again = RunConfig.from_yaml(path)

