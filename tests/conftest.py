@@ -47,3 +47,24 @@ def mcore_world1():
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_metrics_tracker():
+    """Megatron's MoE metrics tracker is process-global and sizes each entry by the first
+    model that records it; a later test with more layers (or an MTP layer) would index past
+    it. Every test starts from an empty tracker (only if megatron was imported)."""
+    yield
+    import sys
+
+    if "megatron_mohge.compat.mcore" not in sys.modules:
+        return
+    from megatron_mohge.compat import mcore
+
+    tracker = mcore._tracker()
+    if tracker is not None:  # megatron-core 0.18+
+        tracker.metrics.clear()
+    else:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()

@@ -16,21 +16,6 @@ from tests.test_router import cfg_small, make_router
 pytestmark = pytest.mark.usefixtures("mcore_world1")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_metrics_tracker():
-    """These routers record into Megatron's tracker with num_layers=2; later tests build
-    deeper models and would index past the entries left here, so drop them afterwards."""
-    yield
-    from megatron_mohge.compat import mcore
-
-    tracker = mcore._tracker()
-    if tracker is not None:  # megatron-core 0.18+
-        tracker.metrics.clear()
-    else:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        get_moe_layer_wise_logging_tracker().clear()
-
 
 # ---------------------------------------------------------------- the update rule
 def test_bias_update_direction_and_size_per_group():

@@ -65,8 +65,11 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
 
     # interrupted after 3 steps, then the same command with the full budget resumes
     part = tmp_path / "part"
-    train(tmp_path, cache, "part", overrides=["train.iters=3", "train.lr_decay_iters=6"])
+    first3 = train(tmp_path, cache, "part", overrides=["train.iters=3", "train.lr_decay_iters=6"])
     assert (part / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
+    # the loss-free bias has moved by the checkpoint (3 steps of +-0.5: an even number of
+    # steps may oscillate back to 0, so it is checked here)
+    assert any(any(b != 0 for b in l["balance_bias"]) for l in first3["layers"])
     # a save killed half-way (Ctrl-C) leaves only a .tmp directory: ignored, then replaced
     junk = part / "checkpoints" / "iter_0000006.tmp"
     junk.mkdir()
@@ -77,10 +80,9 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["heldout_loss"] == full["heldout_loss"]  # bit-exact
     assert (part / "checkpoints" / "iter_0000003").is_dir()
-    # the loss-free bias moved, and the resumed run continued from the saved one
-    biases = [l["balance_bias"] for l in full["layers"]]
-    assert any(any(b != 0 for b in layer) for layer in biases)
-    assert [l["balance_bias"] for l in resumed["layers"]] == biases
+    # the resumed run continued from the saved bias
+    assert [l["balance_bias"] for l in resumed["layers"]] == \
+        [l["balance_bias"] for l in full["layers"]]
 
 
 @pytest.mark.slow
