@@ -286,6 +286,7 @@ def _need_config_container():
 def megatron_globals():
     """Megatron-LM's global args/tokenizer/timers, unset afterwards (``pretrain_cfg_container``
     sets them as ``pretrain_gpt.py`` does; a second set in the same process would assert)."""
+    _need_megatron_lm()  # skips where megatron.training is absent (the 0.16.1 wheel)
     import megatron.training.global_vars as G
 
     G.unset_global_variables()
