@@ -38,7 +38,10 @@ def main():
     C.write_result(args, {
         "world": world, "prefix": prefix, "per_rank": gathered,
         "full": torch.cat([mb["tokens"] for mb in full]).tolist(),
-        "cache_files": sorted(os.listdir(os.path.join(args.tmp, "idx"))),
+        # the index cache sits in a sub-folder named by the dataset's contents
+        "cache_files": sorted(os.path.relpath(os.path.join(d, f), os.path.join(args.tmp, "idx"))
+                              for d, _, files in os.walk(os.path.join(args.tmp, "idx"))
+                              for f in files),
     })
     dist.barrier()
     dist.destroy_process_group()
