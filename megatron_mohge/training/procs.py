@@ -1,10 +1,13 @@
 """Process hygiene of a training rank: no orphans, no silent hangs.
 
-* **Children die with their rank.** ``dist_checkpointing``'s file writer forks worker
-  processes per save and keeps a ``multiprocessing`` Manager (a spawned server process,
-  0.3-0.6 GB) for their results for the life of the rank. Killed with SIGKILL, the rank
-  leaves them sleeping forever. Every child forked from the main thread and the Manager get
-  ``PR_SET_PDEATHSIG``: the kernel kills them when the rank dies, however it dies.
+* **Children die with their rank.** ``dist_checkpointing``'s file writer keeps a
+  ``multiprocessing`` Manager (a spawned server process, 0.3-0.6 GB) for its write results
+  for the life of the rank; spawning it also starts multiprocessing's resource tracker. On
+  megatron-core 0.16 the writer also forks worker processes per save (0.19 writes from
+  threads of the rank). Killed with SIGKILL, the rank leaves them sleeping forever. Every
+  child forked from the main thread and the Manager get ``PR_SET_PDEATHSIG``: the kernel
+  kills them when the rank dies, however it dies; the resource tracker then exits on its
+  own (it lives until the last holder of its pipe, the rank or the Manager, is gone).
 * **A stalled rank fails the job.** The process groups get ``parallel.collective_timeout_s``;
   each rank also beats a heartbeat counter in the job's rendezvous store from a thread, so
   a rank whose collective timed out can name the ranks that stopped beating (SIGSTOP, a
@@ -62,6 +65,11 @@ def install_child_reaper() -> None:
     _own_writer_results_queue(pid)
 
 
+#: The function filling ``filesystem_async._results_queue`` on first use: private in
+#: megatron-core 0.16, public (with an ``mp_mode`` argument) in 0.19; both read the global.
+_RESULTS_QUEUE_FACTORIES = ("_get_write_results_queue", "get_write_results_queue")
+
+
 def _own_writer_results_queue(pid: int) -> None:
     """Start the dist-ckpt writers' results Manager ourselves, with PDEATHSIG. It is spawned
     (fork + exec, which skips the at-fork hooks), so it needs the Manager's initializer;
@@ -70,8 +78,8 @@ def _own_writer_results_queue(pid: int) -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
     except ImportError:
         return
-    if getattr(fsa, "_results_queue", "absent") is not None or not hasattr(
-            fsa, "_get_write_results_queue"):
+    if getattr(fsa, "_results_queue", "absent") is not None or not any(
+            hasattr(fsa, name) for name in _RESULTS_QUEUE_FACTORIES):
         return  # another megatron-core layout, or already created
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
