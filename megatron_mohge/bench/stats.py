@@ -218,19 +218,20 @@ def bootstrap_efficiency(stock_ns: Sequence[float], stock_by_seed: Sequence[Sequ
             "samples": samples, "undefined": undefined, "seeds": n}
 
 
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), ``q`` in [0, 1]; ``xs`` non-empty."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    i = int(math.floor(pos))
+    j = min(i + 1, len(s) - 1)
+    return s[i] + (s[j] - s[i]) * (pos - i)
+
+
 def percentile_interval(xs: Sequence[float], q: float) -> Optional[list[float]]:
     """``[q, 1-q]`` empirical quantiles (linear interpolation); None when empty."""
     if not xs:
         return None
-    s = sorted(xs)
-
-    def at(p: float) -> float:
-        pos = p * (len(s) - 1)
-        i = int(math.floor(pos))
-        j = min(i + 1, len(s) - 1)
-        return s[i] + (s[j] - s[i]) * (pos - i)
-
-    return [at(q), at(1 - q)]
+    return [quantile(xs, q), quantile(xs, 1 - q)]
 
 
 def ratio_se_paired(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
