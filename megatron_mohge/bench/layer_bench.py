@@ -326,8 +326,10 @@ def main(argv: Optional[list] = None) -> dict:
                                              repeats=args.repeats, warmup=args.warmup,
                                              seed=args.seed, dispatcher=args.dispatcher,
                                              dtype=args.dtype)
-            print(json.dumps({k: result[k] for k in ("median_s", "p10_s", "p90_s",
-                                                      "torch_over_local")}, indent=1))
+            shown = {k: result[k] for k in ("median_s", "p10_s", "p90_s", "torch_over_local",
+                                             "loadavg")}
+            shown["paired"] = {k: v for k, v in result["paired"].items() if k != "ratios"}
+            print(json.dumps(shown, indent=1))
             if args.out is not None:
                 args.out.write_text(json.dumps(result, indent=2))
             return result
