@@ -116,6 +116,7 @@ EXPECTED_PATCHES = {
     "device-redirect", "rng-state", "rng-fork-warning", "split-sizes-numpy",
     "torch-norm-sequence-parallel", "clip-grads", "uneven-collectives", "tied-embedding-cuda",
     "dist-ckpt-exchange", "optimizer-type-checks", "recompute-without-te",
+    "distopt-state-gather",
 }
 
 

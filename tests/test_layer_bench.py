@@ -127,10 +127,25 @@ def test_torch_backend_runs_every_layer_on_grouped_gemms():
 def test_compare_expert_backends():
     from megatron_mohge.bench.layer_bench import compare_expert_backends
 
-    res = compare_expert_backends(tiny_cfg(), hidden_size=HIDDEN, tokens=32, repeats=2, warmup=0)
+    res = compare_expert_backends(tiny_cfg(), hidden_size=HIDDEN, tokens=32, repeats=7, warmup=0)
     assert set(res["median_s"]) == {"local", "torch"}
     assert res["torch_over_local"] == pytest.approx(res["median_s"]["torch"]
                                                     / res["median_s"]["local"])
+    # paired: one torch/local ratio per repeat, their median inside its interval
+    paired = res["paired"]
+    assert paired["pairs"] == len(paired["ratios"]) == 7
+    lo, hi = paired["ci"]
+    assert min(paired["ratios"]) <= lo <= paired["torch_over_local_median"] <= hi \
+        <= max(paired["ratios"])
+    assert len(res["loadavg"]["before"]) == 3 and res["loadavg"]["cpus"] >= 1
+
+
+def test_median_ci_is_the_sign_test_interval():
+    from megatron_mohge.bench.stats import median_ci
+
+    # n=20 at 95%: P(Binom(20, 1/2) <= 5) = 0.0207 <= 0.025 < P(<= 6), so x_(6) .. x_(15)
+    assert median_ci(list(range(20, 0, -1))) == [6, 15]
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # too few for 95%
 
 
 def test_width_scale():

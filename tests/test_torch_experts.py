@@ -324,3 +324,14 @@ def test_torch_backend_rejects_fp8():
                          expert_tensor_parallel_size=1, tensor_model_parallel_size=1)
     with pytest.raises(ConfigError, match="FP8"):
         cfg.apply_to(tc)
+
+
+def test_flattened_optimizer_shards_get_a_clear_error():
+    """The distributed optimizer's fully_sharded_model_space format (flattened shards), which
+    megatron-core's ShardedTensor rejects for every layer: one line naming the fix."""
+    torch_ = build(CFG, "torch")
+    fac = torch_.experts.sharded_state_dict(prefix="e.")["e.width_experts.0.linear_fc1.weight"]
+    flat = dataclasses.replace(fac, key=f"optimizer.state.exp_avg.{fac.key}",
+                               data=fac.data.detach().reshape(-1)[:5], flattened_range=slice(0, 5))
+    with pytest.raises(ValueError, match="distrib_optim_sharding_type='fully_reshardable'"):
+        flat.build()

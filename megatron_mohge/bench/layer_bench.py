@@ -45,212 +45,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+# The builders, shapes and timers live in their own modules; the public names are re-exported
+# here, the benchmark's library entry point.
+from megatron_mohge.bench.backend_compare import compare_expert_backends  # noqa: F401
+from megatron_mohge.bench.layer_models import (  # noqa: F401
+    BACKENDS,
+    DISPATCHERS,
+    DTYPES,
+    GATED_MULT,
+    KINDS,
+    SAME_EXPECTED_FLOPS_KIND,
+    build_mohge_layer,
+    build_stock_layer,
+    check_int,
+    expert_gemm_flops,
+    measure_mohge_routing,
+    round_width,
+    scale_widths,
+)
+from megatron_mohge.bench.stats import quantile
+from megatron_mohge.bench.timing import (
+    capture_expert_inputs,
+    time_experts,
+    time_fwd_bwd,
+    time_matmul,
+    time_router,
+)
 from megatron_mohge.config import MoHGEConfig
-
-KINDS = ("mohge", "moe_baseline", "moe_equal_total", "moe_equal_activated")
-DISPATCHERS = ("allgather", "alltoall")
-BACKENDS = ("local", "torch")
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-#: the stock kind whose expected routed FLOPs/token equal MoHGE's (see module doc)
-SAME_EXPECTED_FLOPS_KIND = "moe_equal_total"
-STOCK_AUX_LOSS_COEFF = 1e-2
-GATED_MULT = 3  # gated (SwiGLU) expert: gate + up + down projections, no biases
-
-
-def round_width(value: float) -> int:
-    """The width rounding used for the matched stock layers: half up, at least 1."""
-    return max(1, int(math.floor(value + 0.5)))
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"run_layer_bench: {name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"run_layer_bench: {name} must be >= {minimum}, got {value}")
-
-
-def _base_config(hidden_size: int, dispatcher: str, dtype: str = "fp32", **moe):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    params_dtype = getattr(torch, DTYPES[dtype])
-    kw = dict(num_layers=1, hidden_size=hidden_size, num_attention_heads=1,
-              use_cpu_initialization=True, gated_linear_unit=True, activation_func=F.silu,
-              add_bias_linear=False, bf16=dtype == "bf16", fp16=False, params_dtype=params_dtype,
-              cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
-              moe_grouped_gemm=False, moe_token_dispatcher_type=dispatcher,
-              moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=STOCK_AUX_LOSS_COEFF)
-    kw.update(moe)
-    return TransformerConfig(**kw)
-
-
-def _seed_all(seed: int) -> None:
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-
-
-def build_mohge_layer(mohge: MoHGEConfig, hidden_size: int, dispatcher: str = "allgather",
-                      seed: int = 1234, backend: str = "local", dtype: str = "fp32"):
-    """The MoHGE ``MoELayer`` (``backend`` experts), built after seeding, in training mode."""
-    import dataclasses
-
-    from megatron_mohge.specs import get_mohge_moe_module_spec
-
-    mohge = dataclasses.replace(mohge, expert_backend=backend)
-    tc = mohge.apply_to(_base_config(hidden_size, dispatcher, dtype))
-    _seed_all(seed)
-    # Specs are ModuleSpecs (0.16) or partials (0.19); both are called to build.
-    layer = get_mohge_moe_module_spec(mohge, use_te=False)(config=tc, layer_number=1)
-    # Full training cost: the scheduled group loss is on (as in the second part of training).
-    layer.router.set_training_progress(1.0)
-    return layer.train()
-
-
-def build_stock_layer(num_experts: int, width: int, topk: int, hidden_size: int,
-                      dispatcher: str = "allgather", seed: int = 1234, backend: str = "local",
-                      dtype: str = "fp32"):
-    """Megatron's stock ``MoELayer`` (aux-loss balancing) with ``SequentialMLP`` experts
-    (``local``) or ``TorchGroupedMLP`` experts (``torch``)."""
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-
-    tc = _base_config(hidden_size, dispatcher, dtype, num_moe_experts=num_experts,
-                      moe_ffn_hidden_size=width, moe_router_topk=topk)
-    spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
-    if backend == "torch":  # the same spec (ModuleSpec on 0.16, partial on 0.19), other experts
-        import dataclasses
-
-        from megatron_mohge.compat.mcore import builder_parts, rebuild_like
-        from megatron_mohge.experts.torch_backend import TorchGroupedMLP
-
-        module, sub, params = builder_parts(spec)
-        experts = rebuild_like(sub.experts, TorchGroupedMLP, builder_parts(sub.experts).submodules)
-        spec = rebuild_like(spec, module, dataclasses.replace(sub, experts=experts), params)
-    _seed_all(seed)
-    layer = spec(config=tc, layer_number=1)
-    return layer.train()
-
-
-def measure_mohge_routing(layer, x: torch.Tensor):
-    """Route ``x`` once with the MoHGE layer's router (eval mode, no grad, no jitter) and
-    return its ``LayerRouting`` (activated routed params/token, mean chosen width...)."""
-    from megatron_mohge.metrics import layer_routing
-
-    router = layer.router
-    mode = router.training
-    router.eval()
-    router.reset_routing_counts()
-    try:
-        with torch.no_grad():
-            router(x)
-        return layer_routing(router)
-    finally:
-        router.reset_routing_counts()
-        router.train(mode)
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-
-
-class _Timer:
-    """Wall time on CPU; CUDA events on a GPU (no host-side launch overhead counted twice)."""
-
-    def __init__(self, x: torch.Tensor):
-        self.cuda = x.is_cuda
-        _sync(x)
-        if self.cuda:
-            self.start, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            return self.start.elapsed_time(self.end) / 1e3
-        return time.perf_counter() - self.t0
-
-
-def _time_fwd_bwd(layer, x: torch.Tensor) -> float:
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    t = _Timer(x)
-    out, _ = layer(x)
-    out.sum().backward()
-    return t.stop()
-
-
-def _time_router(layer, x: torch.Tensor) -> float:
-    # The router forward as the layer runs it in training (grad on, losses attached).
-    t = _Timer(x)
-    probs, routing_map = layer.router(x)
-    dt = t.stop()
-    del probs, routing_map
-    return dt
-
-
-def capture_expert_inputs(layer, x: torch.Tensor) -> tuple:
-    """``(tokens [T', h], tokens_per_expert list, probs [T'])`` the dispatcher hands the
-    layer's experts for ``x`` (one forward, no grad)."""
-    seen = {}
-
-    def hook(module, args):
-        hidden, tpe, probs = args[:3]
-        seen["args"] = (hidden.detach().clone(), [int(v) for v in tpe.tolist()],
-                        probs.detach().clone())
-
-    handle = layer.experts.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            layer(x)
-    finally:
-        handle.remove()
-    return seen["args"]
-
-
-def _time_experts(layer, inputs: tuple, grad: torch.Tensor) -> float:
-    hidden, counts, probs = inputs
-    layer.zero_grad(set_to_none=True)
-    h = hidden.requires_grad_(True)
-    h.grad = None
-    t = _Timer(hidden)
-    out, _ = layer.experts(h, torch.tensor(counts), probs)
-    out.backward(grad)
-    return t.stop()
-
-
-def _time_matmul(a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor) -> float:
-    a.grad = b.grad = None
-    t = _Timer(a)
-    (a @ b).backward(grad)
-    return t.stop()
-
-
-def expert_gemm_flops(counts: list, widths: list, hidden: int) -> float:
-    """Forward + backward GEMM FLOPs of gated experts: per expert ``3 x 2 t h (2w + w)``."""
-    return float(sum(3 * 2 * t * hidden * GATED_MULT * w for t, w in zip(counts, widths)))
-
-
-def _quantile(values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), ``q`` in [0, 1]."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_num_experts: int,
@@ -271,14 +99,14 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
     """
     if not isinstance(mohge, MoHGEConfig):
         raise TypeError(f"run_layer_bench: mohge must be a MoHGEConfig, got {type(mohge).__name__}")
-    _check_int("hidden_size", hidden_size, 1)
-    _check_int("tokens", tokens, 1)
-    _check_int("stock_num_experts", stock_num_experts, 1)
-    _check_int("stock_width", stock_width, 1)
-    _check_int("stock_topk", stock_topk, 1)
-    _check_int("repeats", repeats, 1)
-    _check_int("warmup", warmup, 0)
-    _check_int("seed", seed, 0)
+    check_int("hidden_size", hidden_size, 1)
+    check_int("tokens", tokens, 1)
+    check_int("stock_num_experts", stock_num_experts, 1)
+    check_int("stock_width", stock_width, 1)
+    check_int("stock_topk", stock_topk, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
+    check_int("seed", seed, 0)
     if stock_topk > stock_num_experts:
         raise ValueError(f"run_layer_bench: stock_topk={stock_topk} exceeds "
                          f"stock_num_experts={stock_num_experts}")
@@ -367,14 +195,14 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
         for r in range(warmup + repeats):
             order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]
             for kind in order:
-                dt = _time_fwd_bwd(layers[kind], x)
-                dr = _time_router(layers[kind], x)
-                de = _time_experts(layers[kind], expert_in[kind], grads[kind])
+                dt = time_fwd_bwd(layers[kind], x)
+                dr = time_router(layers[kind], x)
+                de = time_experts(layers[kind], expert_in[kind], grads[kind])
                 if r >= warmup:
                     times[kind].append(dt)
                     router_times[kind].append(dr)
                     expert_times[kind].append(de)
-            dm = _time_matmul(mm_a, mm_b, mm_grad)
+            dm = time_matmul(mm_a, mm_b, mm_grad)
             if r >= warmup:
                 mm_times.append(dm)
     finally:
@@ -388,8 +216,8 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
         med = statistics.median(times[kind])
         router_s = statistics.median(router_times[kind])
         expert_s = statistics.median(expert_times[kind])
-        kinds[kind] = dict(median_s=med, p10_s=_quantile(times[kind], 0.1),
-                           p90_s=_quantile(times[kind], 0.9), router_s=router_s,
+        kinds[kind] = dict(median_s=med, p10_s=quantile(times[kind], 0.1),
+                           p90_s=quantile(times[kind], 0.9), router_s=router_s,
                            router_share=router_s / med, times_s=times[kind], expert_s=expert_s,
                            expert_gemm_flops=flops[kind],
                            expert_gflops=flops[kind] / expert_s / 1e9,
@@ -419,55 +247,6 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
     share_points = 100 * (kinds["mohge"]["router_share"] - kinds["moe_equal_total"]["router_share"])
     return {"config": config, "kinds": kinds, "ratios": ratios, "median_s": med,
             "matmul": matmul, "router_share_points_over_equal_total": share_points}
-
-
-def scale_widths(cfg: MoHGEConfig, factor: int) -> MoHGEConfig:
-    """``cfg`` with every expert width (and the shared width) times ``factor``."""
-    import dataclasses
-
-    _check_int("width_scale", factor, 1)
-    if factor == 1:
-        return cfg
-    shared = cfg.shared_expert_width * factor if cfg.shared_expert_width else None
-    return dataclasses.replace(cfg, widths=[w * factor for w in cfg.widths],
-                               shared_expert_width=shared)
-
-
-def compare_expert_backends(mohge: MoHGEConfig, *, hidden_size: int, tokens: int,
-                            repeats: int = 20, warmup: int = 3, seed: int = 1234,
-                            dispatcher: str = "allgather", dtype: str = "fp32") -> dict:
-    """MoHGE layer fwd+bwd with each of ``BACKENDS`` on the same weights' draw (same seed),
-    timed in interleaved rounds (the figure behind ``expert_backend: auto`` on CPU).
-
-    Returns ``{"median_s": {backend: s}, "p10_s", "p90_s", "torch_over_local"}``."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
-    from megatron_mohge.training.mcore import device
-
-    _check_int("repeats", repeats, 1)
-    dev = device()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 1, hidden_size, generator=gen).to(dev, getattr(torch, DTYPES[dtype]))
-    x.requires_grad_(True)
-    layers = {b: build_mohge_layer(mohge, hidden_size, dispatcher, seed, b, dtype).to(dev)
-              for b in BACKENDS}
-    times = {b: [] for b in BACKENDS}
-    try:
-        for r in range(warmup + repeats):
-            order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
-            for b in order:
-                dt = _time_fwd_bwd(layers[b], x)
-                if r >= warmup:
-                    times[b].append(dt)
-    finally:
-        clear_aux_losses_tracker()
-    med = {b: statistics.median(t) for b, t in times.items()}
-    return dict(config=dict(hidden_size=hidden_size, tokens=tokens, repeats=repeats,
-                            warmup=warmup, dtype=dtype, widths=list(mohge.widths),
-                            threads=torch.get_num_threads(), device=str(dev)),
-                median_s=med, p10_s={b: _quantile(t, 0.1) for b, t in times.items()},
-                p90_s={b: _quantile(t, 0.9) for b, t in times.items()},
-                torch_over_local=med["torch"] / med["local"])
 
 
 def _count(n: float) -> str:
@@ -547,8 +326,10 @@ def main(argv: Optional[list] = None) -> dict:
                                              repeats=args.repeats, warmup=args.warmup,
                                              seed=args.seed, dispatcher=args.dispatcher,
                                              dtype=args.dtype)
-            print(json.dumps({k: result[k] for k in ("median_s", "p10_s", "p90_s",
-                                                      "torch_over_local")}, indent=1))
+            shown = {k: result[k] for k in ("median_s", "p10_s", "p90_s", "torch_over_local",
+                                             "loadavg")}
+            shown["paired"] = {k: v for k, v in result["paired"].items() if k != "ratios"}
+            print(json.dumps(shown, indent=1))
             if args.out is not None:
                 args.out.write_text(json.dumps(result, indent=2))
             return result

@@ -4,6 +4,7 @@ scaling fits and a seed bootstrap. Pure Python (no scipy dependency).
 * :func:`t_quantile` -- Student-t quantiles from the regularized incomplete beta function
   (Numerical Recipes' continued fraction), inverted by bisection; exact to ~1e-10.
 * :func:`mean_ci` -- mean and the two-sided Student-t interval ``mean +- t * sd / sqrt(n)``.
+* :func:`median_ci` -- order-statistic (sign-test) interval of a median.
 * :func:`paired_ratio` -- per-seed ratios ``x_s / y_s`` of two runs trained with the same
   seed (same data order and held-out set), and the t interval of their mean: pairing removes
   the seed-to-seed variation the two runs share.
@@ -218,19 +219,36 @@ def bootstrap_efficiency(stock_ns: Sequence[float], stock_by_seed: Sequence[Sequ
             "samples": samples, "undefined": undefined, "seeds": n}
 
 
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), ``q`` in [0, 1]; ``xs`` non-empty."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    i = int(math.floor(pos))
+    j = min(i + 1, len(s) - 1)
+    return s[i] + (s[j] - s[i]) * (pos - i)
+
+
+def median_ci(xs: Sequence[float], confidence: float = CONFIDENCE) -> Optional[list[float]]:
+    """Distribution-free interval of the median: the order statistics ``[x_(k), x_(n+1-k)]``
+    with the largest ``k`` whose binomial(n, 1/2) tail ``P(X < k)`` is at most
+    ``(1 - confidence) / 2`` (coverage >= ``confidence``, no assumption on the spread's
+    shape, so a few load spikes do not widen it). None when ``n`` is too small (n < 6 at 95%)."""
+    n, alpha = len(xs), (1 - confidence) / 2
+    tail, k = 0.0, 0
+    while k < n and tail + math.comb(n, k) / 2 ** n <= alpha:
+        tail += math.comb(n, k) / 2 ** n
+        k += 1
+    if k == 0:
+        return None
+    s = sorted(xs)
+    return [s[k - 1], s[n - k]]
+
+
 def percentile_interval(xs: Sequence[float], q: float) -> Optional[list[float]]:
     """``[q, 1-q]`` empirical quantiles (linear interpolation); None when empty."""
     if not xs:
         return None
-    s = sorted(xs)
-
-    def at(p: float) -> float:
-        pos = p * (len(s) - 1)
-        i = int(math.floor(pos))
-        j = min(i + 1, len(s) - 1)
-        return s[i] + (s[j] - s[i]) * (pos - i)
-
-    return [at(q), at(1 - q)]
+    return [quantile(xs, q), quantile(xs, 1 - q)]
 
 
 def ratio_se_paired(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:

@@ -20,8 +20,7 @@ from megatron_mohge.config import ConfigError
 #: expert_backend="auto" on a CPU-only machine. The layer benchmark's --compare-backends gave
 #: torch 0.89x (hidden 64, 1,024 tokens) and 0.72x (hidden 256, 4,096 tokens) of local's median,
 #: but on a machine at load 80-210 with p10-p90 spreads wider than the gap (README "Expert
-#: backends"), and torch experts cannot yet save distributed-optimizer checkpoints in Megatron
-#: 0.16's fully_sharded_model_space format: local until a quiet measurement says otherwise.
+#: backends"): local until a measurement robust to that load says otherwise.
 CPU_AUTO_BACKEND = "local"
 
 

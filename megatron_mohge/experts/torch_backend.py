@@ -17,7 +17,8 @@ checkpoints move between this backend and ``local``):
 * ``sharded_state_dict`` writes, per expert, exactly the tensors and objects the ``local``
   path writes (same keys, shapes, offsets, SwiGLU split, replica ids) through one
   ``ShardedTensorFactory`` per stacked parameter; ``init`` reproduces the ``local``
-  initialisation draw for draw (same seed, same weights).
+  initialisation draw for draw (same seed, same weights). The distributed optimizer's
+  model-space states (``fully_reshardable``) are built by the same factories.
 
 The grouped GEMM (torch >= 2.8; ``aten/src/ATen/native/GroupedMMUtils.h`` and
 ``cuda/GroupedBlas.cpp``) needs: fp32/bf16/fp16 operands of one dtype, int32 cumulative
@@ -407,11 +408,14 @@ class TorchGroupedMLP(MegatronModule):
 
         def build(factory_key, data, replica_id, flattened_range):
             if flattened_range is not None:
-                raise NotImplementedError(
-                    "torch experts: distributed-optimizer checkpoints in the "
-                    "'fully_sharded_model_space' format (flattened per-parameter shards) are not "
-                    "supported; use metadata distrib_optim_sharding_type='dp_reshardable' "
-                    "(Megatron-LM's default) or expert_backend=local.")
+                # Only the distributed optimizer's 'fully_sharded_model_space' format asks for
+                # flattened shards, and megatron-core (0.16, 0.19) rejects them for every
+                # ShardedTensor (ShardedTensor.validate_metadata_integrity), local experts too.
+                raise ValueError(
+                    "distrib_optim_sharding_type='fully_sharded_model_space' cannot be saved "
+                    "or loaded by megatron-core (flattened ShardedTensors are rejected); pass "
+                    "metadata distrib_optim_sharding_type='fully_reshardable' (reshards across "
+                    "EP/TP and expert backends, mohge-train's choice) or 'dp_reshardable'.")
             shards = []
             for k, index in enumerate(expert_indices):
                 parts = per_expert(factory_key, data, k, index)

@@ -12,6 +12,7 @@ checkpoint's ``run.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -246,16 +248,100 @@ def load(template: dict, ckpt: Path, *, fully_parallel: bool = False) -> dict:
     return dist_checkpointing.load(template, str(ckpt), M.load_strategy(ckpt, fully_parallel))
 
 
+#: ``optimizer.sharded_state_dict`` metadata of every save and load. No ``chained_<i>.`` key
+#: prefix: optimizer states are keyed by their parameter, so a checkpoint saved at EP>1 (dense +
+#: expert optimizers) loads at EP=1. The distributed optimizer writes ``fully_reshardable``
+#: (Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``): its states in model space, keyed
+#: and sharded like the parameters, so they reshard across TP / EP / PP and expert backends as
+#: the weights do. (``dp_reshardable``, Megatron-LM's default, stores the flat DP buffers and
+#: loads only into the same model-parallel layout and backend; megatron-core's own default,
+#: ``fully_sharded_model_space``, is rejected by its ShardedTensor in 0.16 and 0.19.)
+OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
+                      "distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *,
+                                 is_loading: bool) -> dict:
+    """The optimizer's part of a checkpoint (states keyed by the model's sharded tensors)."""
+    if is_loading:
+        _init_empty_distopt_states(optimizer)
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                        metadata=dict(OPTIMIZER_METADATA))
+
+
+def _init_empty_distopt_states(optimizer) -> None:
+    """Without Apex or TE (CPU, torch-only GPU installs) Megatron's distributed optimizer
+    reads Adam's step from the inner torch optimizer's per-parameter states, which are empty
+    before the first step: ``DistributedOptimizer.state_dict()`` then fails an assertion and a
+    fresh run cannot build the template it resumes into. One inner step on zero gradients
+    creates the states (as megatron-core 0.19's ``_init_optimizer_states_with_dummy_values``);
+    the load overwrites them and the parameters."""
+    import torch
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(sub, DistributedOptimizer) or inner is None or len(inner.state):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p in params:
+            p.grad = None
+
+
+def restore_optimizer(optimizer, loaded: dict) -> None:
+    """Load a checkpoint's optimizer part into ``optimizer`` (after the model weights)."""
+    fitted = fit_optimizer_state(loaded, optimizer)
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    parts = [fitted[i] for i in range(len(chained))] if len(chained) > 1 else [fitted]
+    # Distributed-optimizer param states: loaded after the rest, see _adam_steps_hidden.
+    deferred = [(sub, part.pop("param_state")) for sub, part in zip(chained, parts)
+                if part.pop("param_state_sharding_type", None) == "fully_reshardable"]
+    optimizer.load_state_dict(fitted)
+    for sub, param_state in deferred:
+        with _adam_steps_hidden(sub.optimizer):
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+    # Without Apex or TE the distributed optimizer gives every parameter's torch Adam state
+    # the *same* step tensor, which each step then increments once per parameter (wrong bias
+    # correction from the first step after the resume): one step tensor per parameter.
+    for sub in chained:
+        for st in getattr(sub, "optimizer", sub).state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+    # The optimizer's fp32 main params (fp16/bf16 runs) follow the loaded model weights.
+    if hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()
+
+
+@contextlib.contextmanager
+def _adam_steps_hidden(inner):
+    """torch's Adam (Megatron's optimizer without Apex or TE) keeps a ``step`` tensor per
+    parameter; megatron-core's ``load_parameter_state_from_fully_reshardable`` copies every
+    tensor state of a parameter from the checkpoint, which never holds ``step`` (it travels in
+    the param groups and is set by ``load_state_dict``): KeyError. Hide the steps meanwhile."""
+    steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
+    try:
+        yield
+    finally:
+        for p, step in steps.items():
+            inner.state[p]["step"] = step
+
+
 def fit_optimizer_state(loaded, optimizer):
     """Make a loaded optimizer state match this run's optimizer structure.
 
     Megatron builds one Adam for EP=1 and a chained (dense + expert) pair for EP>1. The
-    per-parameter tensors reshard by key (saved without the ``chained_<i>.`` prefix), but the
-    param-group metadata is not persisted (``LocalNonpersistentObject``): after an EP change
-    it comes back as bare ``{'params': [...]}`` lists, or under the other layout's ``0``/``1``
-    keys, and ``load_state_dict`` fails. Take the groups from the live optimizer instead (the
-    LR and weight decay in them are set by the scheduler every step); Adam's step count
-    travels in ``state['common_step']``.
+    per-parameter tensors reshard by key (saved without the ``chained_<i>.`` prefix) and come
+    back in this run's structure, but the non-sharded part is saved under the saving run's
+    structure: after an EP change the param groups come back as bare ``{'params': [...]}``
+    lists (``LocalNonpersistentObject``) or under the other layout's ``0``/``1`` keys, and
+    ``load_state_dict`` fails. Take the groups from the live optimizer instead (the LR and
+    weight decay in them are set by the scheduler every step). Adam's step count travels in
+    ``state['common_step']`` (Megatron's optimizers) or in the param groups (the distributed
+    optimizer, whose groups sit under ``['optimizer']`` next to its ``param_state``).
     """
     chained = getattr(optimizer, "chained_optimizers", None)
     subs = chained if chained is not None and len(chained) > 1 else [optimizer]
@@ -263,19 +349,50 @@ def fit_optimizer_state(loaded, optimizer):
     # the step count is common (non-sharded) state, saved under the old layout's structure
     steps = [d["state"]["common_step"] for d in _dicts(loaded)
              if isinstance(d.get("state"), dict) and "common_step" in d["state"]]
+    group_steps = [g["step"] for d in _dicts(loaded) for g in _groups(d) if "step" in g]
+    scalers = [d["grad_scaler"] for d in _dicts(loaded) if "grad_scaler" in d]
+
+    def groups_fit(groups: list, cur_groups: list) -> bool:
+        return len(groups) == len(cur_groups) and all(
+            "wd_mult" in g or "pre_wd_mult" in g for g in groups)
 
     def fit(sub: dict, cur: dict) -> dict:
         groups = sub.get("param_groups") or []
-        if len(groups) != len(cur["param_groups"]) or any(
-                "wd_mult" not in g and "pre_wd_mult" not in g for g in groups):
+        if not groups_fit(groups, cur["param_groups"]):
             sub = {"state": dict(sub["state"]), "param_groups": cur["param_groups"]}
             if "common_step" not in sub["state"] and steps:
                 sub["state"]["common_step"] = steps[0]
         return sub
 
+    def fit_distributed(sub: dict, cur: dict) -> dict:
+        out = {"param_state": sub["param_state"],
+               # the sharded param_state was loaded in this run's (the template's) format
+               "param_state_sharding_type": OPTIMIZER_METADATA["distrib_optim_sharding_type"],
+               "optimizer": sub.get("optimizer") or {}}
+        if not groups_fit(out["optimizer"].get("param_groups") or [],
+                          cur["optimizer"]["param_groups"]):
+            groups = copy.deepcopy(cur["optimizer"]["param_groups"])
+            for g in groups:
+                if group_steps:
+                    g["step"] = group_steps[0]
+            out["optimizer"] = {**cur["optimizer"], "param_groups": groups}
+        if "grad_scaler" in cur:
+            out["grad_scaler"] = sub.get("grad_scaler", scalers[0] if scalers else
+                                         cur["grad_scaler"])
+        return out
+
+    def fit_any(sub: dict, cur: dict) -> dict:
+        return fit_distributed(sub, cur) if "param_groups" in cur.get("optimizer", {}) \
+            else fit(sub, cur)
+
     if len(subs) == 1:
-        return fit({k: v for k, v in loaded.items() if not isinstance(k, int)}, current[0])
-    return {i: fit(loaded[i], current[i]) for i in range(len(subs))}
+        return fit_any({k: v for k, v in loaded.items() if not isinstance(k, int)}, current[0])
+    return {i: fit_any(loaded[i], current[i]) for i in range(len(subs))}
+
+
+def _groups(d: dict) -> list:
+    groups = d.get("param_groups")
+    return [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else []
 
 
 def _dicts(tree):

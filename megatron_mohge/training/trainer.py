@@ -323,11 +323,8 @@ class Trainer:
     def _checkpoint_state(self, is_loading: bool) -> dict:
         model_sd = M.sharded_state_dict(self.model)
         return {"model": model_sd,
-                # No "chained_<i>." key prefix: optimizer states are keyed by their parameter,
-                # so a checkpoint saved at EP>1 (dense + expert optimizers) loads at EP=1.
-                "optimizer": self.optimizer.sharded_state_dict(
-                    model_sd, is_loading=is_loading,
-                    metadata={"chained_optim_avoid_prefix": True}),
+                "optimizer": ckpt_lib.optimizer_sharded_state_dict(self.optimizer, model_sd,
+                                                                   is_loading=is_loading),
                 "opt_param_scheduler": self.scheduler.state_dict(),
                 "iteration": self.state.iteration,
                 "train_state": {"history": self.state.history, "evals": self.state.evals}}
@@ -352,15 +349,11 @@ class Trainer:
         state = self._load_checked(ckpt)
         self._resumed_from = ckpt
         M.load_model_state(self.model, state["model"])
-        self.optimizer.load_state_dict(ckpt_lib.fit_optimizer_state(state["optimizer"],
-                                                                    self.optimizer))
+        ckpt_lib.restore_optimizer(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.state.iteration = int(state["iteration"])
         self.state.history = list(state["train_state"]["history"])
         self.state.evals = list(state["train_state"]["evals"])
-        # The optimizer's fp32 main params (fp16/bf16 runs) follow the loaded model weights.
-        if hasattr(self.optimizer, "reload_model_params"):
-            self.optimizer.reload_model_params()
         return True
 
     # ------------------------------------------------------------------ loop

@@ -63,6 +63,9 @@ PATCHES: Tuple[CpuModePatch, ...] = (
     _P("optimizer-type-checks", "Float16OptimizerWithFloat16Params / DistributedOptimizer "
        "__init__", "param.type() compared with 'torch.cuda.*Tensor'",
        training.optimizer_type_checks),
+    _P("distopt-state-gather", "DistributedOptimizer.get_parameter_state_dp_zero",
+       "stages the optimizer-state shards with .cuda() to gather them",
+       training.distopt_state_gather),
 )
 
 #: Modules whose functions / classes the patches wrap, imported before anything is patched.

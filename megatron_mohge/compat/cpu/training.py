@@ -93,3 +93,12 @@ def optimizer_type_checks() -> None:
     for cls in (module("optimizer.optimizer").Float16OptimizerWithFloat16Params,
                 module("optimizer.distrib_optimizer").DistributedOptimizer):
         _wrap_in(cls, "__init__", cuda_tensor_type_strings)
+
+
+def distopt_state_gather() -> None:
+    """``DistributedOptimizer.get_parameter_state_dp_zero`` (the ``fully_reshardable`` and
+    ``dp_zero_gather_scatter`` checkpoint formats) stages each DP shard with ``.cuda()`` for
+    an NCCL gather -> run it with ``Tensor.cuda`` as the identity: the CPU shards go through
+    the gloo data-parallel group as they are."""
+    _wrap_in(module("optimizer.distrib_optimizer").DistributedOptimizer,
+             "get_parameter_state_dp_zero", tensor_cuda_is_identity)
