@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
+from megatron_mohge.compat.cpu import megatron_training as mt
 from megatron_mohge.compat.cpu import moe, redirect, training
 
 
@@ -65,6 +66,21 @@ PATCHES: Tuple[CpuModePatch, ...] = (
        training.optimizer_type_checks),
 )
 
+#: ``enable_cpu_mode(megatron_training=True)``: Megatron's own loop (``megatron.training``,
+#: ``mohge-pretrain``), applied after :data:`PATCHES`.
+TRAINING_PATCHES: Tuple[CpuModePatch, ...] = (
+    _P("training-redirect", "global `torch` of cpu.megatron_training.TRAINING_REDIRECTED_MODULES",
+       "CUDA tensors, devices, memory stats and RNG state in pretrain() and its helpers",
+       mt.training_redirect),
+    _P("one-device-initialize", "global `torch` of megatron.training.initialize",
+       "no CUDA device: no model-parallel groups, no RNG tracker seeds",
+       mt.one_device_initialize),
+    _P("allow-no-cuda", "megatron.training.training.initialize_megatron",
+       "asserts torch.cuda.is_available()", mt.allow_no_cuda),
+    _P("no-jit-warmup", "megatron.training.training.set_jit_fusion_options",
+       "warms fused kernels up with torch.compile on CUDA tensors", mt.no_jit_warmup),
+)
+
 #: Modules whose functions / classes the patches wrap, imported before anything is patched.
 PATCHED_MODULES = (
     "transformer.torch_norm", "models.common.language_module.language_module",
@@ -72,10 +88,10 @@ PATCHED_MODULES = (
 )
 
 
-def describe() -> str:
+def describe(patches: Tuple[CpuModePatch, ...] = PATCHES) -> str:
     """The table as reStructuredText (name -- target: what fails; then how it is fixed)."""
     rows = []
-    for p in PATCHES:
+    for p in patches:
         fix = " ".join((p.apply.__doc__ or "").split())
         rows.append(f"``{p.name}`` -- {p.target}: {p.why}.\n    {fix}")
     return "\n".join(rows)
