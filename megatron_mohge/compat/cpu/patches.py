@@ -64,6 +64,10 @@ PATCHES: Tuple[CpuModePatch, ...] = (
     _P("optimizer-type-checks", "Float16OptimizerWithFloat16Params / DistributedOptimizer "
        "__init__", "param.type() compared with 'torch.cuda.*Tensor'",
        training.optimizer_type_checks),
+    _P("distopt-load", "DistributedOptimizer.sharded_state_dict / "
+       "load_parameter_state_from_dp_reshardable",
+       "loading a checkpoint: assert on torch Adam's missing step; in-place copy into fp32 "
+       "parameter views", training.distopt_load),
 )
 
 #: ``enable_cpu_mode(megatron_training=True)``: Megatron's own loop (``megatron.training``,
