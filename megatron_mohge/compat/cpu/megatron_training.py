@@ -82,3 +82,11 @@ def no_jit_warmup() -> None:
 
     set_jit_fusion_options.__mohge_original__ = original
     training.set_jit_fusion_options = set_jit_fusion_options
+
+
+def device_arch() -> None:
+    """``validate_args`` reads the GPU's compute capability (``get_device_arch_version``,
+    CUDA device properties) to pick Blackwell-only paths and the TP/CP stream rule -> on CPU it
+    is 0: no architecture-specific path (the rule's ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set
+    by ``mohge-pretrain``; CPU ops run in order anyway)."""
+    module("arguments").get_device_arch_version = lambda: 0

@@ -81,6 +81,8 @@ TRAINING_PATCHES: Tuple[CpuModePatch, ...] = (
        mt.one_device_initialize),
     _P("allow-no-cuda", "megatron.training.training.initialize_megatron",
        "asserts torch.cuda.is_available()", mt.allow_no_cuda),
+    _P("device-arch", "megatron.training.arguments.get_device_arch_version",
+       "reads CUDA device properties (validate_args with TP or CP > 1)", mt.device_arch),
     _P("no-jit-warmup", "megatron.training.training.set_jit_fusion_options",
        "warms fused kernels up with torch.compile on CUDA tensors", mt.no_jit_warmup),
 )

@@ -146,6 +146,8 @@ def run_pretrain(run, program_start: Optional[float] = None) -> None:
 
         run = cpu_run(run)
         enable_cpu_mode(megatron_training=True)
+        # validate_args asks for it with TP/CP > 1 before Blackwell (device-arch: CPU is 0)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from megatron.core.enums import ModelType
     from megatron.training import pretrain, set_startup_timestamps
 
