@@ -46,6 +46,7 @@ setup(
         "console_scripts": [
             "mohge-prepare-data = megatron_mohge.cli.prepare_data:main",
             "mohge-train = megatron_mohge.cli.train:main",
+            "mohge-pretrain = megatron_mohge.cli.pretrain:main",
             "mohge-bench = megatron_mohge.cli.bench:main",
             "mohge-check-config = megatron_mohge.cli.check_config:main",
         ],

@@ -116,7 +116,7 @@ EXPECTED_PATCHES = {
     "device-redirect", "rng-state", "rng-fork-warning", "split-sizes-numpy",
     "torch-norm-sequence-parallel", "clip-grads", "uneven-collectives", "tied-embedding-cuda",
     "dist-ckpt-exchange", "optimizer-type-checks", "recompute-without-te",
-    "distopt-state-gather",
+    "distopt-state-gather", "distopt-load",
 }
 
 
@@ -166,6 +166,13 @@ def test_patch_table_documents_every_patch():
     assert len(names) == len(set(names))
     assert set(names) == EXPECTED_PATCHES | {"te-general-gemm", "share-storage"}
     for name in names:
+        assert f"``{name}``" in cpu.__doc__, name
+    from megatron_mohge.compat.cpu.patches import TRAINING_PATCHES
+
+    training = [p.name for p in TRAINING_PATCHES]  # enable_cpu_mode(megatron_training=True)
+    assert set(training) == {"training-redirect", "one-device-initialize", "allow-no-cuda",
+                             "device-arch", "no-jit-warmup"} and not set(training) & set(names)
+    for name in training:
         assert f"``{name}``" in cpu.__doc__, name
     assert cpu_mode.__doc__ == cpu.__doc__ and cpu_mode.enable_cpu_mode is cpu.enable_cpu_mode
 

@@ -204,6 +204,39 @@ def megatron_lm_checkout_version(megatron_lm_dir) -> "Version | None":
     return Version(f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{pre.group(1) if pre else ''}")
 
 
+class MegatronTrainingMissing(RuntimeError):
+    """``megatron.training`` (Megatron's own training loop) is not importable here."""
+
+
+def megatron_training_available() -> bool:
+    """Whether ``megatron.training`` is importable: the 0.19 megatron-core wheels ship it
+    (``pretrain(cfg_container, ...)``), 0.16.1's does not (only a Megatron-LM checkout has it).
+    Found by import, not by version."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("megatron.training") is not None
+    except ModuleNotFoundError:  # no megatron package at all
+        return False
+
+
+def require_megatron_training(prog: str = "mohge-pretrain") -> None:
+    """Raise :class:`MegatronTrainingMissing` with the one-line way forward."""
+    if megatron_training_available():
+        return
+    from importlib import metadata
+
+    try:
+        have = f"megatron-core {metadata.version('megatron-core')}"
+    except metadata.PackageNotFoundError:
+        have = "no megatron-core"
+    raise MegatronTrainingMissing(
+        f"{prog} runs Megatron's own pretrain() from megatron.training, which {have} does not "
+        f"ship (the megatron-core {TESTED_MCORE_RELEASES['0.19']} wheel does); install it, use "
+        "mohge-train, or put a Megatron-LM checkout on PYTHONPATH and run "
+        "examples/pretrain_mohge.py (README: 'Training with Megatron-LM on Slurm').")
+
+
 def check_megatron_lm(pretrain) -> str:
     """The ``pretrain()`` style the launcher drives (``PRETRAIN_STYLE_*``); refuses a
     ``pretrain()`` of neither style and warns on megatron-core lines no supported tag is on."""

@@ -51,7 +51,13 @@ def write_mohge_config(run, path: Optional[Union[str, Path]] = None) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     text = run.moe.mohge.to_yaml()
     if not p.is_file() or p.read_text() != text:
-        p.write_text(text)
+        # Atomically: every rank of mohge-pretrain writes it before torch.distributed exists,
+        # and a rank must never read another's half-written file.
+        import os
+
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
     return p
 
 
@@ -254,7 +260,7 @@ def logging_flags(run) -> list[str]:
 
 
 def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
-                      megatron_lm_version=_FIND) -> list[str]:
+                      megatron_lm_version=_FIND, *, data: bool = True) -> list[str]:
     """All Megatron-LM flags of ``run`` (``launch.extra_args`` last).
 
     ``mohge_config_path``: the file ``--mohge-config`` points at for MoHGE runs (default
@@ -262,11 +268,14 @@ def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
     ``megatron_lm_version``: the megatron-core version of the Megatron-LM checkout the flags
     are for (default: found from ``launch.megatron_lm_dir`` / ``$MEGATRON_LM_DIR`` / the
     installed megatron-core, ``compat.versions.megatron_lm_version``).
+    ``data=False``: no ``--data-path`` (the caller's dataset provider reads ``run.data``
+    itself, ``mohge-pretrain``), only the tokenizer flags.
     """
     if megatron_lm_version is _FIND:
         from megatron_mohge.compat.versions import megatron_lm_version as find
 
         megatron_lm_version = find(run.launch.megatron_lm_dir)
     return [*model_flags(run), *moe_flags(run, mohge_config_path), *parallel_flags(run),
-            *data_flags(run, megatron_lm_version), *train_flags(run), *eval_flags(run),
+            *(data_flags(run, megatron_lm_version) if data
+              else tokenizer_flags(run, megatron_lm_version)), *train_flags(run), *eval_flags(run),
             *checkpoint_flags(run), *logging_flags(run), *run.launch.extra_args]

@@ -104,7 +104,7 @@ def _container_flags(run) -> list[str]:
 
 def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *,
                     shape: Optional[str] = None, python: str = "python",
-                    mohge_config_path=None) -> list[str]:
+                    mohge_config_path=None, script_args: Optional[list] = None) -> list[str]:
     """The exact command lines (shell syntax) that launch ``script_path`` for ``run``.
 
     ``env`` supplies ``MASTER_ADDR`` (default ``localhost``), ``MASTER_PORT`` (default 29500),
@@ -119,7 +119,8 @@ def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *
     from megatron_mohge.compat.versions import megatron_lm_version
 
     mlm = env.get("MEGATRON_LM_DIR") or run.launch.megatron_lm_dir  # as render_env
-    flags = megatron_lm_flags(run, mohge_config_path, megatron_lm_version(mlm))
+    flags = script_args if script_args is not None else \
+        megatron_lm_flags(run, mohge_config_path, megatron_lm_version(mlm))
     addr = env.get("MASTER_ADDR") or "localhost"
     port = env.get("MASTER_PORT") or str(DEFAULT_MASTER_PORT)
     job = env.get("SLURM_JOB_ID") or run.name
@@ -154,6 +155,9 @@ def parse_args(argv=None):
                         "package, see python -m megatron_mohge.resources; a patched "
                         "checkout's $MEGATRON_LM_DIR/pretrain_gpt.py works too)")
     p.add_argument("--python", default="python", help="interpreter of the srun shape's tasks")
+    p.add_argument("--mohge-pretrain", action="store_true",
+                   help="launch mohge-pretrain --config RUN.yaml (Megatron's loop from the "
+                        "installed megatron.training, megatron-core 0.19; no checkout needed)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--print-env", action="store_true", help="print the export lines")
     what.add_argument("--sbatch-args", action="store_true",
@@ -181,9 +185,14 @@ def main(argv=None) -> int:
         if args.flags:
             print(shlex.join(megatron_lm_flags(run)))
             return 0
-        script = args.script or str(launcher_path())
+        script, script_args = args.script or str(launcher_path()), None
+        if args.mohge_pretrain:
+            import shutil
+
+            script = args.script or shutil.which("mohge-pretrain") or "mohge-pretrain"
+            script_args = ["--config", os.path.abspath(args.run), *args.overrides]
         for line in render_commands(run, script, os.environ, shape=args.shape,
-                                    python=args.python):
+                                    python=args.python, script_args=script_args):
             print(line)
     except ConfigError as exc:
         print(f"megatron_mohge.integration.slurm: {exc}", file=sys.stderr)

@@ -26,6 +26,12 @@ Patches (name -- target: what fails on CPU; then what we do), rendered from
 
 {table}
 
+``enable_cpu_mode(megatron_training=True)`` also lets Megatron's own loop
+(``megatron.training.pretrain()``, ``mohge-pretrain``) run on CPU with
+``--distributed-backend gloo`` (:mod:`megatron_mohge.compat.cpu.megatron_training`):
+
+{training_table}
+
 Known limits on CPU (not patched; CUDA-only features): Transformer Engine / apex kernels,
 ``moe_grouped_gemm`` (needs TE or the CUDA ``grouped_gemm`` package), CUDA graphs, fused
 kernels (``moe_permute_fusion``, fused rope / cross-entropy), the flex / DeepEP / NCCL-EP
@@ -42,17 +48,25 @@ from typing import List, Tuple
 
 import torch
 
-from megatron_mohge.compat.cpu.patches import PATCHED_MODULES, PATCHES, CpuModePatch, describe
+from megatron_mohge.compat.cpu.patches import (
+    PATCHED_MODULES,
+    PATCHES,
+    TRAINING_PATCHES,
+    CpuModePatch,
+    describe,
+)
 from megatron_mohge.compat.cpu.redirect import REDIRECTED_MODULES, check_redirect_targets, module
 from megatron_mohge.compat.versions import require_tested_mcore
 
-__doc__ = __doc__.replace("{table}", describe())
+__doc__ = __doc__.replace("{table}", describe()).replace("{training_table}",
+                                                          describe(TRAINING_PATCHES))
 __all__ = ["enable_cpu_mode", "is_cpu_mode_enabled", "cpu_mode_patches", "CpuModePatch",
-           "PATCHES", "REDIRECTED_MODULES"]
+           "PATCHES", "TRAINING_PATCHES", "REDIRECTED_MODULES"]
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _ENABLED = False
+_TRAINING_ENABLED = False
 _APPLIED: List[CpuModePatch] = []
 
 
@@ -66,19 +80,21 @@ def cpu_mode_patches() -> Tuple[CpuModePatch, ...]:
     return tuple(_APPLIED)
 
 
-def enable_cpu_mode() -> bool:
+def enable_cpu_mode(megatron_training: bool = False) -> bool:
     """Patch megatron-core in place so that it runs on CPU with gloo.
 
-    Returns True when the patches were applied by this call, False when CPU mode was
+    Returns True when patches were applied by this call, False when CPU mode was
     already enabled (no-op) or CUDA is available (a warning is emitted, nothing is
     patched: use the real GPU code paths there). Raises
     :class:`~megatron_mohge.compat.versions.UnsupportedMegatronVersion` for a
     megatron-core release CPU mode was not validated on.
+    ``megatron_training=True`` also applies :data:`TRAINING_PATCHES` (Megatron's own loop;
+    needs ``megatron.training``), now or on top of an earlier plain call.
     """
     global _ENABLED
     with _LOCK:
         if _ENABLED:
-            return False
+            return _enable_training() if megatron_training else False
         if torch.cuda.is_available():
             warnings.warn("megatron_mohge CPU mode was requested but CUDA is available; nothing "
                           "was patched (Megatron's GPU code paths are used).", RuntimeWarning,
@@ -99,4 +115,26 @@ def enable_cpu_mode() -> bool:
             _APPLIED.append(patch)
         _ENABLED = True
         log.info("megatron_mohge CPU mode enabled: %s", ", ".join(p.name for p in _APPLIED))
+        if megatron_training:
+            _enable_training()
         return True
+
+
+def _enable_training() -> bool:
+    """Apply :data:`TRAINING_PATCHES` once (CPU mode is on; called under ``_LOCK``)."""
+    global _TRAINING_ENABLED
+    if _TRAINING_ENABLED:
+        return False
+    from megatron_mohge.compat.cpu.megatron_training import TRAINING_REDIRECTED_MODULES, module
+    from megatron_mohge.compat.versions import require_megatron_training
+
+    require_megatron_training("CPU mode for megatron.training")
+    for name in (*TRAINING_REDIRECTED_MODULES, "initialize"):  # preflight, as for megatron.core
+        if module(name).__dict__.get("torch") is not torch:
+            raise RuntimeError(f"CPU mode: {name}.torch is not the torch module; cannot redirect")
+    for patch in TRAINING_PATCHES:
+        if patch.needed():
+            patch.apply()
+            _APPLIED.append(patch)
+    _TRAINING_ENABLED = True
+    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
+from megatron_mohge.compat.cpu import megatron_training as mt
 from megatron_mohge.compat.cpu import moe, redirect, training
 
 
@@ -66,6 +67,27 @@ PATCHES: Tuple[CpuModePatch, ...] = (
     _P("distopt-state-gather", "DistributedOptimizer.get_parameter_state_dp_zero",
        "stages the optimizer-state shards with .cuda() to gather them",
        training.distopt_state_gather),
+    _P("distopt-load", "DistributedOptimizer.sharded_state_dict / "
+       "load_parameter_state_from_dp_reshardable",
+       "loading a checkpoint: assert on torch Adam's missing step; in-place copy into fp32 "
+       "parameter views", training.distopt_load),
+)
+
+#: ``enable_cpu_mode(megatron_training=True)``: Megatron's own loop (``megatron.training``,
+#: ``mohge-pretrain``), applied after :data:`PATCHES`.
+TRAINING_PATCHES: Tuple[CpuModePatch, ...] = (
+    _P("training-redirect", "global `torch` of cpu.megatron_training.TRAINING_REDIRECTED_MODULES",
+       "CUDA tensors, devices, memory stats and RNG state in pretrain() and its helpers",
+       mt.training_redirect),
+    _P("one-device-initialize", "global `torch` of megatron.training.initialize",
+       "no CUDA device: no model-parallel groups, no RNG tracker seeds",
+       mt.one_device_initialize),
+    _P("allow-no-cuda", "megatron.training.training.initialize_megatron",
+       "asserts torch.cuda.is_available()", mt.allow_no_cuda),
+    _P("device-arch", "megatron.training.arguments.get_device_arch_version",
+       "reads CUDA device properties (validate_args with TP or CP > 1)", mt.device_arch),
+    _P("no-jit-warmup", "megatron.training.training.set_jit_fusion_options",
+       "warms fused kernels up with torch.compile on CUDA tensors", mt.no_jit_warmup),
 )
 
 #: Modules whose functions / classes the patches wrap, imported before anything is patched.
@@ -75,10 +97,10 @@ PATCHED_MODULES = (
 )
 
 
-def describe() -> str:
+def describe(patches: Tuple[CpuModePatch, ...] = PATCHES) -> str:
     """The table as reStructuredText (name -- target: what fails; then how it is fixed)."""
     rows = []
-    for p in PATCHES:
+    for p in patches:
         fix = " ".join((p.apply.__doc__ or "").split())
         rows.append(f"``{p.name}`` -- {p.target}: {p.why}.\n    {fix}")
     return "\n".join(rows)

@@ -102,3 +102,48 @@ def distopt_state_gather() -> None:
     the gloo data-parallel group as they are."""
     _wrap_in(module("optimizer.distrib_optimizer").DistributedOptimizer,
              "get_parameter_state_dp_zero", tensor_cuda_is_identity)
+
+def distopt_load() -> None:
+    """Loading a ``DistributedOptimizer`` checkpoint into a fresh optimizer fails twice on
+    CPU. (1) Without Apex / TE it wraps ``torch.optim.Adam``, whose state appears at its first
+    step, and ``state_dict()`` asserts exactly one ``step`` among the (empty) states -> on load
+    a fresh optimizer first gets its states from Megatron's own
+    ``_init_optimizer_states_with_dummy_values`` (a zero-gradient step; every value is then
+    overwritten by the checkpoint), as its ``fsdp_dtensor`` load path already does. (2) fp32
+    parameters' main shards are views of the parameters, and
+    ``load_parameter_state_from_dp_reshardable`` copies into them with autograd on ("a view of
+    a leaf Variable that requires grad") -> it runs under ``torch.no_grad()``, as its sibling
+    loaders do. (3) ``load_state_dict`` then gives every torch Adam state the *same* ``step``
+    tensor, which Adam increments in place once per parameter, and the dp-reshardable state
+    load overwrites it with the step of (1)'s template, so after a resume the bias correction
+    is wrong (losses leave the uninterrupted run's from the second step on) -> each state gets
+    its own tensor of the saved step (the param group's ``step``, what Megatron saves). (2) is not CPU-specific (fp32 + distributed optimizer on
+    GPUs too); CPU runs are fp32."""
+    cls = module("optimizer.distrib_optimizer").DistributedOptimizer
+    original = cls.sharded_state_dict
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, *args, **kwargs):
+        is_loading = kwargs.get("is_loading", args[1] if len(args) > 1 else False)
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, *args, **kwargs)
+
+    sharded_state_dict.__mohge_original__ = original
+    cls.sharded_state_dict = sharded_state_dict
+    _wrap_in(cls, "load_parameter_state_from_dp_reshardable", torch.no_grad)
+    original_load = cls.load_state_dict
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        out = original_load(self, state_dict)
+        for group in self.optimizer.param_groups:  # torch Adam: the group holds the saved step
+            if "step" in group:
+                for p in group["params"]:
+                    state = self.optimizer.state.get(p)
+                    if state is not None and "step" in state:
+                        state["step"] = torch.tensor(float(group["step"]))
+        return out
+
+    load_state_dict.__mohge_original__ = original_load
+    cls.load_state_dict = load_state_dict

@@ -1,0 +1,144 @@
+"""``mohge-pretrain``: Megatron's own ``pretrain()`` (the wheel's ``megatron.training``) on CPU.
+
+Real jobs: ``torchrun`` starts the console script's module on gloo ranks; the assertions read
+Megatron's own iteration log. Skipped where ``megatron.training`` is absent (the 0.16.1
+wheel), where the CLI's one-line message is checked instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._launch import REPO, _free_port
+
+CONFIGS = REPO / "examples" / "configs"
+
+
+def _has_megatron_training() -> bool:
+    from megatron_mohge.compat.versions import megatron_training_available
+
+    return megatron_training_available()
+
+
+needs_training = pytest.mark.skipif(
+    not _has_megatron_training(),
+    reason="megatron.training is not in this megatron-core wheel (0.16.1); mohge-pretrain "
+           "needs the 0.19 line (a Megatron-LM checkout uses examples/pretrain_mohge.py)")
+
+#: Small and fast: the test is about the loop, not the model.
+TINY = ("model.num_layers=2", "model.seq_length=32", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "eval.iters=1", "logging.interval=1",
+        "logging.tensorboard=false", "data.default_corpus_bytes=300000")
+
+
+def pretrain(tmp: Path, config: str, *overrides: str, nproc: int = 2) -> str:
+    """Run ``mohge-pretrain`` under torchrun; returns the combined output (raises on failure)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+           "-m", "megatron_mohge.cli.pretrain", "--config", str(CONFIGS / config), *TINY,
+           f"data.cache_dir={tmp / 'data'}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               TORCH_CPP_LOG_LEVEL="ERROR",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env,
+                          cwd=str(tmp))
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"mohge-pretrain failed (exit {proc.returncode}):\n{out[-12000:]}")
+    return out
+
+
+_ITER = re.compile(r"\] iteration\s+(\d+)/\s*(\d+) \|([^\n]*)")  # ranks may share a line
+
+
+def iteration_log(out: str) -> dict[int, dict[str, str]]:
+    """Megatron's iteration lines: iteration -> {field: printed value}."""
+    lines = {}
+    for m in _ITER.finditer(out):
+        fields = {}
+        for part in m.group(3).split("|"):
+            if ":" in part:
+                key, value = part.rsplit(":", 1)
+                fields[key.strip()] = value.strip()
+        lines[int(m.group(1))] = fields
+    return lines
+
+
+@needs_training
+def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
+    """2 gloo ranks, EP=2, Megatron's distributed optimizer, 20 iterations with Megatron's
+    checkpoints every 10; a second run loads iteration 10 and reaches 20 with the same
+    figures. The log reduces the MoHGE router losses; the stock-MoE config runs the same way."""
+    common = ("parallel.expert_parallel=2", "parallel.use_distributed_optimizer=true",
+              "train.iters=20", "checkpoint.interval=10")
+    full = pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common, f"output_dir={tmp_path / 'a'}")
+    ckpt = tmp_path / "a" / "checkpoints"
+    assert (ckpt / "iter_0000010").is_dir() and (ckpt / "iter_0000020").is_dir()
+    a = iteration_log(full)
+    assert sorted(a) == list(range(1, 21))
+    for name in ("lm loss", "mohge_group_loss", "mohge_intra_group_loss", "grad norm"):
+        assert name in a[20], (name, a[20])
+    # the group loss starts at losses.group_start_fraction of train.iters (progress reached
+    # the routers through the forward step), the intra-group loss from the start
+    assert float(a[1]["mohge_group_loss"]) == 0.0 and float(a[20]["mohge_group_loss"]) > 0
+    assert float(a[1]["mohge_intra_group_loss"]) > 0
+    assert "use_distributed_optimizer ....................... True" in full
+    assert "validation loss at iteration 20" in full
+
+    resumed = pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common, f"output_dir={tmp_path / 'b'}",
+                       f"checkpoint.load={ckpt}", "launch.extra_args=[--ckpt-step, '10']")
+    b = iteration_log(resumed)
+    assert sorted(b) == list(range(11, 21))
+    for it in range(11, 21):
+        # Megatron prints the first iteration after a (re)start on its own and then averages
+        # it into the next line's figures (iteration 12): that line's losses are not one
+        # iteration's. Everything else must be equal to the printed digits.
+        keys = ["grad norm", "learning rate", "consumed samples"]
+        if it != 12:
+            keys += ["lm loss", "mohge_group_loss", "mohge_intra_group_loss"]
+        assert {k: b[it][k] for k in keys} == {k: a[it][k] for k in keys}, it
+    assert (tmp_path / "b" / "checkpoints" / "iter_0000020").is_dir()
+
+    stock = pretrain(tmp_path, "cpu_tiny_moe.yaml", "parallel.expert_parallel=2",
+                     "parallel.use_distributed_optimizer=true", "train.iters=4",
+                     f"output_dir={tmp_path / 'moe'}", "checkpoint.enabled=false")
+    s = iteration_log(stock)
+    assert sorted(s) == [1, 2, 3, 4] and "load_balancing_loss" in s[4]
+    assert "mohge_group_loss" not in s[4]
+
+
+@pytest.mark.slow
+@needs_training
+@pytest.mark.parametrize("layout", [
+    pytest.param(("parallel.tensor_parallel=2", "parallel.expert_parallel=2",  # TP2 + SP
+                  "parallel.expert_tensor_parallel=1"),
+                 marks=pytest.mark.xfail(run=False, reason=(
+                     "open: under mohge-pretrain on CPU, TP2+SP hangs in a gloo recv before "
+                     "the first iteration (10 min collective timeout); not yet diagnosed"))),
+    ("parallel.pipeline_parallel=2", "parallel.expert_parallel=1"),
+], ids=["tp2-sp", "pp2"])
+def test_pretrain_tp_sp_and_pp(tmp_path, layout):
+    out = pretrain(tmp_path, "cpu_tiny_mohge.yaml", *layout, "train.iters=3",
+                   "checkpoint.enabled=false", f"output_dir={tmp_path / 'r'}")
+    log = iteration_log(out)
+    assert sorted(log) == [1, 2, 3]
+    assert "mohge_intra_group_loss" in log[3] and float(log[3]["lm loss"]) > 0
+    if "parallel.tensor_parallel=2" in layout:
+        assert "sequence_parallel ............................... True" in out
+
+
+@pytest.mark.skipif(_has_megatron_training(), reason="megatron.training is installed here")
+def test_pretrain_without_megatron_training_says_so_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_mohge.cli.pretrain", "--config",
+                           str(CONFIGS / "cpu_tiny_mohge.yaml")], capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "megatron.training" in lines[0]
+    assert "examples/pretrain_mohge.py" in lines[0] and "Megatron-LM checkout" in lines[0]
