@@ -71,7 +71,7 @@ class YamlDataclass:
 
 @dataclass
 class RouterConfig:
-    """Two-level router options (design note section 2)."""
+    """Two-level router options (the routing math: ``routing.functional.two_level_route``)."""
 
     type: str = "mohge"  # mohge (two-level) | noisy_topk | hierarchical_noisy_topk (Shazeer 2017)
     group_score: str = "sigmoid"  # group gate score s = sigmoid(u) as released; or softmax(u)
@@ -83,7 +83,7 @@ class RouterConfig:
 
 @dataclass
 class LossConfig:
-    """Auxiliary losses (design note section 3)."""
+    """Auxiliary losses (the formulas: the loss docstrings in ``routing.losses``)."""
 
     group_coeff: float = 1e-5  # a_G of the cost-weighted group-wise loss (released: 1e-5)
     group_cost_delta: Optional[float] = None  # Delta in c_g = 1 + (W_g - W_1)/Delta; None = mean width
@@ -108,7 +108,7 @@ class LossConfig:
 
 @dataclass
 class AllocationConfig:
-    """All-size Group-decoupling Allocation (design note section 4)."""
+    """All-size Group-decoupling Allocation (the algorithm: the ``allocation`` module docstring)."""
 
     max_imbalance: float = 1.05  # refuse plans whose per-rank width sums exceed mean by more
     allow_imbalance: bool = False  # accept a plan above max_imbalance (it is still reported)

@@ -1,4 +1,4 @@
-"""Routing metrics measured from real routing (design note section 6).
+"""Routing metrics measured from real routing.
 
 Routers accumulate token counts per expert (canonical order) and per group while the model
 runs; ``routing_metrics`` turns them into the figures the paper reports: activated
@@ -9,6 +9,8 @@ the rank; pass ``group`` to sum them over e.g. the data-parallel group first.
 Megatron's stock ``TopKRouter`` keeps no counts; :func:`attach_stock_counters` adds the
 same (non-persistent) count buffers to it through a forward hook, so a stock MoE baseline is
 measured by the same code.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations

@@ -514,6 +514,26 @@ class RunConfig(YamlDataclass):
         return cls.from_dict(data, base_dir=p.parent)
 
 
+#: Top-level keys of a run file and of a MoHGE layer file (a layer file may wrap its keys in
+#: one ``mohge:`` section). Disjoint, so one key tells the two kinds apart.
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
+LAYER_FIELDS = frozenset(f.name for f in dataclasses.fields(MoHGEConfig)) | {"mohge"}
+
+
+def config_kind(data: Any, where: str) -> str:
+    """``"run"`` or ``"layer"``: the kind of YAML file ``where`` holding ``data``.
+
+    A file is a run file as soon as one top-level key is a ``RunConfig`` field, so a run file
+    with a misspelt section (``trian:``) still reaches ``RunConfig``'s own error message."""
+    keys = set(data) if isinstance(data, dict) else set()
+    if keys & RUN_FIELDS:
+        return "run"
+    if keys & LAYER_FIELDS:
+        return "layer"
+    raise ConfigError(f"{where}: neither a run file (top-level keys among {sorted(RUN_FIELDS)}) "
+                      f"nor a MoHGE layer file (keys among {sorted(LAYER_FIELDS)}).")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """``["train.iters=50", "moe.mohge.topk=4"]`` -> a new nested dict (values parsed as YAML)."""
     import copy

@@ -222,3 +222,33 @@ def test_cli_bad_configs(capsys, tmp_path):
     capsys.readouterr()
     assert CC.main([run, "model.add_bias_linear=true"]) == 2  # Megatron's shared experts: no bias
     assert "shared experts" in capsys.readouterr().err
+
+
+def test_run_and_layer_keys_are_disjoint_and_shipped_files_are_classified():
+    from megatron_mohge.config import read_yaml_file
+    from megatron_mohge.run_config import LAYER_FIELDS, RUN_FIELDS, config_kind
+
+    assert RUN_FIELDS.isdisjoint(LAYER_FIELDS)
+    shipped = sorted(CONFIGS.glob("*.yaml")) + sorted(
+        (ROOT / "megatron_mohge" / "resources" / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        layer = path.name in ("tiny_mohge.yaml", "paper_3b_layer.yaml")
+        assert config_kind(read_yaml_file(path, "config"), str(path)) == \
+            ("layer" if layer else "run"), path
+    with pytest.raises(Exception, match="neither a run file"):
+        config_kind({"nonsense": 1}, "x.yaml")
+
+
+def test_run_file_with_every_section_is_a_run_file(tmp_path, capsys):
+    """Regression: the hand-written run-key list missed ``health``, so a run file with a
+    ``health:`` section (or a misspelt section) was taken for a layer file."""
+    cfg = tmp_path / "run.yaml"
+    body = ("model: {num_layers: 2, hidden_size: 32, num_attention_heads: 4}\n"
+            "moe: {kind: moe, num_experts: 4, expert_hidden_size: 32, topk: 2}\n")
+    cfg.write_text(body + "health: {}\n")
+    assert CC.main([str(cfg), "--json"]) == 0
+    capsys.readouterr()
+    cfg.write_text(body + "trian: {iters: 3}\n")
+    assert CC.main([str(cfg)]) == 2
+    assert "trian: unknown key" in capsys.readouterr().err

@@ -19,8 +19,6 @@ from typing import Optional
 from megatron_mohge.config import ConfigError, MoHGEConfig, read_yaml_file
 from megatron_mohge.integration import accounting as A
 
-RUN_KEYS = {"name", "output_dir", "model", "moe", "parallel", "data", "train", "eval",
-            "checkpoint", "logging", "launch"}
 TE_WIDTH_MULTIPLE = 128  # TE / cuBLAS grouped GEMMs are fastest on multiples of 128
 
 
@@ -50,11 +48,11 @@ def parse_args(argv=None):
 
 def load_run(args):
     """A ``RunConfig`` from a run YAML, or from a layer YAML plus the backbone options."""
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.run_config import RunConfig, config_kind
 
     path = Path(args.config)
     data = read_yaml_file(path, "config") or {}
-    if isinstance(data, dict) and data and set(data) <= RUN_KEYS:
+    if config_kind(data, str(path)) == "run":
         run = RunConfig.from_yaml(path, args.overrides)
         explicit_launch = "launch" in data or any(o.startswith("launch.") for o in args.overrides)
         return run, False, explicit_launch

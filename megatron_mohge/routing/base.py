@@ -13,6 +13,8 @@ tracker, is Megatron's):
 * routing counts (tokens per expert, per group) are accumulated for metrics;
 * a training-progress hook for loss schedules (``set_training_progress``);
 * input jitter only while training (``jitter``).
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations

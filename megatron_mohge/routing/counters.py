@@ -17,6 +17,8 @@ Three horizons:
 
 MaxVio is the balance figure of Wang et al., "Auxiliary-Loss-Free Load Balancing" (arXiv
 2408.15664). The accumulators avoid host syncs (no ``.item()`` in the forward pass).
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations

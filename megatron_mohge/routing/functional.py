@@ -1,6 +1,6 @@
-"""Pure routing math of the MoHGE two-level router (design note section 2).
+"""Pure routing math of the MoHGE two-level router (the formulas: :func:`two_level_route`).
 
-Shapes: ``T`` tokens, ``G`` groups, ``E`` experts in canonical (group-major) order.
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 Everything here is differentiable where the paper's router is, and free of Megatron state,
 so tests can check it against hand-computed values.
 """

@@ -1,4 +1,7 @@
-"""The MoHGE two-level router as a Megatron router module (``MoESubmodules.router``)."""
+"""The MoHGE two-level router as a Megatron router module (``MoESubmodules.router``).
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Sparsely-gated MoE router (Shazeer et al. 2017, "Outrageously Large Neural Networks").
 
-Design note section 5. Flat gate (``router.type: noisy_topk``)::
+Flat gate (``router.type: noisy_topk``)::
 
     H(x)_i = (x W_g)_i + N(0,1) * (softplus((x W_noise)_i) + eps)      (training only)
     G(x)   = softmax(KeepTopK(H(x), k))
@@ -30,6 +30,8 @@ CV^2 is not a sum over tokens, so the per-expert sums are all-reduced over the T
 computes the same global loss and back-propagates ``dL/dSum`` into its own tokens only; the
 SP-flagged router grads are summed over TP and Megatron's aux-loss scale undoes the CP average,
 so the summed gradient is the full ``dL/dW``.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations

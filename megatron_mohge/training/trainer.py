@@ -13,6 +13,8 @@ reproduces the uninterrupted one bit for bit (also on another EP size, up to red
 order). Run safety (one writer per folder, numerical health, damaged or mismatched
 checkpoints, stalled ranks, orphaned writer processes): ``lock``, ``health``, ``checkpoint``
 and ``procs`` next to this module.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations
