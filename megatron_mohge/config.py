@@ -495,6 +495,27 @@ def expect_int(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
 
 
+def parse_split(split: Any, name: str = "split") -> list[float]:
+    """``"949,50,1"`` -> normalised train/validation/test weights (Megatron-LM's rule: one to
+    three comma-separated non-negative weights, missing ones 0); train and validation must be
+    positive. ConfigError naming ``name`` otherwise."""
+    parts = [p.strip() for p in str(split).split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{name} {split!r} is not valid: use up to three comma-separated "
+                          f"non-negative weights for train,validation,test, e.g. '949,50,1'")
+    weights += [0.0] * (3 - len(weights))
+    if weights[0] <= 0 or weights[1] <= 0:
+        which = "train" if weights[0] <= 0 else "validation"
+        raise ConfigError(f"{name} {split!r} gives the {which} split no share of the data; "
+                          f"both train and validation need a positive weight, e.g. '949,50,1'")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 def expect_number(name: str, value: Any, minimum: float) -> None:
     """Raise ConfigError naming ``name`` unless ``value`` is a number >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

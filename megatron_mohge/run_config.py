@@ -27,6 +27,7 @@ from megatron_mohge.config import (
     NoisyGatingConfig,
     YamlDataclass,
     load_yaml,
+    parse_split,
     read_yaml_file,
 )
 from megatron_mohge.config import expect_bool as _bool
@@ -421,14 +422,7 @@ class RunConfig(YamlDataclass):
             raise ConfigError(f"data.path: a list of dataset prefixes (or one), got {d.path!r}")
         if not isinstance(d.tokenizer, str) or not d.tokenizer:
             raise ConfigError(f"data.tokenizer: 'byte' or a tokenizer.json path, got {d.tokenizer!r}")
-        try:
-            weights = [float(x) for x in str(d.split).split(",")]
-        except ValueError:
-            weights = []
-        if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0 or weights[1] <= 0:
-            raise ConfigError(f"data.split: three comma-separated non-negative weights "
-                              f"train,valid,test with train and valid > 0 (e.g. '95,5,0'), "
-                              f"got {d.split!r}")
+        parse_split(d.split, "data.split")
         _int("data.default_corpus_bytes", d.default_corpus_bytes, 10_000)
         if d.valid_seed is not None:
             _int("data.valid_seed", d.valid_seed, 0)
