@@ -35,6 +35,7 @@ from megatron_mohge.bench.presets import Preset
 from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig
+from megatron_mohge.util.numbers import mean_present
 
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
@@ -305,14 +306,14 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
         ep_key = str(run.parallel.expert_parallel)
         if run.parallel.expert_parallel > 1:
             key = "all_size" if run.moe.kind == "mohge" else "contiguous"
-            fig["rank_flops_max_over_mean"] = _mean(
+            fig["rank_flops_max_over_mean"] = mean_present(
                 l["rank_flops"][ep_key][f"{key}_max_over_mean"] for l in layers)
         fig["rank_flops_by_ep"] = {
-            ep: {k: _mean(l["rank_flops"][ep][k] for l in layers)
+            ep: {k: mean_present(l["rank_flops"][ep][k] for l in layers)
                  for k in layers[0]["rank_flops"][ep] if k.endswith("max_over_mean")}
             for ep in layers[0].get("rank_flops", {})}
     if any("importance_cv" in l for l in layers):
-        fig["importance_cv"] = _mean(l.get("importance_cv") for l in layers)
+        fig["importance_cv"] = mean_present(l.get("importance_cv") for l in layers)
     for key in SEED_FIELDS:  # per-layer figures the summary does not average itself
         if key not in fig and key not in summary and layers and key in layers[0]:
             fig[key] = layer_mean(layers, key)
@@ -369,14 +370,9 @@ def _rank_flops(layers: list[dict], ep: int) -> Optional[dict]:
     for name in ("all_size", "contiguous"):
         if name in entries[0]:
             ranks = len(entries[0][name])
-            out[name] = [_mean(e[name][r] for e in entries) for r in range(ranks)]
-            out[f"{name}_max_over_mean"] = _mean(e[f"{name}_max_over_mean"] for e in entries)
+            out[name] = [mean_present(e[name][r] for e in entries) for r in range(ranks)]
+            out[f"{name}_max_over_mean"] = mean_present(e[f"{name}_max_over_mean"] for e in entries)
     return out
-
-
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def target_checks(results: dict) -> dict:

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from megatron_mohge.util import numbers
+
 PathLike = Union[str, Path]
 DASH = "—"
 PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png",
@@ -49,12 +51,7 @@ def fmt_count(v: Any) -> str:
         return DASH
     if math.isnan(x):
         return "nan"
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            y = x / div
-            digits = 3 if abs(y) < 10 else 2 if abs(y) < 100 else 1
-            return f"{y:.{digits}f}{suffix}"
-    return f"{x:.0f}"
+    return numbers.fmt_count(x, "report")
 
 
 def fmt_float(v: Any, digits: int = 3, suffix: str = "") -> str:

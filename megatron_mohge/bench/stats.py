@@ -18,6 +18,13 @@ import math
 import random
 from typing import Optional, Sequence
 
+from megatron_mohge.util.numbers import (  # noqa: F401  (part of this module's API)
+    mean,
+    percentile,
+    sample_sd,
+    standard_error,
+)
+
 CONFIDENCE = 0.95  # every interval in results.json is a two-sided 95% interval
 
 
@@ -94,26 +101,6 @@ def t_quantile(p: float, df: float) -> float:
 
 
 # ---------------------------------------------------------------------------- samples
-def mean(xs: Sequence[float]) -> float:
-    if not xs:
-        raise ValueError("mean of an empty sample")
-    return sum(xs) / len(xs)
-
-
-def sample_sd(xs: Sequence[float]) -> float:
-    """Sample standard deviation (n - 1 in the denominator); 0 for one value."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-
-
-def standard_error(xs: Sequence[float]) -> Optional[float]:
-    """Standard error of the mean, sd / sqrt(n); None for fewer than two values."""
-    return sample_sd(xs) / math.sqrt(len(xs)) if len(xs) >= 2 else None
-
-
 def mean_ci(xs: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     """``{"mean", "sd", "n", "ci": [low, high] or None}``: the two-sided Student-t interval
     of the mean (None for one value: no spread to estimate)."""
@@ -222,15 +209,7 @@ def percentile_interval(xs: Sequence[float], q: float) -> Optional[list[float]]:
     """``[q, 1-q]`` empirical quantiles (linear interpolation); None when empty."""
     if not xs:
         return None
-    s = sorted(xs)
-
-    def at(p: float) -> float:
-        pos = p * (len(s) - 1)
-        i = int(math.floor(pos))
-        j = min(i + 1, len(s) - 1)
-        return s[i] + (s[j] - s[i]) * (pos - i)
-
-    return [at(q), at(1 - q)]
+    return [percentile(xs, q), percentile(xs, 1 - q)]
 
 
 def ratio_se_paired(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:

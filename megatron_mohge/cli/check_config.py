@@ -18,8 +18,13 @@ from typing import Optional
 
 from megatron_mohge.config import ConfigError, MoHGEConfig, read_yaml_file
 from megatron_mohge.integration import accounting as A
+from megatron_mohge.util.numbers import fmt_count
 
 TE_WIDTH_MULTIPLE = 128  # TE / cuBLAS grouped GEMMs are fastest on multiples of 128
+
+
+def _count(x) -> str:  # this tool's style: always three decimals (1.234M)
+    return fmt_count(float(x), "fixed3")
 
 
 def parse_args(argv=None):
@@ -206,14 +211,6 @@ def analyse(run, vocab_override: Optional[int] = None, world: Optional[int] = No
     return out
 
 
-def _n(x: float) -> str:
-    x = float(x)
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3f}{unit}"
-    return f"{x:.0f}"
-
-
 def render_text(r: dict) -> str:
     mo, pa, pr = r["model"], r["parallel"], r["params"]
     lines = [f"run {r['name']}: moe.kind={r['moe_kind']}"
@@ -236,16 +233,16 @@ def render_text(r: dict) -> str:
     for key in ("embedding", "output_layer", "attention", "norms", "dense_ffn", "routers",
                 "shared_experts", "routed_experts", "total"):
         share = 100.0 * pr[key] / pr["total"] if pr["total"] else 0.0
-        lines.append(f"  {key:<16}{pr[key]:>16,}  {_n(pr[key]):>9}  {share:5.1f}%")
+        lines.append(f"  {key:<16}{pr[key]:>16,}  {_count(pr[key]):>9}  {share:5.1f}%")
     act = r["activated_per_token"]
     w, rp, tp = act["routed_width_per_moe_layer"], act["routed_params"], act["total_params"]
     lines += ["", "activated per token            min         uniform     max",
               f"  routed width / MoE layer  {w['min']:>10,.0f}  {w['uniform']:>10,.1f}  "
               f"{w['max']:>10,.0f}",
-              f"  routed params             {_n(rp['min']):>10}  {_n(rp['uniform']):>10}  "
-              f"{_n(rp['max']):>10}",
-              f"  total params              {_n(tp['min']):>10}  {_n(tp['uniform']):>10}  "
-              f"{_n(tp['max']):>10}",
+              f"  routed params             {_count(rp['min']):>10}  {_count(rp['uniform']):>10}  "
+              f"{_count(rp['max']):>10}",
+              f"  total params              {_count(tp['min']):>10}  {_count(tp['uniform']):>10}  "
+              f"{_count(tp['max']):>10}",
               f"  ({act['convention']})"]
     mem = r["expert_memory_per_ep_rank"]
     if mem.get("ranks"):
@@ -253,7 +250,7 @@ def render_text(r: dict) -> str:
                   f"  assumption: {mem['assumption']}"]
         for rk in mem["ranks"]:
             lines.append(f"  rank {rk['rank']}: {rk['experts']} experts/layer, width sum "
-                         f"{rk['width_sum']}, {_n(rk['params'])} params, {rk['gib']:.2f} GiB")
+                         f"{rk['width_sum']}, {_count(rk['params'])} params, {rk['gib']:.2f} GiB")
     if r["allocation"]:
         lines += ["", "allocation", *("  " + ln for ln in r["allocation"]["table"].splitlines())]
     lines += ["", "warnings" if r["warnings"] else "warnings: none"]

@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mohge.bench.stats import standard_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.metrics import (
     attach_stock_counters,
@@ -45,6 +44,7 @@ from megatron_mohge.training import health as health_lib
 from megatron_mohge.training import procs
 from megatron_mohge.training import mcore as M
 from megatron_mohge.training import model as model_lib
+from megatron_mohge.util.numbers import mean_present, standard_error
 
 
 def tensorboard_writer(log_dir: Path, run_name: str):
@@ -527,42 +527,37 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def balance_figures(layers: list[dict]) -> dict:
     """Balance figures of a set of MoE layers, each the mean over layers: expert load CV and
     max/mean, MaxVio (micro-batch and global batch), load CV inside groups, and per-EP-size
     rank FLOPs max/mean of each layout
     (``rank_flops_by_ep = {"2": {"all_size_max_over_mean": .., "contiguous_max_over_mean": ..}}``)."""
-    out = dict(expert_load_cv=_mean(l["expert_load_cv"] for l in layers),
-               expert_load_max_over_mean=_mean(l["expert_load_max_over_mean"] for l in layers),
-               maxvio_micro=_mean(l.get("maxvio_micro") for l in layers),
-               maxvio_batch=_mean(l.get("maxvio_batch") for l in layers),
-               group_load_cv=_mean(_mean(l.get("group_load_cv") or []) for l in layers))
+    out = dict(expert_load_cv=mean_present(l["expert_load_cv"] for l in layers),
+               expert_load_max_over_mean=mean_present(l["expert_load_max_over_mean"] for l in layers),
+               maxvio_micro=mean_present(l.get("maxvio_micro") for l in layers),
+               maxvio_batch=mean_present(l.get("maxvio_batch") for l in layers),
+               group_load_cv=mean_present(mean_present(l.get("group_load_cv") or []) for l in layers))
     flops: dict = {}
     for l in layers:
         for ep, d in (l.get("rank_flops") or {}).items():
             for k, v in d.items():
                 if k.endswith("_max_over_mean"):
                     flops.setdefault(ep, {}).setdefault(k, []).append(v)
-    out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
+    out["rank_flops_by_ep"] = {ep: {k: mean_present(v) for k, v in d.items()} for ep, d in flops.items()}
     return out
 
 
 def train_balance(history: list[dict], iters: int) -> dict:
     """Balance figures of the log windows in the last quarter of training, averaged."""
     recs = [h for h in history if h["iteration"] > 0.75 * iters] or history[-1:]
-    out = {k: _mean(h.get(k) for h in recs)
+    out = {k: mean_present(h.get(k) for h in recs)
            for k in ("expert_load_cv", "maxvio_micro", "maxvio_batch", "group_load_cv")}
     flops: dict = {}
     for h in recs:
         for ep, d in (h.get("rank_flops_by_ep") or {}).items():
             for k, v in d.items():
                 flops.setdefault(ep, {}).setdefault(k, []).append(v)
-    out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
+    out["rank_flops_by_ep"] = {ep: {k: mean_present(v) for k, v in d.items()} for ep, d in flops.items()}
     return out
 
 
