@@ -233,7 +233,7 @@ def test_flat_losses_and_grads_against_loop(padded):
     ((p_ref * R).sum() + 0.3 * cv2_ref(imp) + 0.7 * cv2_ref(load)).backward()
     for mine, ref in zip((r.weight, r.bias, r.noise_weight), leaves):
         assert torch.allclose(mine.grad, ref.grad, atol=1e-5), (mine.grad, ref.grad)
-    assert torch.allclose(r.importance_E, imp.detach(), atol=1e-6)
+    assert torch.allclose(r.importance_E, imp.detach().double(), atol=1e-6)
     assert torch.equal(r.tokens_per_expert_E, (rmap.float() * keep[:, None]).sum(0))
 
 
@@ -348,10 +348,36 @@ def test_exactly_k_and_slot_order_with_ep2():
     assert (m1.sum(1) == 4).all()
     # Metrics stay canonical whatever the slot order.
     assert torch.equal(r2.tokens_per_expert_E, m1.float().sum(0))
-    assert torch.allclose(r2.importance_E, p1.sum(0))
+    assert torch.allclose(r2.importance_E, p1.sum(0).double())
     r2.reset_routing_counts()
     assert r2.importance_E.abs().sum() == 0 and r2.tokens_seen == 0
 
+
+
+def test_importance_is_a_window_count_reset_and_restored_with_the_others():
+    """Regression: Importance lived in its own float32 buffer that the trainer's
+    reset_routing_counts / snapshot / restore skipped, so the reported importance CV spanned
+    every forward since the model was built (evaluations included), and Float16Module's
+    cast made it bf16."""
+    from megatron_mohge.metrics import (reset_routing_counts, restore_routing_counts,
+                                        snapshot_routing_counts)
+
+    r = router(6, 2, gating=NoisyGatingConfig(importance_coeff=0.3, load_coeff=0.7))
+    randomize(r)
+    x = torch.randn(5, 2, D)
+    p_train, _ = r(x)
+    train_imp = r.importance_E.clone()
+    assert train_imp.dtype == torch.float64 and train_imp.sum() > 0
+    saved = snapshot_routing_counts([r])  # what Trainer.evaluate does around evaluation
+    reset_routing_counts([r])
+    assert r.importance_E.abs().sum() == 0
+    r.eval()
+    p_eval, _ = r(x)
+    assert torch.allclose(r.importance_E, p_eval.detach().sum(0).double())
+    restore_routing_counts(saved)
+    assert torch.equal(r.importance_E, train_imp)
+    r.bfloat16()  # what Float16Module does to its submodules
+    assert r.importance_E.dtype == torch.float64 and torch.equal(r.importance_E, train_imp)
 
 # ---------------------------------------------------------------- hierarchical router
 def hier(sizes, kg, K, **kw):

@@ -47,6 +47,7 @@ from megatron.core.transformer.moe.moe_utils import z_loss_func
 from megatron_mohge.config import MoHGEConfig, NoisyGatingConfig
 from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.base import GroupedExpertRouter, _default_pg_collection
+from megatron_mohge.routing.counters import RoutingCounter
 from megatron_mohge.routing.functional import valid_token_mask
 
 IMPORTANCE_LOSS_NAME = "noisy_importance_loss"
@@ -157,7 +158,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
             self.group_weight = self.new_gate_weight(len(self.group_sizes))
             self.group_noise_weight = (self.new_gate_weight(len(self.group_sizes)) if noise
                                        else None)
-        self.register_buffer("importance_E", torch.zeros(self.num_experts), persistent=False)
+        self.counter = RoutingCounter(self.num_experts, len(self.group_sizes), importance=True)
         self.reset_parameters()
 
     def _check_supported(self, group_topk: Optional[int]) -> None:
@@ -190,9 +191,8 @@ class NoisyTopKRouter(GroupedExpertRouter):
                 with torch.no_grad():
                     p.zero_()
 
-    def reset_routing_counts(self) -> None:
-        super().reset_routing_counts()
-        self.importance_E.zero_()
+    # Importance_e over the counting window (reset with the other counts)
+    importance_E = property(lambda self: self.counter.importance_E)
 
     def balance_metrics(self) -> dict[str, float]:
         """CV(importance), CV(load), max/mean load of the counts since the last reset (local)."""
@@ -259,7 +259,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
                 probs_TE = self._attach_losses(probs_TE, load_parts, keep_T1)
         with torch.no_grad():
             w_TE = probs_TE.detach() if keep_T1 is None else probs_TE.detach() * keep_T1
-            self.importance_E += w_TE.sum(0).to(self.importance_E.device)
+            self.counter.add_importance(w_TE)
         self.record_counts(routing_map_TE, group_mask_TG, keep_T1)
         return self.to_slot_order(probs_TE, routing_map_TE)
 
