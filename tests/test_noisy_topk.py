@@ -571,3 +571,37 @@ def test_noise_std_floor_keeps_gradients_finite_when_softplus_underflows(hierarc
         assert p.grad is None or torch.isfinite(p.grad).all()
     sd = nt.noise_stddev(torch.tensor([-1e5, -200.0, 0.0]), 0.0)
     assert (sd > 0).all() and sd[2] == pytest.approx(math.log(2.0))
+
+
+def test_noise_toggle_changes_the_parameters_so_resume_refuses_it(tmp_path):
+    """Regression: RESUMABLE_CHANGES let ``noisy_gating.noise`` change on resume, but it adds
+    or removes W_noise, so the load then failed inside dist-ckpt blaming the checkpoint."""
+    import yaml
+
+    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.training import checkpoint as ckpt_lib
+
+    def keys(**gating):
+        return set(router(8, 2, gating=NoisyGatingConfig(**gating)).state_dict())
+
+    assert keys(noise=True) != keys(noise=False)
+    # the noisy-gating entries that stay resumable leave the parameters alone
+    resumable = [p.rsplit(".", 1)[1] for p in ckpt_lib.RESUMABLE_CHANGES
+                 if p.startswith("moe.noisy_gating.")]
+    assert resumable == ["importance_coeff", "load_coeff"]
+    for name in resumable:
+        assert keys(**{name: 0.5}) == keys(**{name: 0.0})
+
+    for moe in ({"router": "noisy_topk"},
+                {"kind": "mohge", "mohge": {"widths": [8, 16], "experts_per_group": 2,
+                                            "group_topk": 1, "topk": 1,
+                                            "router": {"type": "noisy_topk"}}}):
+        saved = RunConfig.from_dict({"moe": moe}).to_dict()
+        prefix = "moe.noisy_gating" if "kind" not in moe else "moe.mohge.noisy_gating"
+        section = saved["moe"] if "kind" not in moe else saved["moe"]["mohge"]
+        flipped = copy.deepcopy(saved)
+        (flipped["moe"] if "kind" not in moe else flipped["moe"]["mohge"])["noisy_gating"][
+            "noise"] = not section["noisy_gating"]["noise"]
+        (tmp_path / ckpt_lib.RUN_FILE).write_text(yaml.safe_dump(saved))
+        with pytest.raises(ConfigError, match=rf"{prefix}\.noise: True -> False"):
+            ckpt_lib.check_compatible(tmp_path, flipped)
