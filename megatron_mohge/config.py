@@ -71,7 +71,7 @@ class YamlDataclass:
 
 @dataclass
 class RouterConfig:
-    """Two-level router options (the routing math: ``routing.functional.two_level_route``)."""
+    """Two-level router options (the math: ``routing.functional.two_level_route``)."""
 
     type: str = "mohge"  # mohge (two-level) | noisy_topk | hierarchical_noisy_topk (Shazeer 2017)
     group_score: str = "sigmoid"  # group gate score s = sigmoid(u) as released; or softmax(u)
@@ -83,7 +83,7 @@ class RouterConfig:
 
 @dataclass
 class LossConfig:
-    """Auxiliary losses (the formulas: the loss docstrings in ``routing.losses``)."""
+    """Auxiliary losses (the formulas: each loss's docstring in ``routing.losses``)."""
 
     group_coeff: float = 1e-5  # a_G of the cost-weighted group-wise loss (released: 1e-5)
     group_cost_delta: Optional[float] = None  # Delta in c_g = 1 + (W_g - W_1)/Delta; None = mean width

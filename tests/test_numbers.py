@@ -61,3 +61,26 @@ def test_helpers_are_not_written_again():
             if re.search(pattern, text):
                 found.append(f"{rel}: {pattern}")
     assert not found, found
+
+
+def test_rank_flops_means_by_ep_of_layers_and_of_log_windows():
+    """balance_figures (over layers) and train_balance (over log windows) average rank FLOPs
+    max/mean with one helper: the mean per EP size and layout, other keys dropped."""
+    from megatron_mohge.training.trainer import balance_figures, train_balance
+
+    def layer(a2, c2, a4):
+        return {"expert_load_cv": 0.1, "expert_load_max_over_mean": 1.5,
+                "rank_flops": {"2": {"ep": 2, "all_size": [1.0, 1.0], "all_size_max_over_mean": a2,
+                                     "contiguous_max_over_mean": c2},
+                               "4": {"all_size_max_over_mean": a4}}}
+
+    figs = balance_figures([layer(1.0, 1.5, 2.0), layer(1.25, 1.75, None)])
+    assert figs["rank_flops_by_ep"] == {"2": {"all_size_max_over_mean": 1.125,
+                                              "contiguous_max_over_mean": 1.625},
+                                        "4": {"all_size_max_over_mean": 2.0}}
+    hist = [{"iteration": it, "expert_load_cv": cv,
+             "rank_flops_by_ep": {"2": {"x_max_over_mean": f}}} for it, cv, f in ((10, 0.5, 9.0), (80, 0.25, 1.5), (100, 0.75, 2.5))]
+    train = train_balance(hist, iters=100)  # the last quarter: iterations 80 and 100
+    assert train["expert_load_cv"] == 0.5
+    assert train["rank_flops_by_ep"] == {"2": {"x_max_over_mean": 2.0}}
+    assert numbers.mean_by_ep([None, {}]) == {}

@@ -35,7 +35,7 @@ from megatron_mohge.bench.presets import Preset
 from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig
-from megatron_mohge.util.numbers import mean_present
+from megatron_mohge.util.numbers import mean_by_ep, mean_present
 
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
@@ -303,15 +303,15 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
             fig["widths"] = list(run.moe.mohge.widths)
         fig["chosen_width_hist"] = _width_hist(layers, widths)
         fig["rank_flops"] = _rank_flops(layers, run.parallel.expert_parallel)
-        ep_key = str(run.parallel.expert_parallel)
+        # the trainer's layer means (balance_figures); recomputed for older summaries only
+        by_ep = summary.get("rank_flops_by_ep")
+        if by_ep is None:
+            by_ep = mean_by_ep(l.get("rank_flops") for l in layers)
+        fig["rank_flops_by_ep"] = by_ep
         if run.parallel.expert_parallel > 1:
             key = "all_size" if run.moe.kind == "mohge" else "contiguous"
-            fig["rank_flops_max_over_mean"] = mean_present(
-                l["rank_flops"][ep_key][f"{key}_max_over_mean"] for l in layers)
-        fig["rank_flops_by_ep"] = {
-            ep: {k: mean_present(l["rank_flops"][ep][k] for l in layers)
-                 for k in layers[0]["rank_flops"][ep] if k.endswith("max_over_mean")}
-            for ep in layers[0].get("rank_flops", {})}
+            fig["rank_flops_max_over_mean"] = by_ep.get(str(run.parallel.expert_parallel), {}).get(
+                f"{key}_max_over_mean")
     if any("importance_cv" in l for l in layers):
         fig["importance_cv"] = mean_present(l.get("importance_cv") for l in layers)
     for key in SEED_FIELDS:  # per-layer figures the summary does not average itself

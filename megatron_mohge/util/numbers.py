@@ -25,6 +25,19 @@ def mean_present(values: Iterable[Optional[float]]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def mean_by_ep(by_ep_dicts) -> dict:
+    """``{ep: {"<layout>_max_over_mean": mean over the dicts}}`` from dicts shaped like
+    ``{ep: {"<layout>_max_over_mean": x, ...}}`` (None skipped; other keys, e.g. per-rank
+    lists, dropped). Keys keep their first-seen order."""
+    flops: dict = {}
+    for by_ep in by_ep_dicts:
+        for ep, d in (by_ep or {}).items():
+            for k, v in d.items():
+                if k.endswith("_max_over_mean"):
+                    flops.setdefault(ep, {}).setdefault(k, []).append(v)
+    return {ep: {k: mean_present(v) for k, v in d.items()} for ep, d in flops.items()}
+
+
 def sample_sd(xs: Sequence[float]) -> float:
     """Sample standard deviation (n - 1 in the denominator); 0 for one value."""
     n = len(xs)
