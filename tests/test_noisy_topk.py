@@ -465,9 +465,22 @@ def test_z_loss_is_attached_flat_and_hierarchical():
               hier([4, 4], 2, 2, tc_kw=dict(moe_z_loss_coeff=1e-2), gating=off)):
         randomize(r)
         clear_metrics()
-        probs, _ = r(torch.randn(6, 1, D))
+        x = torch.randn(6, 1, D)
+        probs, _ = r(x)
         (probs * 0).sum().backward()  # only the z-loss is left
-        assert r.weight.grad.abs().sum() > 0 and logged("z_loss") > 0
+        assert r.weight.grad.abs().sum() > 0
+        # the value: mean over tokens of logsumexp^2 of the clean logits (flat, Megatron's
+        # z_loss_func), or of the group logits plus the mean over groups of the in-group
+        # ones (two-level, as the MoHGE router)
+        x_TD = x.view(6, D)
+        z = x_TD @ r.weight.detach().T + (0 if r.bias is None else r.bias.detach())
+        if r.hierarchical:
+            u = x_TD @ r.group_weight.detach().T
+            want = (torch.logsumexp(u, -1) ** 2).mean() + sum(
+                (torch.logsumexp(z[:, g * 4:(g + 1) * 4], -1) ** 2).mean() for g in range(2)) / 2
+        else:
+            want = (torch.logsumexp(z, -1) ** 2).mean()
+        assert logged("z_loss") == pytest.approx(want.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- configuration
