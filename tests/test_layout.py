@@ -57,10 +57,17 @@ def test_default_suite_reports_slow_tests():
 
 
 #: Helpers only tests used; they live in tests/ (or were folded into their one real user).
-TEST_ONLY_NAMES = ("te_grouped_submodules", "train_step", "param_digest")
+TEST_ONLY_NAMES = ("te_grouped_submodules", "train_step", "param_digest", "segment_softmax")
 
 
 def test_no_test_only_names_in_package():
     found = [f"{p}: {name}" for p in _py_files(PACKAGE) for name in TEST_ONLY_NAMES
              if re.search(rf"\bdef {name}\(", p.read_text())]
     assert not found, found
+
+
+def test_segment_softmax_is_written_once():
+    """The in-group (log-)softmax has one implementation, ``segment_log_softmax``."""
+    text = (PACKAGE / "routing" / "functional.py").read_text()
+    assert text.count("torch.log_softmax(index.to_padded(") == 1
+    assert "def segment_softmax(" not in text
