@@ -1,4 +1,4 @@
-"""MoHGE configuration: typed dataclasses, YAML in and out, validated once at the edge.
+"""The MoHGE layer config: typed dataclasses, validated once at the edge.
 
 ``MoHGEConfig`` describes the routed experts of one MoHGE layer (groups, widths, routing,
 losses, allocation). ``apply_to(transformer_config)`` returns a Megatron
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,54 +17,23 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megatron_mohge.config.errors import (
+    ConfigError,
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_number,
+    group_offsets,
+)
+from megatron_mohge.config.io import YamlDataclass, load_yaml, read_yaml_file
+from megatron_mohge.config.megatron import _fp8_align, _reject_uniform_only
+
 ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
 GROUP_SCORES = ("sigmoid", "softmax")
 EXPERT_WEIGHTINGS = ("renorm", "paper")
 INTRA_GROUP_MODES = ("paper", "per_group")
 RELEASED_INTRA_GROUP_COEFF = 5e-3  # a_E of the released MoHGE-3B runs (paper mode)
 EXPERT_BACKENDS = ("auto", "local", "torch", "te")
-
-
-class ConfigError(ValueError):
-    """Invalid MoHGE configuration; the message names the field and the fix."""
-
-
-#: ``TransformerConfig`` options (megatron-core 0.19) that assume one expert width or
-#: Megatron's own router; each is refused for MoHGE with the reason. A field missing on the
-#: installed release reads as off.
-_UNIFORM_ONLY_FIELDS = (
-    ("moe_single_grouped_weight", "stores all experts in one [E, ffn, hidden] weight (one width)"),
-    ("moe_single_grouped_bias", "stores all expert biases in one [E, ffn] tensor (one width)"),
-    ("moe_paged_stash", "stashes one 'grouped_mlp' per layer sized from the rank's token "
-                        "capacity, but MoHGE runs one grouped MLP per width"),
-    ("moe_ncclep_zero_copy", "has experts write into NCCL-EP buffers, which MoHGE's "
-                             "per-width expert runs do not take"),
-)
-
-
-def _reject_uniform_only(tc) -> None:
-    """One-line ``ConfigError`` for Megatron options MoHGE experts/routers cannot honour."""
-    for name, why in _UNIFORM_ONLY_FIELDS:
-        if getattr(tc, name, False):
-            raise ConfigError(f"TransformerConfig.{name}: {why}; MoHGE has experts of several "
-                              "widths, set it to False.")
-    if getattr(tc, "moe_router_load_balancing_type", None) == "quantile_balancing":
-        raise ConfigError("TransformerConfig.moe_router_load_balancing_type='quantile_balancing': "
-                          "Megatron's per-expert quantile bias is not MoHGE's router; use 'none' "
-                          "(MoHGE attaches its own balance losses).")
-
-
-class YamlDataclass:
-    """``to_dict`` / ``to_yaml`` for the config dataclasses (field order kept)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
 
 @dataclass
@@ -448,15 +415,6 @@ class MoHGEConfig(YamlDataclass):
         return cls(**base)
 
 
-def group_offsets(experts_per_group) -> list[int]:
-    """Exclusive prefix sums of the group sizes: canonical id of each group's first expert."""
-    offsets, total = [], 0
-    for n in experts_per_group:
-        offsets.append(total)
-        total += n
-    return offsets
-
-
 _NESTED = {"router": RouterConfig, "losses": LossConfig, "allocation": AllocationConfig,
            "noisy_gating": NoisyGatingConfig}
 
@@ -487,93 +445,6 @@ def _build(cls, data: Any, path: str):
         raise ConfigError(f"{where}: missing required field(s): {', '.join(missing)}") from exc
 
 
-def expect_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def parse_split(split: Any, name: str = "split") -> list[float]:
-    """``"949,50,1"`` -> normalised train/validation/test weights (Megatron-LM's rule: one to
-    three comma-separated non-negative weights, missing ones 0); train and validation must be
-    positive. ConfigError naming ``name`` otherwise."""
-    parts = [p.strip() for p in str(split).split(",")]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        weights = []
-    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"{name} {split!r} is not valid: use up to three comma-separated "
-                          f"non-negative weights for train,validation,test, e.g. '949,50,1'")
-    weights += [0.0] * (3 - len(weights))
-    if weights[0] <= 0 or weights[1] <= 0:
-        which = "train" if weights[0] <= 0 else "validation"
-        raise ConfigError(f"{name} {split!r} gives the {which} split no share of the data; "
-                          f"both train and validation need a positive weight, e.g. '949,50,1'")
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-def expect_number(name: str, value: Any, minimum: float) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is a number >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def expect_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-
-
-def expect_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``5E+4`` as floats.
-
-    PyYAML implements YAML 1.1, whose float pattern needs a dot (``1.0e-3``), so ``1e-3``
-    would load as the *string* "1e-3"; YAML 1.2 and Python both read it as a number, and so
-    do our configs wherever a float is expected.
-    """
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text as our config files are parsed (safe, scientific notation = float)."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml_file(path: Union[str, Path], what: str) -> Any:
-    """Parse YAML file ``path``; ``what`` names it in errors (e.g. "run config")."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{what}: file not found: {path}")
-    raw = p.read_bytes()
-    if b"\x00" in raw:
-        raise ConfigError(f"{what} {path}: not a text file (it contains NUL bytes); pass the "
-                          f"YAML config file")
-    try:
-        text = raw.decode("utf-8-sig")  # a UTF-8 BOM (some Windows editors) is fine
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} "
-                          f"at offset {exc.start}); save the file as UTF-8") from None
-    try:
-        return load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path}: invalid YAML: {exc}") from exc
-
-
 def _check_int(name: str, value: Any, minimum: int) -> None:
     expect_int(f"MoHGEConfig.{name}", value, minimum)
 
@@ -590,7 +461,3 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     expect_choice(f"MoHGEConfig.{name}", value, choices)
 
 
-def _fp8_align(tc) -> int:
-    """Token/width alignment of FP8 grouped GEMMs: 32 for MXFP8 recipes, else 16."""
-    recipe = str(getattr(tc, "fp8_recipe", "") or "")
-    return 32 if "mxfp8" in recipe.lower() else 16
