@@ -71,3 +71,19 @@ def test_segment_softmax_is_written_once():
     text = (PACKAGE / "routing" / "functional.py").read_text()
     assert text.count("torch.log_softmax(index.to_padded(") == 1
     assert "def segment_softmax(" not in text
+
+
+#: Modules still over the limit, with their size cap (they may shrink, not grow). Each is
+#: split by its owner: run_config.py / training/trainer.py (issue 14, later step),
+#: bench/layer_bench.py (owned by another branch).
+OVER_LIMIT = {"run_config.py": 620, "training/trainer.py": 600, "bench/layer_bench.py": 590}
+
+
+def test_modules_stay_under_500_lines():
+    over = {}
+    for path in _py_files(PACKAGE):
+        rel = path.relative_to(PACKAGE).as_posix()
+        n = len(path.read_text().splitlines())
+        if n > OVER_LIMIT.get(rel, 500):
+            over[rel] = n
+    assert not over, over
