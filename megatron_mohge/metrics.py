@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_mohge.routing.base import GroupedExpertRouter
 from megatron_mohge.routing.counters import RoutingCounter
+from megatron_mohge.sizes import ffn_params
 
 
 @dataclass
@@ -122,14 +123,14 @@ def _count_stock_routing(router, args, kwargs, output) -> None:
                           training=router.training and torch.is_grad_enabled())
 
 
-def _expert_sizes(router, hidden_size: int, gated: bool):
-    """(widths per expert, params per expert) in canonical order, or None if unknown."""
+def _expert_sizes(router, hidden_size: int, gated: bool, bias: bool):
+    """(widths per expert, params per expert incl. biases) in canonical order."""
     mohge = getattr(router, "mohge", None)
     if mohge is not None:
-        return mohge.expert_widths, mohge.routed_params_per_expert(hidden_size, gated)
+        return mohge.expert_widths, mohge.routed_params_per_expert(hidden_size, gated, bias)
     width = router.config.moe_ffn_hidden_size  # uniform stock experts
     n = router.config.num_moe_experts
-    return [width] * n, [(3 if gated else 2) * hidden_size * width] * n
+    return [width] * n, [ffn_params(hidden_size, width, gated, bias)] * n
 
 
 def layer_routing(router, group=None) -> LayerRouting:
@@ -141,7 +142,8 @@ def layer_routing(router, group=None) -> LayerRouting:
     n_e, n_g, tokens = win["tokens_per_expert_E"], win["tokens_per_group_G"], float(win["tokens_seen"])
     G = n_g.numel()
     cfg = router.config
-    widths, params = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit))
+    widths, params = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit),
+                                   bool(cfg.add_bias_linear))
     w = torch.tensor(widths, dtype=torch.float64)
     p = torch.tensor(params, dtype=torch.float64)
     assigned = float(n_e.sum())

@@ -27,6 +27,7 @@ from megatron_mohge.config.errors import (
 )
 from megatron_mohge.config.io import YamlDataclass, load_yaml, read_yaml_file
 from megatron_mohge.config.megatron import _fp8_align, _reject_uniform_only
+from megatron_mohge.sizes import ffn_params
 
 ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
 GROUP_SCORES = ("sigmoid", "softmax")
@@ -171,10 +172,11 @@ class MoHGEConfig(YamlDataclass):
         """c_g = 1 + (W_g - W_1) / Delta: relative cost of routing a token to group g."""
         return [1.0 + (w - self.widths[0]) / self.cost_delta for w in self.widths]
 
-    def routed_params_per_expert(self, hidden_size: int, gated: bool = True) -> list[int]:
-        """Weights of each routed expert (fc1 [+ gate] and fc2), canonical order."""
-        mult = 3 if gated else 2
-        return [mult * hidden_size * w for w in self.expert_widths]
+    def routed_params_per_expert(self, hidden_size: int, gated: bool = True,
+                                 bias: bool = False) -> list[int]:
+        """Parameters of each routed expert (fc1 [+ gate] and fc2, + biases with ``bias``:
+        Megatron's ``add_bias_linear``), canonical order."""
+        return [ffn_params(hidden_size, w, gated, bias) for w in self.expert_widths]
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
