@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mohge.config import group_offsets
 from megatron_mohge.routing.base import GroupedExpertRouter
 from megatron_mohge.routing.counters import RoutingCounter
 from megatron_mohge.sizes import ffn_params
@@ -180,11 +181,9 @@ def _ratio(total: torch.Tensor, count: torch.Tensor) -> Optional[float]:
 
 
 def _group_bounds(group_sizes) -> list[tuple[int, int]]:
-    bounds, start = [], 0
-    for n in group_sizes:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
+    """``[first, end)`` canonical expert ids of each group."""
+    starts = group_offsets(group_sizes)
+    return list(zip(starts, starts[1:] + [sum(group_sizes)]))
 
 
 def routing_metrics(model, group=None) -> RoutingMetrics:

@@ -17,6 +17,7 @@ from typing import Optional
 
 
 from megatron_mohge.config import ConfigError, MoHGEConfig, read_yaml_file
+from megatron_mohge.config.megatron import FP8_ALIGN
 from megatron_mohge.integration import accounting as A
 from megatron_mohge.util.numbers import fmt_count
 
@@ -110,15 +111,16 @@ def warnings_for(run, plan, bare: bool = False) -> list[str]:
     if slow:
         out.append(f"width not a multiple of {TE_WIDTH_MULTIPLE} per expert-TP rank (TE/cuBLAS "
                    f"grouped GEMMs run fastest on multiples of 128): {', '.join(slow)}")
-    fp8 = [f"{n}={w}" for n, w in named if (w // etp) % 16]
+    fp8_a, mx_a = FP8_ALIGN["default"], FP8_ALIGN["mxfp8"]
+    fp8 = [f"{n}={w}" for n, w in named if (w // etp) % fp8_a]
     if fp8:
         out.append("FP8 would be refused: each expert-TP shard of a width must be a multiple of "
-                   f"16 (32 for MXFP8): {', '.join(fp8)}")
+                   f"{fp8_a} ({mx_a} for MXFP8): {', '.join(fp8)}")
     else:
-        mx = [f"{n}={w}" for n, w in named if (w // etp) % 32]
+        mx = [f"{n}={w}" for n, w in named if (w // etp) % mx_a]
         if mx:
             out.append(f"MXFP8 would be refused (widths per expert-TP rank must be multiples of "
-                       f"32): {', '.join(mx)}")
+                       f"{mx_a}): {', '.join(mx)}")
     tok = run.data.tokenizer
     if tok != "byte":
         path = Path(tok).expanduser()

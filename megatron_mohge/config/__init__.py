@@ -35,7 +35,12 @@ from megatron_mohge.config.layer import (
     RouterConfig,
     _build,
 )
-from megatron_mohge.config.megatron import _UNIFORM_ONLY_FIELDS, _fp8_align, _reject_uniform_only
+from megatron_mohge.config.megatron import (
+    _UNIFORM_ONLY_FIELDS,
+    FP8_ALIGN,
+    _fp8_align,
+    _reject_uniform_only,
+)
 
 __all__ = [
     "ConfigError", "expect_bool", "expect_choice", "expect_int", "expect_number",

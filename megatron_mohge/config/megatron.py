@@ -31,7 +31,11 @@ def _reject_uniform_only(tc) -> None:
                           "(MoHGE attaches its own balance losses).")
 
 
+#: Token/width alignment of FP8 grouped GEMMs: 32 for MXFP8 recipes, 16 for the others.
+FP8_ALIGN = {"default": 16, "mxfp8": 32}
+
+
 def _fp8_align(tc) -> int:
-    """Token/width alignment of FP8 grouped GEMMs: 32 for MXFP8 recipes, else 16."""
+    """:data:`FP8_ALIGN` of ``tc``'s FP8 recipe."""
     recipe = str(getattr(tc, "fp8_recipe", "") or "")
-    return 32 if "mxfp8" in recipe.lower() else 16
+    return FP8_ALIGN["mxfp8" if "mxfp8" in recipe.lower() else "default"]
