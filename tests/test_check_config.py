@@ -182,6 +182,8 @@ def test_cli_bare_layer_and_warnings(capsys):
     assert r["allocation"]["ep_size"] == 4
     text = "\n".join(r["warnings"])
     assert "not a multiple of 128" in text  # widths 28..76
+    assert "FP8 would be refused: each expert-TP shard of a width must be a multiple of 16 " \
+           "(32 for MXFP8): " in text  # 28 % 16 != 0 (FP8_ALIGN)
     assert "not every group size divides" not in text  # 4 experts per group: all-size at EP=4
     assert "group-wise loss switches on" not in text  # no training schedule for a bare layer
     assert CC.main([tiny, "--hidden-size", "64", "--num-layers", "4", "--ep", "8", "--json"]) == 0
