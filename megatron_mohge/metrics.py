@@ -1,4 +1,4 @@
-"""Routing metrics measured from real routing (design note section 6).
+"""Routing metrics measured from real routing.
 
 Routers accumulate token counts per expert (canonical order) and per group while the model
 runs; ``routing_metrics`` turns them into the figures the paper reports: activated
@@ -9,6 +9,8 @@ the rank; pass ``group`` to sum them over e.g. the data-parallel group first.
 Megatron's stock ``TopKRouter`` keeps no counts; :func:`attach_stock_counters` adds the
 same (non-persistent) count buffers to it through a forward hook, so a stock MoE baseline is
 measured by the same code.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mohge.config import group_offsets
 from megatron_mohge.routing.base import GroupedExpertRouter
 from megatron_mohge.routing.counters import RoutingCounter
+from megatron_mohge.sizes import ffn_params
 
 
 @dataclass
@@ -120,14 +124,14 @@ def _count_stock_routing(router, args, kwargs, output) -> None:
                           training=router.training and torch.is_grad_enabled())
 
 
-def _expert_sizes(router, hidden_size: int, gated: bool):
-    """(widths per expert, params per expert) in canonical order, or None if unknown."""
+def _expert_sizes(router, hidden_size: int, gated: bool, bias: bool):
+    """(widths per expert, params per expert incl. biases) in canonical order."""
     mohge = getattr(router, "mohge", None)
     if mohge is not None:
-        return mohge.expert_widths, mohge.routed_params_per_expert(hidden_size, gated)
+        return mohge.expert_widths, mohge.routed_params_per_expert(hidden_size, gated, bias)
     width = router.config.moe_ffn_hidden_size  # uniform stock experts
     n = router.config.num_moe_experts
-    return [width] * n, [(3 if gated else 2) * hidden_size * width] * n
+    return [width] * n, [ffn_params(hidden_size, width, gated, bias)] * n
 
 
 def layer_routing(router, group=None) -> LayerRouting:
@@ -139,7 +143,8 @@ def layer_routing(router, group=None) -> LayerRouting:
     n_e, n_g, tokens = win["tokens_per_expert_E"], win["tokens_per_group_G"], float(win["tokens_seen"])
     G = n_g.numel()
     cfg = router.config
-    widths, params = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit))
+    widths, params = _expert_sizes(router, cfg.hidden_size, bool(cfg.gated_linear_unit),
+                                   bool(cfg.add_bias_linear))
     w = torch.tensor(widths, dtype=torch.float64)
     p = torch.tensor(params, dtype=torch.float64)
     assigned = float(n_e.sum())
@@ -176,11 +181,9 @@ def _ratio(total: torch.Tensor, count: torch.Tensor) -> Optional[float]:
 
 
 def _group_bounds(group_sizes) -> list[tuple[int, int]]:
-    bounds, start = [], 0
-    for n in group_sizes:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
+    """``[first, end)`` canonical expert ids of each group."""
+    starts = group_offsets(group_sizes)
+    return list(zip(starts, starts[1:] + [sum(group_sizes)]))
 
 
 def routing_metrics(model, group=None) -> RoutingMetrics:

@@ -27,6 +27,7 @@ from megatron_mohge.config import (
     NoisyGatingConfig,
     YamlDataclass,
     load_yaml,
+    parse_split,
     read_yaml_file,
 )
 from megatron_mohge.config import expect_bool as _bool
@@ -421,14 +422,7 @@ class RunConfig(YamlDataclass):
             raise ConfigError(f"data.path: a list of dataset prefixes (or one), got {d.path!r}")
         if not isinstance(d.tokenizer, str) or not d.tokenizer:
             raise ConfigError(f"data.tokenizer: 'byte' or a tokenizer.json path, got {d.tokenizer!r}")
-        try:
-            weights = [float(x) for x in str(d.split).split(",")]
-        except ValueError:
-            weights = []
-        if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0 or weights[1] <= 0:
-            raise ConfigError(f"data.split: three comma-separated non-negative weights "
-                              f"train,valid,test with train and valid > 0 (e.g. '95,5,0'), "
-                              f"got {d.split!r}")
+        parse_split(d.split, "data.split")
         _int("data.default_corpus_bytes", d.default_corpus_bytes, 10_000)
         if d.valid_seed is not None:
             _int("data.valid_seed", d.valid_seed, 0)
@@ -512,6 +506,26 @@ class RunConfig(YamlDataclass):
         if overrides:
             data = apply_overrides(data, overrides)
         return cls.from_dict(data, base_dir=p.parent)
+
+
+#: Top-level keys of a run file and of a MoHGE layer file (a layer file may wrap its keys in
+#: one ``mohge:`` section). Disjoint, so one key tells the two kinds apart.
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
+LAYER_FIELDS = frozenset(f.name for f in dataclasses.fields(MoHGEConfig)) | {"mohge"}
+
+
+def config_kind(data: Any, where: str) -> str:
+    """``"run"`` or ``"layer"``: the kind of YAML file ``where`` holding ``data``.
+
+    A file is a run file as soon as one top-level key is a ``RunConfig`` field, so a run file
+    with a misspelt section (``trian:``) still reaches ``RunConfig``'s own error message."""
+    keys = set(data) if isinstance(data, dict) else set()
+    if keys & RUN_FIELDS:
+        return "run"
+    if keys & LAYER_FIELDS:
+        return "layer"
+    raise ConfigError(f"{where}: neither a run file (top-level keys among {sorted(RUN_FIELDS)}) "
+                      f"nor a MoHGE layer file (keys among {sorted(LAYER_FIELDS)}).")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -126,7 +126,7 @@ def get_mohge_layer_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = Non
         layer = get_gpt_layer_local_spec(
             num_experts=mohge_config.num_experts, qk_layernorm=qk_layernorm,
             multi_latent_attention=multi_latent_attention, normalization=normalization)
-    return _with_mlp(layer, get_mohge_moe_module_spec(mohge_config, use_te))
+    return replace_moe_mlp(layer, get_mohge_moe_module_spec(mohge_config, use_te))
 
 
 def get_mohge_decoder_block_spec(transformer_config, mohge_config: MoHGEConfig,
@@ -140,13 +140,9 @@ def get_mohge_decoder_block_spec(transformer_config, mohge_config: MoHGEConfig,
     """
     mohge_config.check_transformer_config(transformer_config)
     use_te = resolve_use_te(use_te)
-    block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
-                                       normalization=transformer_config.normalization,
-                                       vp_stage=vp_stage, pp_rank=pp_rank)
     moe = get_mohge_moe_module_spec(mohge_config, use_te)
-    block.layer_specs = [_with_mlp(spec, moe) if _is_moe_layer(spec) else spec
-                         for spec in block.layer_specs]
-    return block
+    return decoder_block_with_moe(transformer_config, moe, use_te, vp_stage=vp_stage,
+                                  pp_rank=pp_rank)
 
 
 def get_noisy_topk_moe_module_spec(num_experts: int, use_te: Optional[bool] = None, *,
@@ -174,23 +170,37 @@ def get_noisy_topk_decoder_block_spec(transformer_config, use_te: Optional[bool]
     ``router_kwargs`` go to ``get_noisy_topk_moe_module_spec`` (gating, groups...).
     """
     use_te = resolve_use_te(use_te)
+    moe = get_noisy_topk_moe_module_spec(transformer_config.num_moe_experts, use_te,
+                                         **router_kwargs)
+    return decoder_block_with_moe(transformer_config, moe, use_te, vp_stage=vp_stage,
+                                  pp_rank=pp_rank)
+
+
+def decoder_block_with_moe(transformer_config, moe_spec, use_te: bool,
+                           vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
+    """Megatron's GPT decoder block spec (``get_gpt_decoder_block_spec``: dense/MoE
+    interleaving, pipeline slicing) with ``moe_spec`` as the MLP of every MoE layer."""
     block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
                                        normalization=transformer_config.normalization,
                                        vp_stage=vp_stage, pp_rank=pp_rank)
-    moe = get_noisy_topk_moe_module_spec(transformer_config.num_moe_experts, use_te,
-                                         **router_kwargs)
-    block.layer_specs = [_with_mlp(spec, moe) if _is_moe_layer(spec) else spec
+    block.layer_specs = [replace_moe_mlp(spec, moe_spec) if is_moe_layer(spec) else spec
                          for spec in block.layer_specs]
     return block
 
 
-def _is_moe_layer(layer_spec: ModuleSpec) -> bool:
+def is_moe_layer(layer_spec: ModuleSpec) -> bool:
+    """Whether ``layer_spec`` is a ``TransformerLayer`` spec whose MLP builds a ``MoELayer``."""
     mlp = getattr(layer_spec.submodules, "mlp", None)
     return mlp is not None and builds_subclass_of(mlp, MoELayer)
 
 
-def _with_mlp(layer_spec: ModuleSpec, mlp) -> ModuleSpec:
-    if not _is_moe_layer(layer_spec):
+def replace_moe_mlp(layer_spec: ModuleSpec, mlp) -> ModuleSpec:
+    """``layer_spec`` (a MoE layer) with ``mlp`` as its MLP."""
+    if not is_moe_layer(layer_spec):
         raise ValueError("expected a TransformerLayer spec whose mlp is a MoELayer spec")
     return dataclasses.replace(layer_spec,
                                submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
+
+
+# the names integration/megatron_lm/model.py imports (switch it to the public ones)
+_is_moe_layer, _with_mlp = is_moe_layer, replace_moe_mlp

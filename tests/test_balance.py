@@ -9,7 +9,7 @@ from megatron_mohge.config import ConfigError
 from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.balance import end_of_step, wrap_finalize_model_grads
 from megatron_mohge.routing.counters import RoutingCounter, max_violation
-from megatron_mohge.routing.functional import GroupIndex, two_level_route, segment_softmax
+from megatron_mohge.routing.functional import GroupIndex, two_level_route
 
 from tests.test_router import cfg_small, make_router
 
@@ -49,7 +49,11 @@ def test_selection_bias_moves_load_inside_groups_only():
     assert biased.routing_map_TE[:, 0].sum() > plain.routing_map_TE[:, 0].sum()
     # combine weights come from the unbiased q of the chosen experts (renorm)
     s = torch.sigmoid(u) * plain.group_mask_TG
-    q = s[:, index.group_of_expert_E] * segment_softmax(z, index)
+    pi = torch.empty_like(z)  # softmax inside each group, written out
+    for g in range(index.num_groups):
+        m = index.group_of_expert_E == g
+        pi[:, m] = torch.softmax(z[:, m], dim=-1)
+    q = s[:, index.group_of_expert_E] * pi
     chosen = q * biased.routing_map_TE
     assert torch.allclose(biased.probs_TE, chosen / chosen.sum(-1, keepdim=True), atol=1e-12)
     assert (biased.routing_map_TE.sum(-1) == 3).all()

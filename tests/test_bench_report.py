@@ -190,6 +190,6 @@ def test_balance_table_and_plot(tmp_path):
     # no balance data (older results): no table, no plot
     old = make_results(with_optional=False)
     assert "## Balance" not in markdown_report(old)
-    assert not (tmp_path / "old" / "balance.png").exists()
-    write_plots(old, tmp_path / "old")
+    old_paths = write_plots(old, tmp_path / "old")
+    assert old_paths and tmp_path / "old" / "balance.png" not in old_paths
     assert not (tmp_path / "old" / "balance.png").exists()

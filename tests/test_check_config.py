@@ -109,6 +109,18 @@ def test_analytic_params_match_real_gpt_model(mcore_world1, case):
     assert counts.routed_experts == routed
     router = sum(p.numel() for n, p in gpt.named_parameters() if ".router." in n)
     assert counts.routers == router
+    # The measured-routing figures use the same per-expert sizes (biases included), so the
+    # trainer's activated params agree with mohge-check-config's with add_bias_linear too.
+    from megatron_mohge.metrics import _expert_sizes, attach_stock_counters, routers
+
+    attach_stock_counters(gpt)
+    found = routers(gpt)
+    assert len(found) == counts.num_moe_layers
+    h, gated, bias = run.model.hidden_size, run.model.swiglu, run.model.add_bias_linear
+    for r in found:
+        assert _expert_sizes(r, h, gated, bias)[1] == counts.per_expert
+    if run.moe.kind == "mohge":
+        assert run.moe.mohge.routed_params_per_expert(h, gated, bias) == counts.per_expert
 
 
 def test_activated_widths():
@@ -170,6 +182,8 @@ def test_cli_bare_layer_and_warnings(capsys):
     assert r["allocation"]["ep_size"] == 4
     text = "\n".join(r["warnings"])
     assert "not a multiple of 128" in text  # widths 28..76
+    assert "FP8 would be refused: each expert-TP shard of a width must be a multiple of 16 " \
+           "(32 for MXFP8): " in text  # 28 % 16 != 0 (FP8_ALIGN)
     assert "not every group size divides" not in text  # 4 experts per group: all-size at EP=4
     assert "group-wise loss switches on" not in text  # no training schedule for a bare layer
     assert CC.main([tiny, "--hidden-size", "64", "--num-layers", "4", "--ep", "8", "--json"]) == 0
@@ -222,3 +236,33 @@ def test_cli_bad_configs(capsys, tmp_path):
     capsys.readouterr()
     assert CC.main([run, "model.add_bias_linear=true"]) == 2  # Megatron's shared experts: no bias
     assert "shared experts" in capsys.readouterr().err
+
+
+def test_run_and_layer_keys_are_disjoint_and_shipped_files_are_classified():
+    from megatron_mohge.config import read_yaml_file
+    from megatron_mohge.run_config import LAYER_FIELDS, RUN_FIELDS, config_kind
+
+    assert RUN_FIELDS.isdisjoint(LAYER_FIELDS)
+    shipped = sorted(CONFIGS.glob("*.yaml")) + sorted(
+        (ROOT / "megatron_mohge" / "resources" / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        layer = path.name in ("tiny_mohge.yaml", "paper_3b_layer.yaml")
+        assert config_kind(read_yaml_file(path, "config"), str(path)) == \
+            ("layer" if layer else "run"), path
+    with pytest.raises(Exception, match="neither a run file"):
+        config_kind({"nonsense": 1}, "x.yaml")
+
+
+def test_run_file_with_every_section_is_a_run_file(tmp_path, capsys):
+    """Regression: the hand-written run-key list missed ``health``, so a run file with a
+    ``health:`` section (or a misspelt section) was taken for a layer file."""
+    cfg = tmp_path / "run.yaml"
+    body = ("model: {num_layers: 2, hidden_size: 32, num_attention_heads: 4}\n"
+            "moe: {kind: moe, num_experts: 4, expert_hidden_size: 32, topk: 2}\n")
+    cfg.write_text(body + "health: {}\n")
+    assert CC.main([str(cfg), "--json"]) == 0
+    capsys.readouterr()
+    cfg.write_text(body + "trian: {iters: 3}\n")
+    assert CC.main([str(cfg)]) == 2
+    assert "trian: unknown key" in capsys.readouterr().err

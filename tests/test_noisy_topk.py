@@ -233,7 +233,7 @@ def test_flat_losses_and_grads_against_loop(padded):
     ((p_ref * R).sum() + 0.3 * cv2_ref(imp) + 0.7 * cv2_ref(load)).backward()
     for mine, ref in zip((r.weight, r.bias, r.noise_weight), leaves):
         assert torch.allclose(mine.grad, ref.grad, atol=1e-5), (mine.grad, ref.grad)
-    assert torch.allclose(r.importance_E, imp.detach(), atol=1e-6)
+    assert torch.allclose(r.importance_E, imp.detach().double(), atol=1e-6)
     assert torch.equal(r.tokens_per_expert_E, (rmap.float() * keep[:, None]).sum(0))
 
 
@@ -348,10 +348,36 @@ def test_exactly_k_and_slot_order_with_ep2():
     assert (m1.sum(1) == 4).all()
     # Metrics stay canonical whatever the slot order.
     assert torch.equal(r2.tokens_per_expert_E, m1.float().sum(0))
-    assert torch.allclose(r2.importance_E, p1.sum(0))
+    assert torch.allclose(r2.importance_E, p1.sum(0).double())
     r2.reset_routing_counts()
     assert r2.importance_E.abs().sum() == 0 and r2.tokens_seen == 0
 
+
+
+def test_importance_is_a_window_count_reset_and_restored_with_the_others():
+    """Regression: Importance lived in its own float32 buffer that the trainer's
+    reset_routing_counts / snapshot / restore skipped, so the reported importance CV spanned
+    every forward since the model was built (evaluations included), and Float16Module's
+    cast made it bf16."""
+    from megatron_mohge.metrics import (reset_routing_counts, restore_routing_counts,
+                                        snapshot_routing_counts)
+
+    r = router(6, 2, gating=NoisyGatingConfig(importance_coeff=0.3, load_coeff=0.7))
+    randomize(r)
+    x = torch.randn(5, 2, D)
+    p_train, _ = r(x)
+    train_imp = r.importance_E.clone()
+    assert train_imp.dtype == torch.float64 and train_imp.sum() > 0
+    saved = snapshot_routing_counts([r])  # what Trainer.evaluate does around evaluation
+    reset_routing_counts([r])
+    assert r.importance_E.abs().sum() == 0
+    r.eval()
+    p_eval, _ = r(x)
+    assert torch.allclose(r.importance_E, p_eval.detach().sum(0).double())
+    restore_routing_counts(saved)
+    assert torch.equal(r.importance_E, train_imp)
+    r.bfloat16()  # what Float16Module does to its submodules
+    assert r.importance_E.dtype == torch.float64 and torch.equal(r.importance_E, train_imp)
 
 # ---------------------------------------------------------------- hierarchical router
 def hier(sizes, kg, K, **kw):
@@ -439,9 +465,22 @@ def test_z_loss_is_attached_flat_and_hierarchical():
               hier([4, 4], 2, 2, tc_kw=dict(moe_z_loss_coeff=1e-2), gating=off)):
         randomize(r)
         clear_metrics()
-        probs, _ = r(torch.randn(6, 1, D))
+        x = torch.randn(6, 1, D)
+        probs, _ = r(x)
         (probs * 0).sum().backward()  # only the z-loss is left
-        assert r.weight.grad.abs().sum() > 0 and logged("z_loss") > 0
+        assert r.weight.grad.abs().sum() > 0
+        # the value: mean over tokens of logsumexp^2 of the clean logits (flat, Megatron's
+        # z_loss_func), or of the group logits plus the mean over groups of the in-group
+        # ones (two-level, as the MoHGE router)
+        x_TD = x.view(6, D)
+        z = x_TD @ r.weight.detach().T + (0 if r.bias is None else r.bias.detach())
+        if r.hierarchical:
+            u = x_TD @ r.group_weight.detach().T
+            want = (torch.logsumexp(u, -1) ** 2).mean() + sum(
+                (torch.logsumexp(z[:, g * 4:(g + 1) * 4], -1) ** 2).mean() for g in range(2)) / 2
+        else:
+            want = (torch.logsumexp(z, -1) ** 2).mean()
+        assert logged("z_loss") == pytest.approx(want.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- configuration
@@ -545,3 +584,37 @@ def test_noise_std_floor_keeps_gradients_finite_when_softplus_underflows(hierarc
         assert p.grad is None or torch.isfinite(p.grad).all()
     sd = nt.noise_stddev(torch.tensor([-1e5, -200.0, 0.0]), 0.0)
     assert (sd > 0).all() and sd[2] == pytest.approx(math.log(2.0))
+
+
+def test_noise_toggle_changes_the_parameters_so_resume_refuses_it(tmp_path):
+    """Regression: RESUMABLE_CHANGES let ``noisy_gating.noise`` change on resume, but it adds
+    or removes W_noise, so the load then failed inside dist-ckpt blaming the checkpoint."""
+    import yaml
+
+    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.training import checkpoint as ckpt_lib
+
+    def keys(**gating):
+        return set(router(8, 2, gating=NoisyGatingConfig(**gating)).state_dict())
+
+    assert keys(noise=True) != keys(noise=False)
+    # the noisy-gating entries that stay resumable leave the parameters alone
+    resumable = [p.rsplit(".", 1)[1] for p in ckpt_lib.RESUMABLE_CHANGES
+                 if p.startswith("moe.noisy_gating.")]
+    assert resumable == ["importance_coeff", "load_coeff"]
+    for name in resumable:
+        assert keys(**{name: 0.5}) == keys(**{name: 0.0})
+
+    for moe in ({"router": "noisy_topk"},
+                {"kind": "mohge", "mohge": {"widths": [8, 16], "experts_per_group": 2,
+                                            "group_topk": 1, "topk": 1,
+                                            "router": {"type": "noisy_topk"}}}):
+        saved = RunConfig.from_dict({"moe": moe}).to_dict()
+        prefix = "moe.noisy_gating" if "kind" not in moe else "moe.mohge.noisy_gating"
+        section = saved["moe"] if "kind" not in moe else saved["moe"]["mohge"]
+        flipped = copy.deepcopy(saved)
+        (flipped["moe"] if "kind" not in moe else flipped["moe"]["mohge"])["noisy_gating"][
+            "noise"] = not section["noisy_gating"]["noise"]
+        (tmp_path / ckpt_lib.RUN_FILE).write_text(yaml.safe_dump(saved))
+        with pytest.raises(ConfigError, match=rf"{prefix}\.noise: True -> False"):
+            ckpt_lib.check_compatible(tmp_path, flipped)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("mcore_world1")
 
 # ---------------------------------------------------------------- independent reference
 def ref_route(u, z, sizes, Kg, K, score="sigmoid", weighting="renorm"):
-    """Per-token loop over the design note's formulas; returns dense w [T, E] and masks."""
+    """Per-token loop over ``two_level_route``'s documented formulas; returns dense w [T, E] and masks."""
     T, E = z.shape
     offsets = [sum(sizes[:g]) for g in range(len(sizes))]
     w_all, picked, groups = [], [], []

@@ -56,6 +56,29 @@ def test_bad_input_names_the_field(data, match):
         RunConfig.from_dict(data)
 
 
+
+@pytest.mark.parametrize("split, ok", [
+    ("95,5,0", True), ("95,5", True), ("949, 50, 1", True), ("1", False), ("0,5,0", False),
+    ("95,0,5", False), ("a,b", False), ("1,2,3,4", False), ("-1,2,3", False), ("", False),
+])
+def test_one_split_rule_for_run_file_and_datasets(split, ok):
+    """The run file and the dataset builder accept and refuse the same splits (one parser)."""
+    from megatron_mohge.data import datasets
+
+    outcomes = []
+    for check in (lambda: RunConfig.from_dict({"data": {"split": split}}),
+                  lambda: datasets.parse_split(split)):
+        try:
+            check()
+            outcomes.append(True)
+        except ConfigError as exc:
+            assert split.strip() == "" or repr(split) in str(exc)
+            outcomes.append(False)
+    assert outcomes == [ok, ok]
+    if ok:
+        weights = datasets.parse_split(split)
+        assert len(weights) == 3 and sum(weights) == pytest.approx(1.0)
+
 def test_world_size_checks():
     run = RunConfig.from_dict({"parallel": {"tensor_parallel": 2, "expert_parallel": 2},
                                "train": {"global_batch_size": 8, "micro_batch_size": 2}})

@@ -14,6 +14,7 @@ import math
 from typing import Optional
 
 from megatron_mohge.bench import stats
+from megatron_mohge.util.numbers import mean_present
 
 # Figures averaged over seeds and listed per seed (``<field>_per_seed``). A field missing
 # from a run's summary is taken as the mean over its MoE layers when the layers carry it
@@ -37,18 +38,13 @@ COMPARED = {"heldout_loss": "loss", "activated_params_per_token": "activated_par
 def _scalar(v) -> Optional[float]:
     """A per-layer figure as one number: lists (one value per group) by their mean."""
     if isinstance(v, (list, tuple)):
-        return _mean(_scalar(x) for x in v)
+        return mean_present(_scalar(x) for x in v)
     return float(v) if _is_num(v) else None
-
-
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def layer_mean(layers: list[dict], key: str) -> Optional[float]:
     """Mean over MoE layers of a per-layer figure (None entries skipped)."""
-    return _mean(_scalar(l.get(key)) for l in layers)
+    return mean_present(_scalar(l.get(key)) for l in layers)
 
 
 def _is_num(v) -> bool:

@@ -17,7 +17,7 @@ import statistics
 import torch
 
 from megatron_mohge.bench.layer_models import BACKENDS, DTYPES, build_mohge_layer, check_int
-from megatron_mohge.bench.stats import CONFIDENCE, median_ci, quantile
+from megatron_mohge.bench.stats import CONFIDENCE, median_ci, percentile
 from megatron_mohge.bench.timing import time_fwd_bwd
 from megatron_mohge.config import MoHGEConfig
 
@@ -62,12 +62,12 @@ def compare_expert_backends(mohge: MoHGEConfig, *, hidden_size: int, tokens: int
     ratios = [t / l for t, l in zip(times["torch"], times["local"])]
     paired = dict(torch_over_local_median=statistics.median(ratios),
                   ci=median_ci(ratios, CONFIDENCE), confidence=CONFIDENCE,
-                  p10=quantile(ratios, 0.1), p90=quantile(ratios, 0.9), pairs=len(ratios),
+                  p10=percentile(ratios, 0.1), p90=percentile(ratios, 0.9), pairs=len(ratios),
                   ratios=ratios)
     return dict(config=dict(hidden_size=hidden_size, tokens=tokens, repeats=repeats,
                             warmup=warmup, dtype=dtype, widths=list(mohge.widths),
                             threads=torch.get_num_threads(), device=str(dev)),
-                median_s=med, p10_s={b: quantile(t, 0.1) for b, t in times.items()},
-                p90_s={b: quantile(t, 0.9) for b, t in times.items()},
+                median_s=med, p10_s={b: percentile(t, 0.1) for b, t in times.items()},
+                p90_s={b: percentile(t, 0.9) for b, t in times.items()},
                 torch_over_local=med["torch"] / med["local"], paired=paired,
                 loadavg=dict(before=load_before, after=load_after, cpus=os.cpu_count()))

@@ -70,7 +70,7 @@ from megatron_mohge.bench.layer_models import (  # noqa: F401
     round_width,
     scale_widths,
 )
-from megatron_mohge.bench.stats import quantile
+from megatron_mohge.util.numbers import percentile
 from megatron_mohge.bench.timing import (
     capture_expert_inputs,
     time_experts,
@@ -216,8 +216,8 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
         med = statistics.median(times[kind])
         router_s = statistics.median(router_times[kind])
         expert_s = statistics.median(expert_times[kind])
-        kinds[kind] = dict(median_s=med, p10_s=quantile(times[kind], 0.1),
-                           p90_s=quantile(times[kind], 0.9), router_s=router_s,
+        kinds[kind] = dict(median_s=med, p10_s=percentile(times[kind], 0.1),
+                           p90_s=percentile(times[kind], 0.9), router_s=router_s,
                            router_share=router_s / med, times_s=times[kind], expert_s=expert_s,
                            expert_gemm_flops=flops[kind],
                            expert_gflops=flops[kind] / expert_s / 1e9,

@@ -19,6 +19,13 @@ import math
 import random
 from typing import Optional, Sequence
 
+from megatron_mohge.util.numbers import (  # noqa: F401  (part of this module's API)
+    mean,
+    percentile,
+    sample_sd,
+    standard_error,
+)
+
 CONFIDENCE = 0.95  # every interval in results.json is a two-sided 95% interval
 
 
@@ -95,26 +102,6 @@ def t_quantile(p: float, df: float) -> float:
 
 
 # ---------------------------------------------------------------------------- samples
-def mean(xs: Sequence[float]) -> float:
-    if not xs:
-        raise ValueError("mean of an empty sample")
-    return sum(xs) / len(xs)
-
-
-def sample_sd(xs: Sequence[float]) -> float:
-    """Sample standard deviation (n - 1 in the denominator); 0 for one value."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-
-
-def standard_error(xs: Sequence[float]) -> Optional[float]:
-    """Standard error of the mean, sd / sqrt(n); None for fewer than two values."""
-    return sample_sd(xs) / math.sqrt(len(xs)) if len(xs) >= 2 else None
-
-
 def mean_ci(xs: Sequence[float], confidence: float = CONFIDENCE) -> dict:
     """``{"mean", "sd", "n", "ci": [low, high] or None}``: the two-sided Student-t interval
     of the mean (None for one value: no spread to estimate)."""
@@ -219,15 +206,6 @@ def bootstrap_efficiency(stock_ns: Sequence[float], stock_by_seed: Sequence[Sequ
             "samples": samples, "undefined": undefined, "seeds": n}
 
 
-def quantile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), ``q`` in [0, 1]; ``xs`` non-empty."""
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    i = int(math.floor(pos))
-    j = min(i + 1, len(s) - 1)
-    return s[i] + (s[j] - s[i]) * (pos - i)
-
-
 def median_ci(xs: Sequence[float], confidence: float = CONFIDENCE) -> Optional[list[float]]:
     """Distribution-free interval of the median: the order statistics ``[x_(k), x_(n+1-k)]``
     with the largest ``k`` whose binomial(n, 1/2) tail ``P(X < k)`` is at most
@@ -248,7 +226,7 @@ def percentile_interval(xs: Sequence[float], q: float) -> Optional[list[float]]:
     """``[q, 1-q]`` empirical quantiles (linear interpolation); None when empty."""
     if not xs:
         return None
-    return [quantile(xs, q), quantile(xs, 1 - q)]
+    return [percentile(xs, q), percentile(xs, 1 - q)]
 
 
 def ratio_se_paired(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:

@@ -109,7 +109,7 @@ def _by_seed(t: dict, seeds: list) -> list[list[float]]:
 
 # ---------------------------------------------------------------------------- rendering
 def study_markdown(study: dict) -> str:
-    from megatron_mohge.bench.report import _table, fmt_count, fmt_float
+    from megatron_mohge.bench.fmt import _table, fmt_count, fmt_float
 
     def ci_text(ci, digits=4):
         return "—" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
@@ -159,7 +159,7 @@ def plot_study(study: dict, path: Path) -> Optional[Path]:
     their 95% intervals, and the fitted curves."""
     import math
 
-    from megatron_mohge.bench.report import _figure, _save
+    from megatron_mohge.bench.plots import _figure, _save
 
     if not any(t["sizes"] for t in study["kinds"].values()):
         return None

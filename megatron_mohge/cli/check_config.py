@@ -17,11 +17,15 @@ from typing import Optional
 
 
 from megatron_mohge.config import ConfigError, MoHGEConfig, read_yaml_file
+from megatron_mohge.config.megatron import FP8_ALIGN
 from megatron_mohge.integration import accounting as A
+from megatron_mohge.util.numbers import fmt_count
 
-RUN_KEYS = {"name", "output_dir", "model", "moe", "parallel", "data", "train", "eval",
-            "checkpoint", "logging", "launch"}
 TE_WIDTH_MULTIPLE = 128  # TE / cuBLAS grouped GEMMs are fastest on multiples of 128
+
+
+def _count(x) -> str:  # this tool's style: always three decimals (1.234M)
+    return fmt_count(float(x), "fixed3")
 
 
 def parse_args(argv=None):
@@ -50,11 +54,11 @@ def parse_args(argv=None):
 
 def load_run(args):
     """A ``RunConfig`` from a run YAML, or from a layer YAML plus the backbone options."""
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.run_config import RunConfig, config_kind
 
     path = Path(args.config)
     data = read_yaml_file(path, "config") or {}
-    if isinstance(data, dict) and data and set(data) <= RUN_KEYS:
+    if config_kind(data, str(path)) == "run":
         run = RunConfig.from_yaml(path, args.overrides)
         explicit_launch = "launch" in data or any(o.startswith("launch.") for o in args.overrides)
         return run, False, explicit_launch
@@ -107,15 +111,16 @@ def warnings_for(run, plan, bare: bool = False) -> list[str]:
     if slow:
         out.append(f"width not a multiple of {TE_WIDTH_MULTIPLE} per expert-TP rank (TE/cuBLAS "
                    f"grouped GEMMs run fastest on multiples of 128): {', '.join(slow)}")
-    fp8 = [f"{n}={w}" for n, w in named if (w // etp) % 16]
+    fp8_a, mx_a = FP8_ALIGN["default"], FP8_ALIGN["mxfp8"]
+    fp8 = [f"{n}={w}" for n, w in named if (w // etp) % fp8_a]
     if fp8:
         out.append("FP8 would be refused: each expert-TP shard of a width must be a multiple of "
-                   f"16 (32 for MXFP8): {', '.join(fp8)}")
+                   f"{fp8_a} ({mx_a} for MXFP8): {', '.join(fp8)}")
     else:
-        mx = [f"{n}={w}" for n, w in named if (w // etp) % 32]
+        mx = [f"{n}={w}" for n, w in named if (w // etp) % mx_a]
         if mx:
             out.append(f"MXFP8 would be refused (widths per expert-TP rank must be multiples of "
-                       f"32): {', '.join(mx)}")
+                       f"{mx_a}): {', '.join(mx)}")
     tok = run.data.tokenizer
     if tok != "byte":
         path = Path(tok).expanduser()
@@ -208,14 +213,6 @@ def analyse(run, vocab_override: Optional[int] = None, world: Optional[int] = No
     return out
 
 
-def _n(x: float) -> str:
-    x = float(x)
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3f}{unit}"
-    return f"{x:.0f}"
-
-
 def render_text(r: dict) -> str:
     mo, pa, pr = r["model"], r["parallel"], r["params"]
     lines = [f"run {r['name']}: moe.kind={r['moe_kind']}"
@@ -238,16 +235,16 @@ def render_text(r: dict) -> str:
     for key in ("embedding", "output_layer", "attention", "norms", "dense_ffn", "routers",
                 "shared_experts", "routed_experts", "total"):
         share = 100.0 * pr[key] / pr["total"] if pr["total"] else 0.0
-        lines.append(f"  {key:<16}{pr[key]:>16,}  {_n(pr[key]):>9}  {share:5.1f}%")
+        lines.append(f"  {key:<16}{pr[key]:>16,}  {_count(pr[key]):>9}  {share:5.1f}%")
     act = r["activated_per_token"]
     w, rp, tp = act["routed_width_per_moe_layer"], act["routed_params"], act["total_params"]
     lines += ["", "activated per token            min         uniform     max",
               f"  routed width / MoE layer  {w['min']:>10,.0f}  {w['uniform']:>10,.1f}  "
               f"{w['max']:>10,.0f}",
-              f"  routed params             {_n(rp['min']):>10}  {_n(rp['uniform']):>10}  "
-              f"{_n(rp['max']):>10}",
-              f"  total params              {_n(tp['min']):>10}  {_n(tp['uniform']):>10}  "
-              f"{_n(tp['max']):>10}",
+              f"  routed params             {_count(rp['min']):>10}  {_count(rp['uniform']):>10}  "
+              f"{_count(rp['max']):>10}",
+              f"  total params              {_count(tp['min']):>10}  {_count(tp['uniform']):>10}  "
+              f"{_count(tp['max']):>10}",
               f"  ({act['convention']})"]
     mem = r["expert_memory_per_ep_rank"]
     if mem.get("ranks"):
@@ -255,7 +252,7 @@ def render_text(r: dict) -> str:
                   f"  assumption: {mem['assumption']}"]
         for rk in mem["ranks"]:
             lines.append(f"  rank {rk['rank']}: {rk['experts']} experts/layer, width sum "
-                         f"{rk['width_sum']}, {_n(rk['params'])} params, {rk['gib']:.2f} GiB")
+                         f"{rk['width_sum']}, {_count(rk['params'])} params, {rk['gib']:.2f} GiB")
     if r["allocation"]:
         lines += ["", "allocation", *("  " + ln for ln in r["allocation"]["table"].splitlines())]
     lines += ["", "warnings" if r["warnings"] else "warnings: none"]

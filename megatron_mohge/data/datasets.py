@@ -18,32 +18,13 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from megatron_mohge.config import ConfigError
+from megatron_mohge.config import ConfigError, parse_split
 from megatron_mohge.data.integrity import content_key, read_index
 from megatron_mohge.data.prepare import check_dataset, normalize_prefix
 from megatron_mohge.data.tokenizers import Tokenizer, load_tokenizer
 
 BATCH_KEYS = ("tokens", "labels", "position_ids", "loss_mask")
 _SPLIT_NAMES = ("train", "validation", "test")
-
-
-def _parse_split(split: str) -> list[float]:
-    """``"949,50,1"`` -> normalised weights; ConfigError for anything megatron would assert on."""
-    parts = [p.strip() for p in str(split).split(",")]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        weights = []
-    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"split {split!r} is not valid: use up to three comma-separated "
-                          f"non-negative weights for train,validation,test, e.g. '949,50,1'")
-    weights += [0.0] * (3 - len(weights))
-    if weights[0] <= 0 or weights[1] <= 0:
-        which = "train" if weights[0] <= 0 else "validation"
-        raise ConfigError(f"split {split!r} gives the {which} split no share of the data; "
-                          f"both train and validation need a positive weight, e.g. '949,50,1'")
-    total = sum(weights)
-    return [w / total for w in weights]
 
 
 def _check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
@@ -62,7 +43,7 @@ def _check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
     lengths = ds.sequence_lengths.copy()
     del ds
     n = lengths.shape[0]
-    matrix = convert_split_vector_to_split_matrix(_parse_split(split))
+    matrix = convert_split_vector_to_split_matrix(parse_split(split))
     for i in (0, 1):  # train, validation (the test split is not built, see build_gpt_datasets)
         beg, end = (int(round(b * float(n))) for b in matrix[i])  # as the builder rounds
         tokens = int(lengths[beg:end].sum())

@@ -10,32 +10,18 @@ contiguous across ranks in general, so checkpoints are written per GEMM with the
 ``(group, index)`` instead, using the same Megatron helpers as the TE linears and the same
 keys and shapes as the local backend (checkpoints move between backends).
 
-Verified on a GPU in a later step; CPU CI covers the key mapping with a stand-in module.
+Not run on a GPU yet (README, 'What runs where'); CPU tests cover the checkpoint key mapping
+with a stand-in module.
 """
 
 from __future__ import annotations
 
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.transformer.mlp import MLPSubmodules, apply_swiglu_sharded_factory
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.moe import experts as mcore_experts
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_mohge.compat.mcore import supported_kwargs
-
-
-def te_grouped_submodules():
-    """fc1/fc2 TE grouped linears, as Megatron's TESpecProvider uses for TEGroupedMLP
-    (``GroupedMLPSubmodules`` where Megatron has it (0.19), ``MLPSubmodules`` before)."""
-    from megatron.core.extensions.transformer_engine import (
-        TEColumnParallelGroupedLinear,
-        TERowParallelGroupedLinear,
-    )
-
-    if TEColumnParallelGroupedLinear is None:
-        raise ImportError("Transformer Engine grouped linears are unavailable (needs TE >= 1.7 "
-                          "with its PyTorch extension); use the local expert backend.")
-    cls = getattr(mcore_experts, "GroupedMLPSubmodules", MLPSubmodules)
-    return cls(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear)
 
 
 def build_te_grouped_mlp(num_experts: int, config, submodules, pg_collection, name=None):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.config import MoHGEConfig
+from megatron_mohge.sizes import ffn_param_coeffs, ffn_params  # noqa: F401  (A.ffn_params)
 
 #: Above this many group subsets, the MoHGE min/max/expectation use closed forms (exact for
 #: equal group sizes) instead of enumerating every choice of Kg groups.
@@ -143,12 +144,6 @@ class ParamCounts:
         return d
 
 
-def ffn_params(hidden: int, width: int, gated: bool, bias: bool) -> int:
-    """Weights (+ biases) of one FFN/expert of ``width``: fc1 ``h x (2W|W)``, fc2 ``W x h``."""
-    up = 2 * width if gated else width
-    return hidden * up + width * hidden + ((up + hidden) if bias else 0)
-
-
 def expert_widths_of(run) -> list[int]:
     """Width of every routed expert of one MoE layer, canonical order ([] for dense)."""
     if run.moe.kind == "mohge":
@@ -239,9 +234,9 @@ def activated_routed_params(run, widths: WidthRange) -> dict:
     """Routed-expert parameters a token activates (all MoE layers) for each width figure."""
     h, gated, bias = run.model.hidden_size, run.model.swiglu, run.model.add_bias_linear
     k = _topk(run)
-    per_width = h * (3 if gated else 2) + ((2 if gated else 1) if bias else 0)
+    per_width, per_expert = ffn_param_coeffs(h, gated, bias)
     n_moe = sum(run.moe_layer_pattern)
-    return {name: n_moe * (per_width * w + (k * h if bias else 0))
+    return {name: n_moe * (per_width * w + k * per_expert)
             for name, w in widths.to_dict().items()}
 
 
@@ -310,8 +305,7 @@ def expert_memory_per_rank(run, world_size: Optional[int] = None) -> dict:
         rank_widths = [widths[r * n:(r + 1) * n] for r in range(ep)]
 
     def sharded(w: int) -> int:  # one expert's params on one expert-TP rank
-        up = (2 * w if gated else w) // etp
-        return h * up + (w // etp) * h + ((up + h) if bias else 0)
+        return ffn_params(h, w, gated, bias, etp)
 
     precision = m.precision if m.precision in BYTES_PER_PARAM else "fp32"
     b = BYTES_PER_PARAM[precision]

@@ -1,4 +1,21 @@
-"""Routers: the MoHGE two-level router and the sparsely-gated (noisy top-k) routers."""
+"""Routers: the MoHGE two-level router and the sparsely-gated (noisy top-k) routers.
+
+Tensor names end in a shape suffix, one letter per dimension (``z_TE`` is ``[T, E]``). The
+legend, for every module of the package (stated here only):
+
+======  ==============================================================================
+suffix  dimension
+======  ==============================================================================
+T       tokens of this rank (sequence x micro-batch, flattened)
+D       hidden size
+G       expert groups
+E       experts, in canonical (group-major) order
+K       experts chosen per token
+N       experts of one group (padded to the largest group, Nmax, in ``_GN`` / ``_TGN``)
+W       expert width (FFN hidden size)
+1       a singleton dimension (``keep_T1``: 1 for a real token, 0 for padding)
+======  ==============================================================================
+"""
 
 from megatron_mohge.routing.base import GroupedExpertRouter, set_training_progress
 from megatron_mohge.routing.mohge_router import (

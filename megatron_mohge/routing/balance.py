@@ -11,6 +11,8 @@ TP x DP x CP group in **one** all-reduce, then each router updates its bias
 counters restart. ``mohge-train`` installs it through ``training.mcore``, the Megatron-LM
 launcher through ``integration``; a custom loop calls :func:`end_of_step` after its
 backward passes, on every rank.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations

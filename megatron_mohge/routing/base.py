@@ -13,6 +13,8 @@ tracker, is Megatron's):
 * routing counts (tokens per expert, per group) are accumulated for metrics;
 * a training-progress hook for loss schedules (``set_training_progress``);
 * input jitter only while training (``jitter``).
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_mohge.compat.mcore import record_metric, supported_kwargs
+from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.counters import RoutingCounter
 from megatron_mohge.routing.functional import GroupIndex
 
@@ -194,6 +197,23 @@ class GroupedExpertRouter(TopKRouter):
         tokens = activation.shape[0] if keep_T1 is None else keep_T1.sum()
         return self.attach_loss(activation, loss, coeff, name, tokens,
                                 reduce_group=self.tp_cp_group)
+
+    def apply_z_loss(self, z_TE: torch.Tensor, keep_T1: Optional[torch.Tensor],
+                     u_TG: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ST-MoE z-loss on the gate logits, training only and when ``moe_z_loss_coeff`` is set:
+        two-level (group softmax and in-group softmaxes, :func:`losses.z_loss_two_level`) when
+        the group logits ``u_TG`` are given, else Megatron's flat ``z_loss_func``. Returns the
+        logits with the loss attached to their backward."""
+        if not (self.training and torch.is_grad_enabled() and self.config.moe_z_loss_coeff):
+            return z_TE
+        # Megatron divides by the TP*CP size: each SP/CP shard adds its own mean.
+        coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+        if u_TG is not None:
+            z_loss = L.z_loss_two_level(u_TG, z_TE, self.group_index(z_TE.device), coeff, keep_T1)
+        else:
+            pad_T = None if keep_T1 is None else ~keep_T1.squeeze(-1).bool()
+            z_loss = moe_utils.z_loss_func(z_TE, coeff, pad_T)
+        return self.attach_z_loss(z_TE, z_loss, coeff, keep_T1)
 
     def attach_z_loss(self, z_TE: torch.Tensor, z_loss: torch.Tensor, coeff: float,
                       keep_T1: Optional[torch.Tensor]) -> torch.Tensor:

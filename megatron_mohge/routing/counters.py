@@ -17,6 +17,8 @@ Three horizons:
 
 MaxVio is the balance figure of Wang et al., "Auxiliary-Loss-Free Load Balancing" (arXiv
 2408.15664). The accumulators avoid host syncs (no ``.item()`` in the forward pass).
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def max_violation(load_E: torch.Tensor) -> torch.Tensor:
 class RoutingCounter(torch.nn.Module):
     """Token counts of one router, canonical (group-major) expert order."""
 
-    def __init__(self, num_experts: int, num_groups: int, device=None):
+    def __init__(self, num_experts: int, num_groups: int, device=None, importance: bool = False):
         super().__init__()
 
         def zeros(shape):
@@ -49,6 +51,12 @@ class RoutingCounter(torch.nn.Module):
                             ("step_tokens_per_expert_E", (num_experts,))):
             self.register_buffer(name, zeros(shape), persistent=False)
         self.step_forwards = 0  # training forwards since the last end_of_step (host int)
+        # Noisy routers' Importance_e = sum of gate weights (Shazeer et al.): a window count
+        # like the others, so it is reset, snapshotted and kept in float64 with them.
+        self._window = self._WINDOW
+        if importance:
+            self.register_buffer("importance_E", zeros((num_experts,)), persistent=False)
+            self._window = self._WINDOW + ("importance_E",)
 
     def _apply(self, fn, recurse=True):
         # Follow device moves only: Float16Module's .bfloat16() would turn the counts into
@@ -92,6 +100,11 @@ class RoutingCounter(torch.nn.Module):
             self.step_forwards += 1
 
     @torch.no_grad()
+    def add_importance(self, weights_TE: torch.Tensor) -> None:
+        """Add one forward call's gate weights (padding rows already zeroed)."""
+        self.importance_E += weights_TE.sum(0).to(self.importance_E.device, torch.float64)
+
+    @torch.no_grad()
     def add_batch(self, global_load_E: torch.Tensor) -> None:
         """Account one optimizer step's global-batch load (summed over ranks)."""
         routed = (global_load_E.sum() > 0).to(self.maxvio_batch_n)  # no host sync
@@ -103,12 +116,12 @@ class RoutingCounter(torch.nn.Module):
         self.step_forwards = 0
 
     def reset_window(self) -> None:
-        for name in self._WINDOW:
+        for name in self._window:
             getattr(self, name).zero_()
 
     def snapshot(self) -> dict:
         """Copies of the window counts, for :meth:`restore`."""
-        return {name: getattr(self, name).clone() for name in self._WINDOW}
+        return {name: getattr(self, name).clone() for name in self._window}
 
     def restore(self, snap: dict) -> None:
         for name, value in snap.items():
@@ -116,11 +129,11 @@ class RoutingCounter(torch.nn.Module):
 
     def window_vector(self) -> torch.Tensor:
         """The window counts packed into one float64 vector (for one all-reduce)."""
-        return torch.cat([getattr(self, n).reshape(-1) for n in self._WINDOW])
+        return torch.cat([getattr(self, n).reshape(-1) for n in self._window])
 
     def unpack_window(self, packed: torch.Tensor) -> dict:
         out, i = {}, 0
-        for name in self._WINDOW:
+        for name in self._window:
             n = getattr(self, name).numel()
             out[name] = packed[i:i + n].reshape(getattr(self, name).shape)
             i += n

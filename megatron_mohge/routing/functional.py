@@ -1,6 +1,6 @@
-"""Pure routing math of the MoHGE two-level router (design note section 2).
+"""Pure routing math of the MoHGE two-level router (the formulas: :func:`two_level_route`).
 
-Shapes: ``T`` tokens, ``G`` groups, ``E`` experts in canonical (group-major) order.
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 Everything here is differentiable where the paper's router is, and free of Megatron state,
 so tests can check it against hand-computed values.
 """
@@ -55,10 +55,9 @@ class GroupIndex:
         return x_TGN[:, self.valid_GN]
 
 
-def segment_softmax(z_TE: torch.Tensor, index: GroupIndex) -> torch.Tensor:
-    """Softmax of expert logits inside each group: pi_{g,i} = softmax_i(z_{g,.})."""
-    z_TGN = index.to_padded(z_TE, float("-inf"))
-    return index.from_padded(torch.softmax(z_TGN, dim=-1))
+def segment_log_softmax(z_TE: torch.Tensor, index: GroupIndex) -> torch.Tensor:
+    """Log-softmax of expert logits inside each group: log pi_{g,i} = log softmax_i(z_{g,.})."""
+    return index.from_padded(torch.log_softmax(index.to_padded(z_TE, float("-inf")), dim=-1))
 
 
 def segment_logsumexp(z_TE: torch.Tensor, index: GroupIndex) -> torch.Tensor:
@@ -115,7 +114,7 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
     _, gidx_TK = torch.topk(u_TG, k=group_topk, dim=-1)  # s is monotone in u
     group_mask_TG = torch.zeros_like(u_TG, dtype=torch.bool).scatter(1, gidx_TK, True)
 
-    log_pi_TE = index.from_padded(torch.log_softmax(index.to_padded(z_TE, float("-inf")), dim=-1))
+    log_pi_TE = segment_log_softmax(z_TE, index)
     group_of = index.group_of_expert_E
     if group_topk == 1:
         # q = pi inside the one selected group: s_g cancels exactly, so the group gate gets no
@@ -132,8 +131,7 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
         select_TE = log_q_TE
     else:
         zb_TE = z_TE + selection_bias_E.to(z_TE.dtype)
-        log_pib_TE = index.from_padded(
-            torch.log_softmax(index.to_padded(zb_TE, float("-inf")), dim=-1))
+        log_pib_TE = segment_log_softmax(zb_TE, index)
         select_TE = log_s_TG.masked_fill(~group_mask_TG, float("-inf"))[:, group_of] + log_pib_TE
     _, eidx_TK = torch.topk(select_TE, k=topk, dim=-1)
     log_q_chosen_TK = log_q_TE.gather(1, eidx_TK)

@@ -1,4 +1,4 @@
-"""MoHGE auxiliary losses (design note section 3), as pure functions.
+"""MoHGE auxiliary losses, as pure functions (each loss's formula is in its docstring).
 
 Like Megatron's ``switch_load_balancing_loss_func``, each loss is computed from *global*
 token counts (all-reduced over the sequence/context-parallel group ``reduce_group``) and
@@ -12,6 +12,8 @@ probabilities this rank sums: they normalise ``P``) and ``load`` (the load fract
 They are the same object by default; with global-batch statistics ``load`` holds the counts
 all-reduced over the data-parallel group and averaged over the step's micro-batches
 (:class:`GlobalBatchCounts`), as Megatron's ``global_aux_loss`` does.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations

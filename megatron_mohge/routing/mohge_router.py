@@ -1,4 +1,7 @@
-"""The MoHGE two-level router as a Megatron router module (``MoESubmodules.router``)."""
+"""The MoHGE two-level router as a Megatron router module (``MoESubmodules.router``).
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
+"""
 
 from __future__ import annotations
 
@@ -74,11 +77,7 @@ class MoHGERouter(GroupedExpertRouter):
         keep_T1 = valid_token_mask(x_TD.shape[0], padding_mask, x_TD.device)
         training = self.training and torch.is_grad_enabled()
 
-        if training and self.config.moe_z_loss_coeff:
-            # Megatron divides by the TP*CP size: each SP/CP shard adds its own mean.
-            coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
-            z_loss = L.z_loss_two_level(u_TG, z_TE, index, coeff, keep_T1)
-            z_TE = self.attach_z_loss(z_TE, z_loss, coeff, keep_T1)
+        z_TE = self.apply_z_loss(z_TE, keep_T1, u_TG)
 
         r = two_level_route(u_TG, z_TE, index, self.mohge.group_topk, self.mohge.topk,
                             self.mohge.router.group_score, self.mohge.router.expert_weighting,

@@ -1,6 +1,6 @@
 """Sparsely-gated MoE router (Shazeer et al. 2017, "Outrageously Large Neural Networks").
 
-Design note section 5. Flat gate (``router.type: noisy_topk``)::
+Flat gate (``router.type: noisy_topk``)::
 
     H(x)_i = (x W_g)_i + N(0,1) * (softplus((x W_noise)_i) + eps)      (training only)
     G(x)   = softmax(KeepTopK(H(x), k))
@@ -30,6 +30,8 @@ CV^2 is not a sum over tokens, so the per-expert sums are all-reduced over the T
 computes the same global loss and back-propagates ``dL/dSum`` into its own tokens only; the
 SP-flagged router grads are summed over TP and Megatron's aux-loss scale undoes the CP average,
 so the summed gradient is the full ``dL/dW``.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-from megatron.core.transformer.moe.moe_utils import z_loss_func
 
 from megatron_mohge.config import MoHGEConfig, NoisyGatingConfig
-from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.base import GroupedExpertRouter, _default_pg_collection
+from megatron_mohge.routing.counters import RoutingCounter
 from megatron_mohge.routing.functional import valid_token_mask
 
 IMPORTANCE_LOSS_NAME = "noisy_importance_loss"
@@ -155,7 +156,7 @@ class NoisyTopKRouter(GroupedExpertRouter):
             self.group_weight = self.new_gate_weight(len(self.group_sizes))
             self.group_noise_weight = (self.new_gate_weight(len(self.group_sizes)) if noise
                                        else None)
-        self.register_buffer("importance_E", torch.zeros(self.num_experts), persistent=False)
+        self.counter = RoutingCounter(self.num_experts, len(self.group_sizes), importance=True)
         self.reset_parameters()
 
     def _check_supported(self, group_topk: Optional[int]) -> None:
@@ -188,9 +189,8 @@ class NoisyTopKRouter(GroupedExpertRouter):
                 with torch.no_grad():
                     p.zero_()
 
-    def reset_routing_counts(self) -> None:
-        super().reset_routing_counts()
-        self.importance_E.zero_()
+    # Importance_e over the counting window (reset with the other counts)
+    importance_E = property(lambda self: self.counter.importance_E)
 
     def balance_metrics(self) -> dict[str, float]:
         """CV(importance), CV(load), max/mean load of the counts since the last reset (local)."""
@@ -218,12 +218,9 @@ class NoisyTopKRouter(GroupedExpertRouter):
         if self.hierarchical:
             index = self.group_index(z_TE.device)
             u_TG = self.gate(x_TD, self.group_weight)  # primary gate, clean
-            if training and self.config.moe_z_loss_coeff:
-                z_TE = self._z_loss_two_level(u_TG, z_TE, keep_T1)
-        elif training and self.config.moe_z_loss_coeff:  # Megatron's z-loss on the clean logits
-            coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
-            pad_T = None if keep_T1 is None else ~keep_T1.squeeze(-1).bool()
-            z_TE = self.attach_z_loss(z_TE, z_loss_func(z_TE, coeff, pad_T), coeff, keep_T1)
+            z_TE = self.apply_z_loss(z_TE, keep_T1, u_TG)  # MoHGE's two-level z-loss
+        else:
+            z_TE = self.apply_z_loss(z_TE, keep_T1)  # Megatron's z-loss on the clean logits
         # Noise after the z-loss hook so the routing consumes the hooked logits.
         h_TE, sd_TE = self._noisy(x_TD, z_TE, self.noise_weight, noisy)
         if not self.hierarchical:
@@ -257,15 +254,9 @@ class NoisyTopKRouter(GroupedExpertRouter):
                 probs_TE = self._attach_losses(probs_TE, load_parts, keep_T1)
         with torch.no_grad():
             w_TE = probs_TE.detach() if keep_T1 is None else probs_TE.detach() * keep_T1
-            self.importance_E += w_TE.sum(0).to(self.importance_E.device)
+            self.counter.add_importance(w_TE)
         self.record_counts(routing_map_TE, group_mask_TG, keep_T1)
         return self.to_slot_order(probs_TE, routing_map_TE)
-
-    def _z_loss_two_level(self, u_TG, z_TE, keep_T1):
-        # Primary softmax over groups and secondary softmax inside each group: MoHGE's z-loss.
-        coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
-        z_loss = L.z_loss_two_level(u_TG, z_TE, self.group_index(z_TE.device), coeff, keep_T1)
-        return self.attach_z_loss(z_TE, z_loss, coeff, keep_T1)
 
     # ------------------------------------------------------------------ losses
     def _attach_losses(self, probs_TE: torch.Tensor, load_parts: list[torch.Tensor],
@@ -293,11 +284,8 @@ class NoisyTopKRouter(GroupedExpertRouter):
         for coeff, cv2, name in ((w_imp, cv_squared(importance_E), IMPORTANCE_LOSS_NAME),
                                  (w_load, cv_squared(load_E), LOAD_LOSS_NAME)):
             if coeff > 0:
-                probs_TE = self._log_and_attach(probs_TE, coeff * cv2, coeff, name, local_tokens)
+                # Every TP x CP rank holds the same global loss (replicated: logged 1/size
+                # each, so the tracker's sum counts it once; then averaged over DP).
+                probs_TE = self.attach_loss(probs_TE, coeff * cv2, coeff, name, local_tokens,
+                                            reduce_group=self.tp_cp_group, replicated=True)
         return probs_TE
-
-    def _log_and_attach(self, activation, loss, coeff, name, local_tokens):
-        # Every TP x CP rank holds the same global loss (logged 1/size each, so the tracker's
-        # sum over tp_cp counts it once; then averaged over DP, like Megatron's own losses).
-        return self.attach_loss(activation, loss, coeff, name, local_tokens,
-                                reduce_group=self.tp_cp_group, replicated=True)

@@ -44,11 +44,10 @@ RESUMABLE_CHANGES = (
     "model.hidden_dropout", "model.attention_dropout", "model.init_method_std",
     "moe.token_dispatcher", "moe.use_te", "moe.aux_loss_coeff", "moe.z_loss_coeff",
     "moe.noisy_gating.importance_coeff", "moe.noisy_gating.load_coeff",
-    "moe.noisy_gating.noise",
     "moe.mohge.losses", "moe.mohge.allocation", "moe.mohge.router.z_loss_coeff",
     "moe.mohge.router.input_jitter_eps", "moe.mohge.noisy_gating.importance_coeff",
-    "moe.mohge.noisy_gating.load_coeff", "moe.mohge.noisy_gating.noise",
-)
+    "moe.mohge.noisy_gating.load_coeff",
+)  # not noisy_gating.noise: it adds or removes the noise gate weights (W_noise)
 
 
 def atomic_write(path: Path, text: str) -> None:

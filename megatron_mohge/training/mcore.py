@@ -273,18 +273,6 @@ def forward_backward(model: ModelArg, batches: List[dict], forward_only: bool = 
     return float(stats[0] / stats[1])
 
 
-def train_step(model: ModelArg, optimizer, batches: List[dict]) -> float:
-    """One training step: zero grad buffers, forward/backward schedule over ``batches``
-    (+ ``finalize_model_grads``), optimizer step (Adam, grad clipping). Returns the loss
-    (before the update) as in :func:`forward_backward`."""
-    for chunk in model_chunks(model):
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    loss = forward_backward(model, batches)
-    optimizer.step()  # (update_successful, grad_norm, num_zeros); fp16 may skip on overflow
-    return loss
-
-
 def eval_loss(model: ModelArg, batches: List[dict]) -> float:
     """Forward-only loss in eval mode (no dropout, no grads, no update) through the same
     schedule; the chunks' train / eval mode is restored afterwards."""
@@ -372,15 +360,6 @@ def sharded_state_dict(model: ModelArg) -> dict:
     if len(chunks) == 1:
         return unwrap(chunks[0]).sharded_state_dict()
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def param_digest(model: ModelArg) -> Dict[str, float]:
-    """{name: sum of |param|} of this rank's local parameters (cheap equality check)."""
-    out = {}
-    for i, chunk in enumerate(model_chunks(model)):
-        for name, p in unwrap(chunk).named_parameters():
-            out[f"{i}.{name}"] = float(p.detach().double().abs().sum())
-    return out
 
 
 def all_gather_object(obj) -> list:

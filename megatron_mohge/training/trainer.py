@@ -13,6 +13,8 @@ reproduces the uninterrupted one bit for bit (also on another EP size, up to red
 order). Run safety (one writer per folder, numerical health, damaged or mismatched
 checkpoints, stalled ranks, orphaned writer processes): ``lock``, ``health``, ``checkpoint``
 and ``procs`` next to this module.
+
+Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mohge.bench.stats import standard_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.metrics import (
     attach_stock_counters,
@@ -43,6 +44,7 @@ from megatron_mohge.training import health as health_lib
 from megatron_mohge.training import procs
 from megatron_mohge.training import mcore as M
 from megatron_mohge.training import model as model_lib
+from megatron_mohge.util.numbers import mean_by_ep, mean_present, standard_error
 
 
 def tensorboard_writer(log_dir: Path, run_name: str):
@@ -59,6 +61,16 @@ def tensorboard_writer(log_dir: Path, run_name: str):
               flush=True)
         return None
     return SummaryWriter(str(log_dir))
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: the token-mean held-out loss, the loss of each held-out global batch,
+    and the routing counts of the evaluation (a ``snapshot_routing_counts`` list)."""
+
+    loss: float
+    batch_losses: list
+    routing_counts: list
 
 
 @dataclass
@@ -253,10 +265,10 @@ class Trainer:
         return dict(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else None,
                     skipped=not ok, lr=self.optimizer.param_groups[0]["lr"])
 
-    def evaluate(self, num_batches: Optional[int] = None) -> float:
+    def evaluate(self, num_batches: Optional[int] = None) -> EvalResult:
         """Token-mean LM loss over the first ``num_batches`` (default ``eval.iters``) fixed
-        held-out global batches. Their routing counts are kept in ``_eval_routers``, apart
-        from the training counts, and the per-batch losses in ``_eval_batch_losses``."""
+        held-out global batches, with their per-batch losses and routing counts (kept apart
+        from the training counts)."""
         n = num_batches or self.run.eval.iters
         batches = [self._batches(self.valid_ds, i) for i in range(n)]
         # keep the training-routing counts of the current log window out of the evaluation
@@ -264,10 +276,10 @@ class Trainer:
         saved = snapshot_routing_counts(chunks)
         reset_routing_counts(chunks)
         losses = [M.eval_loss(self.model, b) for b in batches]
-        self._eval_routers = snapshot_routing_counts(chunks)
+        eval_counts = snapshot_routing_counts(chunks)
         restore_routing_counts(saved)
-        self._eval_batch_losses = losses
-        return sum(losses) / len(losses)  # equal token counts per batch: the token mean
+        # equal token counts per batch: the mean of the batch losses is the token mean
+        return EvalResult(sum(losses) / len(losses), losses, eval_counts)
 
     # ------------------------------------------------------------------ metrics
     def routing(self) -> list[dict]:
@@ -397,14 +409,14 @@ class Trainer:
                                    out)
                 window, w_loss, w_t0 = 0, 0.0, time.perf_counter()
             if run.eval.interval and self.state.iteration % run.eval.interval == 0 and not last:
-                self._log_eval(self.evaluate())
+                self._log_eval(self.evaluate().loss)
             ck = run.checkpoint
             if ck.enabled and ck.interval and self.state.iteration % ck.interval == 0 and not last:
                 self.save()
         if bar is not None:
             bar.close()
         final_eval = self.evaluate(run.eval.final_batches)
-        self._log_eval(final_eval)
+        self._log_eval(final_eval.loss)
         if run.checkpoint.enabled and (self.state.iteration > start or not resumed):
             self.save()
         return self._summary(final_eval, tokens_per_step * timed_steps / timed_s
@@ -466,10 +478,11 @@ class Trainer:
                 self.writer.add_scalar("eval/loss", loss, self.state.iteration)
                 self.writer.flush()
 
-    def _summary(self, final_eval: float, tokens_per_s: Optional[float]) -> dict:
+    def _summary(self, final: EvalResult, tokens_per_s: Optional[float]) -> dict:
         """Figures of the finished run (routing measured over the final evaluation)."""
         # routing over the held-out batches of the final evaluation (eval mode)
-        restore_routing_counts(self._eval_routers)
+        restore_routing_counts(final.routing_counts)
+        final_eval, batch_losses = final.loss, final.batch_losses
         layers = self.routing()
         per_token_routed = sum(l["activated_routed_params_per_token"] for l in layers)
         dense = self.counts["total_params"] - self.counts["routed_expert_params"]
@@ -482,9 +495,9 @@ class Trainer:
             heldout_loss=final_eval, heldout_ppl=math.exp(min(final_eval, 50)),
             # evaluation noise: the standard error of the loss across the held-out global
             # batches (global_batch_size x seq_length tokens each), and the batch losses
-            heldout_loss_se=standard_error(self._eval_batch_losses),
-            heldout_batch_losses=list(self._eval_batch_losses),
-            heldout_tokens=len(self._eval_batch_losses) * self.run.train.global_batch_size
+            heldout_loss_se=standard_error(batch_losses),
+            heldout_batch_losses=list(batch_losses),
+            heldout_tokens=len(batch_losses) * self.run.train.global_batch_size
             * self.run.model.seq_length,
             train_tokens_per_s=tokens_per_s, peak_mem_bytes=peak,
             group_token_share=_mean_share(layers) or [],
@@ -518,43 +531,29 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def balance_figures(layers: list[dict]) -> dict:
     """Balance figures of a set of MoE layers, each the mean over layers: expert load CV and
     max/mean, MaxVio (micro-batch and global batch), load CV inside groups, and per-EP-size
     rank FLOPs max/mean of each layout
     (``rank_flops_by_ep = {"2": {"all_size_max_over_mean": .., "contiguous_max_over_mean": ..}}``)."""
-    out = dict(expert_load_cv=_mean(l["expert_load_cv"] for l in layers),
-               expert_load_max_over_mean=_mean(l["expert_load_max_over_mean"] for l in layers),
-               maxvio_micro=_mean(l.get("maxvio_micro") for l in layers),
-               maxvio_batch=_mean(l.get("maxvio_batch") for l in layers),
-               group_load_cv=_mean(_mean(l.get("group_load_cv") or []) for l in layers))
-    flops: dict = {}
-    for l in layers:
-        for ep, d in (l.get("rank_flops") or {}).items():
-            for k, v in d.items():
-                if k.endswith("_max_over_mean"):
-                    flops.setdefault(ep, {}).setdefault(k, []).append(v)
-    out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
+    mean = mean_present
+    out = dict(expert_load_cv=mean(l["expert_load_cv"] for l in layers),
+               expert_load_max_over_mean=mean(l["expert_load_max_over_mean"] for l in layers),
+               maxvio_micro=mean(l.get("maxvio_micro") for l in layers),
+               maxvio_batch=mean(l.get("maxvio_batch") for l in layers),
+               group_load_cv=mean(mean(l.get("group_load_cv") or []) for l in layers))
+    out["rank_flops_by_ep"] = mean_by_ep(l.get("rank_flops") for l in layers)
     return out
 
 
 def train_balance(history: list[dict], iters: int) -> dict:
     """Balance figures of the log windows in the last quarter of training, averaged."""
     recs = [h for h in history if h["iteration"] > 0.75 * iters] or history[-1:]
-    out = {k: _mean(h.get(k) for h in recs)
+    out = {k: mean_present(h.get(k) for h in recs)
            for k in ("expert_load_cv", "maxvio_micro", "maxvio_batch", "group_load_cv")}
-    flops: dict = {}
-    for h in recs:
-        for ep, d in (h.get("rank_flops_by_ep") or {}).items():
-            for k, v in d.items():
-                flops.setdefault(ep, {}).setdefault(k, []).append(v)
-    out["rank_flops_by_ep"] = {ep: {k: _mean(v) for k, v in d.items()} for ep, d in flops.items()}
+    out["rank_flops_by_ep"] = mean_by_ep(h.get("rank_flops_by_ep") for h in recs)
     return out
+
 
 
 def _mean_share(layers: list[dict]) -> Optional[list[float]]:

@@ -60,16 +60,38 @@ from megatron_mohge.training.mcore import (  # noqa: F401  (re-exported for the 
     init_layout,
     layout,
     load_checkpoint,
-    param_digest,
     rank,
     save_checkpoint,
     sharded_state_dict,
-    train_step,
     unwrap,
     use_cuda,
     wrap_ddp,
     build_optimizer,
 )
+
+# Test-only helpers (nothing in the package trains without the Trainer or digests params).
+
+
+def train_step(model: ModelArg, optimizer, batches: List[dict]) -> float:
+    """One training step: zero grad buffers, forward/backward schedule over ``batches``
+    (+ ``finalize_model_grads``), optimizer step (Adam, grad clipping). Returns the loss
+    (before the update) as in :func:`forward_backward`."""
+    for chunk in model_chunks(model):
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = forward_backward(model, batches)
+    optimizer.step()  # (update_successful, grad_norm, num_zeros); fp16 may skip on overflow
+    return loss
+
+
+def param_digest(model: ModelArg) -> dict:
+    """{name: sum of |param|} of this rank's local parameters (cheap equality check)."""
+    out = {}
+    for i, chunk in enumerate(model_chunks(model)):
+        for name, p in unwrap(chunk).named_parameters():
+            out[f"{i}.{name}"] = float(p.detach().double().abs().sum())
+    return out
+
 
 #: Defaults of the tiny model (small enough for 2 CPU cores and 4 ranks).
 VOCAB_SIZE = 128

@@ -1,4 +1,4 @@
-"""MoHGE configuration: typed dataclasses, YAML in and out, validated once at the edge.
+"""The MoHGE layer config: typed dataclasses, validated once at the edge.
 
 ``MoHGEConfig`` describes the routed experts of one MoHGE layer (groups, widths, routing,
 losses, allocation). ``apply_to(transformer_config)`` returns a Megatron
@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from megatron_mohge.config.errors import (
+    ConfigError,
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_number,
+    group_offsets,
+)
+from megatron_mohge.config.io import YamlDataclass, load_yaml, read_yaml_file
+from megatron_mohge.config.megatron import _fp8_align, _reject_uniform_only
+from megatron_mohge.sizes import ffn_params
 
 ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
 GROUP_SCORES = ("sigmoid", "softmax")
@@ -27,51 +37,9 @@ RELEASED_INTRA_GROUP_COEFF = 5e-3  # a_E of the released MoHGE-3B runs (paper mo
 EXPERT_BACKENDS = ("auto", "local", "torch", "te")
 
 
-class ConfigError(ValueError):
-    """Invalid MoHGE configuration; the message names the field and the fix."""
-
-
-#: ``TransformerConfig`` options (megatron-core 0.19) that assume one expert width or
-#: Megatron's own router; each is refused for MoHGE with the reason. A field missing on the
-#: installed release reads as off.
-_UNIFORM_ONLY_FIELDS = (
-    ("moe_single_grouped_weight", "stores all experts in one [E, ffn, hidden] weight (one width)"),
-    ("moe_single_grouped_bias", "stores all expert biases in one [E, ffn] tensor (one width)"),
-    ("moe_paged_stash", "stashes one 'grouped_mlp' per layer sized from the rank's token "
-                        "capacity, but MoHGE runs one grouped MLP per width"),
-    ("moe_ncclep_zero_copy", "has experts write into NCCL-EP buffers, which MoHGE's "
-                             "per-width expert runs do not take"),
-)
-
-
-def _reject_uniform_only(tc) -> None:
-    """One-line ``ConfigError`` for Megatron options MoHGE experts/routers cannot honour."""
-    for name, why in _UNIFORM_ONLY_FIELDS:
-        if getattr(tc, name, False):
-            raise ConfigError(f"TransformerConfig.{name}: {why}; MoHGE has experts of several "
-                              "widths, set it to False.")
-    if getattr(tc, "moe_router_load_balancing_type", None) == "quantile_balancing":
-        raise ConfigError("TransformerConfig.moe_router_load_balancing_type='quantile_balancing': "
-                          "Megatron's per-expert quantile bias is not MoHGE's router; use 'none' "
-                          "(MoHGE attaches its own balance losses).")
-
-
-class YamlDataclass:
-    """``to_dict`` / ``to_yaml`` for the config dataclasses (field order kept)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: Optional[Union[str, Path]] = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-
 @dataclass
 class RouterConfig:
-    """Two-level router options (design note section 2)."""
+    """Two-level router options (the math: ``routing.functional.two_level_route``)."""
 
     type: str = "mohge"  # mohge (two-level) | noisy_topk | hierarchical_noisy_topk (Shazeer 2017)
     group_score: str = "sigmoid"  # group gate score s = sigmoid(u) as released; or softmax(u)
@@ -83,7 +51,7 @@ class RouterConfig:
 
 @dataclass
 class LossConfig:
-    """Auxiliary losses (design note section 3)."""
+    """Auxiliary losses (the formulas: each loss's docstring in ``routing.losses``)."""
 
     group_coeff: float = 1e-5  # a_G of the cost-weighted group-wise loss (released: 1e-5)
     group_cost_delta: Optional[float] = None  # Delta in c_g = 1 + (W_g - W_1)/Delta; None = mean width
@@ -108,7 +76,7 @@ class LossConfig:
 
 @dataclass
 class AllocationConfig:
-    """All-size Group-decoupling Allocation (design note section 4)."""
+    """All-size Group-decoupling Allocation (the algorithm: the ``allocation`` module docstring)."""
 
     max_imbalance: float = 1.05  # refuse plans whose per-rank width sums exceed mean by more
     allow_imbalance: bool = False  # accept a plan above max_imbalance (it is still reported)
@@ -204,10 +172,11 @@ class MoHGEConfig(YamlDataclass):
         """c_g = 1 + (W_g - W_1) / Delta: relative cost of routing a token to group g."""
         return [1.0 + (w - self.widths[0]) / self.cost_delta for w in self.widths]
 
-    def routed_params_per_expert(self, hidden_size: int, gated: bool = True) -> list[int]:
-        """Weights of each routed expert (fc1 [+ gate] and fc2), canonical order."""
-        mult = 3 if gated else 2
-        return [mult * hidden_size * w for w in self.expert_widths]
+    def routed_params_per_expert(self, hidden_size: int, gated: bool = True,
+                                 bias: bool = False) -> list[int]:
+        """Parameters of each routed expert (fc1 [+ gate] and fc2, + biases with ``bias``:
+        Megatron's ``add_bias_linear``), canonical order."""
+        return [ffn_params(hidden_size, w, gated, bias) for w in self.expert_widths]
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -448,15 +417,6 @@ class MoHGEConfig(YamlDataclass):
         return cls(**base)
 
 
-def group_offsets(experts_per_group) -> list[int]:
-    """Exclusive prefix sums of the group sizes: canonical id of each group's first expert."""
-    offsets, total = [], 0
-    for n in experts_per_group:
-        offsets.append(total)
-        total += n
-    return offsets
-
-
 _NESTED = {"router": RouterConfig, "losses": LossConfig, "allocation": AllocationConfig,
            "noisy_gating": NoisyGatingConfig}
 
@@ -487,72 +447,6 @@ def _build(cls, data: Any, path: str):
         raise ConfigError(f"{where}: missing required field(s): {', '.join(missing)}") from exc
 
 
-def expect_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def expect_number(name: str, value: Any, minimum: float) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is a number >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def expect_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-
-
-def expect_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``5E+4`` as floats.
-
-    PyYAML implements YAML 1.1, whose float pattern needs a dot (``1.0e-3``), so ``1e-3``
-    would load as the *string* "1e-3"; YAML 1.2 and Python both read it as a number, and so
-    do our configs wherever a float is expected.
-    """
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text as our config files are parsed (safe, scientific notation = float)."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml_file(path: Union[str, Path], what: str) -> Any:
-    """Parse YAML file ``path``; ``what`` names it in errors (e.g. "run config")."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{what}: file not found: {path}")
-    raw = p.read_bytes()
-    if b"\x00" in raw:
-        raise ConfigError(f"{what} {path}: not a text file (it contains NUL bytes); pass the "
-                          f"YAML config file")
-    try:
-        text = raw.decode("utf-8-sig")  # a UTF-8 BOM (some Windows editors) is fine
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} "
-                          f"at offset {exc.start}); save the file as UTF-8") from None
-    try:
-        return load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path}: invalid YAML: {exc}") from exc
-
-
 def _check_int(name: str, value: Any, minimum: int) -> None:
     expect_int(f"MoHGEConfig.{name}", value, minimum)
 
@@ -569,7 +463,3 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     expect_choice(f"MoHGEConfig.{name}", value, choices)
 
 
-def _fp8_align(tc) -> int:
-    """Token/width alignment of FP8 grouped GEMMs: 32 for MXFP8 recipes, else 16."""
-    recipe = str(getattr(tc, "fp8_recipe", "") or "")
-    return 32 if "mxfp8" in recipe.lower() else 16

@@ -1,0 +1,60 @@
+"""Text formatting of benchmark figures for the markdown tables (a missing value is a dash)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from megatron_mohge.util import numbers
+
+DASH = "—"
+
+
+def _num(v: Any) -> Optional[float]:
+    """``v`` as a finite-or-nan float, or None when missing / not a number."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def fmt_count(v: Any) -> str:
+    """Parameter counts: 1.23B / 45.6M / 7.89K / 512."""
+    x = _num(v)
+    if x is None:
+        return DASH
+    if math.isnan(x):
+        return "nan"
+    return numbers.fmt_count(x, "report")
+
+
+def fmt_float(v: Any, digits: int = 3, suffix: str = "") -> str:
+    x = _num(v)
+    if x is None:
+        return DASH
+    return f"{x:.{digits}f}{suffix}"
+
+
+def fmt_delta(value: Any, base: Any) -> str:
+    """Relative change ``value / base - 1`` in percent with sign, e.g. ``-18.8%``."""
+    v, b = _num(value), _num(base)
+    if v is None or b is None or b == 0 or math.isnan(v) or math.isnan(b):
+        return ""
+    return f"{(v / b - 1.0) * 100.0:+.1f}%"
+
+
+def _with_delta(text: str, value: Any, base: Any, is_base: bool) -> str:
+    if text == DASH:
+        return text
+    if is_base:
+        return f"{text} (base)"
+    d = fmt_delta(value, base)
+    return f"{text} ({d})" if d else text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
