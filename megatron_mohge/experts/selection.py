@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from megatron_mohge.config import ConfigError
 
-#: expert_backend="auto" on a CPU-only machine. The layer benchmark's --compare-backends gave
-#: torch 0.89x (hidden 64, 1,024 tokens) and 0.72x (hidden 256, 4,096 tokens) of local's median,
-#: but on a machine at load 80-210 with p10-p90 spreads wider than the gap (README "Expert
-#: backends"): local until a measurement robust to that load says otherwise.
-CPU_AUTO_BACKEND = "local"
+#: expert_backend="auto" on a CPU-only machine. The layer benchmark's --compare-backends, backends
+#: interleaved repeat by repeat (fp32, 1 thread, megatron-core 0.19.2), gave torch / local paired
+#: median 0.70 [0.65, 0.82] at hidden 64 / 1,024 tokens and 0.94 [0.89, 0.99] at hidden 256 /
+#: 4,096 tokens (60 pairs each; README "Expert backends"): torch is the faster at both shapes.
+CPU_AUTO_BACKEND = "torch"
 
 
 def resolve_expert_backend(requested: str, use_te: bool, te_grouped: bool) -> str:
