@@ -5,7 +5,9 @@ and :mod:`megatron_mohge.config.run_validation` (the checks)."""
 # The names below are this module's public API (re-exported).
 from megatron_mohge.config.io import apply_overrides  # noqa: F401
 from megatron_mohge.config.run import (  # noqa: F401
+    KIND_ALIASES,
     LAYER_FIELDS,
+    RESULT_KINDS,
     RUN_FIELDS,
     CheckpointConfig,
     DataConfig,
@@ -19,6 +21,7 @@ from megatron_mohge.config.run import (  # noqa: F401
     RunConfig,
     TrainConfig,
     config_kind,
+    normalize_run_dict,
 )
 from megatron_mohge.config.run_validation import (  # noqa: F401
     DISPATCHERS,

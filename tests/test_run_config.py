@@ -16,7 +16,7 @@ def test_example_configs_load_and_round_trip(tmp_path):
     again = RunConfig.from_yaml(path)
     assert again.to_dict() == run.to_dict()
     base = RunConfig.from_yaml(CONFIGS / "cpu_tiny_moe.yaml")
-    assert base.moe.kind == "moe" and base.model == run.model and base.train == run.train
+    assert base.moe.kind == "stock" and base.model == run.model and base.train == run.train
 
 
 def test_overrides_are_parsed_as_yaml_and_validated():

@@ -21,7 +21,8 @@ from typing import Any, Optional, Union
 
 from megatron_mohge.config import run_validation
 from megatron_mohge.config.errors import ConfigError
-from megatron_mohge.config.io import YamlDataclass, apply_overrides, build_dataclass, read_yaml_file
+from megatron_mohge.config.io import (YamlDataclass, apply_overrides, build_dataclass,
+                                      field_aliases, read_yaml_file)
 from megatron_mohge.config.layer import MoHGEConfig, NoisyGatingConfig
 
 
@@ -50,25 +51,45 @@ class ModelConfig:
     moe_layer_freq: Union[int, list[int]] = 1  # 1: every layer MoE; k: every k-th; or 0/1 per layer
 
 
+#: Former values of ``moe.kind``, accepted forever (old run files, old checkpoints' run.yaml).
+KIND_ALIASES = {"moe": "stock"}
+#: The ``kind`` results files (summary.json, results.json) record: stock runs keep "moe", the
+#: name every earlier result was recorded under, so old and new results compare as they are.
+RESULT_KINDS = {"stock": "moe"}
+
+
 @dataclass
 class MoEConfig:
-    """Which FFN the MoE layers use. ``kind: mohge`` needs ``mohge``; ``kind: moe`` is
-    Megatron's stock ``MoELayer`` with uniform experts (the fields below)."""
+    """Which FFN the MoE layers use. ``kind: mohge`` needs ``mohge``; ``kind: stock`` (formerly
+    ``moe``, still accepted) is Megatron's stock ``MoELayer`` with uniform experts (the fields
+    below)."""
 
-    kind: str = "moe"  # mohge | moe (stock Megatron MoE) | dense (no experts)
+    kind: str = "stock"  # mohge | stock (Megatron's MoELayer) | dense (no experts)
     mohge: Optional[MoHGEConfig] = None  # kind=mohge: the MoHGE layer (mapping or YAML path)
-    num_experts: int = 16  # kind=moe: routed experts per layer
-    expert_hidden_size: int = 64  # kind=moe: FFN width of every routed expert
-    topk: int = 2  # kind=moe: experts per token
-    num_shared_experts: int = 0  # kind=moe: always-active shared experts
-    shared_expert_hidden_size: Optional[int] = None  # kind=moe: width of each shared expert
-    router: str = "topk"  # kind=moe: topk (Megatron TopKRouter) | noisy_topk (Shazeer 2017)
-    aux_loss_coeff: float = 1e-2  # kind=moe, router=topk: Megatron's load-balancing loss
-    z_loss_coeff: Optional[float] = None  # kind=moe: router z-loss; None disables
+    num_experts: int = 16  # kind=stock: routed experts per layer
+    expert_hidden_size: int = 64  # kind=stock: FFN width of every routed expert
+    topk: int = 2  # kind=stock: experts per token
+    num_shared_experts: int = 0  # kind=stock: always-active shared experts
+    # kind=stock: width of each shared expert (the name MoHGEConfig uses too; formerly
+    # shared_expert_hidden_size, still accepted)
+    shared_expert_width: Optional[int] = field(
+        default=None, metadata={"aliases": ("shared_expert_hidden_size",)})
+    router: str = "topk"  # kind=stock: topk (Megatron TopKRouter) | noisy_topk (Shazeer 2017)
+    aux_loss_coeff: float = 1e-2  # kind=stock, router=topk: Megatron's load-balancing loss
+    z_loss_coeff: Optional[float] = None  # kind=stock: router z-loss; None disables
     noisy_gating: NoisyGatingConfig = field(default_factory=NoisyGatingConfig)  # router=noisy_topk
     token_dispatcher: str = "auto"  # auto (alltoall if EP>1 else allgather) | alltoall | allgather | flex
     use_te: Optional[bool] = None  # Transformer Engine layers; None = when usable (GPU + TE)
     # (MoHGE expert GEMMs: moe.mohge.expert_backend, local | torch | te | auto)
+
+    def __post_init__(self):
+        if isinstance(self.kind, str):
+            self.kind = KIND_ALIASES.get(self.kind, self.kind)
+
+    @property
+    def result_kind(self) -> str:
+        """``kind`` as results files record it (``RESULT_KINDS``)."""
+        return RESULT_KINDS.get(self.kind, self.kind)
 
 
 @dataclass
@@ -299,6 +320,19 @@ def config_kind(data: Any, where: str) -> str:
         return "layer"
     raise ConfigError(f"{where}: neither a run file (top-level keys among {sorted(RUN_FIELDS)}) "
                       f"nor a MoHGE layer file (keys among {sorted(LAYER_FIELDS)}).")
+
+
+def normalize_run_dict(data: Any) -> Any:
+    """A run mapping (a run file, a checkpoint's run.yaml, a bench preset's run) with former
+    spellings replaced by today's (``KIND_ALIASES``, ``MoEConfig``'s field aliases), so two
+    of them compare field by field whichever code wrote them."""
+    if not isinstance(data, dict) or not isinstance(data.get("moe"), dict):
+        return data
+    aliases = field_aliases(MoEConfig)
+    moe = {aliases.get(k, k): v for k, v in data["moe"].items()}
+    if isinstance(moe.get("kind"), str):
+        moe["kind"] = KIND_ALIASES.get(moe["kind"], moe["kind"])
+    return {**data, "moe": moe}
 
 
 def _resolve_mohge_path(data: dict, base_dir: Optional[Path]) -> dict:

@@ -14,7 +14,7 @@ from megatron_mohge.config.errors import expect_number as _num
 if TYPE_CHECKING:
     from megatron_mohge.config.run import RunConfig
 
-MOE_KINDS = ("mohge", "moe", "dense")
+MOE_KINDS = ("mohge", "stock", "dense")  # "moe": an alias of stock (run.KIND_ALIASES)
 STOCK_ROUTERS = ("topk", "noisy_topk")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NORMS = ("RMSNorm", "LayerNorm")
@@ -102,22 +102,22 @@ def _moe(run: RunConfig) -> None:
         raise ConfigError("moe.mohge.expert_backend: te needs Transformer Engine layers but "
                           "moe.use_te is false; use expert_backend torch or local, or drop "
                           "use_te.")
-    if moe.kind == "moe":
+    if moe.kind == "stock":
         _int("moe.num_experts", moe.num_experts, 1)
         _int("moe.expert_hidden_size", moe.expert_hidden_size, 1)
         _int("moe.topk", moe.topk, 1)
         _int("moe.num_shared_experts", moe.num_shared_experts, 0)
         if moe.topk > moe.num_experts:
             raise ConfigError(f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}.")
-        if moe.num_shared_experts and moe.shared_expert_hidden_size is None:
-            raise ConfigError("moe.shared_expert_hidden_size: required when "
+        if moe.num_shared_experts and moe.shared_expert_width is None:
+            raise ConfigError("moe.shared_expert_width: required when "
                               "moe.num_shared_experts > 0.")
-        if moe.shared_expert_hidden_size is not None:
-            _int("moe.shared_expert_hidden_size", moe.shared_expert_hidden_size, 1)
+        if moe.shared_expert_width is not None:
+            _int("moe.shared_expert_width", moe.shared_expert_width, 1)
         _num("moe.aux_loss_coeff", moe.aux_loss_coeff, 0.0)
     if moe.z_loss_coeff is not None:
         _num("moe.z_loss_coeff", moe.z_loss_coeff, 0.0)
-    shared = (moe.num_shared_experts if moe.kind == "moe" else
+    shared = (moe.num_shared_experts if moe.kind == "stock" else
               moe.mohge.num_shared_experts if moe.kind == "mohge" else 0)
     if shared and run.model.add_bias_linear:
         raise ConfigError("model.add_bias_linear: Megatron's SharedExpertMLP has no bias "
@@ -152,7 +152,7 @@ def _parallel(run: RunConfig) -> None:
     ep, etp = p.expert_parallel, run.expert_tensor_parallel
     if moe.kind == "dense" and ep > 1:
         raise ConfigError("parallel.expert_parallel: a dense model has no experts; set it to 1.")
-    if moe.kind == "moe":
+    if moe.kind == "stock":
         if moe.num_experts % ep:
             raise ConfigError(f"parallel.expert_parallel={ep} must divide "
                               f"moe.num_experts={moe.num_experts}.")
