@@ -98,3 +98,17 @@ def test_results_keep_recording_stock_runs_as_kind_moe():
     trainer = (Path(__file__).resolve().parents[1] / "megatron_mohge" / "training"
                / "trainer.py").read_text()
     assert "kind=self.run.moe.result_kind" in trainer
+
+
+def test_no_code_compares_with_the_former_spellings():
+    """``moe.kind`` is normalised to "stock" on load, so a ``kind == "moe"`` test would be
+    silently false (and ``.shared_expert_hidden_size`` an AttributeError): the package must
+    use the new names everywhere (guards merges of branches written before the rename)."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "megatron_mohge"
+    bad = re.compile(r"""kind\s*[!=]=\s*["']moe["']|\.shared_expert_hidden_size\b""")
+    found = [f"{p}:{i}" for p in pkg.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert not found, found
