@@ -43,7 +43,7 @@ def build_gpt(run):
               gated_linear_unit=m.swiglu, activation_func=F.silu if m.swiglu else F.gelu,
               add_bias_linear=m.add_bias_linear, use_cpu_initialization=True,
               moe_token_dispatcher_type="allgather", moe_layer_freq=m.moe_layer_freq)
-    if moe.kind == "moe":
+    if moe.kind == "stock":
         kw.update(num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.expert_hidden_size,
                   moe_router_topk=moe.topk, moe_aux_loss_coeff=moe.aux_loss_coeff,
                   moe_shared_expert_intermediate_size=A.shared_width_of(run) or None)
@@ -55,7 +55,7 @@ def build_gpt(run):
     if moe.kind == "mohge":
         tc = moe.mohge.apply_to(tc)
         spec = get_mohge_decoder_block_spec(tc, moe.mohge, use_te=False)
-    elif moe.kind == "moe" and moe.router == "noisy_topk":
+    elif moe.kind == "stock" and moe.router == "noisy_topk":
         spec = get_noisy_topk_decoder_block_spec(tc, use_te=False, gating=moe.noisy_gating)
     else:
         spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=False,

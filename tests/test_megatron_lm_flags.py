@@ -103,7 +103,7 @@ def test_mohge_config_file_round_trip(tmp_path):
     # --mohge-config also takes the run file itself (its moe.mohge section)
     assert load_mohge_config(CONFIGS / "paper_3b_mohge.yaml") == \
         MoHGEConfig.from_yaml(CONFIGS / "paper_3b_layer.yaml")
-    with pytest.raises(ConfigError, match="moe.kind='moe'"):
+    with pytest.raises(ConfigError, match="moe.kind='stock'"):
         load_mohge_config(CONFIGS / "paper_3b_moe.yaml")
 
 

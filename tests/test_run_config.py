@@ -16,7 +16,7 @@ def test_example_configs_load_and_round_trip(tmp_path):
     again = RunConfig.from_yaml(path)
     assert again.to_dict() == run.to_dict()
     base = RunConfig.from_yaml(CONFIGS / "cpu_tiny_moe.yaml")
-    assert base.moe.kind == "moe" and base.model == run.model and base.train == run.train
+    assert base.moe.kind == "stock" and base.model == run.model and base.train == run.train
 
 
 def test_overrides_are_parsed_as_yaml_and_validated():
@@ -31,7 +31,7 @@ def test_overrides_are_parsed_as_yaml_and_validated():
 
 
 @pytest.mark.parametrize("data, match", [
-    ({"trian": {}}, r"trian: unknown key\. Did you mean 'train'"),
+    ({"trian": {}}, r"trian: unknown key in RunConfig\. Did you mean 'train'"),
     ({"train": {"lr": -1}}, r"train\.lr"),
     ({"train": {"global_batch_size": 10, "micro_batch_size": 4}}, r"train\.global_batch_size"),
     ({"train": {"min_lr": 1.0}}, r"train\.min_lr"),
@@ -45,7 +45,8 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     ({"data": {"split": "100,0,0"}}, r"data\.split"),
     ({"model": {"add_bias_linear": True},
       "moe": {"num_shared_experts": 1, "shared_expert_hidden_size": 8}}, r"model\.add_bias_linear"),
-    ({"moe": {"noisy_gating": {"nois": True}}}, r"moe\.noisy_gating\.nois: unknown key"),
+    ({"moe": {"noisy_gating": {"nois": True}}},
+     r"moe\.noisy_gating\.nois: unknown key in NoisyGatingConfig"),
     ({"moe": {"kind": "mohge", "mohge": {"widths": [8, 16], "experts_per_group": 3,
                                           "group_topk": 1, "topk": 2}},
       "parallel": {"expert_parallel": 2}}, r"moe\.mohge / parallel"),

@@ -144,7 +144,7 @@ def test_changed_model_fields_are_listed_and_layout_changes_allowed():
     assert ckpt_lib.config_changes(saved, wider.to_dict()) == ["model.hidden_size: 32 -> 64"]
     stock = RunConfig.from_dict({**TINY, "moe": {"kind": "moe", "num_experts": 4}})
     changes = ckpt_lib.config_changes(saved, stock.to_dict())
-    assert "moe.kind: 'mohge' -> 'moe'" in changes and "moe.num_experts: 16 -> 4" in changes
+    assert "moe.kind: 'mohge' -> 'stock'" in changes and "moe.num_experts: 16 -> 4" in changes
     assert any(c.startswith("moe.mohge:") for c in changes)
 
 
@@ -274,7 +274,7 @@ def test_resume_with_a_changed_model_names_the_fields(trained, tmp_path, cache):
     assert rc == 2 and "Traceback" not in out, out[-4000:]
     assert "model.hidden_size: 32 -> 64" in out and "run.yaml" in out
     rc, out = run_train(tmp_path, cache, "run", "train.iters=6", "moe.kind=moe")
-    assert rc == 2 and "moe.kind: 'mohge' -> 'moe'" in out
+    assert rc == 2 and "moe.kind: 'mohge' -> 'stock'" in out
 
 
 # ------------------------------------------------------------------ process hygiene

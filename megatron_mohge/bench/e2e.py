@@ -44,6 +44,7 @@ from megatron_mohge.bench.runner import (  # noqa: F401  (defined here before)
     train_runs,
 )
 from megatron_mohge.config import ConfigError
+from megatron_mohge.config.run import normalize_run_dict
 from megatron_mohge.run_config import RunConfig
 
 
@@ -221,20 +222,30 @@ def check_out_dir(out_dir: Path, identity: dict) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text()).get("config")
+        old = _comparable(json.loads(path.read_text()).get("config"))
     except ValueError:
         old = None
-    if old == json.loads(json.dumps(identity)):
+    new = _comparable(identity)
+    if old == new:
         return
     if old is None:
         diff = "it has no record of its configuration"
     else:
-        keys = [k for k in identity if k != "runs" and old.get(k) != identity[k]]
-        diff = ", ".join(f"{k} {old.get(k)!r} -> {identity[k]!r}" for k in keys)
-        if old.get("runs") != json.loads(json.dumps(identity["runs"])):
+        keys = [k for k in new if k != "runs" and old.get(k) != new[k]]
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in keys)
+        if old.get("runs") != new["runs"]:
             diff += (", " if diff else "") + "run configs differ"
     raise ConfigError(f"--out {out_dir} already holds results.json of another bench ({diff}); "
                       "use another --out, or move that results.json away to replace it.")
+
+
+def _comparable(identity):
+    """``identity`` as results.json holds it, its run dicts' former spellings (``kind: moe``)
+    read as today's (``normalize_run_dict``)."""
+    d = json.loads(json.dumps(identity))
+    if isinstance(d, dict) and isinstance(d.get("runs"), dict):
+        d["runs"] = {n: normalize_run_dict(r) for n, r in d["runs"].items()}
+    return d
 
 
 def _env() -> dict:

@@ -73,7 +73,7 @@ BALANCE_FIELDS = ("maxvio_micro", "maxvio_batch", "group_load_cv", "train_expert
 def _expert_widths(run: RunConfig) -> Optional[list[int]]:
     if run.moe.kind == "mohge":
         return run.moe.mohge.expert_widths
-    if run.moe.kind == "moe":
+    if run.moe.kind == "stock":
         return [run.moe.expert_hidden_size] * run.moe.num_experts
     return None
 

@@ -173,7 +173,7 @@ def train_runs(device: str, shape: dict, out_dir: Path, log) -> dict:
                 eval=dict(interval=0, iters=2), logging=dict(interval=max(1, iters // 5),
                                                                progress_bar=False),
                 checkpoint=dict(enabled=False))
-    kinds = {"moe": dict(kind="moe", num_experts=16, expert_hidden_size=shape["stock_width"],
+    kinds = {"moe": dict(kind="stock", num_experts=16, expert_hidden_size=shape["stock_width"],
                          topk=2),
              "mohge": dict(kind="mohge", mohge=dataclasses.asdict(mohge))}
     out = {}

@@ -99,6 +99,9 @@ def _default() -> Preset:
         logging=dict(interval=25, progress_bar=False),
         checkpoint=dict(enabled=False),
     )
+    # The presets spell stock runs as they always did (kind "moe", shared_expert_hidden_size:
+    # aliases of kind "stock" / shared_expert_width). results.json records these dicts
+    # verbatim ("config"), so the records of earlier benches stay identical.
     stock = dict(kind="moe", num_experts=16, expert_hidden_size=64, topk=2, aux_loss_coeff=1e-2)
     return Preset(
         name="default",

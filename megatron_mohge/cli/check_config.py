@@ -101,10 +101,10 @@ def warnings_for(run, plan, bare: bool = False) -> list[str]:
         named = [(f"moe.mohge.widths[{g}]", w) for g, w in enumerate(m.widths)]
         if m.num_shared_experts:
             named.append(("moe.mohge.shared_expert_width", m.shared_expert_width))
-    elif moe.kind == "moe":
+    elif moe.kind == "stock":
         named = [("moe.expert_hidden_size", moe.expert_hidden_size)]
         if moe.num_shared_experts:
-            named.append(("moe.shared_expert_hidden_size", moe.shared_expert_hidden_size))
+            named.append(("moe.shared_expert_width", moe.shared_expert_width))
     else:
         named = []
     slow = [f"{n}={w}" for n, w in named if (w // etp) % TE_WIDTH_MULTIPLE]
@@ -175,7 +175,7 @@ def analyse(run, vocab_override: Optional[int] = None, world: Optional[int] = No
         "name": run.name,
         "moe_kind": run.moe.kind,
         "router": (run.moe.mohge.router.type if run.moe.kind == "mohge"
-                   else run.moe.router if run.moe.kind == "moe" else None),
+                   else run.moe.router if run.moe.kind == "stock" else None),
         "model": {"num_layers": m.num_layers, "num_moe_layers": counts.num_moe_layers,
                   "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
                   "num_query_groups": m.num_query_groups or m.num_attention_heads,

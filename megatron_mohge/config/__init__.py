@@ -4,11 +4,12 @@
 
 * :mod:`.errors` -- ``ConfigError`` and the field validators (``expect_int`` ...,
   ``parse_split``, ``group_offsets``): a leaf every other config module imports;
-* :mod:`.io` -- the YAML loader our files are read with and ``YamlDataclass``;
+* :mod:`.io` -- the YAML loader our files are read with, ``build_dataclass`` (the one
+  mapping -> dataclass builder), ``apply_overrides`` and ``YamlDataclass``;
 * :mod:`.layer` -- the MoHGE layer config (``MoHGEConfig`` and its sections);
-* :mod:`.megatron` -- ``TransformerConfig`` facts the layer config checks against.
-
-The run config (``RunConfig``) is :mod:`megatron_mohge.run_config`.
+* :mod:`.megatron` -- ``TransformerConfig`` facts the layer config checks against;
+* :mod:`.run` / :mod:`.run_validation` -- the run config (``RunConfig``), imported as
+  :mod:`megatron_mohge.run_config`.
 """
 
 from megatron_mohge.config.errors import (
@@ -20,7 +21,7 @@ from megatron_mohge.config.errors import (
     group_offsets,
     parse_split,
 )
-from megatron_mohge.config.io import YamlDataclass, _YamlLoader, load_yaml, read_yaml_file
+from megatron_mohge.config.io import YamlDataclass, build_dataclass, load_yaml, read_yaml_file
 from megatron_mohge.config.layer import (
     EXPERT_BACKENDS,
     EXPERT_WEIGHTINGS,
@@ -33,7 +34,6 @@ from megatron_mohge.config.layer import (
     MoHGEConfig,
     NoisyGatingConfig,
     RouterConfig,
-    _build,
 )
 from megatron_mohge.config.megatron import (
     _UNIFORM_ONLY_FIELDS,
@@ -44,7 +44,8 @@ from megatron_mohge.config.megatron import (
 
 __all__ = [
     "ConfigError", "expect_bool", "expect_choice", "expect_int", "expect_number",
-    "group_offsets", "parse_split", "YamlDataclass", "load_yaml", "read_yaml_file",
+    "group_offsets", "parse_split", "YamlDataclass", "build_dataclass", "load_yaml",
+    "read_yaml_file",
     "EXPERT_BACKENDS", "EXPERT_WEIGHTINGS", "GROUP_SCORES", "INTRA_GROUP_MODES",
     "RELEASED_INTRA_GROUP_COEFF", "ROUTER_TYPES", "AllocationConfig", "LossConfig",
     "MoHGEConfig", "NoisyGatingConfig", "RouterConfig",

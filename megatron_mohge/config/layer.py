@@ -9,7 +9,6 @@ losses, allocation). ``apply_to(transformer_config)`` returns a Megatron
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from megatron_mohge.config.errors import (
-    ConfigError,
-    expect_bool,
-    expect_choice,
-    expect_int,
-    expect_number,
-    group_offsets,
-)
-from megatron_mohge.config.io import YamlDataclass, load_yaml, read_yaml_file
+from megatron_mohge.config.errors import ConfigError, group_offsets
+from megatron_mohge.config.errors import expect_bool, expect_choice, expect_int, expect_number
+from megatron_mohge.config.io import (YamlDataclass, build_dataclass, load_yaml,
+                                      nested_dataclasses, read_yaml_file)
 from megatron_mohge.config.megatron import _fp8_align, _reject_uniform_only
 from megatron_mohge.sizes import ffn_params
 
@@ -132,10 +126,10 @@ class MoHGEConfig(YamlDataclass):
             _check_int("experts_per_group", self.experts_per_group, 1)
             if isinstance(self.widths, (list, tuple)):
                 self.experts_per_group = [self.experts_per_group] * len(self.widths)
-        for name, cls in _NESTED.items():
+        for name, (cls, _) in nested_dataclasses(type(self)).items():
             value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _build(cls, value, name))
+            if isinstance(value, dict):  # MoHGEConfig(router={...}) built in code
+                setattr(self, name, build_dataclass(cls, value, name))
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -386,11 +380,13 @@ class MoHGEConfig(YamlDataclass):
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoHGEConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"MoHGEConfig: expected a mapping, got {type(data).__name__}")
-        if "mohge" in data and len(data) == 1:  # allow a top-level `mohge:` section
-            data = data["mohge"]
-        return _build(cls, data, "")
+        return build_dataclass(cls, data)
+
+    @staticmethod
+    def normalize_mapping(data: dict[str, Any]) -> Any:
+        """A layer file may wrap its keys in one top-level ``mohge:`` section
+        (``build_dataclass`` calls this on the raw mapping)."""
+        return data["mohge"] if "mohge" in data and len(data) == 1 else data
 
     @classmethod
     def from_yaml(cls, path_or_text: Union[str, Path]) -> "MoHGEConfig":
@@ -415,36 +411,6 @@ class MoHGEConfig(YamlDataclass):
                     num_shared_experts=2, shared_expert_width=1024)
         base.update(overrides)
         return cls(**base)
-
-
-_NESTED = {"router": RouterConfig, "losses": LossConfig, "allocation": AllocationConfig,
-           "noisy_gating": NoisyGatingConfig}
-
-
-def _build(cls, data: Any, path: str):
-    """Construct dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
-    where = path or cls.__name__
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            prefix = f"{path}." if path else ""
-            raise ConfigError(f"{prefix}{key}: unknown key in {cls.__name__}.{hint} "
-                              f"Valid keys: {', '.join(names)}.")
-    kwargs = {}
-    for key, value in data.items():
-        sub = _NESTED.get(key) if cls is MoHGEConfig else None
-        kwargs[key] = _build(sub, value, key) if sub is not None else value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # missing required fields
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in kwargs]
-        raise ConfigError(f"{where}: missing required field(s): {', '.join(missing)}") from exc
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -148,7 +148,7 @@ def expert_widths_of(run) -> list[int]:
     """Width of every routed expert of one MoE layer, canonical order ([] for dense)."""
     if run.moe.kind == "mohge":
         return list(run.moe.mohge.expert_widths)
-    if run.moe.kind == "moe":
+    if run.moe.kind == "stock":
         return [run.moe.expert_hidden_size] * run.moe.num_experts
     return []
 
@@ -159,8 +159,8 @@ def shared_width_of(run) -> int:
     if moe.kind == "mohge":
         m = moe.mohge
         return m.num_shared_experts * (m.shared_expert_width or 0)
-    if moe.kind == "moe" and moe.num_shared_experts:
-        return moe.num_shared_experts * moe.shared_expert_hidden_size
+    if moe.kind == "stock" and moe.num_shared_experts:
+        return moe.num_shared_experts * moe.shared_expert_width
     return 0
 
 
@@ -170,7 +170,7 @@ def router_params(run) -> int:
     moe = run.moe
     if moe.kind == "dense":
         return 0
-    if moe.kind == "moe":
+    if moe.kind == "stock":
         e = moe.num_experts
         n = e * h + (e if bias else 0)
         if moe.router == "noisy_topk" and moe.noisy_gating.noise:
@@ -224,7 +224,7 @@ def routed_width_range(run) -> WidthRange:
     """Activated routed width per token per MoE layer (min / uniform / max)."""
     if run.moe.kind == "mohge":
         return activated_widths(run.moe.mohge)
-    if run.moe.kind == "moe":
+    if run.moe.kind == "stock":
         w = run.moe.topk * run.moe.expert_hidden_size
         return WidthRange(float(w), float(w), float(w))
     return WidthRange(0.0, 0.0, 0.0)
@@ -243,7 +243,7 @@ def activated_routed_params(run, widths: WidthRange) -> dict:
 def _topk(run) -> int:
     if run.moe.kind == "mohge":
         return run.moe.mohge.topk
-    if run.moe.kind == "moe":
+    if run.moe.kind == "stock":
         return run.moe.topk
     return 0
 

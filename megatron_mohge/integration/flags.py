@@ -1,7 +1,7 @@
 """A run YAML (``RunConfig``) as Megatron-LM ``pretrain_gpt.py`` command-line flags.
 
 ``megatron_lm_flags(run)`` covers the backbone, MoE (stock ``--num-experts ...`` for
-``moe.kind: moe``; ``--mohge-config FILE`` plus the MoE flags ``MoHGEConfig.apply_to`` implies
+``moe.kind: stock``; ``--mohge-config FILE`` plus the MoE flags ``MoHGEConfig.apply_to`` implies
 for ``moe.kind: mohge``), parallelism, data and tokenizer, optimizer and LR schedule,
 evaluation, checkpoints (``--ckpt-format torch_dist``) and logging. ``launch.extra_args`` come
 last, so they override anything above (argparse keeps the last value).
@@ -104,7 +104,7 @@ def moe_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list
     if moe.kind == "dense":
         return []
     f: list[str] = []
-    if moe.kind == "moe":
+    if moe.kind == "stock":
         if moe.router != "topk":
             raise ConfigError(
                 f"moe.router={moe.router!r}: stock Megatron-LM has only its TopKRouter; the noisy "
@@ -115,7 +115,7 @@ def moe_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list
               "--moe-router-topk", str(moe.topk)]
         if moe.num_shared_experts:
             f += ["--moe-shared-expert-intermediate-size",
-                  str(moe.num_shared_experts * moe.shared_expert_hidden_size)]
+                  str(moe.num_shared_experts * moe.shared_expert_width)]
         if moe.aux_loss_coeff > 0:
             f += ["--moe-router-load-balancing-type", "aux_loss",
                   "--moe-aux-loss-coeff", _num(moe.aux_loss_coeff)]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_mohge.config import ConfigError
+from megatron_mohge.config.run import normalize_run_dict
 from megatron_mohge.training import mcore as M
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -146,7 +147,9 @@ def resolve(root: Path, *, fallback: bool = False) -> Resume:
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``model`` / ``moe`` fields that differ between a checkpoint's run.yaml (``saved``)
     and this run (``current``), as "field: saved -> current", except RESUMABLE_CHANGES.
-    Fields one side does not have (another package version) are not compared."""
+    Fields one side does not have (another package version) are not compared; former
+    spellings (``kind: moe``, ``shared_expert_hidden_size``) are read as today's on both sides."""
+    saved, current = normalize_run_dict(saved), normalize_run_dict(current)
     a, b = _flatten({k: saved.get(k) for k in ("model", "moe")}), _flatten(
         {k: current.get(k) for k in ("model", "moe")})
     out = []

@@ -3,7 +3,7 @@
 One place decides what ``moe.kind`` means:
 
 * ``mohge``: ``MoHGEConfig.apply_to`` + :func:`get_mohge_decoder_block_spec`;
-* ``moe``: Megatron's stock ``MoELayer`` (uniform ``SequentialMLP``/``TEGroupedMLP``
+* ``stock`` (formerly ``moe``): Megatron's stock ``MoELayer`` (uniform ``SequentialMLP``/``TEGroupedMLP``
   experts) with its ``TopKRouter`` and aux loss, or the noisy top-k router;
 * ``dense``: no experts (every FFN is ``model.ffn_hidden_size`` wide).
 
@@ -48,11 +48,11 @@ def transformer_config(run: RunConfig):
     )
     if moe.kind != "dense":
         fields["moe_layer_freq"] = m.moe_layer_freq
-    if moe.kind == "moe":
+    if moe.kind == "stock":
         fields.update(
             num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.expert_hidden_size,
             moe_router_topk=moe.topk, moe_z_loss_coeff=moe.z_loss_coeff,
-            moe_shared_expert_intermediate_size=(moe.num_shared_experts * moe.shared_expert_hidden_size
+            moe_shared_expert_intermediate_size=(moe.num_shared_experts * moe.shared_expert_width
                                                  if moe.num_shared_experts else None),
             moe_aux_loss_coeff=moe.aux_loss_coeff if moe.router == "topk" else 0.0,
             moe_router_load_balancing_type="aux_loss" if moe.router == "topk" else "none",
@@ -79,7 +79,7 @@ def decoder_spec(run: RunConfig, tc):
     use_te = resolve_use_te(run.moe.use_te)
     if run.moe.kind == "mohge":
         return get_mohge_decoder_block_spec(tc, run.moe.mohge, use_te=use_te)
-    if run.moe.kind == "moe" and run.moe.router == "noisy_topk":
+    if run.moe.kind == "stock" and run.moe.router == "noisy_topk":
         return get_noisy_topk_decoder_block_spec(tc, use_te, gating=run.moe.noisy_gating)
     # Stock MoE and dense: Megatron's own block spec (dense layers where num_moe_experts is None).
     return get_gpt_decoder_block_spec(tc, use_transformer_engine=use_te,

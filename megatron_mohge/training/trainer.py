@@ -488,7 +488,7 @@ class Trainer:
         dense = self.counts["total_params"] - self.counts["routed_expert_params"]
         peak = _peak_mem_bytes()
         summary = dict(
-            name=self.run.name, kind=self.run.moe.kind, iterations=self.state.iteration,
+            name=self.run.name, kind=self.run.moe.result_kind, iterations=self.state.iteration,
             layout=M.layout(), **self.counts,
             activated_routed_params_per_token=per_token_routed,
             activated_params_per_token=dense + per_token_routed,
