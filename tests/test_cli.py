@@ -147,3 +147,20 @@ def test_the_cli_boilerplate_is_written_once():
             if re.search(pattern, text):
                 found.append(f"{rel}: {pattern}")
     assert not found, found
+
+
+def test_bench_tools_report_bad_input_on_one_line(tmp_path, capsys):
+    """Regression: a missing --config of the layer bench, or a missing / malformed
+    results.json of the report, ended in a traceback (exit 1)."""
+    from megatron_mohge.bench import layer_bench, report
+
+    assert layer_bench.cli(["--config", str(tmp_path / "no.yaml")]) == 2
+    assert _one_line(capsys.readouterr().err).startswith(
+        "python -m megatron_mohge.bench.layer_bench: MoHGEConfig.from_yaml: file not found")
+    (tmp_path / "bad.json").write_text("{not json")
+    for name in ("missing.json", "bad.json"):
+        assert report.cli([str(tmp_path / name)]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith(f"python -m megatron_mohge.bench.report: {tmp_path / name}: "
+                               "cannot read the benchmark results")
+    assert not list(tmp_path.glob("*.md"))  # nothing written

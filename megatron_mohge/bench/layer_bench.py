@@ -52,6 +52,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mohge.cli.common import main_status
+
 # The builders, shapes and timers live in their own modules; the public names are re-exported
 # here, the benchmark's library entry point.
 from megatron_mohge.bench.backend_compare import compare_expert_backends  # noqa: F401
@@ -328,5 +330,10 @@ def main(argv: Optional[list] = None) -> dict:
     return result
 
 
+def cli(argv: Optional[list] = None) -> int:
+    """``main`` as a command: a bad ``--config`` is one line and exit status 2."""
+    return main_status("python -m megatron_mohge.bench.layer_bench", main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

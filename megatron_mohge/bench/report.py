@@ -44,6 +44,8 @@ from megatron_mohge.bench.plots import (  # noqa: F401  (plots were defined here
     plot_rank_load,
     write_plots,
 )
+from megatron_mohge.cli.common import main_status
+from megatron_mohge.config import ConfigError
 
 PathLike = Union[str, Path]
 
@@ -351,12 +353,21 @@ def main(argv: Optional[list] = None) -> dict[str, Path]:
     p.add_argument("results", type=Path, help="results.json of the end-to-end benchmark")
     p.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
     args = p.parse_args(argv)
-    results = json.loads(args.results.read_text())
+    try:
+        results = json.loads(args.results.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{args.results}: cannot read the benchmark results ({exc}); give "
+                          "the results.json a mohge-bench run wrote") from exc
     paths = write_report(results, args.out or args.results.parent)
     for p_ in paths.values():
         print(p_)
     return paths
 
 
+def cli(argv: Optional[list] = None) -> int:
+    """``main`` as a command: an unreadable results file is one line and exit status 2."""
+    return main_status("python -m megatron_mohge.bench.report", main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

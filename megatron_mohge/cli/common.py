@@ -60,6 +60,16 @@ def run_cli(prog: str, body: Callable[[Any], int], args: Any, *,
         return report(prog, exc)
 
 
+def main_status(prog: str, main: Callable[[list], Any], argv: Optional[list] = None) -> int:
+    """Exit status of a library ``main(argv)`` that returns its results: 0 once it returned;
+    a ``ConfigError`` is one line and :data:`USAGE_EXIT` (:func:`run_cli`)."""
+    def run(args) -> int:
+        main(args)
+        return 0
+
+    return run_cli(prog, run, sys.argv[1:] if argv is None else argv)
+
+
 def run_file_cli(prog: str, doc: str, overrides_help: str, body: Callable[[Any, Any], int], *,
                  flags: Optional[dict] = None,
                  add_args: Optional[Callable[[argparse.ArgumentParser], Any]] = None,
@@ -87,4 +97,4 @@ def run_file_cli(prog: str, doc: str, overrides_help: str, body: Callable[[Any, 
 
 
 __all__ = ["USAGE_EXIT", "RUN_YAML_HELP", "parser", "add_run_file", "load_run", "print_error",
-           "run_cli", "run_file_cli"]
+           "run_cli", "main_status", "run_file_cli"]
