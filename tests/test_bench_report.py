@@ -193,3 +193,34 @@ def test_balance_table_and_plot(tmp_path):
     old_paths = write_plots(old, tmp_path / "old")
     assert old_paths and tmp_path / "old" / "balance.png" not in old_paths
     assert not (tmp_path / "old" / "balance.png").exists()
+
+
+def test_layer_bench_text_and_markdown_tables_share_their_cells():
+    """One source for the layer-bench columns (report.layer_bench_rows): the terminal table
+    of ``python -m megatron_mohge.bench.layer_bench`` / gpu_check and the markdown table of
+    results.md carry the same header and cells, in the same order."""
+    import re
+
+    from megatron_mohge.bench.layer_bench import format_table
+    from megatron_mohge.bench.report import layer_bench_table
+
+    bench = copy.deepcopy(make_results()["layer_bench"])
+    bench["config"].update(backend="local", dtype="fp32", device="cpu", threads=1)
+    bench["kinds"]["mohge"].update(expert_s=0.004, expert_gflops=1.5,
+                                   expert_gflops_over_matmul=0.25)
+    bench.update(matmul={"shape": [128, 16, 240], "gflops": 6.0, "median_s": 0.001},
+                 router_share_points_over_equal_total=1.5)
+
+    def md_cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    md_lines = layer_bench_table(bench).splitlines()
+    md = [l for l in md_lines if l.startswith("| ")]
+    text = format_table(bench).splitlines()
+    assert set(text[2]) == {"-"}  # the rule under the header
+    text_cells = [re.split(r" {2,}", l.strip()) for l in [text[1]] + text[3:3 + len(md) - 1]]
+    assert text_cells == [md_cells(l) for l in md]
+    notes = md_lines[md_lines.index(md[-1]) + 1:]  # ratios and matmul, blank-line separated
+    assert text[3 + len(md) - 1:] == [l for l in notes if l] and len(notes) == 4
+    assert text_cells[0][:2] == ["layer kind", "E"] and "expert GFLOP/s" in text_cells[0]
+    assert text_cells[1][0] == "mohge" and text_cells[2][-1] == "—"  # no GEMM figures: a dash

@@ -77,7 +77,11 @@ def test_study_analysis_interval_with_seed_noise():
     assert lo < eff["geomean"] < hi and eff["bootstrap"]["seeds"] == 4
     for kind, t in study["kinds"].items():
         for per, m, ci in zip(t["loss_per_seed"], t["loss_mean"], t["loss_ci95"]):
-            assert m == pytest.approx(stats.mean(per)) and ci[0] <= m <= ci[1]
+            # the Student-t interval of the seed mean: centred on it, t(0.975, n-1) sd/sqrt(n)
+            # either side (a symmetric interval always holds its mean: check where it is)
+            half = stats.t_quantile(0.975, len(per) - 1) * stats.sample_sd(per) / len(per) ** 0.5
+            assert m == pytest.approx(stats.mean(per)) and half > 0
+            assert ci == pytest.approx([m - half, m + half], rel=1e-12)
 
 
 @pytest.mark.slow

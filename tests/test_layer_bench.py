@@ -139,10 +139,48 @@ def test_compare_expert_backends():
     # paired: one torch/local ratio per repeat, their median inside its interval
     paired = res["paired"]
     assert paired["pairs"] == len(paired["ratios"]) == 7
-    lo, hi = paired["ci"]
-    assert min(paired["ratios"]) <= lo <= paired["torch_over_local_median"] <= hi \
-        <= max(paired["ratios"])
+    # (an order-statistic interval always holds the median: pin the sources instead)
+    from megatron_mohge.bench.stats import median_ci
+
+    assert paired["torch_over_local_median"] == statistics.median(paired["ratios"])
+    assert paired["ci"] == median_ci(paired["ratios"]) == [min(paired["ratios"]),
+                                                           max(paired["ratios"])]  # n=7
     assert len(res["loadavg"]["before"]) == 3 and res["loadavg"]["cpus"] >= 1
+
+
+def test_compare_expert_backends_pairs_interleaved_rounds(monkeypatch):
+    """With a scripted clock (the layers are real): warm-up rounds dropped, the backends'
+    order alternating round by round, each torch time paired with the same round's local
+    time, and every figure exactly the package's median / quantile of those samples."""
+    from megatron_mohge.bench import backend_compare
+    from megatron_mohge.bench.stats import median_ci
+    from megatron_mohge.experts.torch_backend import TorchGroupedMLP
+
+    calls = []
+
+    def scripted(layer, x):
+        b = "torch" if any(isinstance(m, TorchGroupedMLP) for m in layer.modules()) else "local"
+        calls.append(b)
+        n = calls.count(b)  # this backend's round, 1-based
+        return float(n) if b == "local" else 0.5 * n + (0.25 if n % 3 == 0 else 0.0)
+
+    monkeypatch.setattr(backend_compare, "time_fwd_bwd", scripted)
+    res = backend_compare.compare_expert_backends(tiny_cfg(), hidden_size=HIDDEN, tokens=32,
+                                                  repeats=5, warmup=2)
+    assert calls == ["local", "torch", "torch", "local"] * 3 + ["local", "torch"]
+    local = [3.0, 4.0, 5.0, 6.0, 7.0]  # rounds 3..7: the two warm-up rounds are dropped
+    torch_ = [0.5 * n + (0.25 if n % 3 == 0 else 0.0) for n in range(3, 8)]
+    ratios = [t / l for t, l in zip(torch_, local)]
+    assert res["median_s"] == {"local": 5.0, "torch": statistics.median(torch_)}
+    assert res["torch_over_local"] == statistics.median(torch_) / 5.0
+    assert res["p10_s"] == {"local": numbers.percentile(local, 0.1),
+                            "torch": numbers.percentile(torch_, 0.1)}
+    paired = res["paired"]
+    assert paired["ratios"] == ratios and paired["pairs"] == 5
+    assert paired["torch_over_local_median"] == statistics.median(ratios)
+    assert (paired["p10"], paired["p90"]) == (numbers.percentile(ratios, 0.1),
+                                              numbers.percentile(ratios, 0.9))
+    assert paired["ci"] == median_ci(ratios)
 
 
 def test_median_ci_is_the_sign_test_interval():

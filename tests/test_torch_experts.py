@@ -302,12 +302,22 @@ def test_torch_backend_is_a_stock_experts_module():
     assert "linear_fc1.weight" in keys
 
 
-def test_backend_selection():
+def test_backend_selection(monkeypatch):
+    from megatron_mohge.experts import torch_backend
     from megatron_mohge.experts.selection import CPU_AUTO_BACKEND, resolve_expert_backend
 
     assert resolve_expert_backend("auto", use_te=True, te_grouped=True) == "te"
-    if not torch.cuda.is_available():
-        assert resolve_expert_backend("auto", use_te=False, te_grouped=False) == CPU_AUTO_BACKEND
+    # Both branches of "auto" without TE, on every machine (not only where CUDA is absent).
+    monkeypatch.setattr(torch_backend, "grouped_mm_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_expert_backend("auto", use_te=False, te_grouped=False) == CPU_AUTO_BACKEND
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_expert_backend("auto", use_te=False, te_grouped=False) == "torch"
+    monkeypatch.setattr(torch_backend, "grouped_mm_available", lambda: False)  # torch < 2.8
+    assert resolve_expert_backend("auto", use_te=False, te_grouped=False) == "local"
+    with pytest.raises(ConfigError, match="torch._grouped_mm"):
+        resolve_expert_backend("torch", use_te=False, te_grouped=False)
+    monkeypatch.undo()
     assert resolve_expert_backend("local", use_te=True, te_grouped=True) == "local"
     assert resolve_expert_backend("torch", use_te=False, te_grouped=False) == "torch"
     with pytest.raises(ConfigError, match="expert_backend=te"):

@@ -3,9 +3,11 @@ resume at another EP size, and clear errors for bad checkpoints."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -52,8 +54,20 @@ def train(tmp_path, cache, name, nproc=2, overrides=(), expect_fail=False):
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
-def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
-    full = train(tmp_path, cache, "full")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    """The two trainings both resume tests start from, run once for the module: ``full`` (6
+    steps) and ``part`` (the same run stopped after 3 steps), whose checkpoints are also
+    copied to ``part3`` as they stand after step 3 (the resume test then adds step 6)."""
+    d = tmp_path_factory.mktemp("trained")
+    full = train(d, cache, "full")
+    first3 = train(d, cache, "part", overrides=["train.iters=3", "train.lr_decay_iters=6"])
+    shutil.copytree(d / "part" / "checkpoints", d / "part3")
+    return SimpleNamespace(dir=d, full=full, first3=first3)
+
+
+def test_train_save_and_resume_bit_exactly_on_two_ranks(trained, cache):
+    tmp_path, full = trained.dir, trained.full
     assert full["iterations"] == 6 and full["layout"]["ep"] == 2
     assert len(full["history"]) == 6 and full["history"][-1]["loss"] < full["history"][0]["loss"]
     assert any(n.startswith("mohge_") for n in full["history"][-1]["aux"])
@@ -64,8 +78,7 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
     # interrupted after 3 steps, then the same command with the full budget resumes
-    part = tmp_path / "part"
-    first3 = train(tmp_path, cache, "part", overrides=["train.iters=3", "train.lr_decay_iters=6"])
+    part, first3 = tmp_path / "part", trained.first3
     assert (part / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
     # the loss-free bias has moved by the checkpoint (3 steps of +-0.5: an even number of
     # steps may oscillate back to 0, so it is checked here)
@@ -86,14 +99,14 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_resume_at_another_expert_parallel_size(tmp_path, cache):
-    full = train(tmp_path, cache, "full")
-    train(tmp_path, cache, "part", overrides=["train.iters=3", "train.lr_decay_iters=6"])
+def test_resume_at_another_expert_parallel_size(tmp_path, cache, trained):
+    full = trained.full
+    assert (trained.dir / "part3" / "latest_checkpointed_iteration.txt").read_text() == "3"
     # EP=2 checkpoint -> EP=1 (2 DP ranks) and -> one rank: dist-ckpt reshards the experts.
     for name, nproc, ep in (("ep1", 2, 1), ("world1", 1, 1)):
         out = train(tmp_path, cache, name, nproc=nproc, overrides=[
             f"parallel.expert_parallel={ep}", "train.lr_decay_iters=6",
-            f"checkpoint.load={tmp_path / 'part' / 'checkpoints'}"])
+            f"checkpoint.load={trained.dir / 'part3'}"])
         assert out["iterations"] == 6 and out["layout"]["ep"] == ep
         for a, b in zip(out["history"][3:], full["history"][3:]):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

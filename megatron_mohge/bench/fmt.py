@@ -58,3 +58,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """The cells of :func:`_table` as fixed-width text for a terminal: the first column
+    left-aligned, the others right-aligned, two spaces between columns, a rule under the
+    header."""
+    widths = [max(map(len, col)) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    head = line(header)
+    return "\n".join([head, "-" * len(head), *map(line, rows)])

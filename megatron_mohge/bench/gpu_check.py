@@ -32,26 +32,28 @@ import torch
 
 NUMERICS_TOL = 2e-2  # bf16, relative to the largest reference value (tests/test_torch_experts.py)
 
-SHAPES = {
-    "cuda": dict(
-        numerics=dict(hidden=1024, tokens=4096, width_scale=1),
-        layer=dict(hidden_size=1024, tokens=8192, stock_num_experts=64, stock_width=1024,
+#: What each step runs at, per device: one row per knob, ``(cuda, cpu)``; cuda is the paper-3B
+#: layer in bf16, cpu a tiny fp32 shape that CI runs in seconds.
+_SIZES = {
+    "numerics": (dict(hidden=1024, tokens=4096, width_scale=1),
+                 dict(hidden=64, tokens=128, width_scale=1)),
+    "layer": (dict(hidden_size=1024, tokens=8192, stock_num_experts=64, stock_width=1024,
                    stock_topk=6, repeats=20, warmup=5, dtype="bf16"),
-        matmul=8192, train_iters=50,
-        train_model=dict(num_layers=4, hidden_size=512, num_attention_heads=8, seq_length=1024,
+              dict(hidden_size=64, tokens=128, stock_num_experts=16, stock_width=64,
+                   stock_topk=2, repeats=1, warmup=1, dtype="fp32")),
+    "matmul": (8192, 256),
+    "train_iters": (50, 4),
+    "train_model": (dict(num_layers=4, hidden_size=512, num_attention_heads=8, seq_length=1024,
                          precision="bf16"),
-        train_batch=dict(micro_batch_size=8, global_batch_size=8),
-        train_width_scale=8, stock_width=512),
-    "cpu": dict(
-        numerics=dict(hidden=64, tokens=128, width_scale=1),
-        layer=dict(hidden_size=64, tokens=128, stock_num_experts=16, stock_width=64,
-                   stock_topk=2, repeats=1, warmup=1, dtype="fp32"),
-        matmul=256, train_iters=4,
-        train_model=dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
-                         precision="fp32"),
-        train_batch=dict(micro_batch_size=4, global_batch_size=4),
-        train_width_scale=1, stock_width=64),
+                    dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
+                         precision="fp32")),
+    "train_batch": (dict(micro_batch_size=8, global_batch_size=8),
+                    dict(micro_batch_size=4, global_batch_size=4)),
+    "train_width_scale": (8, 1),
+    "stock_width": (512, 64),
 }
+SHAPES = {device: {knob: sizes[i] for knob, sizes in _SIZES.items()}
+          for i, device in enumerate(("cuda", "cpu"))}
 
 
 def _layer_config(device: str):

@@ -52,6 +52,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mohge.cli.common import main_status
+
 # The builders, shapes and timers live in their own modules; the public names are re-exported
 # here, the benchmark's library entry point.
 from megatron_mohge.bench.backend_compare import compare_expert_backends  # noqa: F401
@@ -249,43 +251,18 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
             "matmul": matmul, "router_share_points_over_equal_total": share_points}
 
 
-def _count(n: float) -> str:
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{suffix}"
-    return f"{n:.0f}"
-
-
 def format_table(result: dict) -> str:
-    """Plain-text table of a ``run_layer_bench`` result."""
+    """Plain-text table of a ``run_layer_bench`` result: the cells and notes of the report's
+    markdown table (``report.layer_bench_rows`` / ``layer_bench_notes``)."""
+    from megatron_mohge.bench.fmt import text_table
+    from megatron_mohge.bench.report import layer_bench_notes, layer_bench_rows
+
     c = result["config"]
-    head = (f"{'kind':<20} {'E':>4} {'K':>3} {'width':>10} {'routed':>8} {'act/tok':>8} "
-            f"{'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'router ms':>10} {'router %':>9}"
-            f" {'experts ms':>10} {'GFLOP/s':>8} {'vs mm':>6}")
-    lines = [f"MoE layer fwd+bwd: hidden={c['hidden_size']} tokens={c['tokens']} "
-             f"repeats={c['repeats']} warmup={c['warmup']} dispatcher={c['dispatcher']} "
-             f"backend={c.get('backend', 'local')} dtype={c.get('dtype', 'fp32')} "
-             f"device={c.get('device', '?')} threads={c.get('threads', '?')}", head,
-             "-" * len(head)]
-    for kind, k in result["kinds"].items():
-        width = (f"{min(k['widths'])}..{max(k['widths'])}" if "widths" in k else str(k["width"]))
-        lines.append(
-            f"{kind:<20} {k['num_experts']:>4} {k['topk']:>3} {width:>10} "
-            f"{_count(k['routed_expert_params']):>8} "
-            f"{_count(k['activated_routed_params_per_token']):>8} {k['median_s'] * 1e3:>10.2f} "
-            f"{k['p10_s'] * 1e3:>8.2f} {k['p90_s'] * 1e3:>8.2f} {k['router_s'] * 1e3:>10.3f} "
-            f"{k['router_share'] * 100:>8.1f}%"
-            + (f" {k['expert_s'] * 1e3:>10.2f} {k['expert_gflops']:>8.2f} "
-               f"{k['expert_gflops_over_matmul']:>6.2f}" if "expert_s" in k else ""))
-    lines.append("ratios (median): " + "  ".join(f"{n}={v:.3f}"
-                                                 for n, v in result["ratios"].items()))
-    if "matmul" in result:
-        m = result["matmul"]
-        lines.append(f"plain matmul {m['shape'][0]}x{m['shape'][1]} @ {m['shape'][1]}x"
-                     f"{m['shape'][2]} fwd+bwd: {m['median_s'] * 1e3:.2f} ms, "
-                     f"{m['gflops']:.2f} GFLOP/s; router share MoHGE - equal_total: "
-                     f"{result['router_share_points_over_equal_total']:+.1f} points")
-    return "\n".join(lines)
+    return "\n".join([f"MoE layer fwd+bwd: hidden={c['hidden_size']} tokens={c['tokens']} "
+                      f"repeats={c['repeats']} warmup={c['warmup']} dispatcher={c['dispatcher']} "
+                      f"backend={c.get('backend', 'local')} dtype={c.get('dtype', 'fp32')} "
+                      f"device={c.get('device', '?')} threads={c.get('threads', '?')}",
+                      text_table(*layer_bench_rows(result)), *layer_bench_notes(result)])
 
 
 def main(argv: Optional[list] = None) -> dict:
@@ -353,5 +330,10 @@ def main(argv: Optional[list] = None) -> dict:
     return result
 
 
+def cli(argv: Optional[list] = None) -> int:
+    """``main`` as a command: a bad ``--config`` is one line and exit status 2."""
+    return main_status("python -m megatron_mohge.bench.layer_bench", main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

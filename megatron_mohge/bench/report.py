@@ -44,6 +44,8 @@ from megatron_mohge.bench.plots import (  # noqa: F401  (plots were defined here
     plot_rank_load,
     write_plots,
 )
+from megatron_mohge.cli.common import main_status
+from megatron_mohge.config import ConfigError
 
 PathLike = Union[str, Path]
 
@@ -154,8 +156,10 @@ def group_share_table(results: dict) -> Optional[str]:
     return _table(header, rows)
 
 
-def layer_bench_table(bench: dict) -> str:
-    c = bench.get("config") or {}
+def layer_bench_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
+    """The layer-microbenchmark table's header and cells, one row per layer kind: rendered as
+    markdown by :func:`layer_bench_table` and as fixed-width text by
+    ``layer_bench.format_table``."""
     kinds = bench.get("kinds") or {}
     header = ["layer kind", "E", "K", "width", "routed params", "activated routed/token",
               "median ms", "p10–p90 ms", "router ms", "router share"]
@@ -181,6 +185,11 @@ def layer_bench_table(bench: dict) -> str:
         ] + ([fmt_float(None if k.get("expert_s") is None else 1e3 * k["expert_s"], 2),
               fmt_float(k.get("expert_gflops"), 2),
               fmt_float(k.get("expert_gflops_over_matmul"), 2)] if gemm else []))
+    return header, rows
+
+
+def layer_bench_table(bench: dict) -> str:
+    c = bench.get("config") or {}
     lines = []
     desc = ", ".join(f"{key}={c[key]}" for key in ("hidden_size", "tokens", "repeats", "warmup",
                                                    "dispatcher", "backend", "dtype") if key in c)
@@ -188,21 +197,28 @@ def layer_bench_table(bench: dict) -> str:
         lines.append(f"One MoE layer, forward + backward ({desc}); medians over interleaved "
                      "rounds, machine load not controlled.")
         lines.append("")
-    lines.append(_table(header, rows))
+    lines.append(_table(*layer_bench_rows(bench)))
+    for note in layer_bench_notes(bench):
+        lines += ["", note]
+    return "\n".join(lines)
+
+
+def layer_bench_notes(bench: dict) -> list[str]:
+    """The sentences under the layer-bench table (both renderings): the median-time ratios
+    and the plain matmul of the same FLOPs."""
+    notes = []
     ratios = bench.get("ratios") or {}
     if ratios:
-        lines.append("")
-        lines.append("Median-time ratios: " + ", ".join(
+        notes.append("Median-time ratios: " + ", ".join(
             f"{n.replace('_', ' ')} = {fmt_float(v, 3)}" for n, v in ratios.items()))
     mm = bench.get("matmul")
     if mm:
-        lines.append("")
         shape = " x ".join(map(str, mm["shape"]))
-        lines.append(f"Plain matmul of the same FLOPs as MoHGE's experts ({shape}, fwd+bwd, "
+        notes.append(f"Plain matmul of the same FLOPs as MoHGE's experts ({shape}, fwd+bwd, "
                      f"same rounds): {fmt_float(mm.get('gflops'), 2)} GFLOP/s. Router "
                      f"share MoHGE minus equal-total stock: "
                      f"{fmt_float(bench.get('router_share_points_over_equal_total'), 1)} points.")
-    return "\n".join(lines)
+    return notes
 
 
 def markdown_report(results: dict) -> str:
@@ -337,12 +353,21 @@ def main(argv: Optional[list] = None) -> dict[str, Path]:
     p.add_argument("results", type=Path, help="results.json of the end-to-end benchmark")
     p.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
     args = p.parse_args(argv)
-    results = json.loads(args.results.read_text())
+    try:
+        results = json.loads(args.results.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{args.results}: cannot read the benchmark results ({exc}); give "
+                          "the results.json a mohge-bench run wrote") from exc
     paths = write_report(results, args.out or args.results.parent)
     for p_ in paths.values():
         print(p_)
     return paths
 
 
+def cli(argv: Optional[list] = None) -> int:
+    """``main`` as a command: an unreadable results file is one line and exit status 2."""
+    return main_status("python -m megatron_mohge.bench.report", main, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

@@ -14,19 +14,20 @@ with/without its losses).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError
 from megatron_mohge.data.formats import SPLIT_RULES
+
+PROG = "mohge-bench"
 
 
 def parse_args(argv=None):
     from megatron_mohge.bench.presets import PRESETS
 
-    p = argparse.ArgumentParser(prog="mohge-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(PROG, __doc__)
     p.add_argument("--preset", default="default", choices=list(PRESETS))
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text / JSON lines (.jsonl) / Parquet files or folders (tokenized "
@@ -57,52 +58,52 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return common.run_cli(PROG, _bench, parse_args(argv))
+
+
+def _bench(args) -> int:
     from megatron_mohge.bench import e2e
     from megatron_mohge.bench.presets import get_preset
 
+    preset = get_preset(args.preset)
+    out = Path(args.out or f"runs/bench-{preset.name}")
+    names = args.runs.split(",") if args.runs else list(preset.runs)
+    if args.with_dense:
+        names += [n for n in preset.optional_runs if n == "dense" and n not in names]
+    if args.dry_run or preset.needs_gpu:
+        seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
+        runs = {(s, n): r for s in seeds
+                for n, r in e2e.run_configs(preset, out, names=names, data=args.data,
+                                            tokenizer=args.tokenizer, seed=s,
+                                            iters=args.iters).items()}
+        if preset.needs_gpu and not args.dry_run:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    f"--preset {preset.name} is sized for GPU clusters (needs CUDA); run it "
+                    "there, or add --dry-run to write its run configs and commands here")
+        if args.dry_run:
+            for (_, name), run in runs.items():
+                path = e2e.config_path(out, name, run)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                run.to_yaml(path)
+                print(" ".join(e2e.launch_command(path, preset.nproc)))
+            return 0
+    from megatron_mohge.training.lock import FolderLock
+
     try:
-        preset = get_preset(args.preset)
-        out = Path(args.out or f"runs/bench-{preset.name}")
-        names = args.runs.split(",") if args.runs else list(preset.runs)
-        if args.with_dense:
-            names += [n for n in preset.optional_runs if n == "dense" and n not in names]
-        if args.dry_run or preset.needs_gpu:
-            seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
-            runs = {(s, n): r for s in seeds
-                    for n, r in e2e.run_configs(preset, out, names=names, data=args.data,
-                                                tokenizer=args.tokenizer, seed=s,
-                                                iters=args.iters).items()}
-            if preset.needs_gpu and not args.dry_run:
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise ConfigError(
-                        f"--preset {preset.name} is sized for GPU clusters (needs CUDA); run it "
-                        "there, or add --dry-run to write its run configs and commands here")
-            if args.dry_run:
-                for (_, name), run in runs.items():
-                    path = e2e.config_path(out, name, run)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    run.to_yaml(path)
-                    print(" ".join(e2e.launch_command(path, preset.nproc)))
-                return 0
-        from megatron_mohge.training.lock import FolderLock
-
-        with FolderLock(out, "mohge-bench") as lock:  # one bench per --out at a time
+        with FolderLock(out, PROG) as lock:  # one bench per --out at a time
             if lock.stale:
-                print(f"mohge-bench: note: {lock.stale}", file=sys.stderr)
+                print(f"{PROG}: note: {lock.stale}", file=sys.stderr)
             results = e2e.run_bench(preset, out, names=names, data=args.data,
                                     tokenizer=args.tokenizer, seed=args.seed, seeds=args.seeds,
                                     iters=args.iters, jobs=args.jobs,
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
                                     json_keys=args.json_keys)
-    except ConfigError as exc:
-        print(f"mohge-bench: {exc}", file=sys.stderr)
-        return 2
     except e2e.RunFailedError as exc:  # the run's own traceback is above; no second one
-        print(f"mohge-bench: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     from megatron_mohge.bench.report import markdown_report, write_report
 

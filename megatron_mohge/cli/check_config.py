@@ -8,7 +8,6 @@ expectation, max), expert memory per EP rank, the all-size allocation table, and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -16,11 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 
+from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError, MoHGEConfig, read_yaml_file
 from megatron_mohge.config.megatron import FP8_ALIGN
 from megatron_mohge.integration import accounting as A
 from megatron_mohge.util.numbers import fmt_count
 
+PROG = "mohge-check-config"
 TE_WIDTH_MULTIPLE = 128  # TE / cuBLAS grouped GEMMs are fastest on multiples of 128
 
 
@@ -29,11 +30,9 @@ def _count(x) -> str:  # this tool's style: always three decimals (1.234M)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mohge-check-config", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="run YAML, or a MoHGE layer YAML (then give the backbone)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="run-file overrides, e.g. parallel.expert_parallel=4")
+    p = common.add_run_file(common.parser(PROG, __doc__), "run-file overrides, e.g. "
+                            "parallel.expert_parallel=4", name="config",
+                            help="run YAML, or a MoHGE layer YAML (then give the backbone)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="raw tokenizer vocabulary (padded as Megatron-LM pads it); default: from "
@@ -261,20 +260,15 @@ def render_text(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run, bare, explicit_launch = load_run(args)
-        world = args.world_size or default_world_size(run, explicit_launch)
-        result = analyse(run, args.vocab_size, world, bare)
-    except ConfigError as exc:
-        print(f"mohge-check-config: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(render_text(result))
-    return 0
+    return common.run_cli(PROG, _check, parse_args(argv))
 
+
+def _check(args) -> int:
+    run, bare, explicit_launch = load_run(args)
+    world = args.world_size or default_world_size(run, explicit_launch)
+    result = analyse(run, args.vocab_size, world, bare)
+    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

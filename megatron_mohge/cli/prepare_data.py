@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError
 from megatron_mohge.data.formats import (DEFAULT_JSON_KEYS, DEFAULT_SPLIT, SPLIT_RULES,
                                          DocumentSpec)
@@ -122,11 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, already printed)
         return int(exit_.code or 0)
-    try:
-        return _run(args)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    try:  # "PROG: error: message", the form of argparse's own usage errors above
+        return common.run_cli(PROG, _run, args,
+                              report=lambda prog, exc: common.print_error(prog, f"error: {exc}"))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no dataset was written", file=sys.stderr)
         return 130

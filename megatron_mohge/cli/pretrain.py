@@ -12,59 +12,42 @@ Exit codes: 0 done; 2 bad config or data, or megatron.training is not installed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
+from megatron_mohge.cli import common
 from megatron_mohge.cli.usage_errors import report_usage_error
-from megatron_mohge.config import ConfigError
 
-_START = time.time()
 PROG = "mohge-pretrain"
+parse_args, main = common.run_file_cli(
+    PROG, __doc__, "override config fields, e.g. train.iters=20 parallel.expert_parallel=2",
+    lambda run, args: _pretrain(run, args), report=report_usage_error,
+    flags={"--print-args": "print the Megatron-LM command line pretrain() is given and exit"})
+_START = time.time()
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run YAML (see examples/configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="override config fields, e.g. train.iters=20 parallel.expert_parallel=2")
-    p.add_argument("--print-args", action="store_true",
-                   help="print the Megatron-LM command line pretrain() is given and exit")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _pretrain(run, args) -> int:
     from megatron_mohge.compat.versions import MegatronTrainingMissing, require_megatron_training
-    from megatron_mohge.run_config import RunConfig
 
     try:
-        run = RunConfig.from_yaml(args.config, args.overrides)
         require_megatron_training(PROG)
     except MegatronTrainingMissing as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except ConfigError as exc:
-        return report_usage_error(PROG, exc)
+        return common.print_error(PROG, exc)
     import warnings
 
     # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mohge.integration.megatron_training import launch
 
-    try:
-        if args.print_args:
-            import shlex
+    if args.print_args:
+        import shlex
 
-            import torch
+        import torch
 
-            cpu = not torch.cuda.is_available()
-            print(shlex.join(launch.pretrain_argv(launch.cpu_run(run) if cpu else run, cpu)))
-            return 0
-        launch.run_pretrain(run, program_start=_START)
-    except ConfigError as exc:
-        return report_usage_error(PROG, exc)
+        cpu = not torch.cuda.is_available()
+        print(shlex.join(launch.pretrain_argv(launch.cpu_run(run) if cpu else run, cpu)))
+        return 0
+    launch.run_pretrain(run, program_start=_START)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -13,35 +13,22 @@ or SIGTERM (the latest complete checkpoint is intact).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 
+from megatron_mohge.cli import common
 from megatron_mohge.cli.usage_errors import report_usage_error
-from megatron_mohge.config import ConfigError
-from megatron_mohge.run_config import RunConfig
-
 
 PROG = "mohge-train"
+# A bad config, data, checkpoint or busy folder (found at run time too) ends as one line, once
+# per job rather than once per rank (usage_errors.py).
+parse_args, main = common.run_file_cli(
+    PROG, __doc__, "override config fields, e.g. train.iters=50 parallel.expert_parallel=2",
+    lambda run, args: _train(run, args), report=report_usage_error,
+    flags={"--print-config": "print the validated config (all defaults filled in) and exit"})
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run YAML (see examples/configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="override config fields, e.g. train.iters=50 parallel.expert_parallel=2")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the validated config (all defaults filled in) and exit")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run = RunConfig.from_yaml(args.config, args.overrides)
-    except ConfigError as exc:
-        return report_usage_error(PROG, exc)
+def _train(run, args) -> int:
     if args.print_config:
         print(run.to_yaml(), end="")
         return 0
@@ -57,19 +44,16 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(run)
         summary = trainer.train()
-    except ConfigError as exc:  # bad data / checkpoint / busy folder discovered at run time
-        # Once per job, not once per rank (see usage_errors.py).
-        return report_usage_error(PROG, exc)
     except TrainingDiverged as exc:  # nothing of the diverged step was saved or logged
-        return _fail(M, f"mohge-train: {exc}", 3)
+        return _fail(M, f"{PROG}: {exc}", 3)
     except KeyboardInterrupt:
-        return _fail(M, f"mohge-train: interrupted; the latest complete checkpoint in "
+        return _fail(M, f"{PROG}: interrupted; the latest complete checkpoint in "
                         f"{run.save_dir} is intact, re-run the same command to resume", 130)
     except RuntimeError as exc:
         if trainer is None or not procs.is_timeout(exc):
             raise
         # every surviving rank reports (the stalled one cannot): one line each
-        print(f"mohge-train: {trainer.describe_timeout(exc)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {trainer.describe_timeout(exc)}", file=sys.stderr, flush=True)
         return 1
     finally:
         if trainer is not None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Optional
 
-USAGE_EXIT = 2  # argparse's exit status for usage errors; every mohge CLI uses it
+from megatron_mohge.cli.common import USAGE_EXIT, print_error
+
 ERROR_FILE_ENV = "MOHGE_USAGE_ERROR_FILE"
 
 
@@ -47,7 +47,7 @@ def report_usage_error(prog: str, exc: BaseException) -> int:
         except OSError:
             elastic = None
     if os.environ.get("RANK", "0") == "0" or not elastic:
-        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+        print_error(prog, message)
     return USAGE_EXIT
 
 

@@ -16,16 +16,17 @@ prints the command lines (``--print-env``: the ``export`` lines of the run's env
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 from typing import Mapping, Optional
 
+from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError
 from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
 from megatron_mohge.resources import launcher_path
 
+PROG = "python -m megatron_mohge.integration.slurm"
 SHAPES = ("torchrun", "srun")
 DEFAULT_MASTER_PORT = 29500
 
@@ -140,13 +141,7 @@ def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *
     return [shlex.join(srun + ["bash", "-c", inner])]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m megatron_mohge.integration.slurm",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run YAML (RunConfig)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="override run fields, e.g. launch.nodes=2 train.iters=100")
+def _add_args(p) -> None:
     p.add_argument("--shape", choices=SHAPES, default=None,
                    help="torchrun (one task per node) or srun (one task per GPU); default "
                         "launch.shape")
@@ -165,40 +160,37 @@ def parse_args(argv=None):
     what.add_argument("--flags", action="store_true", help="print only the Megatron-LM flags")
     p.add_argument("--no-write", action="store_true",
                    help="do not write <output_dir>/mohge_layer.yaml (MoHGE runs)")
-    return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from megatron_mohge.run_config import RunConfig
+def _print_lines(run, args) -> int:
+    if args.print_env:
+        print("\n".join(render_env(run)))
+        return 0
+    if args.sbatch_args:
+        print(" ".join(sbatch_args(run, args.shape)))
+        return 0
+    if run.moe.kind == "mohge" and not args.no_write:
+        write_mohge_config(run)
+    if args.flags:
+        print(shlex.join(megatron_lm_flags(run)))
+        return 0
+    script, script_args = args.script or str(launcher_path()), None
+    if args.mohge_pretrain:
+        import shutil
 
-    try:
-        run = RunConfig.from_yaml(args.run, args.overrides)
-        if args.print_env:
-            print("\n".join(render_env(run)))
-            return 0
-        if args.sbatch_args:
-            print(" ".join(sbatch_args(run, args.shape)))
-            return 0
-        if run.moe.kind == "mohge" and not args.no_write:
-            write_mohge_config(run)
-        if args.flags:
-            print(shlex.join(megatron_lm_flags(run)))
-            return 0
-        script, script_args = args.script or str(launcher_path()), None
-        if args.mohge_pretrain:
-            import shutil
-
-            script = args.script or shutil.which("mohge-pretrain") or "mohge-pretrain"
-            script_args = ["--config", os.path.abspath(args.run), *args.overrides]
-        for line in render_commands(run, script, os.environ, shape=args.shape,
-                                    python=args.python, script_args=script_args):
-            print(line)
-    except ConfigError as exc:
-        print(f"megatron_mohge.integration.slurm: {exc}", file=sys.stderr)
-        return 2
+        script = args.script or shutil.which("mohge-pretrain") or "mohge-pretrain"
+        script_args = ["--config", os.path.abspath(args.config), *args.overrides]
+    for line in render_commands(run, script, os.environ, shape=args.shape,
+                                python=args.python, script_args=script_args):
+        print(line)
     return 0
 
+
+# errors name the module (the prefix this tool has always used), usage names the command
+parse_args, main = common.run_file_cli(
+    PROG, __doc__, "override run fields, e.g. launch.nodes=2 train.iters=100", _print_lines,
+    add_args=_add_args, name="run", help="run YAML (RunConfig)",
+    error_prog="megatron_mohge.integration.slurm")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,22 +2,21 @@
 
 import sys
 
-from megatron_mohge.config import ConfigError
+from megatron_mohge.cli.common import run_cli
 from megatron_mohge.resources import resource_path, shipped_files
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv:
-            for name in argv:
-                print(resource_path(name))
-        else:
-            for name in shipped_files():
-                print(f"{name}\t{resource_path(name)}")
-    except ConfigError as exc:
-        print(f"python -m megatron_mohge.resources: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("python -m megatron_mohge.resources", _print_paths,
+                   sys.argv[1:] if argv is None else argv)
+
+
+def _print_paths(names) -> int:
+    for name in names:
+        print(resource_path(name))
+    if not names:
+        for name in shipped_files():
+            print(f"{name}\t{resource_path(name)}")
     return 0
 
 

@@ -68,7 +68,6 @@ def percentile(xs: Sequence[float], q: float) -> float:
 COUNT_STYLES = {
     # markdown reports: three significant-looking digits, 1.23B / 45.6M / 789K
     "report": lambda y: f"{y:.{3 if abs(y) < 10 else 2 if abs(y) < 100 else 1}f}",
-    "sig3": lambda y: f"{y:.3g}",  # layer-bench text table
     "fixed3": lambda y: f"{y:.3f}",  # mohge-check-config: always three decimals
 }
 
