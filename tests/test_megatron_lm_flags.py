@@ -254,3 +254,65 @@ def test_flags_parse_with_megatron_lm(name, tmp_path, monkeypatch):
     args.rank = 0
     A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     assert args.data_parallel_size == run.check_world_size(args.world_size)
+
+
+def _moe_args_of(run):
+    """The Megatron-LM MoE arguments mohge-train's TransformerConfig implies for ``run``."""
+    from megatron_mohge.config.megatron import megatron_lm_args, run_moe_transformer_fields
+
+    return megatron_lm_args(run_moe_transformer_fields(run.moe))
+
+
+def _one(value):
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("paper_3b_mohge.yaml", ()),
+    ("small_mohge_1node.yaml", ("moe.mohge.topk=1", "moe.mohge.group_topk=1")),  # K=1
+    ("small_mohge_1node.yaml", ("moe.mohge.router.z_loss_coeff=0.001",
+                                "moe.mohge.router.input_jitter_eps=0.01",
+                                "moe.mohge.router.fp32=false")),
+    ("small_moe_1node.yaml", ()),
+    ("small_moe_1node.yaml", ("moe.aux_loss_coeff=0", "moe.z_loss_coeff=0.001")),
+])
+def test_rendered_moe_flags_parse_back_to_the_mapping(name, overrides, tmp_path):
+    """The flags alone (no ``--mohge-config`` action filling arguments) read back by
+    Megatron-LM's own parser give every MoE argument of the one mapping."""
+    parser, _ = _megatron_lm_parser()
+    run = load(name, *overrides, tmp_path=tmp_path)
+    flags = megatron_lm_flags(run)
+    if "--mohge-config" in flags:
+        i = flags.index("--mohge-config")
+        flags = flags[:i] + flags[i + 2:]
+    args = parser.parse_args(flags)
+    want = _moe_args_of(run)
+    assert {k: _one(getattr(args, k)) for k in want} == want
+    if run.moe.kind == "mohge":
+        assert want == megatron_moe_args(run.moe.mohge, ep=run.parallel.expert_parallel)
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_megatron_lm_transformer_config_matches_mohge_train(name, tmp_path, monkeypatch):
+    """Megatron-LM's TransformerConfig from our flags has the MoE fields mohge-train's has."""
+    parser, A = _megatron_lm_parser()
+    import torch
+
+    try:  # core_v0.16: in arguments; core_v0.19: moved to argument_utils
+        from megatron.training.arguments import core_transformer_config_from_args
+    except ImportError:
+        from megatron.training.argument_utils import core_transformer_config_from_args
+    from megatron_mohge.config.megatron import run_moe_transformer_fields
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    # local layers: the config then builds without Transformer Engine (RoPE fusion is TE's)
+    run = load(name, "moe.use_te=false", tmp_path=tmp_path)
+    if run.moe.kind == "mohge":
+        write_mohge_config(run)
+    args = parser.parse_args(megatron_lm_flags(run))
+    args.world_size = run.launch.nodes * run.launch.gpus_per_node
+    args.rank = 0
+    A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+    tc = core_transformer_config_from_args(args)
+    want = run_moe_transformer_fields(run.moe)
+    assert {k: _one(getattr(tc, k)) for k in want} == want

@@ -6,7 +6,8 @@
   ``parse_split``, ``group_offsets``): a leaf every other config module imports;
 * :mod:`.io` -- the YAML loader our files are read with and ``YamlDataclass``;
 * :mod:`.layer` -- the MoHGE layer config (``MoHGEConfig`` and its sections);
-* :mod:`.megatron` -- ``TransformerConfig`` facts the layer config checks against.
+* :mod:`.megatron` -- ``TransformerConfig`` facts the layer config checks against, and the
+  one mapping of a run's MoE section to Megatron's MoE fields and Megatron-LM arguments.
 
 The run config (``RunConfig``) is :mod:`megatron_mohge.run_config`.
 """
