@@ -2,8 +2,9 @@
 
 ``snapshot(run)`` is every field of ``training.model.transformer_config(run)`` on one rank
 (TP=EP=PP=1), as JSON values; ``tests/data/transformer_config_golden.json`` holds it for the
-runs below, written by the code before the MoE-argument mapping was made one source. Rewrite
-it (``python -m tests._tc_golden``) only for an intended change, and say which field moved.
+runs below, per megatron-core line (the field set differs), written by the code before the
+MoE-argument mapping was made one source. Rewrite a line's entry (``python -m
+tests._tc_golden`` in that line's venv) only for an intended change, and say which field moved.
 """
 
 from __future__ import annotations
@@ -48,11 +49,34 @@ def _jsonable(v):
     return repr(v)
 
 
+def line() -> str:
+    """The installed megatron-core line, ``MAJOR.MINOR`` (the golden file's key)."""
+    from megatron_mohge.compat.versions import mcore_version
+
+    v = mcore_version()
+    return f"{v.major}.{v.minor}"
+
+
 def snapshot(run) -> dict:
     from megatron_mohge.training.model import transformer_config
 
     tc = transformer_config(run)
     return {f.name: _jsonable(getattr(tc, f.name)) for f in dataclasses.fields(tc)}
+
+
+def pack(snapshots: dict) -> dict:
+    """``{"common": fields equal in every run, "runs": {name: the run's other fields}}``."""
+    first = next(iter(snapshots.values()))
+    common = {k: v for k, v in first.items() if all(s.get(k, v) == v and k in s
+                                                   for s in snapshots.values())}
+    return {"common": common,
+            "runs": {n: {k: v for k, v in s.items() if k not in common}
+                     for n, s in snapshots.items()}}
+
+
+def expected(line_entry: dict, name: str) -> dict:
+    """The golden snapshot of run ``name`` (inverse of :func:`pack`)."""
+    return {**line_entry["common"], **line_entry["runs"][name]}
 
 
 def main() -> None:  # needs the 1-rank layout: run under the mcore_world1 set-up
@@ -71,10 +95,11 @@ def main() -> None:  # needs the 1-rank layout: run under the mcore_world1 set-u
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     ps.initialize_model_parallel()
-    data = {name: snapshot(run) for name, run in golden_runs().items()}
+    data = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    data[line()] = pack({name: snapshot(run) for name, run in golden_runs().items()})
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {GOLDEN} ({len(data)} runs)")
+    print(f"wrote {GOLDEN} ({len(data[line()]['runs'])} runs for megatron-core {line()})")
 
 
 if __name__ == "__main__":

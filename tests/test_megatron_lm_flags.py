@@ -214,6 +214,11 @@ def test_reference_configs_validate(name, tmp_path):
 
 
 def _megatron_lm_parser():
+    """Megatron-LM's argument parser: from the checkout at $MEGATRON_LM_DIR when set, else
+    the installed ``megatron.training`` (the 0.19 wheel ships it)."""
+    from megatron_mohge.integration.megatron_lm import add_megatron_lm_to_path
+
+    add_megatron_lm_to_path()
     pytest.importorskip("megatron.training.arguments",
                         reason="Megatron-LM checkout (megatron.training) not importable")
     import megatron.training.arguments as A
