@@ -78,10 +78,14 @@ class AllocationPlan:
                 runs.append((g, [i]))
         return runs
 
+    def local_widths(self, rank: int) -> list[int]:
+        """Width of each expert EP rank ``rank`` holds, in local slot order."""
+        return [self.widths[g] for g, _ in self.local_experts(rank)]
+
     @property
     def rank_width_sums(self) -> list[int]:
         """Sum of expert widths per EP rank (per-token FLOPs of a balanced rank ~ this)."""
-        return [sum(self.widths[g] for g, _ in self.local_experts(r)) for r in range(self.ep_size)]
+        return [sum(self.local_widths(r)) for r in range(self.ep_size)]
 
     @property
     def imbalance(self) -> float:

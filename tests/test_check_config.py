@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_mohge.cli import check_config as CC
 from megatron_mohge.config import MoHGEConfig
@@ -28,44 +27,14 @@ def tiny_run(moe, **model):
 
 
 def build_gpt(run):
-    """The GPTModel megatron.core builds for ``run`` (local layers, CPU)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    """The GPTModel mohge-train builds for ``run`` (``training.model``: local layers, CPU)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_mohge.specs import get_mohge_decoder_block_spec, get_noisy_topk_decoder_block_spec
+    from megatron_mohge.training.model import build_gpt_model
 
-    m, moe = run.model, run.moe
-    kw = dict(num_layers=m.num_layers, hidden_size=m.hidden_size,
-              num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-              ffn_hidden_size=run.ffn_hidden_size, normalization=m.normalization,
-              gated_linear_unit=m.swiglu, activation_func=F.silu if m.swiglu else F.gelu,
-              add_bias_linear=m.add_bias_linear, use_cpu_initialization=True,
-              moe_token_dispatcher_type="allgather", moe_layer_freq=m.moe_layer_freq)
-    if moe.kind == "stock":
-        kw.update(num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.expert_hidden_size,
-                  moe_router_topk=moe.topk, moe_aux_loss_coeff=moe.aux_loss_coeff,
-                  moe_shared_expert_intermediate_size=A.shared_width_of(run) or None)
-        if moe.router == "noisy_topk":
-            kw.update(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
-    elif moe.kind == "mohge":
-        kw.update(num_moe_experts=moe.mohge.num_experts)
-    tc = TransformerConfig(**kw)
-    if moe.kind == "mohge":
-        tc = moe.mohge.apply_to(tc)
-        spec = get_mohge_decoder_block_spec(tc, moe.mohge, use_te=False)
-    elif moe.kind == "stock" and moe.router == "noisy_topk":
-        spec = get_noisy_topk_decoder_block_spec(tc, use_te=False, gating=moe.noisy_gating)
-    else:
-        spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=False,
-                                          normalization=m.normalization)
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0, force_reset_rng=True)
-    return GPTModel(config=tc, transformer_layer_spec=spec, vocab_size=VOCAB,
-                    max_sequence_length=m.seq_length,
-                    share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-                    position_embedding_type=m.position_embedding_type)
+    return build_gpt_model(run, VOCAB)
 
 
 CASES = {
@@ -101,9 +70,14 @@ def test_analytic_params_match_real_gpt_model(mcore_world1, case):
     moe, model = CASES[case]
     run = tiny_run(moe, **model)
     gpt = build_gpt(run)
-    counts = A.param_counts(run, VOCAB)
+    counts = A.analytic_param_counts(run, VOCAB)
     real = sum(p.numel() for p in gpt.parameters())
     assert counts.total == real, (counts.to_dict(), real)
+    # the trainer's measured counts (training.model) are the same two figures
+    from megatron_mohge.training.model import measured_param_counts
+
+    assert measured_param_counts(gpt) == dict(total_params=counts.total,
+                                              routed_expert_params=counts.routed_experts)
     routed = sum(p.numel() for n, p in gpt.named_parameters()
                  if ".experts." in n and "shared_experts" not in n)
     assert counts.routed_experts == routed

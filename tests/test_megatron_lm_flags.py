@@ -107,6 +107,20 @@ def test_mohge_config_file_round_trip(tmp_path):
         load_mohge_config(CONFIGS / "paper_3b_moe.yaml")
 
 
+def test_mohge_config_tells_run_files_by_config_kind(tmp_path):
+    """--mohge-config and mohge-check-config use one rule (``config_kind``): a run file whose
+    only sections are not model/moe (or are misspelt) still reaches RunConfig's own error,
+    rather than being read as a layer file."""
+    (tmp_path / "paper_3b_layer.yaml").write_text((CONFIGS / "paper_3b_layer.yaml").read_text())
+    path = tmp_path / "run.yaml"
+    path.write_text((CONFIGS / "paper_3b_mohge.yaml").read_text() + "trian: {iters: 3}\n")
+    with pytest.raises(ConfigError, match="trian: unknown key in RunConfig"):
+        load_mohge_config(path)
+    path.write_text("health: {loss_spike_factor: 3.0}\n")
+    with pytest.raises(ConfigError, match="moe.kind='dense'|moe.kind='stock'|moe.kind"):
+        load_mohge_config(path)
+
+
 @pytest.mark.parametrize("version, vocab_flags", [
     ("0.16.1", ["--vocab-size", "256"]),  # core_v0.16.1: eod is the extra id 256
     ("0.19.1", ["--vocab-size", "257", "--null-tokenizer-eod-id", "256"]),  # core_v0.19.0
@@ -214,6 +228,11 @@ def test_reference_configs_validate(name, tmp_path):
 
 
 def _megatron_lm_parser():
+    """Megatron-LM's argument parser: from the checkout at $MEGATRON_LM_DIR when set, else
+    the installed ``megatron.training`` (the 0.19 wheel ships it)."""
+    from megatron_mohge.integration.megatron_lm import add_megatron_lm_to_path
+
+    add_megatron_lm_to_path()
     pytest.importorskip("megatron.training.arguments",
                         reason="Megatron-LM checkout (megatron.training) not importable")
     import megatron.training.arguments as A
@@ -254,3 +273,65 @@ def test_flags_parse_with_megatron_lm(name, tmp_path, monkeypatch):
     args.rank = 0
     A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     assert args.data_parallel_size == run.check_world_size(args.world_size)
+
+
+def _moe_args_of(run):
+    """The Megatron-LM MoE arguments mohge-train's TransformerConfig implies for ``run``."""
+    from megatron_mohge.config.megatron import megatron_lm_args, run_moe_transformer_fields
+
+    return megatron_lm_args(run_moe_transformer_fields(run.moe))
+
+
+def _one(value):
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("paper_3b_mohge.yaml", ()),
+    ("small_mohge_1node.yaml", ("moe.mohge.topk=1", "moe.mohge.group_topk=1")),  # K=1
+    ("small_mohge_1node.yaml", ("moe.mohge.router.z_loss_coeff=0.001",
+                                "moe.mohge.router.input_jitter_eps=0.01",
+                                "moe.mohge.router.fp32=false")),
+    ("small_moe_1node.yaml", ()),
+    ("small_moe_1node.yaml", ("moe.aux_loss_coeff=0", "moe.z_loss_coeff=0.001")),
+])
+def test_rendered_moe_flags_parse_back_to_the_mapping(name, overrides, tmp_path):
+    """The flags alone (no ``--mohge-config`` action filling arguments) read back by
+    Megatron-LM's own parser give every MoE argument of the one mapping."""
+    parser, _ = _megatron_lm_parser()
+    run = load(name, *overrides, tmp_path=tmp_path)
+    flags = megatron_lm_flags(run)
+    if "--mohge-config" in flags:
+        i = flags.index("--mohge-config")
+        flags = flags[:i] + flags[i + 2:]
+    args = parser.parse_args(flags)
+    want = _moe_args_of(run)
+    assert {k: _one(getattr(args, k)) for k in want} == want
+    if run.moe.kind == "mohge":
+        assert want == megatron_moe_args(run.moe.mohge, ep=run.parallel.expert_parallel)
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_megatron_lm_transformer_config_matches_mohge_train(name, tmp_path, monkeypatch):
+    """Megatron-LM's TransformerConfig from our flags has the MoE fields mohge-train's has."""
+    parser, A = _megatron_lm_parser()
+    import torch
+
+    try:  # core_v0.16: in arguments; core_v0.19: moved to argument_utils
+        from megatron.training.arguments import core_transformer_config_from_args
+    except ImportError:
+        from megatron.training.argument_utils import core_transformer_config_from_args
+    from megatron_mohge.config.megatron import run_moe_transformer_fields
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    # local layers: the config then builds without Transformer Engine (RoPE fusion is TE's)
+    run = load(name, "moe.use_te=false", tmp_path=tmp_path)
+    if run.moe.kind == "mohge":
+        write_mohge_config(run)
+    args = parser.parse_args(megatron_lm_flags(run))
+    args.world_size = run.launch.nodes * run.launch.gpus_per_node
+    args.rank = 0
+    A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+    tc = core_transformer_config_from_args(args)
+    want = run_moe_transformer_fields(run.moe)
+    assert {k: _one(getattr(tc, k)) for k in want} == want

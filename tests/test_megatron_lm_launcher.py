@@ -338,14 +338,14 @@ def check_tiny_model(model, run, vocab):
     """MoHGE layers where --moe-layer-freq puts MoE; parameters as accounted; finite loss."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_mohge.integration.accounting import param_counts
+    from megatron_mohge.integration.accounting import analytic_param_counts
     from megatron_mohge.routing.mohge_router import MoHGERouter
 
     kinds = [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers]
     assert kinds == [False, True, True, True]
     assert all(isinstance(layer.mlp.router, MoHGERouter)
                for layer, moe in zip(model.decoder.layers, kinds) if moe)
-    assert sum(p.numel() for p in model.parameters()) == param_counts(run, vocab).total
+    assert sum(p.numel() for p in model.parameters()) == analytic_param_counts(run, vocab).total
     tokens = torch.randint(0, 257, (2, 16))
     loss = model(tokens, torch.arange(16).unsqueeze(0).expand(2, -1), None, labels=tokens)
     assert loss.shape == (2, 16) and torch.isfinite(loss).all()

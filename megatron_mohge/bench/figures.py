@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_mohge.bench.aggregate import SEED_FIELDS, layer_mean
+from megatron_mohge.config.megatron import routed_expert_widths
 from megatron_mohge.run_config import RunConfig
 from megatron_mohge.util.numbers import mean_by_ep, mean_present
 
@@ -26,7 +27,7 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
         if key in summary:
             fig[key] = summary[key]
     layers = summary["layers"]
-    widths = _expert_widths(run)
+    widths = routed_expert_widths(run.moe)
     if widths and layers:
         if run.moe.kind == "mohge":
             fig["widths"] = list(run.moe.mohge.widths)
@@ -68,14 +69,6 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
 BALANCE_FIELDS = ("maxvio_micro", "maxvio_batch", "group_load_cv", "train_expert_load_cv",
                   "train_maxvio_micro", "train_maxvio_batch", "train_group_load_cv",
                   "train_rank_flops_by_ep")
-
-
-def _expert_widths(run: RunConfig) -> Optional[list[int]]:
-    if run.moe.kind == "mohge":
-        return run.moe.mohge.expert_widths
-    if run.moe.kind == "stock":
-        return [run.moe.expert_hidden_size] * run.moe.num_experts
-    return None
 
 
 def _width_hist(layers: list[dict], widths: list[int]) -> dict:

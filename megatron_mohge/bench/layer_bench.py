@@ -177,7 +177,7 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
     for kind in KINDS:
         expert_in[kind] = capture_expert_inputs(layers[kind], x.detach())
         counts = expert_in[kind][1]
-        widths = (layers[kind].experts.expert_widths_local() if kind == "mohge"
+        widths = (layers[kind].experts.plan.local_widths(0) if kind == "mohge"  # one rank
                   else [info[kind]["width"]] * len(counts))
         flops[kind] = expert_gemm_flops(counts, widths, h)
         grads[kind] = torch.randn(expert_in[kind][0].shape, generator=gen).to(dev, tdtype)

@@ -162,7 +162,7 @@ def analyse(run, vocab_override: Optional[int] = None, world: Optional[int] = No
                           "no biases and refuse to build; set add_bias_linear: false or remove "
                           "the shared experts.")
     vocab, vocab_src = A.resolve_vocab(run, vocab_override)
-    counts = A.param_counts(run, vocab)
+    counts = A.analytic_param_counts(run, vocab)
     widths = A.routed_width_range(run)
     routed_act = A.activated_routed_params(run, widths)
     plan = run.moe.mohge.allocation_plan(p.expert_parallel) if run.moe.kind == "mohge" else None

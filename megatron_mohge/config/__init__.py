@@ -7,7 +7,8 @@
 * :mod:`.io` -- the YAML loader our files are read with, ``build_dataclass`` (the one
   mapping -> dataclass builder), ``apply_overrides`` and ``YamlDataclass``;
 * :mod:`.layer` -- the MoHGE layer config (``MoHGEConfig`` and its sections);
-* :mod:`.megatron` -- ``TransformerConfig`` facts the layer config checks against;
+* :mod:`.megatron` -- ``TransformerConfig`` facts the layer config checks against, and the
+  one mapping of a run's MoE section to Megatron's MoE fields and Megatron-LM arguments;
 * :mod:`.run` / :mod:`.run_validation` -- the run config (``RunConfig``), imported as
   :mod:`megatron_mohge.run_config`.
 """

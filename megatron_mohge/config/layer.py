@@ -20,7 +20,7 @@ from megatron_mohge.config.errors import ConfigError, group_offsets
 from megatron_mohge.config.errors import expect_bool, expect_choice, expect_int, expect_number
 from megatron_mohge.config.io import (YamlDataclass, build_dataclass, load_yaml,
                                       nested_dataclasses, read_yaml_file)
-from megatron_mohge.config.megatron import _fp8_align, _reject_uniform_only
+from megatron_mohge.config.megatron import _reject_uniform_only, apply_moe_fields
 from megatron_mohge.sizes import ffn_params
 
 ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
@@ -312,55 +312,12 @@ class MoHGEConfig(YamlDataclass):
     def apply_to(self, transformer_config):
         """Return a copy of ``transformer_config`` with the MoE fields MoHGE needs.
 
-        Sets ``num_moe_experts=E``, ``moe_router_topk=K``, ``moe_ffn_hidden_size`` (the widest
-        group: Megatron reads it only for uniform experts and its memory/FLOPs estimates),
-        shared-expert size, router dtype, z-loss and jitter; switches off Megatron's own
-        load-balancing losses (MoHGE attaches its own) and checks the parallel layout.
+        The fields are :func:`megatron_mohge.config.megatron.moe_transformer_fields` (``E``,
+        ``K``, the widest group as ``moe_ffn_hidden_size``, shared-expert size, router dtype,
+        z-loss, jitter; Megatron's own load-balancing loss off); options MoHGE cannot honour
+        are refused and the parallel layout ``transformer_config`` implies is checked.
         """
-        tc = transformer_config
-        _reject_uniform_only(tc)
-        if getattr(tc, "moe_router_enable_expert_bias", False):
-            raise ConfigError(
-                "TransformerConfig.moe_router_enable_expert_bias: aux-loss-free expert bias is not "
-                "supported by MoHGE routers; disable it (MoHGE balances with its own losses).")
-        if getattr(tc, "moe_expert_capacity_factor", None) is not None:
-            raise ConfigError(
-                "TransformerConfig.moe_expert_capacity_factor: MoHGE routing is dropless (every "
-                "token gets exactly K experts); set it to None.")
-        if getattr(tc, "moe_router_num_groups", None) or getattr(tc, "moe_router_group_topk", None):
-            raise ConfigError(
-                "TransformerConfig.moe_router_num_groups/moe_router_group_topk: Megatron's "
-                "device-limited routing conflicts with MoHGE's group gate; leave them unset and use "
-                "MoHGEConfig.group_topk.")
-        if getattr(tc, "moe_latent_size", None):
-            raise ConfigError("TransformerConfig.moe_latent_size: MoE latent projections are not "
-                              "supported with MoHGE experts; leave it unset.")
-        ep = int(getattr(tc, "expert_model_parallel_size", 1) or 1)
-        etp = getattr(tc, "expert_tensor_parallel_size", None)
-        etp = int(etp if etp is not None else getattr(tc, "tensor_model_parallel_size", 1))
-        fp8 = bool(getattr(tc, "fp8", None))
-        if self.expert_backend == "torch" and (fp8 or getattr(tc, "fp4", None)):
-            raise ConfigError("MoHGEConfig.expert_backend=torch has no FP8/FP4 path; use te (or "
-                              "auto with Transformer Engine), or turn off fp8/fp4.")
-        self.check_parallel_layout(ep, etp, fp8=fp8, fp8_align=_fp8_align(tc))
-        shared = (self.num_shared_experts * self.shared_expert_width
-                  if self.num_shared_experts else None)
-        changes = dict(
-            num_moe_experts=self.num_experts,
-            moe_router_topk=self.topk,
-            moe_ffn_hidden_size=max(self.widths),
-            moe_shared_expert_intermediate_size=shared,
-            moe_router_dtype="fp32" if self.router.fp32 else None,
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-            moe_z_loss_coeff=self.router.z_loss_coeff,
-            moe_input_jitter_eps=self.router.input_jitter_eps,
-            moe_router_topk_scaling_factor=None,
-            # Megatron's config rejects top-1 with softmax-after-top-k (zero gradient); our routers
-            # never run Megatron's routing (MoHGE's K=1 weight is q_chosen, pre-normalisation).
-            moe_router_pre_softmax=self.topk == 1,
-        )
-        return dataclasses.replace(tc, **changes)
+        return apply_moe_fields(self, transformer_config)
 
     def check_transformer_config(self, tc) -> None:
         """Raise if ``tc`` disagrees with this config (e.g. ``apply_to`` was not used)."""

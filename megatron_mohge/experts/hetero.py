@@ -173,7 +173,3 @@ class HeterogeneousExperts(MegatronModule):
                 sh.replica_id = (*rid[:2], edp_rank)
             out.update(sd)
         return out
-
-    def expert_widths_local(self) -> list[int]:
-        """Width of each local expert in local slot order."""
-        return [self.mohge.widths[g] for g, idx in self.runs for _ in idx]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.config import MoHGEConfig
+from megatron_mohge.config.megatron import routed_expert_widths, run_moe_transformer_fields
 from megatron_mohge.sizes import ffn_param_coeffs, ffn_params  # noqa: F401  (A.ffn_params)
 
 #: Above this many group subsets, the MoHGE min/max/expectation use closed forms (exact for
@@ -144,24 +145,9 @@ class ParamCounts:
         return d
 
 
-def expert_widths_of(run) -> list[int]:
-    """Width of every routed expert of one MoE layer, canonical order ([] for dense)."""
-    if run.moe.kind == "mohge":
-        return list(run.moe.mohge.expert_widths)
-    if run.moe.kind == "stock":
-        return [run.moe.expert_hidden_size] * run.moe.num_experts
-    return []
-
-
 def shared_width_of(run) -> int:
     """Width of the fused shared-expert MLP (0 without shared experts)."""
-    moe = run.moe
-    if moe.kind == "mohge":
-        m = moe.mohge
-        return m.num_shared_experts * (m.shared_expert_width or 0)
-    if moe.kind == "stock" and moe.num_shared_experts:
-        return moe.num_shared_experts * moe.shared_expert_width
-    return 0
+    return run_moe_transformer_fields(run.moe).get("moe_shared_expert_intermediate_size") or 0
 
 
 def router_params(run) -> int:
@@ -189,7 +175,7 @@ def router_params(run) -> int:
     return n
 
 
-def param_counts(run, padded_vocab: int) -> ParamCounts:
+def analytic_param_counts(run, padded_vocab: int) -> ParamCounts:
     """Analytic parameter counts of ``run`` (a ``RunConfig``) with vocabulary ``padded_vocab``."""
     m = run.model
     h, L = m.hidden_size, m.num_layers
@@ -212,7 +198,7 @@ def param_counts(run, padded_vocab: int) -> ParamCounts:
     c.num_moe_layers = sum(pattern)
     c.dense_ffn = (L - c.num_moe_layers) * ffn_params(h, run.ffn_hidden_size, gated, bias)
     if c.num_moe_layers:
-        c.per_expert = [ffn_params(h, w, gated, bias) for w in expert_widths_of(run)]
+        c.per_expert = [ffn_params(h, w, gated, bias) for w in routed_expert_widths(run.moe)]
         c.routed_experts = c.num_moe_layers * sum(c.per_expert)
         shared = shared_width_of(run)
         c.shared_experts = c.num_moe_layers * (ffn_params(h, shared, gated, bias) if shared else 0)
@@ -293,13 +279,12 @@ def expert_memory_per_rank(run, world_size: Optional[int] = None) -> dict:
     per_stage = len(pattern) // pp
     moe_layers = max((sum(pattern[s * per_stage:(s + 1) * per_stage]) for s in range(pp)),
                      default=0)
-    widths = expert_widths_of(run)
+    widths = routed_expert_widths(run.moe)
     if not widths:
         return {"ranks": [], "moe_layers_per_stage": 0}
     if run.moe.kind == "mohge":
         plan = run.moe.mohge.allocation_plan(ep)
-        rank_widths = [[run.moe.mohge.widths[g] for g, _ in plan.local_experts(r)]
-                       for r in range(ep)]
+        rank_widths = [plan.local_widths(r) for r in range(ep)]
     else:
         n = len(widths) // ep
         rank_widths = [widths[r * n:(r + 1) * n] for r in range(ep)]

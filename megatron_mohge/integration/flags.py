@@ -1,8 +1,8 @@
 """A run YAML (``RunConfig``) as Megatron-LM ``pretrain_gpt.py`` command-line flags.
 
-``megatron_lm_flags(run)`` covers the backbone, MoE (stock ``--num-experts ...`` for
-``moe.kind: stock``; ``--mohge-config FILE`` plus the MoE flags ``MoHGEConfig.apply_to`` implies
-for ``moe.kind: mohge``), parallelism, data and tokenizer, optimizer and LR schedule,
+``megatron_lm_flags(run)`` covers the backbone, MoE (the MoE fields mohge-train sets, from
+``config.megatron.run_moe_transformer_fields``, plus ``--mohge-config FILE`` for
+``moe.kind: mohge``), parallelism, data and tokenizer, optimizer and LR schedule,
 evaluation, checkpoints (``--ckpt-format torch_dist``) and logging. ``launch.extra_args`` come
 last, so they override anything above (argparse keeps the last value).
 
@@ -99,54 +99,45 @@ def _transformer_impl(run) -> str:
     return "local" if run.moe.use_te is False else "transformer_engine"
 
 
+def arg_flags(args: dict) -> list[str]:
+    """Megatron-LM arguments (``args`` names -> values) as flags: ``None`` and ``False`` are
+    left out (Megatron's defaults for every MoE argument we set), ``True`` is a bare flag."""
+    f: list[str] = []
+    for name, value in args.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            f.append(flag)
+        elif value is not None and value is not False:
+            f += [flag, value if isinstance(value, str) else _num(value)]
+    return f
+
+
 def moe_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list[str]:
+    """MoE flags: the fields ``config.megatron.run_moe_transformer_fields`` gives mohge-train's
+    ``TransformerConfig`` (stock and MoHGE alike), plus ``--mohge-config`` for MoHGE."""
+    from megatron_mohge.config.megatron import (
+        check_megatron_layout,
+        megatron_lm_args,
+        run_moe_transformer_fields,
+    )
+
     moe, p = run.moe, run.parallel
     if moe.kind == "dense":
         return []
     f: list[str] = []
-    if moe.kind == "stock":
-        if moe.router != "topk":
-            raise ConfigError(
-                f"moe.router={moe.router!r}: stock Megatron-LM has only its TopKRouter; the noisy "
-                "top-k router needs the MoHGE builder (moe.kind: mohge with mohge.router.type: "
-                "noisy_topk) or mohge-train.")
-        f += ["--num-experts", str(moe.num_experts),
-              "--moe-ffn-hidden-size", str(moe.expert_hidden_size),
-              "--moe-router-topk", str(moe.topk)]
-        if moe.num_shared_experts:
-            f += ["--moe-shared-expert-intermediate-size",
-                  str(moe.num_shared_experts * moe.shared_expert_width)]
-        if moe.aux_loss_coeff > 0:
-            f += ["--moe-router-load-balancing-type", "aux_loss",
-                  "--moe-aux-loss-coeff", _num(moe.aux_loss_coeff)]
-        else:
-            f += ["--moe-router-load-balancing-type", "none"]
-        if moe.z_loss_coeff is not None:
-            f += ["--moe-z-loss-coeff", _num(moe.z_loss_coeff)]
-        if _transformer_impl(run) == "transformer_engine":
-            f.append("--moe-grouped-gemm")
-    else:
-        from megatron_mohge.integration.megatron_lm import megatron_moe_args
-
+    if moe.kind == "stock" and moe.router != "topk":
+        raise ConfigError(
+            f"moe.router={moe.router!r}: stock Megatron-LM has only its TopKRouter; the noisy "
+            "top-k router needs the MoHGE builder (moe.kind: mohge with mohge.router.type: "
+            "noisy_topk) or mohge-train.")
+    if moe.kind == "mohge":
+        check_megatron_layout(moe.mohge, ep=p.expert_parallel, etp=run.expert_tensor_parallel)
         path = mohge_config_path if mohge_config_path is not None \
             else default_mohge_config_path(run)
         f += ["--mohge-config", str(path)]
-        implied = megatron_moe_args(run.moe.mohge, ep=p.expert_parallel,
-                                    expert_tp=p.expert_tensor_parallel, tp=p.tensor_parallel)
-        f += ["--num-experts", str(implied["num_experts"]),
-              "--moe-router-topk", str(implied["moe_router_topk"]),
-              "--moe-ffn-hidden-size", str(implied["moe_ffn_hidden_size"])]
-        if implied["moe_shared_expert_intermediate_size"]:
-            f += ["--moe-shared-expert-intermediate-size",
-                  str(implied["moe_shared_expert_intermediate_size"])]
-        f += ["--moe-router-load-balancing-type", str(implied["moe_router_load_balancing_type"]),
-              "--moe-aux-loss-coeff", _num(implied["moe_aux_loss_coeff"])]
-        if implied["moe_router_dtype"]:
-            f += ["--moe-router-dtype", implied["moe_router_dtype"]]
-        if implied["moe_z_loss_coeff"] is not None:
-            f += ["--moe-z-loss-coeff", _num(implied["moe_z_loss_coeff"])]
-        if implied["moe_input_jitter_eps"] is not None:
-            f += ["--moe-input-jitter-eps", _num(implied["moe_input_jitter_eps"])]
+    f += arg_flags(megatron_lm_args(run_moe_transformer_fields(moe)))
+    if moe.kind == "stock" and _transformer_impl(run) == "transformer_engine":
+        f.append("--moe-grouped-gemm")  # the MoHGE spec picks its own expert GEMMs
     f += ["--moe-token-dispatcher-type", run.dispatcher()]
     return f
 

@@ -2,7 +2,8 @@
 
 One place decides what ``moe.kind`` means:
 
-* ``mohge``: ``MoHGEConfig.apply_to`` + :func:`get_mohge_decoder_block_spec`;
+* ``mohge``: MoHGE's MoE fields (checked by ``MoHGEConfig.apply_to``) +
+  :func:`get_mohge_decoder_block_spec`;
 * ``stock`` (formerly ``moe``): Megatron's stock ``MoELayer`` (uniform ``SequentialMLP``/``TEGroupedMLP``
   experts) with its ``TopKRouter`` and aux loss, or the noisy top-k router;
 * ``dense``: no experts (every FFN is ``model.ffn_hidden_size`` wide).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mohge.config.megatron import run_moe_transformer_fields
 from megatron_mohge.run_config import RunConfig
 from megatron_mohge.training import mcore as M
 
@@ -44,24 +46,14 @@ def transformer_config(run: RunConfig):
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         sequence_parallel=run.sequence_parallel,
         moe_token_dispatcher_type=run.dispatcher(),
-        moe_router_dtype="fp32",
+        # the MoE fields, stock or MoHGE (TransformerConfig checks EP against num_moe_experts
+        # on creation): the same mapping the Megatron-LM flags and argument hook use
+        **run_moe_transformer_fields(moe),
     )
     if moe.kind != "dense":
         fields["moe_layer_freq"] = m.moe_layer_freq
-    if moe.kind == "stock":
-        fields.update(
-            num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.expert_hidden_size,
-            moe_router_topk=moe.topk, moe_z_loss_coeff=moe.z_loss_coeff,
-            moe_shared_expert_intermediate_size=(moe.num_shared_experts * moe.shared_expert_width
-                                                 if moe.num_shared_experts else None),
-            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.router == "topk" else 0.0,
-            moe_router_load_balancing_type="aux_loss" if moe.router == "topk" else "none",
-        )
-    if moe.kind == "mohge":  # TransformerConfig checks EP against num_moe_experts on creation
-        fields.update(num_moe_experts=moe.mohge.num_experts, moe_router_topk=moe.mohge.topk,
-                      moe_ffn_hidden_size=max(moe.mohge.widths))
     tc = TransformerConfig(**fields)
-    if moe.kind == "mohge":
+    if moe.kind == "mohge":  # its refusals and layout checks (the fields are set already)
         tc = moe.mohge.apply_to(tc)
     return tc
 
@@ -86,15 +78,22 @@ def decoder_spec(run: RunConfig, tc):
                                       normalization=tc.normalization)
 
 
-def build_model(run: RunConfig, vocab_size: int):
-    """(DDP-wrapped ``GPTModel`` of this rank, its ``TransformerConfig``)."""
-    tc = transformer_config(run)
-    gpt = M.build_gpt(
+def build_gpt_model(run: RunConfig, vocab_size: int, tc=None):
+    """This rank's bare ``GPTModel`` of ``run`` (``tc``: its ``TransformerConfig``, built
+    here when not given)."""
+    tc = tc if tc is not None else transformer_config(run)
+    return M.build_gpt(
         tc, decoder_spec(run, tc), vocab_size=vocab_size, seq_length=run.model.seq_length,
         position_embedding_type=run.model.position_embedding_type,
         rotary_base=run.model.rotary_base,
         share_embeddings_and_output_weights=not run.model.untie_embeddings_and_output_weights,
     )
+
+
+def build_model(run: RunConfig, vocab_size: int):
+    """(DDP-wrapped ``GPTModel`` of this rank, its ``TransformerConfig``)."""
+    tc = transformer_config(run)
+    gpt = build_gpt_model(run, vocab_size, tc)
     model = M.wrap_ddp(gpt, tc, use_distributed_optimizer=run.parallel.use_distributed_optimizer)
     return model, tc
 
@@ -118,9 +117,10 @@ def build_optimizer_and_scheduler(run: RunConfig, model):
     return opt, sched
 
 
-def param_counts(model) -> dict:
-    """Global parameter counts (every rank gets the same): ``total_params`` and
-    ``routed_expert_params`` (routed experts only, not shared experts or routers).
+def measured_param_counts(model) -> dict:
+    """Global parameter counts of the built model (every rank gets the same): ``total_params``
+    and ``routed_expert_params`` (routed experts only, not shared experts or routers); the
+    configuration-only twin is ``integration.accounting.analytic_param_counts``.
 
     Each shard is counted once over all ranks: TP-replicated weights on TP rank 0 only, and
     the sums are divided by the replicas a shard has (dense: DP; expert weights: expert-DP).

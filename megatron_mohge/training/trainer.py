@@ -99,7 +99,7 @@ class Trainer:
         self.model, self.tc = model_lib.build_model(run, self.vocab_size)
         self.optimizer, self.scheduler = model_lib.build_optimizer_and_scheduler(run, self.model)
         attach_stock_counters(M.model_chunks(self.model))
-        self.counts = model_lib.param_counts(self.model)
+        self.counts = model_lib.measured_param_counts(self.model)
         self.state = TrainState()
         self.writer = None
         if run.logging.tensorboard and self.rank == 0:

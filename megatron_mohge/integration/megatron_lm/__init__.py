@@ -23,7 +23,6 @@ from megatron_mohge.integration.megatron_lm.args import (
     ARG_GROUP_TITLE,
     CLI_OVERRIDES,
     FLOPS_EXPECTATIONS,
-    MIRRORED_FIELDS,
     add_mohge_args,
     compose_extra_args_providers,
     finalize_mohge_args,
@@ -59,7 +58,7 @@ from megatron_mohge.integration.megatron_lm.model import (
 
 __all__ = [
     "ARG_GROUP_TITLE", "CLI_OVERRIDES", "FLOPS_EXPECTATIONS", "MEGATRON_LB_LOSS_NAMES",
-    "MIRRORED_FIELDS", "activated_routed_width", "add_megatron_lm_to_path", "add_mohge_args",
+    "activated_routed_width", "add_megatron_lm_to_path", "add_mohge_args",
     "build_mohge_gpt_model", "compose_extra_args_providers", "finalize_mohge_args",
     "install_megatron_lm_hooks", "load_mohge_config", "megatron_moe_args",
     "mohge_aux_loss_names", "mohge_config_from_args", "mohge_decoder_spec",

@@ -13,7 +13,6 @@ between core_v0.16 and core_v0.19 (only who calls the parser moved, see ``launch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,6 +24,11 @@ from megatron_mohge.config import (
     ConfigError,
     MoHGEConfig,
     read_yaml_file,
+)
+from megatron_mohge.config.megatron import (
+    check_megatron_layout,
+    megatron_lm_args,
+    moe_transformer_fields,
 )
 
 ARG_GROUP_TITLE = "MoHGE (megatron-mohge)"
@@ -44,9 +48,9 @@ def load_mohge_config(path) -> MoHGEConfig:
     """A MoHGE layer YAML, or a run YAML whose ``moe.mohge`` section (mapping or path) is used."""
     p = Path(path).expanduser()
     data = read_yaml_file(p, "--mohge-config") or {}
-    if isinstance(data, dict) and ("moe" in data or "model" in data):
-        from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.run_config import RunConfig, config_kind
 
+    if config_kind(data, f"--mohge-config {path}") == "run":
         run = RunConfig.from_yaml(p)
         if run.moe.kind != "mohge" or run.moe.mohge is None:
             raise ConfigError(f"--mohge-config {path}: a run file with moe.kind={run.moe.kind!r}; "
@@ -55,51 +59,13 @@ def load_mohge_config(path) -> MoHGEConfig:
     return MoHGEConfig.from_dict(data)
 
 
-@dataclasses.dataclass
-class _MoEFields:
-    """The TransformerConfig fields ``MoHGEConfig.apply_to`` reads or writes, with
-    megatron-core's defaults: applying it here keeps the CLI arguments in step with it."""
-
-    num_moe_experts: Optional[int] = None
-    moe_router_topk: int = 2
-    moe_ffn_hidden_size: Optional[int] = None
-    moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_router_dtype: Optional[str] = None
-    moe_router_load_balancing_type: Any = "aux_loss"
-    moe_aux_loss_coeff: Any = 0.0
-    moe_z_loss_coeff: Optional[float] = None
-    moe_input_jitter_eps: Optional[float] = None
-    moe_router_topk_scaling_factor: Optional[float] = None
-    moe_router_pre_softmax: bool = False
-    moe_router_enable_expert_bias: bool = False
-    moe_expert_capacity_factor: Optional[float] = None
-    moe_router_num_groups: Optional[int] = None
-    moe_router_group_topk: Optional[int] = None
-    moe_latent_size: Optional[int] = None
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: Optional[int] = None
-    tensor_model_parallel_size: int = 1
-    fp8: Optional[str] = None
-    fp8_recipe: Optional[str] = None
-
-
-#: Megatron-LM argument name of each TransformerConfig field we mirror (same unless listed).
-_ARG_NAME = {"num_moe_experts": "num_experts"}
-#: Fields ``apply_to`` writes: they become Megatron-LM arguments.
-MIRRORED_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
-                   "moe_shared_expert_intermediate_size", "moe_router_dtype",
-                   "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-                   "moe_input_jitter_eps", "moe_router_topk_scaling_factor",
-                   "moe_router_pre_softmax")
-
-
 def megatron_moe_args(cfg: MoHGEConfig, ep: int = 1, expert_tp: Optional[int] = None,
                       tp: int = 1) -> dict[str, Any]:
-    """Megatron-LM argument values (``args`` names) implied by ``cfg`` via ``apply_to``."""
-    fields = cfg.apply_to(_MoEFields(expert_model_parallel_size=ep,
-                                     expert_tensor_parallel_size=expert_tp,
-                                     tensor_model_parallel_size=tp))
-    return {_ARG_NAME.get(name, name): getattr(fields, name) for name in MIRRORED_FIELDS}
+    """Megatron-LM argument values (``args`` names) of ``cfg``: the fields ``apply_to`` sets
+    (``config.megatron.moe_transformer_fields``), after checking the layout at EP ``ep`` and
+    expert-TP ``expert_tp`` (``None``: ``tp``, as Megatron)."""
+    check_megatron_layout(cfg, ep=ep, etp=expert_tp if expert_tp is not None else tp)
+    return megatron_lm_args(moe_transformer_fields(cfg))
 
 
 class _MoHGEConfigAction(argparse.Action):
