@@ -30,11 +30,12 @@ def tiny_run(moe, **model):
 def build_gpt(run):
     """The GPTModel megatron.core builds for ``run`` (local layers, CPU)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_mohge.specs import get_mohge_decoder_block_spec, get_noisy_topk_decoder_block_spec
+    from megatron_mohge.specs import (get_mohge_decoder_block_spec,
+                                      get_noisy_topk_decoder_block_spec,
+                                      get_stock_decoder_block_spec)
 
     m, moe = run.model, run.moe
     kw = dict(num_layers=m.num_layers, hidden_size=m.hidden_size,
@@ -58,8 +59,7 @@ def build_gpt(run):
     elif moe.kind == "moe" and moe.router == "noisy_topk":
         spec = get_noisy_topk_decoder_block_spec(tc, use_te=False, gating=moe.noisy_gating)
     else:
-        spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=False,
-                                          normalization=m.normalization)
+        spec = get_stock_decoder_block_spec(tc, use_te=False)
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0, force_reset_rng=True)
     return GPTModel(config=tc, transformer_layer_spec=spec, vocab_size=VOCAB,
@@ -111,14 +111,13 @@ def test_analytic_params_match_real_gpt_model(mcore_world1, case):
     assert counts.routers == router
     # The measured-routing figures use the same per-expert sizes (biases included), so the
     # trainer's activated params agree with mohge-check-config's with add_bias_linear too.
-    from megatron_mohge.metrics import _expert_sizes, attach_stock_counters, routers
+    from megatron_mohge.metrics import routers
 
-    attach_stock_counters(gpt)
-    found = routers(gpt)
+    found = routers(gpt)  # every MoE layer's router counts, the stock one included
     assert len(found) == counts.num_moe_layers
     h, gated, bias = run.model.hidden_size, run.model.swiglu, run.model.add_bias_linear
     for r in found:
-        assert _expert_sizes(r, h, gated, bias)[1] == counts.per_expert
+        assert list(r.routed_layout().params_per_expert) == counts.per_expert
     if run.moe.kind == "mohge":
         assert run.moe.mohge.routed_params_per_expert(h, gated, bias) == counts.per_expert
 

@@ -349,7 +349,7 @@ def test_exactly_k_and_slot_order_with_ep2():
     # Metrics stay canonical whatever the slot order.
     assert torch.equal(r2.tokens_per_expert_E, m1.float().sum(0))
     assert torch.allclose(r2.importance_E, p1.sum(0).double())
-    r2.reset_routing_counts()
+    r2.counter.reset()
     assert r2.importance_E.abs().sum() == 0 and r2.tokens_seen == 0
 
 
@@ -530,7 +530,7 @@ def _train_router(coeff, steps=100, E=8, K=2, T=64, seed=0):
         (-probs[:, 0].mean()).backward()
         opt.step()
     r.eval()
-    r.reset_routing_counts()
+    r.counter.reset()
     with torch.no_grad():
         r(torch.randn(1024, 1, D))
     return r.balance_metrics()

@@ -27,7 +27,6 @@ import torch.distributed as dist
 import yaml
 
 from megatron_mohge.config import ConfigError
-from megatron_mohge.training import mcore as M
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST_FILE = "manifest.json"  # {file name: size in bytes}, written last by a save
@@ -213,10 +212,6 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
          files: Optional[dict] = None) -> Path:
     """Save the sharded ``state`` as iteration ``iteration`` (collective). ``files``: extra
     ``{name: text}`` written into the checkpoint directory by rank 0 (e.g. the run config)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_mohge.compat.mcore import write_legacy_common
-
     final = root / f"iter_{iteration:07d}"
     tmp = root / f"iter_{iteration:07d}.tmp"
     if dist.get_rank() == 0:
@@ -224,8 +219,7 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
             shutil.rmtree(tmp)  # left over from an interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(state, str(tmp), M.save_strategy(fully_parallel))
-    write_legacy_common(tmp)  # loadable by megatron-core 0.16 and 0.19 (collective)
+    dist_save(state, tmp, fully_parallel=fully_parallel)
     if dist.get_rank() == 0:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
@@ -242,9 +236,60 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
 
 def load(template: dict, ckpt: Path, *, fully_parallel: bool = False) -> dict:
     """Load checkpoint directory ``ckpt`` into the structure of sharded ``template``."""
+    return dist_load(template, ckpt, fully_parallel=fully_parallel)
+
+
+# ------------------------------------------------------------------ dist-ckpt I/O (one place)
+def dist_save(state: dict, directory: Path, *, fully_parallel: bool = False) -> None:
+    """``dist_checkpointing.save`` of a sharded ``state`` into the (existing, empty)
+    ``directory``, plus the legacy common file both megatron-core lines read (collective)."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(template, str(ckpt), M.load_strategy(ckpt, fully_parallel))
+    from megatron_mohge.compat.mcore import write_legacy_common
+
+    dist_checkpointing.save(state, str(directory), save_strategy(fully_parallel))
+    write_legacy_common(directory)  # loadable by megatron-core 0.16 and 0.19 (collective)
+
+
+def dist_load(template: dict, directory: Path, *, fully_parallel: bool = False) -> dict:
+    """``dist_checkpointing.load`` into the structure of sharded ``template`` (any TP / EP /
+    PP layout: dist-ckpt reshards)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(template, str(directory),
+                                   load_strategy(directory, fully_parallel))
+
+
+def save_strategy(fully_parallel: bool):
+    """dist-ckpt save strategy: ``None`` (default) or the writes spread over the DP ranks
+    (``FullyParallelSaveStrategyWrapper``, Megatron-LM's default)."""
+    if not fully_parallel:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def load_strategy(directory: Path, fully_parallel: bool):
+    """dist-ckpt load strategy: ``None`` (default) or each shard read by one DP rank and
+    exchanged (``FullyParallelLoadStrategyWrapper``)."""
+    if not fully_parallel:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(directory)),
+        ps.get_data_parallel_group(with_context_parallel=True))
 
 
 #: ``optimizer.sharded_state_dict`` metadata of every save and load. No ``chained_<i>.`` key

@@ -32,7 +32,6 @@ import torch.distributed as dist
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.metrics import (
-    attach_stock_counters,
     reset_routing_counts,
     restore_routing_counts,
     routers,
@@ -98,7 +97,6 @@ class Trainer:
         self._setup_health()
         self.model, self.tc = model_lib.build_model(run, self.vocab_size)
         self.optimizer, self.scheduler = model_lib.build_optimizer_and_scheduler(run, self.model)
-        attach_stock_counters(M.model_chunks(self.model))
         self.counts = model_lib.param_counts(self.model)
         self.state = TrainState()
         self.writer = None
@@ -287,20 +285,14 @@ class Trainer:
         stage (DP x TP: with sequence parallelism each TP rank routes its own tokens)."""
         from megatron.core import parallel_state as ps
 
-        from megatron_mohge.metrics import layer_routing, rank_flops_layouts
+        from megatron_mohge.metrics import rank_flops_layouts
 
         group = ps.get_tensor_and_data_parallel_group()
         local = []
         for r in routers(M.model_chunks(self.model)):
-            layer = layer_routing(r, group=group)
-            d = layer.__dict__.copy()
+            layer = r.routing_figures(group)
+            d = {**layer.figures(), **r.extra_figures()}
             ep = self.run.parallel.expert_parallel
-            if hasattr(r, "importance_E"):  # noisy top-k router: CV(importance), 2017 paper
-                imp = r.importance_E.double().clone()
-                dist.all_reduce(imp, group=group)
-                d["importance_cv"] = float(imp.std(unbiased=False) / imp.mean().clamp_min(1e-12))
-            if getattr(r, "balance_bias_E", None) is not None:  # loss-free balancing state
-                d["balance_bias"] = r.balance_bias_E.tolist()
             d["rank_flops"] = {str(e): rank_flops_layouts(r, layer.tokens_per_expert, e)
                                for e in sorted({2, 4, 8, ep}) if e > 1
                                and len(layer.tokens_per_expert) % e == 0}
