@@ -12,7 +12,6 @@ checkpoint's ``run.yaml``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -22,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_mohge.compat import distopt
 from megatron_mohge.config import ConfigError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -307,33 +306,10 @@ OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *,
                                  is_loading: bool) -> dict:
     """The optimizer's part of a checkpoint (states keyed by the model's sharded tensors)."""
-    if is_loading:
-        _init_empty_distopt_states(optimizer)
+    if is_loading:  # torch Adam (no Apex / TE): states to load into (compat.distopt)
+        distopt.init_states_for_load(optimizer)
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                         metadata=dict(OPTIMIZER_METADATA))
-
-
-def _init_empty_distopt_states(optimizer) -> None:
-    """Without Apex or TE (CPU, torch-only GPU installs) Megatron's distributed optimizer
-    reads Adam's step from the inner torch optimizer's per-parameter states, which are empty
-    before the first step: ``DistributedOptimizer.state_dict()`` then fails an assertion and a
-    fresh run cannot build the template it resumes into. One inner step on zero gradients
-    creates the states (as megatron-core 0.19's ``_init_optimizer_states_with_dummy_values``);
-    the load overwrites them and the parameters."""
-    import torch
-
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for sub in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(sub, DistributedOptimizer) or inner is None or len(inner.state):
-            continue
-        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        inner.step()
-        for p in params:
-            p.grad = None
 
 
 def restore_optimizer(optimizer, loaded: dict) -> None:
@@ -341,37 +317,17 @@ def restore_optimizer(optimizer, loaded: dict) -> None:
     fitted = fit_optimizer_state(loaded, optimizer)
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     parts = [fitted[i] for i in range(len(chained))] if len(chained) > 1 else [fitted]
-    # Distributed-optimizer param states: loaded after the rest, see _adam_steps_hidden.
+    # Distributed-optimizer param states: loaded after the rest, torch Adam's steps hidden
     deferred = [(sub, part.pop("param_state")) for sub, part in zip(chained, parts)
                 if part.pop("param_state_sharding_type", None) == "fully_reshardable"]
     optimizer.load_state_dict(fitted)
     for sub, param_state in deferred:
-        with _adam_steps_hidden(sub.optimizer):
+        with distopt.adam_steps_hidden(sub.optimizer):
             sub.load_parameter_state_from_fully_reshardable(param_state)
-    # Without Apex or TE the distributed optimizer gives every parameter's torch Adam state
-    # the *same* step tensor, which each step then increments once per parameter (wrong bias
-    # correction from the first step after the resume): one step tensor per parameter.
-    for sub in chained:
-        for st in getattr(sub, "optimizer", sub).state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+    distopt.own_step_tensors(optimizer)  # torch Adam: one step tensor per parameter
     # The optimizer's fp32 main params (fp16/bf16 runs) follow the loaded model weights.
     if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()
-
-
-@contextlib.contextmanager
-def _adam_steps_hidden(inner):
-    """torch's Adam (Megatron's optimizer without Apex or TE) keeps a ``step`` tensor per
-    parameter; megatron-core's ``load_parameter_state_from_fully_reshardable`` copies every
-    tensor state of a parameter from the checkpoint, which never holds ``step`` (it travels in
-    the param groups and is set by ``load_state_dict``): KeyError. Hide the steps meanwhile."""
-    steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
-    try:
-        yield
-    finally:
-        for p, step in steps.items():
-            inner.state[p]["step"] = step
 
 
 def fit_optimizer_state(loaded, optimizer):
