@@ -183,20 +183,15 @@ def decoder_block_with_moe(transformer_config, moe_spec, use_te: bool,
                            vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
     """Megatron's GPT decoder block spec (``get_gpt_decoder_block_spec``: dense/MoE
     interleaving, pipeline slicing) with ``moe_spec`` as the MLP of every MoE layer."""
-    block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
-                                       normalization=transformer_config.normalization,
-                                       vp_stage=vp_stage, pp_rank=pp_rank)
-    return _map_moe_mlps(block, lambda _stock_mlp: moe_spec)
+    return _map_moe_mlps(transformer_config, use_te, vp_stage, pp_rank,
+                         lambda _stock_mlp: moe_spec)
 
 
 def get_stock_decoder_block_spec(transformer_config, use_te: bool,
                                  vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
     """Megatron's GPT decoder block spec as it is (stock MoE or dense layers), its MoE
     routers counting their routing (:func:`with_counted_router`)."""
-    block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
-                                       normalization=transformer_config.normalization,
-                                       vp_stage=vp_stage, pp_rank=pp_rank)
-    return _map_moe_mlps(block, with_counted_router)
+    return _map_moe_mlps(transformer_config, use_te, vp_stage, pp_rank, with_counted_router)
 
 
 def with_counted_router(moe_spec):
@@ -209,8 +204,12 @@ def with_counted_router(moe_spec):
     return rebuild_like(moe_spec, module, sub, params)
 
 
-def _map_moe_mlps(block, fn):
-    """``block`` with the MLP of each MoE layer replaced by ``fn(its MLP)``."""
+def _map_moe_mlps(transformer_config, use_te: bool, vp_stage, pp_rank, fn):
+    """Megatron's GPT decoder block spec with the MLP of each MoE layer replaced by
+    ``fn(its MLP)``."""
+    block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
+                                       normalization=transformer_config.normalization,
+                                       vp_stage=vp_stage, pp_rank=pp_rank)
     block.layer_specs = [replace_moe_mlp(spec, fn(spec.submodules.mlp)) if is_moe_layer(spec)
                          else spec for spec in block.layer_specs]
     return block
