@@ -226,7 +226,8 @@ _ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def find_routers(model) -> list:
     """Every counted router (:class:`CountedTopKRouter`: MoHGE, noisy and stock) of ``model``
     (a module or a list of model chunks), in module order. The walk of each chunk is done
-    once and cached (the training loops call this every step)."""
+    once and cached (the training loops call this every step), so a chunk's modules must not
+    change after the first call (as for a built model)."""
     chunks: Iterable = model if isinstance(model, (list, tuple)) else [model]
     out = []
     for chunk in chunks:
