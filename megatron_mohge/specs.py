@@ -5,7 +5,9 @@ We start from Megatron's own specs (``get_moe_module_spec``, ``get_gpt_layer_*_s
 interleaving (``moe_layer_freq``) and pipeline slicing stay Megatron's. The deltas:
 
 * ``MoESubmodules.experts`` -> ``HeterogeneousExperts`` (one expert module per width);
-* ``MoESubmodules.router``  -> ``MoHGERouter`` (or a noisy top-k router, per config).
+* ``MoESubmodules.router``  -> ``MoHGERouter`` (or a noisy top-k router, per config);
+  stock MoE keeps Megatron's ``TopKRouter`` as :class:`CountedTopKRouter`, which also counts
+  its routing (:func:`get_stock_decoder_block_spec`).
 
 The MoE layer itself is Megatron's ``MoELayer`` with its stock token dispatchers.
 
@@ -33,6 +35,7 @@ from megatron_mohge.compat.versions import make_moe_submodules
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.experts.hetero import HeterogeneousExperts
 from megatron_mohge.experts.selection import resolve_expert_backend
+from megatron_mohge.routing.stock import CountedTopKRouter
 
 
 def te_available() -> bool:
@@ -180,11 +183,35 @@ def decoder_block_with_moe(transformer_config, moe_spec, use_te: bool,
                            vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
     """Megatron's GPT decoder block spec (``get_gpt_decoder_block_spec``: dense/MoE
     interleaving, pipeline slicing) with ``moe_spec`` as the MLP of every MoE layer."""
+    return _map_moe_mlps(transformer_config, use_te, vp_stage, pp_rank,
+                         lambda _stock_mlp: moe_spec)
+
+
+def get_stock_decoder_block_spec(transformer_config, use_te: bool,
+                                 vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
+    """Megatron's GPT decoder block spec as it is (stock MoE or dense layers), its MoE
+    routers counting their routing (:func:`with_counted_router`)."""
+    return _map_moe_mlps(transformer_config, use_te, vp_stage, pp_rank, with_counted_router)
+
+
+def with_counted_router(moe_spec):
+    """A stock ``MoELayer`` builder with :class:`CountedTopKRouter` for ``TopKRouter``: same
+    parameters, state dict and routing, plus the routing counts the metrics read."""
+    module, sub, params = builder_parts(moe_spec)
+    sub = dataclasses.replace(sub, router=CountedTopKRouter)
+    if isinstance(moe_spec, ModuleSpec):
+        return dataclasses.replace(moe_spec, submodules=sub)
+    return rebuild_like(moe_spec, module, sub, params)
+
+
+def _map_moe_mlps(transformer_config, use_te: bool, vp_stage, pp_rank, fn):
+    """Megatron's GPT decoder block spec with the MLP of each MoE layer replaced by
+    ``fn(its MLP)``."""
     block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
                                        normalization=transformer_config.normalization,
                                        vp_stage=vp_stage, pp_rank=pp_rank)
-    block.layer_specs = [replace_moe_mlp(spec, moe_spec) if is_moe_layer(spec) else spec
-                         for spec in block.layer_specs]
+    block.layer_specs = [replace_moe_mlp(spec, fn(spec.submodules.mlp)) if is_moe_layer(spec)
+                         else spec for spec in block.layer_specs]
     return block
 
 

@@ -210,7 +210,8 @@ def test_global_batch_stats_on_two_ranks_equal_one_rank_with_the_whole_batch():
 def test_stock_router_counters_count_training_steps_not_evaluation():
     # regression: the stock counting hook ran under no_grad, so training forwards looked like
     # evaluation and the stock baseline never reported a global-batch MaxVio
-    from megatron_mohge.metrics import attach_stock_counters, routers
+    from megatron_mohge.metrics import routers
+    from megatron_mohge.specs import get_stock_decoder_block_spec
     from tests.workers import common as C
 
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -219,9 +220,9 @@ def test_stock_router_counters_count_training_steps_not_evaluation():
     C.init_layout(1, 1, 1)
     try:
         tc = C.tiny_gpt_config()
-        model = C.wrap_ddp(C.build_gpt(tc), tc)
+        model = C.wrap_ddp(C.build_gpt(tc, get_stock_decoder_block_spec(tc, use_te=False)), tc)
         opt = C.build_optimizer(model)
-        assert attach_stock_counters(C.model_chunks(model)) == 4
+        assert len(routers(C.model_chunks(model))) == 4
         C.train(model, opt, tc, 2)
         for r in routers(C.model_chunks(model)):
             assert float(r.counter.maxvio_batch_n) == 2 and r.counter.step_forwards == 0

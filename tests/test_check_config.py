@@ -85,14 +85,13 @@ def test_analytic_params_match_real_gpt_model(mcore_world1, case):
     assert counts.routers == router
     # The measured-routing figures use the same per-expert sizes (biases included), so the
     # trainer's activated params agree with mohge-check-config's with add_bias_linear too.
-    from megatron_mohge.metrics import _expert_sizes, attach_stock_counters, routers
+    from megatron_mohge.metrics import routers
 
-    attach_stock_counters(gpt)
-    found = routers(gpt)
+    found = routers(gpt)  # every MoE layer's router counts, the stock one included
     assert len(found) == counts.num_moe_layers
     h, gated, bias = run.model.hidden_size, run.model.swiglu, run.model.add_bias_linear
     for r in found:
-        assert _expert_sizes(r, h, gated, bias)[1] == counts.per_expert
+        assert list(r.routed_layout().params_per_expert) == counts.per_expert
     if run.moe.kind == "mohge":
         assert run.moe.mohge.routed_params_per_expert(h, gated, bias) == counts.per_expert
 

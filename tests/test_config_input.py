@@ -52,7 +52,7 @@ def _bom(tmp_path):
 
 def test_missing_tensorboard_is_a_warning(tmp_path, monkeypatch, capsys):
     # Before: the run failed (ConfigError) when the [train] extra was not installed.
-    from megatron_mohge.training.trainer import tensorboard_writer
+    from megatron_mohge.training.run_log import tensorboard_writer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import -> ImportError
     assert tensorboard_writer(tmp_path / "tb", "run1") is None

@@ -5,6 +5,7 @@ resumes, old bench results still identify their bench, and results files keep re
 stock runs as kind "moe"."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,8 @@ import yaml
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig, normalize_run_dict
 from megatron_mohge.training import checkpoint as ckpt_lib
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
 NEW = {"kind": "stock", "num_experts": 8, "expert_hidden_size": 16, "topk": 2,
        "num_shared_experts": 1, "shared_expert_width": 24}
@@ -88,16 +91,19 @@ def test_bench_out_dir_accepts_results_recorded_with_either_spelling(tmp_path):
         e2e.check_out_dir(tmp_path, identity)
 
 
-def test_results_keep_recording_stock_runs_as_kind_moe():
+def test_results_keep_recording_stock_runs_as_kind_moe(mcore_world1):
     """summary.json / results.json ``kind`` of a stock run stays "moe" (the default bench's
-    results are unchanged to the letter); MoHGE and dense runs record their kind."""
-    assert RunConfig.from_dict({"moe": NEW}).moe.result_kind == "moe"
-    assert RunConfig.from_dict({"moe": {"kind": "dense"}}).moe.result_kind == "dense"
-    from pathlib import Path
+    results are unchanged to the letter); MoHGE and dense runs record their kind. Checked on
+    the summary the trainer writes (``training.figures.run_summary``)."""
+    from megatron_mohge.training.figures import run_summary
+    from megatron_mohge.training.trainer import TrainState
 
-    trainer = (Path(__file__).resolve().parents[1] / "megatron_mohge" / "training"
-               / "trainer.py").read_text()
-    assert "kind=self.run.moe.result_kind" in trainer
+    counts = {"total_params": 10, "routed_expert_params": 4}
+    for moe, kind in ((NEW, "moe"), ({"kind": "moe"}, "moe"), ({"kind": "dense"}, "dense"),
+                      ({"kind": "mohge", "mohge": str(CONFIGS / "tiny_mohge.yaml")}, "mohge")):
+        run = RunConfig.from_dict({"moe": moe})
+        summary = run_summary(run, TrainState(), counts, [], 1.0, [1.0, 1.0], None)
+        assert summary["kind"] == kind, moe
 
 
 def test_no_code_compares_with_the_former_spellings():

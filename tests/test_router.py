@@ -235,7 +235,7 @@ def test_routing_counts_and_slot_permutation():
     assert router.tokens_per_expert_E.sum() == 10 * 3
     assert torch.equal(router.tokens_per_expert_E, rmap.float().sum(0))
     assert router.tokens_per_group_G.sum() == 10 * 2
-    router.reset_routing_counts()
+    router.counter.reset()
     assert router.tokens_per_expert_E.sum() == 0 and router.tokens_seen == 0
     # A non-identity plan permutes columns: slot s carries canonical expert perm[s].
     perm = torch.randperm(cfg.num_experts)

@@ -208,7 +208,7 @@ def run_layer_bench(mohge: MoHGEConfig, *, hidden_size: int, tokens: int, stock_
             if r >= warmup:
                 mm_times.append(dm)
     finally:
-        layers["mohge"].router.reset_routing_counts()
+        layers["mohge"].router.counter.reset()
         for layer in layers.values():
             layer.zero_grad(set_to_none=True)
         clear_metrics()

@@ -109,13 +109,13 @@ def measure_mohge_routing(layer, x: torch.Tensor):
     router = layer.router
     mode = router.training
     router.eval()
-    router.reset_routing_counts()
+    router.counter.reset()
     try:
         with torch.no_grad():
             router(x)
         return layer_routing(router)
     finally:
-        router.reset_routing_counts()
+        router.counter.reset()
         router.train(mode)
 
 

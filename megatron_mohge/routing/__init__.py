@@ -17,12 +17,13 @@ W       expert width (FFN hidden size)
 ======  ==============================================================================
 """
 
-from megatron_mohge.routing.base import GroupedExpertRouter, set_training_progress
+from megatron_mohge.routing.base import GroupedExpertRouter, find_routers, set_training_progress
 from megatron_mohge.routing.mohge_router import (
     GROUP_LOSS_NAME,
     INTRA_GROUP_LOSS_NAME,
     MoHGERouter,
 )
+from megatron_mohge.routing.stock import CountedTopKRouter
 
-__all__ = ["GroupedExpertRouter", "MoHGERouter", "set_training_progress", "GROUP_LOSS_NAME",
-           "INTRA_GROUP_LOSS_NAME"]
+__all__ = ["CountedTopKRouter", "GroupedExpertRouter", "MoHGERouter", "find_routers",
+           "set_training_progress", "GROUP_LOSS_NAME", "INTRA_GROUP_LOSS_NAME"]

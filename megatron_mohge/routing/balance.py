@@ -23,28 +23,23 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-
-def _counted_routers(model) -> list:
-    from megatron_mohge.metrics import routers
-
-    return [r for r in routers(model) if getattr(r, "counter", None) is not None]
+from megatron_mohge.routing.base import find_routers
 
 
 @torch.no_grad()
 def end_of_step(model) -> None:
     """Collective over the stage's TP x DP x CP group (call on every rank once per step)."""
-    rs = _counted_routers(model)
+    rs = find_routers(model)
     if not rs:  # a pipeline stage without MoE layers (same on all ranks of its group)
         return
     local = torch.cat([r.counter.step_tokens_per_expert_E for r in rs])
-    group = getattr(rs[0], "tp_dp_cp_group", None)
+    group = rs[0].tp_dp_cp_group  # TopKRouter's, on every supported line
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(local, group=group)
     for r, load_E in zip(rs, torch.split(local, [r.counter.step_tokens_per_expert_E.numel()
                                                  for r in rs])):
         r.counter.add_batch(load_E)
-        if hasattr(r, "end_step"):
-            r.end_step(load_E)
+        r.end_step(load_E)
         r.counter.reset_step()
 
 

@@ -10,7 +10,9 @@ tracker, is Megatron's):
   ``router_gating_linear`` raises NameError when TE is absent);
 * aux losses are attached and logged by :meth:`GroupedExpertRouter.attach_loss` with one
   rule on every supported megatron-core line (see there);
-* routing counts (tokens per expert, per group) are accumulated for metrics;
+* routing counts (tokens per expert, per group) are accumulated for metrics, through the
+  interface every counted router shares (:class:`~megatron_mohge.routing.stock.CountedTopKRouter`,
+  the base class: ``counter``, ``routed_layout``, ``end_step``, ``extra_figures``);
 * a training-progress hook for loss schedules (``set_training_progress``);
 * input jitter only while training (``jitter``).
 
@@ -20,6 +22,7 @@ Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -32,6 +35,7 @@ from megatron_mohge.compat.mcore import record_metric, supported_kwargs
 from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.counters import RoutingCounter
 from megatron_mohge.routing.functional import GroupIndex
+from megatron_mohge.routing.stock import CountedTopKRouter
 
 
 def _default_pg_collection(pg_collection):
@@ -40,7 +44,7 @@ def _default_pg_collection(pg_collection):
     return moe_utils.get_default_pg_collection()
 
 
-class GroupedExpertRouter(TopKRouter):
+class GroupedExpertRouter(CountedTopKRouter):
     """Base router over experts organised in groups, emitting probs in slot order.
 
     Args:
@@ -72,7 +76,6 @@ class GroupedExpertRouter(TopKRouter):
                              persistent=False)
         # Routing counts for metrics and loss-free balancing (not checkpointed).
         self.counter = RoutingCounter(self.num_experts, len(self.group_sizes))
-        self.training_progress: Optional[float] = None
 
     # ------------------------------------------------------------------ helpers
     def group_index(self, device) -> GroupIndex:
@@ -134,16 +137,10 @@ class GroupedExpertRouter(TopKRouter):
         self.counter.record(routing_map_TE, group_mask_TG, keep_T1,
                             training=self.training and torch.is_grad_enabled())
 
-    def reset_routing_counts(self) -> None:
-        self.counter.reset_window()
-
     # the window counts, by the names the metrics and tests read
     tokens_per_expert_E = property(lambda self: self.counter.tokens_per_expert_E)
     tokens_per_group_G = property(lambda self: self.counter.tokens_per_group_G)
     tokens_seen = property(lambda self: self.counter.tokens_seen)
-
-    def set_training_progress(self, fraction: float) -> None:
-        self.training_progress = float(fraction)
 
     def metric_layer(self) -> tuple:
         """``(layer_number, num_layers)`` of this router in Megatron's tracker: MTP layers are
@@ -223,19 +220,35 @@ class GroupedExpertRouter(TopKRouter):
         return self.attach_loss(z_TE, z_loss, coeff, "z_loss", tokens, avg_group=self.tp_cp_group)
 
 
+_ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def find_routers(model) -> list:
+    """Every counted router (:class:`CountedTopKRouter`: MoHGE, noisy and stock) of ``model``
+    (a module or a list of model chunks), in module order. The walk of each chunk is done
+    once and cached (the training loops call this every step), so a chunk's modules must not
+    change after the first call (as for a built model)."""
+    chunks: Iterable = model if isinstance(model, (list, tuple)) else [model]
+    out = []
+    for chunk in chunks:
+        found = _ROUTERS.get(chunk)
+        if found is None:
+            found = [m for m in chunk.modules() if isinstance(m, CountedTopKRouter)]
+            _ROUTERS[chunk] = found
+        out.extend(found)
+    return out
+
+
 def set_training_progress(model, iteration: int, train_iters: int) -> None:
-    """Report training progress to every MoHGE/noisy router in ``model`` (module or list).
+    """Report training progress to every router in ``model`` (module or list of chunks).
 
     Loss schedules (e.g. the group loss switched on after ``group_start_fraction`` of
     training) read it. Call once per iteration from the training loop.
     """
     if train_iters <= 0:
         raise ValueError(f"train_iters must be positive, got {train_iters}")
-    modules: Iterable = model if isinstance(model, (list, tuple)) else [model]
-    for m in modules:
-        for sub in m.modules():
-            if isinstance(sub, GroupedExpertRouter):
-                sub.set_training_progress(iteration / train_iters)
+    for r in find_routers(model):
+        r.set_training_progress(iteration / train_iters)
 
 
 _WARNED: set = set()

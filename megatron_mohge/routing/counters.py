@@ -1,12 +1,16 @@
 """Routing counts a router keeps for metrics and for loss-free balancing (never checkpointed).
 
-One :class:`RoutingCounter` per router: our routers own one (``router.counter``), and
-:func:`megatron_mohge.metrics.attach_stock_counters` gives Megatron's stock ``TopKRouter``
-one too, so MoHGE and its stock baseline are measured by the same code.
+One :class:`RoutingCounter` per router (``router.counter``): every router of the package
+owns one, Megatron's stock ``TopKRouter`` included through
+:class:`megatron_mohge.routing.stock.CountedTopKRouter`, so MoHGE and its stock baseline are
+measured by the same code. :meth:`RoutingCounter.metrics` turns the window into the figures
+of one layer (:class:`LayerRouting`), given what the router's experts are
+(:class:`RoutedLayout`); the trainer, the bench and :mod:`megatron_mohge.metrics` read only
+that, never router internals.
 
 Three horizons:
 
-* the **window** (tokens per expert / group since the last :meth:`reset_window`): load CV,
+* the **window** (tokens per expert / group since the last :meth:`reset`): load CV,
   group share, activated params, rank FLOPs over a log interval or an evaluation;
 * the **micro-batch**: MaxVio ``max_e n_e / mean_e n_e - 1`` of every forward call on this
   rank, summed over the window (``maxvio_micro``);
@@ -23,9 +27,79 @@ Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+
+from megatron_mohge.config.errors import group_offsets
+
+
+@dataclass(frozen=True)
+class RoutedLayout:
+    """What a router's counts are weighed with (built by the router, see
+    ``CountedTopKRouter.routed_layout``): each expert's FFN width and parameters (biases
+    included) in canonical order, the routing groups, the allocation groups (widths and
+    expert counts), and the MoHGE allocation plan (None: Megatron's contiguous layout)."""
+
+    expert_widths: Sequence[int]
+    params_per_expert: Sequence[int]
+    group_sizes: Sequence[int]
+    alloc_widths: Sequence[int]
+    alloc_counts: Sequence[int]
+    plan: Optional[object] = None  # allocation.AllocationPlan of MoHGE experts
+
+    @property
+    def all_size(self) -> bool:
+        """Heterogeneous (MoHGE) experts: the all-size allocation applies."""
+        return self.plan is not None
+
+
+@dataclass
+class LayerRouting:
+    """Routing figures of one MoE layer over the counted tokens."""
+
+    layer_number: Optional[int]
+    tokens: float  # tokens routed (valid tokens, not token-expert pairs)
+    tokens_per_expert: list[float]  # canonical (group-major) order
+    group_token_share: list[float]  # f_g: share of group selections per group (sums to 1)
+    mean_chosen_width: float  # mean FFN width over all (token, expert) assignments
+    activated_routed_params_per_token: float  # sum over chosen experts of their weights
+    expert_load_cv: float  # std/mean of tokens per expert (population std)
+    expert_load_max_over_mean: float
+    # load CV inside each group (canonical group order; one entry for stock experts)
+    group_load_cv: list[float] = field(default_factory=list)
+    # MaxVio = max load / mean load - 1 (arXiv 2408.15664): mean over forward calls of one
+    # rank's micro-batch, and mean over optimizer steps of the global batch (training only)
+    maxvio_micro: Optional[float] = None
+    maxvio_batch: Optional[float] = None
+    rank_flops_max_over_mean: Optional[float] = None  # with EP > 1
+    # CV of Importance_e (Shazeer et al. 2017): routers that count importance (noisy) only
+    importance_cv: Optional[float] = None
+
+    def figures(self) -> dict:
+        """The figures as a dict; ``importance_cv`` only where the router measures it."""
+        out = asdict(self)
+        if out["importance_cv"] is None:
+            del out["importance_cv"]
+        return out
+
+
+def cv(load: torch.Tensor) -> float:
+    """Population std / mean of a load vector (0 when empty)."""
+    mean = load.double().mean()
+    return float(load.double().std(unbiased=False) / mean) if float(mean) > 0 else 0.0
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> Optional[float]:
+    return float(total / count) if float(count) > 0 else None
+
+
+def group_bounds(group_sizes) -> list[tuple[int, int]]:
+    """``[first, end)`` canonical expert ids of each group."""
+    starts = group_offsets(group_sizes)
+    return list(zip(starts, starts[1:] + [sum(group_sizes)]))
 
 
 def max_violation(load_E: torch.Tensor) -> torch.Tensor:
@@ -115,7 +189,8 @@ class RoutingCounter(torch.nn.Module):
         self.step_tokens_per_expert_E.zero_()
         self.step_forwards = 0
 
-    def reset_window(self) -> None:
+    def reset(self) -> None:
+        """Start a new window (the step counts are :meth:`reset_step`'s)."""
         for name in self._window:
             getattr(self, name).zero_()
 
@@ -138,3 +213,58 @@ class RoutingCounter(torch.nn.Module):
             out[name] = packed[i:i + n].reshape(getattr(self, name).shape)
             i += n
         return out
+
+    def metrics(self, layout: RoutedLayout, group=None,
+                layer_number: Optional[int] = None) -> LayerRouting:
+        """Figures of the window, its counts summed over ``group`` first (one all-reduce)."""
+        packed = self.window_vector()
+        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(packed, group=group)
+        win = self.unpack_window(packed)
+        n_e, n_g, tokens = win["tokens_per_expert_E"], win["tokens_per_group_G"], float(win["tokens_seen"])
+        G = n_g.numel()
+        w = torch.tensor(list(layout.expert_widths), dtype=torch.float64)
+        p = torch.tensor(list(layout.params_per_expert), dtype=torch.float64)
+        assigned = float(n_e.sum())
+        mean = n_e.mean()
+        share = (n_g / n_g.sum()).tolist() if float(n_g.sum()) > 0 else [0.0] * G
+        out = LayerRouting(
+            layer_number=layer_number,
+            tokens=tokens,
+            tokens_per_expert=n_e.tolist(),
+            group_token_share=share,
+            mean_chosen_width=float((n_e * w).sum() / assigned) if assigned else 0.0,
+            activated_routed_params_per_token=float((n_e * p).sum() / tokens) if tokens else 0.0,
+            expert_load_cv=cv(n_e),
+            expert_load_max_over_mean=float(n_e.max() / mean) if float(mean) > 0 else 0.0,
+            group_load_cv=[cv(n_e[a:b]) for a, b in group_bounds(layout.group_sizes)],
+            maxvio_micro=_ratio(win["maxvio_micro_sum"], win["maxvio_micro_n"]),
+            maxvio_batch=_ratio(win["maxvio_batch_sum"], win["maxvio_batch_n"]),
+        )
+        if "importance_E" in win:
+            out.importance_cv = cv(win["importance_E"])
+        if layout.plan is not None and layout.plan.ep_size > 1 and assigned:
+            flops = layout.plan.rank_flops(n_e.tolist())
+            out.rank_flops_max_over_mean = max(flops) / (sum(flops) / len(flops))
+        return out
+
+
+def rank_flops_layouts(layout: RoutedLayout, tokens_per_expert: list[float],
+                       ep_size: int) -> dict:
+    """Per-rank expert FLOPs at ``ep_size`` for the all-size allocation (MoHGE experts) and
+    Megatron's contiguous layout (rank r owns canonical experts ``[r*E/ep, (r+1)*E/ep)``),
+    each normalised to its mean, with max/mean."""
+    from megatron_mohge.allocation import plan_allocation
+
+    # report even layouts the config would refuse (imbalance above its threshold)
+    plan = plan_allocation(list(layout.alloc_widths), list(layout.alloc_counts), ep_size,
+                           allow_imbalance=True)
+    layouts = {"contiguous": plan.rank_flops(tokens_per_expert, canonical=False)}
+    if layout.all_size:
+        layouts["all_size"] = plan.rank_flops(tokens_per_expert)
+    out = {"ep": ep_size}
+    for name, flops in layouts.items():
+        mean = sum(flops) / len(flops)
+        out[name] = [f / mean if mean else 0.0 for f in flops]
+        out[f"{name}_max_over_mean"] = max(flops) / mean if mean else 0.0
+    return out

@@ -152,6 +152,10 @@ class MoHGERouter(GroupedExpertRouter):
         if self.global_counts is not None:
             self.global_counts.reset()
 
+    def extra_figures(self) -> dict:
+        """The loss-free balancing bias (canonical order), when enabled."""
+        return {} if self.balance_bias_E is None else {"balance_bias": self.balance_bias_E.tolist()}
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._keep_bias_fp32()  # load into fp32 storage, not the bf16 copy
         return super()._load_from_state_dict(*args, **kwargs)

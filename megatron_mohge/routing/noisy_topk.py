@@ -192,13 +192,6 @@ class NoisyTopKRouter(GroupedExpertRouter):
     # Importance_e over the counting window (reset with the other counts)
     importance_E = property(lambda self: self.counter.importance_E)
 
-    def balance_metrics(self) -> dict[str, float]:
-        """CV(importance), CV(load), max/mean load of the counts since the last reset (local)."""
-        load = self.tokens_per_expert_E.double()
-        return {"cv_importance": cv_squared(self.importance_E.double()).sqrt().item(),
-                "cv_load": cv_squared(load).sqrt().item(),
-                "max_mean_load": (load.max() / load.mean().clamp_min(1e-12)).item()}
-
     # ------------------------------------------------------------------ forward
     def _noisy(self, x_TD: torch.Tensor, clean: torch.Tensor, noise_weight, noisy: bool):
         """``(H, stddev)``, ``H = clean + N(0,1) * stddev`` while training, else ``(clean, None)``.

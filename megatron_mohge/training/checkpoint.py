@@ -12,7 +12,6 @@ checkpoint's ``run.yaml``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -22,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_mohge.compat import distopt
 from megatron_mohge.config import ConfigError
 from megatron_mohge.config.run import normalize_run_dict
-from megatron_mohge.training import mcore as M
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST_FILE = "manifest.json"  # {file name: size in bytes}, written last by a save
@@ -216,10 +214,6 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
          files: Optional[dict] = None) -> Path:
     """Save the sharded ``state`` as iteration ``iteration`` (collective). ``files``: extra
     ``{name: text}`` written into the checkpoint directory by rank 0 (e.g. the run config)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_mohge.compat.mcore import write_legacy_common
-
     final = root / f"iter_{iteration:07d}"
     tmp = root / f"iter_{iteration:07d}.tmp"
     if dist.get_rank() == 0:
@@ -227,8 +221,7 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
             shutil.rmtree(tmp)  # left over from an interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(state, str(tmp), M.save_strategy(fully_parallel))
-    write_legacy_common(tmp)  # loadable by megatron-core 0.16 and 0.19 (collective)
+    dist_save(state, tmp, fully_parallel=fully_parallel)
     if dist.get_rank() == 0:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
@@ -245,9 +238,60 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
 
 def load(template: dict, ckpt: Path, *, fully_parallel: bool = False) -> dict:
     """Load checkpoint directory ``ckpt`` into the structure of sharded ``template``."""
+    return dist_load(template, ckpt, fully_parallel=fully_parallel)
+
+
+# ------------------------------------------------------------------ dist-ckpt I/O (one place)
+def dist_save(state: dict, directory: Path, *, fully_parallel: bool = False) -> None:
+    """``dist_checkpointing.save`` of a sharded ``state`` into the (existing, empty)
+    ``directory``, plus the legacy common file both megatron-core lines read (collective)."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(template, str(ckpt), M.load_strategy(ckpt, fully_parallel))
+    from megatron_mohge.compat.mcore import write_legacy_common
+
+    dist_checkpointing.save(state, str(directory), save_strategy(fully_parallel))
+    write_legacy_common(directory)  # loadable by megatron-core 0.16 and 0.19 (collective)
+
+
+def dist_load(template: dict, directory: Path, *, fully_parallel: bool = False) -> dict:
+    """``dist_checkpointing.load`` into the structure of sharded ``template`` (any TP / EP /
+    PP layout: dist-ckpt reshards)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(template, str(directory),
+                                   load_strategy(directory, fully_parallel))
+
+
+def save_strategy(fully_parallel: bool):
+    """dist-ckpt save strategy: ``None`` (default) or the writes spread over the DP ranks
+    (``FullyParallelSaveStrategyWrapper``, Megatron-LM's default)."""
+    if not fully_parallel:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def load_strategy(directory: Path, fully_parallel: bool):
+    """dist-ckpt load strategy: ``None`` (default) or each shard read by one DP rank and
+    exchanged (``FullyParallelLoadStrategyWrapper``)."""
+    if not fully_parallel:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(directory)),
+        ps.get_data_parallel_group(with_context_parallel=True))
 
 
 #: ``optimizer.sharded_state_dict`` metadata of every save and load. No ``chained_<i>.`` key
@@ -265,33 +309,10 @@ OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *,
                                  is_loading: bool) -> dict:
     """The optimizer's part of a checkpoint (states keyed by the model's sharded tensors)."""
-    if is_loading:
-        _init_empty_distopt_states(optimizer)
+    if is_loading:  # torch Adam (no Apex / TE): states to load into (compat.distopt)
+        distopt.init_states_for_load(optimizer)
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                         metadata=dict(OPTIMIZER_METADATA))
-
-
-def _init_empty_distopt_states(optimizer) -> None:
-    """Without Apex or TE (CPU, torch-only GPU installs) Megatron's distributed optimizer
-    reads Adam's step from the inner torch optimizer's per-parameter states, which are empty
-    before the first step: ``DistributedOptimizer.state_dict()`` then fails an assertion and a
-    fresh run cannot build the template it resumes into. One inner step on zero gradients
-    creates the states (as megatron-core 0.19's ``_init_optimizer_states_with_dummy_values``);
-    the load overwrites them and the parameters."""
-    import torch
-
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for sub in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(sub, DistributedOptimizer) or inner is None or len(inner.state):
-            continue
-        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        inner.step()
-        for p in params:
-            p.grad = None
 
 
 def restore_optimizer(optimizer, loaded: dict) -> None:
@@ -299,37 +320,17 @@ def restore_optimizer(optimizer, loaded: dict) -> None:
     fitted = fit_optimizer_state(loaded, optimizer)
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     parts = [fitted[i] for i in range(len(chained))] if len(chained) > 1 else [fitted]
-    # Distributed-optimizer param states: loaded after the rest, see _adam_steps_hidden.
+    # Distributed-optimizer param states: loaded after the rest, torch Adam's steps hidden
     deferred = [(sub, part.pop("param_state")) for sub, part in zip(chained, parts)
                 if part.pop("param_state_sharding_type", None) == "fully_reshardable"]
     optimizer.load_state_dict(fitted)
     for sub, param_state in deferred:
-        with _adam_steps_hidden(sub.optimizer):
+        with distopt.adam_steps_hidden(sub.optimizer):
             sub.load_parameter_state_from_fully_reshardable(param_state)
-    # Without Apex or TE the distributed optimizer gives every parameter's torch Adam state
-    # the *same* step tensor, which each step then increments once per parameter (wrong bias
-    # correction from the first step after the resume): one step tensor per parameter.
-    for sub in chained:
-        for st in getattr(sub, "optimizer", sub).state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+    distopt.own_step_tensors(optimizer)  # torch Adam: one step tensor per parameter
     # The optimizer's fp32 main params (fp16/bf16 runs) follow the loaded model weights.
     if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()
-
-
-@contextlib.contextmanager
-def _adam_steps_hidden(inner):
-    """torch's Adam (Megatron's optimizer without Apex or TE) keeps a ``step`` tensor per
-    parameter; megatron-core's ``load_parameter_state_from_fully_reshardable`` copies every
-    tensor state of a parameter from the checkpoint, which never holds ``step`` (it travels in
-    the param groups and is set by ``load_state_dict``): KeyError. Hide the steps meanwhile."""
-    steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
-    try:
-        yield
-    finally:
-        for p, step in steps.items():
-            inner.state[p]["step"] = step
 
 
 def fit_optimizer_state(loaded, optimizer):

@@ -2,8 +2,8 @@
 
 The pattern of Megatron's ``run_simple_mcore_train_loop.py``, done with Megatron's own
 pieces: process groups, ``GPTModel``, ``Float16Module`` + ``DistributedDataParallel`` with
-``finalize_model_grads``, ``get_megatron_optimizer``, the pipeline schedules and
-``dist_checkpointing``. CPU (gloo + :func:`megatron_mohge.compat.enable_cpu_mode`) or
+``finalize_model_grads``, ``get_megatron_optimizer`` and the pipeline schedules
+(checkpoints: :mod:`megatron_mohge.training.checkpoint`). CPU (gloo + :func:`megatron_mohge.compat.enable_cpu_mode`) or
 GPUs (NCCL). Batches are dicts with ``tokens``, ``labels``, ``position_ids`` ``[b, s]``
 and ``loss_mask``. Used by the examples and the tests.
 """
@@ -15,7 +15,6 @@ import os
 import socket
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -286,63 +285,6 @@ def eval_loss(model: ModelArg, batches: List[dict]) -> float:
     finally:
         for c, mode in zip(chunks, modes):
             c.train(mode)
-
-
-def save_strategy(fully_parallel: bool):
-    """dist-ckpt save strategy: ``None`` (default) or the writes spread over the DP ranks
-    (``FullyParallelSaveStrategyWrapper``, Megatron-LM's default)."""
-    if not fully_parallel:
-        return None
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper,
-    )
-
-    return FullyParallelSaveStrategyWrapper(
-        get_default_save_sharded_strategy(),
-        ps.get_data_parallel_group(with_context_parallel=True))
-
-
-def load_strategy(directory: Union[str, Path], fully_parallel: bool):
-    """dist-ckpt load strategy: ``None`` (default) or each shard read by one DP rank and
-    exchanged (``FullyParallelLoadStrategyWrapper``)."""
-    if not fully_parallel:
-        return None
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelLoadStrategyWrapper,
-    )
-
-    return FullyParallelLoadStrategyWrapper(
-        get_default_load_sharded_strategy(str(directory)),
-        ps.get_data_parallel_group(with_context_parallel=True))
-
-
-def save_checkpoint(model: ModelArg, directory: Union[str, Path], *,
-                    fully_parallel: bool = False) -> None:
-    """``megatron.core.dist_checkpointing.save`` of the model's ``sharded_state_dict()``
-    (collective: every rank calls it; ``directory`` is created, it must be empty)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_mohge.compat.mcore import write_legacy_common
-
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded_state_dict(model), str(directory),
-                            save_strategy(fully_parallel))
-    write_legacy_common(directory)  # loadable by megatron-core 0.16 and 0.19
-
-
-def load_checkpoint(model: ModelArg, directory: Union[str, Path], *,
-                    fully_parallel: bool = False) -> None:
-    """Load a checkpoint saved by :func:`save_checkpoint` into ``model`` in place, from any
-    layout (dist-ckpt reshards TP / EP / PP)."""
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load(sharded_state_dict(model), str(directory),
-                                    load_strategy(directory, fully_parallel))
-    load_model_state(model, state)
 
 
 def load_model_state(model: ModelArg, state: dict) -> None:

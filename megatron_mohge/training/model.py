@@ -60,11 +60,10 @@ def transformer_config(run: RunConfig):
 
 def decoder_spec(run: RunConfig, tc):
     """This PP stage's ``TransformerBlockSubmodules`` for ``run.moe.kind``."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     from megatron_mohge.specs import (
         get_mohge_decoder_block_spec,
         get_noisy_topk_decoder_block_spec,
+        get_stock_decoder_block_spec,
         resolve_use_te,
     )
 
@@ -73,9 +72,9 @@ def decoder_spec(run: RunConfig, tc):
         return get_mohge_decoder_block_spec(tc, run.moe.mohge, use_te=use_te)
     if run.moe.kind == "stock" and run.moe.router == "noisy_topk":
         return get_noisy_topk_decoder_block_spec(tc, use_te, gating=run.moe.noisy_gating)
-    # Stock MoE and dense: Megatron's own block spec (dense layers where num_moe_experts is None).
-    return get_gpt_decoder_block_spec(tc, use_transformer_engine=use_te,
-                                      normalization=tc.normalization)
+    # Stock MoE and dense: Megatron's own block spec (dense layers where num_moe_experts is
+    # None), its routers counting (CountedTopKRouter: same parameters and routing)
+    return get_stock_decoder_block_spec(tc, use_te)
 
 
 def build_gpt_model(run: RunConfig, vocab_size: int, tc=None):

@@ -11,8 +11,9 @@ crash never leaves a half-written "latest" checkpoint. Every step reseeds the RN
 ``(seed, iteration)`` and the data order is a function of the iteration, so a resumed run
 reproduces the uninterrupted one bit for bit (also on another EP size, up to reduction
 order). Run safety (one writer per folder, numerical health, damaged or mismatched
-checkpoints, stalled ranks, orphaned writer processes): ``lock``, ``health``, ``checkpoint``
-and ``procs`` next to this module.
+checkpoints, stalled ranks, orphaned writer processes): ``lock``, ``health``, ``checkpoint``,
+``resume`` and ``procs`` next to this module; the reported figures: ``figures``; the text
+and TensorBoard log: ``run_log``.
 
 Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 """
@@ -20,8 +21,6 @@ Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
 from __future__ import annotations
 
 import math
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,35 +31,19 @@ import torch.distributed as dist
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.metrics import (
-    attach_stock_counters,
     reset_routing_counts,
     restore_routing_counts,
-    routers,
     snapshot_routing_counts,
 )
 from megatron_mohge.run_config import RunConfig
 from megatron_mohge.training import checkpoint as ckpt_lib
+from megatron_mohge.training import figures
 from megatron_mohge.training import health as health_lib
-from megatron_mohge.training import procs
 from megatron_mohge.training import mcore as M
 from megatron_mohge.training import model as model_lib
-from megatron_mohge.util.numbers import mean_by_ep, mean_present, standard_error
-
-
-def tensorboard_writer(log_dir: Path, run_name: str):
-    """A TensorBoard ``SummaryWriter``, or None with a one-line warning when the optional
-    ``tensorboard`` package (the ``[train]`` extra) is missing: event files are a nicety,
-    the run itself (logs, summary.json, checkpoints) does not need them."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        # print, not warnings.warn: mohge-bench runs the ranks with PYTHONWARNINGS=ignore.
-        print(f"[{run_name}] warning: logging.tensorboard is on but the tensorboard package "
-              f"is not installed, so no event files are written; pip install "
-              f"'megatron-mohge[train]' or set logging.tensorboard=false", file=sys.stderr,
-              flush=True)
-        return None
-    return SummaryWriter(str(log_dir))
+from megatron_mohge.training import procs
+from megatron_mohge.training import resume as resume_lib
+from megatron_mohge.training import run_log
 
 
 @dataclass
@@ -87,7 +70,7 @@ class Trainer:
         self.run, self.log = run, log
         world = M.init_distributed(timeout_s=run.parallel.collective_timeout_s)
         self.rank = M.rank()
-        self._take_locks()
+        self.locks = resume_lib.take_locks(run, self.rank, log)
         self.dp = run.check_world_size(world)
         p = run.parallel
         M.init_layout(p.tensor_parallel, p.expert_parallel, p.pipeline_parallel,
@@ -98,43 +81,15 @@ class Trainer:
         self._setup_health()
         self.model, self.tc = model_lib.build_model(run, self.vocab_size)
         self.optimizer, self.scheduler = model_lib.build_optimizer_and_scheduler(run, self.model)
-        attach_stock_counters(M.model_chunks(self.model))
         self.counts = model_lib.measured_param_counts(self.model)
         self.state = TrainState()
         self.writer = None
         if run.logging.tensorboard and self.rank == 0:
-            self.writer = tensorboard_writer(run.out_dir / "tensorboard", run.name)
+            self.writer = run_log.tensorboard_writer(run.out_dir / "tensorboard", run.name)
 
     # ------------------------------------------------------------------ run safety
-    def _take_locks(self) -> None:
-        """Rank 0 locks the output folder (and the checkpoint folder when it lies outside):
-        a second run into them stops here, on every rank, before writing anything."""
-        from megatron_mohge.training.lock import FolderLock
-
-        self.locks, error = [], None
-        if self.rank == 0:
-            folders = [self.run.out_dir]
-            save = self.run.save_dir
-            if self.run.checkpoint.enabled and not _inside(save, self.run.out_dir):
-                folders.append(save)
-            try:
-                for folder in folders:
-                    lock = FolderLock(folder, "mohge-train").acquire()
-                    self.locks.append(lock)
-                    if lock.stale:
-                        self.log(f"note: {lock.stale}")
-            except ConfigError as exc:
-                error = str(exc)
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            self.release_locks()
-            raise ConfigError(box[0])
-
     def release_locks(self) -> None:
-        for lock in getattr(self, "locks", []):
-            lock.release()
-        self.locks = []
+        resume_lib.release_locks(getattr(self, "locks", []))
 
     def _setup_health(self) -> None:
         t, h = self.run.train, self.run.health
@@ -156,57 +111,6 @@ class Trainer:
     def describe_timeout(self, exc: BaseException) -> str:
         return procs.timeout_message(exc, self.heartbeat, self.rank, getattr(self, "phase", "?"),
                                      self.run.parallel.collective_timeout_s)
-
-    def _resolve_checkpoint(self, root: Path) -> Optional[Path]:
-        """Rank 0 picks the checkpoint (it may rename a damaged one) and every rank gets the
-        same answer, or the same error; a changed model is refused before loading."""
-        result = [None, None]
-        if self.rank == 0:
-            try:
-                resume = ckpt_lib.resolve(root, fallback=self.run.checkpoint.fallback)
-                if resume.ckpt is not None:
-                    ckpt_lib.check_compatible(resume.ckpt, self.run.to_dict())
-                if resume.note:
-                    self.log(f"note: {resume.note}")
-                result = [str(resume.ckpt) if resume.ckpt else None, None]
-            except ConfigError as exc:
-                result = [None, str(exc)]
-        dist.broadcast_object_list(result, src=0)
-        if result[1] is not None:
-            raise ConfigError(result[1])
-        return Path(result[0]) if result[0] else None
-
-    def _check_save_dir_free(self, load_dir: Path) -> None:
-        """Resuming from ``checkpoint.load`` must not write over another run's checkpoints
-        in ``checkpoint.save`` (a re-run of the same command should resume from there)."""
-        save = self.run.save_dir
-        if not self.run.checkpoint.enabled or load_dir.resolve() == save.resolve():
-            return
-        existing = ckpt_lib.iteration_dirs(save)
-        if existing:
-            raise ConfigError(
-                f"checkpoint.save: {save} already holds checkpoints ({existing[-1].name}); "
-                f"starting from checkpoint.load={load_dir} would write over them. To continue "
-                "the run saved there, drop checkpoint.load (it resumes from checkpoint.save); "
-                "to start another run, set checkpoint.save or output_dir elsewhere.")
-
-    def _load_checked(self, ckpt: Path) -> dict:
-        """``ckpt_lib.load`` with a one-paragraph error instead of dist-ckpt's traceback (the
-        failure is shared so that no rank trains on while another one stopped)."""
-        state, error = None, None
-        try:
-            state = ckpt_lib.load(self._checkpoint_state(True), ckpt,
-                                  fully_parallel=self.run.checkpoint.fully_parallel)
-        except Exception as exc:  # noqa: BLE001 - any reader error: named, not a traceback
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
-            error = (f"checkpoint.load: reading {ckpt} failed on rank {self.rank}: "
-                     f"{type(exc).__name__}: {first}. The checkpoint is damaged or was saved by "
-                     f"an incompatible model; to resume from the previous complete checkpoint, "
-                     f"rename it {ckpt.name}.damaged and add checkpoint.fallback=true.")
-        errors = [e for e in M.all_gather_object(error) if e]
-        if errors:
-            raise ConfigError(errors[0])
-        return state
 
     # ------------------------------------------------------------------ data
     def _setup_data(self) -> None:
@@ -283,53 +187,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
     def routing(self) -> list[dict]:
-        """Per-MoE-layer routing figures since the last reset, summed over all ranks of the
-        stage (DP x TP: with sequence parallelism each TP rank routes its own tokens)."""
-        from megatron.core import parallel_state as ps
-
-        from megatron_mohge.metrics import layer_routing, rank_flops_layouts
-
-        group = ps.get_tensor_and_data_parallel_group()
-        local = []
-        for r in routers(M.model_chunks(self.model)):
-            layer = layer_routing(r, group=group)
-            d = layer.__dict__.copy()
-            ep = self.run.parallel.expert_parallel
-            if hasattr(r, "importance_E"):  # noisy top-k router: CV(importance), 2017 paper
-                imp = r.importance_E.double().clone()
-                dist.all_reduce(imp, group=group)
-                d["importance_cv"] = float(imp.std(unbiased=False) / imp.mean().clamp_min(1e-12))
-            if getattr(r, "balance_bias_E", None) is not None:  # loss-free balancing state
-                d["balance_bias"] = r.balance_bias_E.tolist()
-            d["rank_flops"] = {str(e): rank_flops_layouts(r, layer.tokens_per_expert, e)
-                               for e in sorted({2, 4, 8, ep}) if e > 1
-                               and len(layer.tokens_per_expert) % e == 0}
-            local.append(d)
-        merged = {}
-        for layers in M.all_gather_object(local):
-            for d in layers:
-                merged.setdefault(d["layer_number"], d)
-        return [merged[k] for k in sorted(merged, key=lambda x: (x is None, x))]
+        """Per-MoE-layer routing figures since the last reset (:func:`figures.routing`)."""
+        return figures.routing(M.model_chunks(self.model), self.run.parallel.expert_parallel)
 
     def aux_losses(self, steps: int) -> dict:
-        """Mean per MoE layer and micro-batch of each tracked aux loss since the last call
-        (Megatron's tracker, reduced over PP / DP as Megatron-LM's training log does)."""
-        from megatron.core import parallel_state
-
-        from megatron_mohge.compat.mcore import clear_metrics, metric_entries, reduce_metrics
-
-        entries = metric_entries()
-        if not entries:
-            return {}
-        names = sorted(entries)  # same order on every rank (collectives inside)
-        reduce_metrics(names, parallel_state.get_pipeline_model_parallel_group(),
-                       parallel_state.get_data_parallel_group(with_context_parallel=False))
-        n_mb = self.run.train.global_batch_size // (self.run.train.micro_batch_size * self.dp)
-        n_moe = max(1, sum(self.run.moe_layer_pattern))
-        out = {name: float(entries[name].values.sum()) / (n_moe * n_mb * max(steps, 1))
-               for name in names}
-        clear_metrics()
-        return out
+        """Mean per MoE layer and micro-batch of each aux loss since the last call."""
+        t = self.run.train
+        return figures.aux_losses(steps, t.global_batch_size // (t.micro_batch_size * self.dp),
+                                  max(1, sum(self.run.moe_layer_pattern)))
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, is_loading: bool) -> dict:
@@ -355,10 +220,11 @@ class Trainer:
 
     def load(self, root: Path) -> bool:
         """Resume from ``root``'s latest complete checkpoint; False if there is none."""
-        ckpt = self._resolve_checkpoint(root)
+        ckpt = resume_lib.resolve_checkpoint(self.run, self.rank, root, self.log)
         if ckpt is None:
             return False
-        state = self._load_checked(ckpt)
+        state = resume_lib.load_checked(lambda: self._checkpoint_state(True), ckpt, self.rank,
+                                        fully_parallel=self.run.checkpoint.fully_parallel)
         self._resumed_from = ckpt
         M.load_model_state(self.model, state["model"])
         ckpt_lib.restore_optimizer(self.optimizer, state["optimizer"])
@@ -377,7 +243,7 @@ class Trainer:
             raise ConfigError(f"checkpoint.load: no checkpoint in {load_dir} (missing "
                               f"{ckpt_lib.TRACKER_FILE}); point it at a save directory or set "
                               "it to null")
-        self._check_save_dir_free(load_dir)
+        resume_lib.check_save_dir_free(run, load_dir)
         resumed = self.load(load_dir)
         start = self.state.iteration
         if resumed and self.rank == 0:
@@ -427,43 +293,18 @@ class Trainer:
         aux = self.aux_losses(steps)
         layers = self.routing()
         reset_routing_counts(M.model_chunks(self.model))
-        share = _mean_share(layers)
+        share = figures.mean_share(layers)
         width = (sum(l["mean_chosen_width"] for l in layers) / len(layers)) if layers else None
         rec = dict(iteration=it, loss=loss_sum / steps, lr=last["lr"], grad_norm=last["grad_norm"],
                    tokens_per_s=steps * tokens_per_step / seconds, aux=aux, group_share=share,
-                   mean_chosen_width=width, **balance_figures(layers))
+                   mean_chosen_width=width, **figures.balance_figures(layers))
         # rank 0's record on every rank: checkpoints require identical common state
         box = [rec]
         dist.broadcast_object_list(box, src=0)
         rec = box[0]
         self.state.history.append(rec)
-        if self.rank != 0:
-            return
-        aux_txt = " ".join(f"{k} {v:.4g}" for k, v in aux.items())
-        if rec.get("maxvio_batch") is not None:
-            aux_txt += f" | maxvio {rec['maxvio_batch']:.2f}"
-            flops = rec.get("rank_flops_by_ep", {}).get("2")
-            if flops:
-                aux_txt += (" | ep2 rank flops max/mean "
-                            f"{flops.get('all_size_max_over_mean', flops['contiguous_max_over_mean']):.2f}")
-        share_txt = ("share [" + " ".join(f"{s:.2f}" for s in share) + "]") if share and len(share) > 1 else ""
-        width_txt = f"width {width:.1f}" if width is not None else ""
-        self.log(f"[{self.run.name}] it {it:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                 f"{rec['tokens_per_s']:,.0f} tok/s | {aux_txt} {share_txt} {width_txt}".rstrip())
-        if self.writer is not None:
-            w = self.writer
-            w.add_scalar("train/loss", rec["loss"], it)
-            w.add_scalar("train/lr", rec["lr"], it)
-            w.add_scalar("train/tokens_per_s", rec["tokens_per_s"], it)
-            if rec["grad_norm"] is not None:
-                w.add_scalar("train/grad_norm", rec["grad_norm"], it)
-            for k, v in aux.items():
-                w.add_scalar(f"aux/{k}", v, it)
-            for g, s in enumerate(share or []):
-                w.add_scalar(f"routing/group_share/g{g}", s, it)
-            if width is not None:
-                w.add_scalar("routing/mean_chosen_width", width, it)
-            w.flush()
+        if self.rank == 0:
+            run_log.log_interval(rec, share, width, self.run.name, self.log, self.writer)
 
     def _log_eval(self, loss: float) -> None:
         if not math.isfinite(loss):  # before it is logged, saved or published
@@ -472,42 +313,13 @@ class Trainer:
                 f"stopped before saving. {self.health.hint}", self.state.iteration)
         self.state.evals.append(dict(iteration=self.state.iteration, loss=loss))
         if self.rank == 0:
-            self.log(f"[{self.run.name}] it {self.state.iteration:5d} | held-out loss {loss:.4f} "
-                     f"| ppl {math.exp(min(loss, 50)):.3f}")
-            if self.writer is not None:
-                self.writer.add_scalar("eval/loss", loss, self.state.iteration)
-                self.writer.flush()
+            run_log.log_eval(loss, self.state.iteration, self.run.name, self.log, self.writer)
 
     def _summary(self, final: EvalResult, tokens_per_s: Optional[float]) -> dict:
         """Figures of the finished run (routing measured over the final evaluation)."""
-        # routing over the held-out batches of the final evaluation (eval mode)
-        restore_routing_counts(final.routing_counts)
-        final_eval, batch_losses = final.loss, final.batch_losses
-        layers = self.routing()
-        per_token_routed = sum(l["activated_routed_params_per_token"] for l in layers)
-        dense = self.counts["total_params"] - self.counts["routed_expert_params"]
-        peak = _peak_mem_bytes()
-        summary = dict(
-            name=self.run.name, kind=self.run.moe.result_kind, iterations=self.state.iteration,
-            layout=M.layout(), **self.counts,
-            activated_routed_params_per_token=per_token_routed,
-            activated_params_per_token=dense + per_token_routed,
-            heldout_loss=final_eval, heldout_ppl=math.exp(min(final_eval, 50)),
-            # evaluation noise: the standard error of the loss across the held-out global
-            # batches (global_batch_size x seq_length tokens each), and the batch losses
-            heldout_loss_se=standard_error(batch_losses),
-            heldout_batch_losses=list(batch_losses),
-            heldout_tokens=len(batch_losses) * self.run.train.global_batch_size
-            * self.run.model.seq_length,
-            train_tokens_per_s=tokens_per_s, peak_mem_bytes=peak,
-            group_token_share=_mean_share(layers) or [],
-            **balance_figures(layers),
-            # the same figures measured on the training batches of the last quarter of training
-            # (the GPU work of training; the held-out routing above has no optimizer steps)
-            **{f"train_{k}": v for k, v in train_balance(self.state.history,
-                                                         self.run.train.iters).items()},
-            layers=layers, history=self.state.history, evals=self.state.evals,
-        )
+        restore_routing_counts(final.routing_counts)  # held-out batches, eval mode
+        summary = figures.run_summary(self.run, self.state, self.counts, self.routing(),
+                                      final.loss, final.batch_losses, tokens_per_s)
         if self.rank == 0:
             out = self.run.out_dir
             out.mkdir(parents=True, exist_ok=True)
@@ -521,54 +333,3 @@ class Trainer:
             self.heartbeat.stop()
         M.destroy_layout()
         self.release_locks()
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def balance_figures(layers: list[dict]) -> dict:
-    """Balance figures of a set of MoE layers, each the mean over layers: expert load CV and
-    max/mean, MaxVio (micro-batch and global batch), load CV inside groups, and per-EP-size
-    rank FLOPs max/mean of each layout
-    (``rank_flops_by_ep = {"2": {"all_size_max_over_mean": .., "contiguous_max_over_mean": ..}}``)."""
-    mean = mean_present
-    out = dict(expert_load_cv=mean(l["expert_load_cv"] for l in layers),
-               expert_load_max_over_mean=mean(l["expert_load_max_over_mean"] for l in layers),
-               maxvio_micro=mean(l.get("maxvio_micro") for l in layers),
-               maxvio_batch=mean(l.get("maxvio_batch") for l in layers),
-               group_load_cv=mean(mean(l.get("group_load_cv") or []) for l in layers))
-    out["rank_flops_by_ep"] = mean_by_ep(l.get("rank_flops") for l in layers)
-    return out
-
-
-def train_balance(history: list[dict], iters: int) -> dict:
-    """Balance figures of the log windows in the last quarter of training, averaged."""
-    recs = [h for h in history if h["iteration"] > 0.75 * iters] or history[-1:]
-    out = {k: mean_present(h.get(k) for h in recs)
-           for k in ("expert_load_cv", "maxvio_micro", "maxvio_batch", "group_load_cv")}
-    out["rank_flops_by_ep"] = mean_by_ep(h.get("rank_flops_by_ep") for h in recs)
-    return out
-
-
-
-def _mean_share(layers: list[dict]) -> Optional[list[float]]:
-    if not layers:
-        return None
-    G = len(layers[0]["group_token_share"])
-    return [sum(l["group_token_share"][g] for l in layers) / len(layers) for g in range(G)]
-
-
-def _peak_mem_bytes() -> int:
-    """Peak memory, max over ranks: CUDA max allocated on GPUs, else the process peak RSS."""
-    if M.use_cuda():
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    t = torch.tensor([float(peak)], dtype=torch.float64, device=M.device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())

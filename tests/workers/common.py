@@ -59,9 +59,7 @@ from megatron_mohge.training.mcore import (  # noqa: F401  (re-exported for the 
     init_distributed,
     init_layout,
     layout,
-    load_checkpoint,
     rank,
-    save_checkpoint,
     sharded_state_dict,
     unwrap,
     use_cuda,
@@ -176,6 +174,25 @@ def tiny_gpt_config(**overrides):
             fields.update(params_dtype=dtype, pipeline_dtype=dtype)
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def save_checkpoint(model: ModelArg, directory: Union[str, Path], *,
+                    fully_parallel: bool = False) -> None:
+    """The model's sharded state into ``directory`` (created; collective), written as the
+    trainer writes checkpoints (:func:`megatron_mohge.training.checkpoint.dist_save`)."""
+    from megatron_mohge.training.checkpoint import dist_save
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    dist_save(sharded_state_dict(model), Path(directory), fully_parallel=fully_parallel)
+
+
+def load_checkpoint(model: ModelArg, directory: Union[str, Path], *,
+                    fully_parallel: bool = False) -> None:
+    """Load a :func:`save_checkpoint` directory into ``model`` in place, from any layout."""
+    from megatron_mohge.training.checkpoint import dist_load
+
+    state = dist_load(sharded_state_dict(model), Path(directory), fully_parallel=fully_parallel)
+    _mcore.load_model_state(model, state)
 
 
 def build_gpt(config, spec=None, *, vocab_size: int = VOCAB_SIZE, seq_length: int = SEQ_LENGTH,

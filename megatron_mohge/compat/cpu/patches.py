@@ -67,10 +67,10 @@ PATCHES: Tuple[CpuModePatch, ...] = (
     _P("distopt-state-gather", "DistributedOptimizer.get_parameter_state_dp_zero",
        "stages the optimizer-state shards with .cuda() to gather them",
        training.distopt_state_gather),
-    _P("distopt-load", "DistributedOptimizer.sharded_state_dict / "
-       "load_parameter_state_from_dp_reshardable",
-       "loading a checkpoint: assert on torch Adam's missing step; in-place copy into fp32 "
-       "parameter views", training.distopt_load),
+    _P("distopt-load", "DistributedOptimizer.sharded_state_dict / load_state_dict / "
+       "load_parameter_state_from_{dp,fully}_reshardable",
+       "loading a checkpoint: torch Adam's missing / shared step (compat.distopt); in-place "
+       "copy into fp32 parameter views", training.distopt_load),
 )
 
 #: ``enable_cpu_mode(megatron_training=True)``: Megatron's own loop (``megatron.training``,

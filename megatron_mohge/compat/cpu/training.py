@@ -104,45 +104,44 @@ def distopt_state_gather() -> None:
              "get_parameter_state_dp_zero", tensor_cuda_is_identity)
 
 def distopt_load() -> None:
-    """Loading a ``DistributedOptimizer`` checkpoint into a fresh optimizer fails twice on
-    CPU. (1) Without Apex / TE it wraps ``torch.optim.Adam``, whose state appears at its first
-    step, and ``state_dict()`` asserts exactly one ``step`` among the (empty) states -> on load
-    a fresh optimizer first gets its states from Megatron's own
-    ``_init_optimizer_states_with_dummy_values`` (a zero-gradient step; every value is then
-    overwritten by the checkpoint), as its ``fsdp_dtensor`` load path already does. (2) fp32
-    parameters' main shards are views of the parameters, and
-    ``load_parameter_state_from_dp_reshardable`` copies into them with autograd on ("a view of
-    a leaf Variable that requires grad") -> it runs under ``torch.no_grad()``, as its sibling
-    loaders do. (3) ``load_state_dict`` then gives every torch Adam state the *same* ``step``
-    tensor, which Adam increments in place once per parameter, and the dp-reshardable state
-    load overwrites it with the step of (1)'s template, so after a resume the bias correction
-    is wrong (losses leave the uninterrupted run's from the second step on) -> each state gets
-    its own tensor of the saved step (the param group's ``step``, what Megatron saves). (2) is not CPU-specific (fp32 + distributed optimizer on
-    GPUs too); CPU runs are fp32."""
+    """Loading a ``DistributedOptimizer`` checkpoint into a fresh optimizer (``mohge-pretrain``:
+    Megatron-LM's checkpointing) -> the torch-Adam fixes of :mod:`megatron_mohge.compat.distopt`
+    around Megatron's methods: states created before ``sharded_state_dict(is_loading=True)``
+    builds the template, one ``step`` tensor per parameter after ``load_state_dict``, steps
+    hidden during ``load_parameter_state_from_fully_reshardable``. Also, fp32 parameters' main
+    shards are views of the parameters, and ``load_parameter_state_from_dp_reshardable``
+    copies into them with autograd on ("a view of a leaf Variable that requires grad") -> it
+    runs under ``torch.no_grad()``, as its sibling loaders do (not CPU-specific: fp32 +
+    distributed optimizer on GPUs too; CPU runs are fp32)."""
+    from megatron_mohge.compat import distopt
+
     cls = module("optimizer.distrib_optimizer").DistributedOptimizer
     original = cls.sharded_state_dict
 
     @functools.wraps(original)
     def sharded_state_dict(self, *args, **kwargs):
-        is_loading = kwargs.get("is_loading", args[1] if len(args) > 1 else False)
-        if is_loading and not self.optimizer.state:
-            self._init_optimizer_states_with_dummy_values()
+        if kwargs.get("is_loading", args[1] if len(args) > 1 else False):
+            distopt.init_states_for_load(self)
         return original(self, *args, **kwargs)
 
     sharded_state_dict.__mohge_original__ = original
     cls.sharded_state_dict = sharded_state_dict
     _wrap_in(cls, "load_parameter_state_from_dp_reshardable", torch.no_grad)
+    original_reshardable = cls.load_parameter_state_from_fully_reshardable
+
+    @functools.wraps(original_reshardable)
+    def load_parameter_state_from_fully_reshardable(self, *args, **kwargs):
+        with distopt.adam_steps_hidden(self.optimizer):
+            return original_reshardable(self, *args, **kwargs)
+
+    load_parameter_state_from_fully_reshardable.__mohge_original__ = original_reshardable
+    cls.load_parameter_state_from_fully_reshardable = load_parameter_state_from_fully_reshardable
     original_load = cls.load_state_dict
 
     @functools.wraps(original_load)
     def load_state_dict(self, state_dict):
         out = original_load(self, state_dict)
-        for group in self.optimizer.param_groups:  # torch Adam: the group holds the saved step
-            if "step" in group:
-                for p in group["params"]:
-                    state = self.optimizer.state.get(p)
-                    if state is not None and "step" in state:
-                        state["step"] = torch.tensor(float(group["step"]))
+        distopt.own_step_tensors(self)
         return out
 
     load_state_dict.__mohge_original__ = original_load

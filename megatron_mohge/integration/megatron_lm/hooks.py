@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import inspect
-import weakref
 
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
@@ -25,15 +24,13 @@ from megatron_mohge.integration.megatron_lm.flops import mohge_flops_correction
 MEGATRON_LB_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss",
                           "global_load_balancing_loss")
 
-_ROUTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def update_training_progress(model, args) -> None:
-    """Tell the MoHGE / noisy routers of ``model`` how far training is (loss schedules).
+    """Tell the routers of ``model`` how far training is (loss schedules):
+    :func:`megatron_mohge.routing.base.set_training_progress` at ``args``' iteration.
 
     Megatron-LM's loop never does; the group-wise loss stays off until
     ``losses.group_start_fraction`` of ``args.train_iters`` otherwise never arrives. Cheap:
-    the router list of each model chunk is found once.
+    the router list of each model chunk is found once (``find_routers``).
     """
     if not getattr(args, "mohge_config", None):
         return
@@ -43,14 +40,9 @@ def update_training_progress(model, args) -> None:
     iteration = getattr(args, "curr_iteration", None)
     if iteration is None:
         iteration = getattr(args, "iteration", 0) or 0
-    routers = _ROUTERS.get(model)
-    if routers is None:
-        from megatron_mohge.routing.base import GroupedExpertRouter
+    from megatron_mohge.routing.base import set_training_progress
 
-        routers = [m for m in model.modules() if isinstance(m, GroupedExpertRouter)]
-        _ROUTERS[model] = routers
-    for r in routers:
-        r.set_training_progress(iteration / train_iters)
+    set_training_progress(model, iteration, train_iters)
 
 
 def mohge_aux_loss_names(cfg: MoHGEConfig) -> list[str]:
