@@ -71,6 +71,35 @@ def iteration_log(out: str) -> dict[int, dict[str, str]]:
 
 
 @needs_training
+def test_dataset_and_megatron_flags_agree_on_the_attention_mask(tmp_path, monkeypatch):
+    """Regression (TP2+SP hung before its first iteration): ``get_batch_on_this_tp_rank``
+    broadcasts an attention mask from TP rank 0 exactly when Megatron's parsed
+    ``create_attention_mask_in_dataloader`` says so; the samples our dataset provider yields
+    must agree, or the other TP ranks wait for a broadcast that never comes."""
+    from megatron.training.arguments import parse_args
+
+    from megatron_mohge.data import prepare_data
+    from megatron_mohge.integration.megatron_lm.args import add_mohge_args
+    from megatron_mohge.integration.megatron_training import pretrain_argv
+    from megatron_mohge.integration.megatron_training.steps import dataset_provider
+    from megatron_mohge.run_config import RunConfig
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(10):
+        (docs / f"d{i}.txt").write_text(f"document {i} " + "text of some length " * 40)
+    prefix = str(tmp_path / "ds")
+    prepare_data([docs], prefix, "byte", progress=False)
+    run = RunConfig.from_yaml(CONFIGS / "cpu_tiny_mohge.yaml", [
+        *TINY, f"data.path=[{prefix}]", "data.split=80,20,0", f"data.cache_dir={tmp_path}",
+        f"output_dir={tmp_path / 'out'}"])
+    train, _, _ = dataset_provider(run)([4, 1, 0])
+    monkeypatch.setattr(sys, "argv", ["mohge-pretrain", *pretrain_argv(run, cpu=True)])
+    args = parse_args(add_mohge_args)
+    assert ("attention_mask" in train[0]) is args.create_attention_mask_in_dataloader is False
+
+
+@needs_training
 def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     """2 gloo ranks, EP=2, Megatron's distributed optimizer, 20 iterations with Megatron's
     checkpoints every 10; a second run loads iteration 10 and reaches 20 with the same
@@ -116,11 +145,8 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
 @pytest.mark.slow
 @needs_training
 @pytest.mark.parametrize("layout", [
-    pytest.param(("parallel.tensor_parallel=2", "parallel.expert_parallel=2",  # TP2 + SP
-                  "parallel.expert_tensor_parallel=1"),
-                 marks=pytest.mark.xfail(run=False, reason=(
-                     "open: under mohge-pretrain on CPU, TP2+SP hangs in a gloo recv before "
-                     "the first iteration (10 min collective timeout); not yet diagnosed"))),
+    ("parallel.tensor_parallel=2", "parallel.expert_parallel=2",  # TP2 + SP
+     "parallel.expert_tensor_parallel=1"),
     ("parallel.pipeline_parallel=2", "parallel.expert_parallel=1"),
 ], ids=["tp2-sp", "pp2"])
 def test_pretrain_tp_sp_and_pp(tmp_path, layout):

@@ -49,6 +49,7 @@ def pretrain_argv(run, cpu: bool) -> list[str]:
     MoHGE runs, the file ``--mohge-config`` names)."""
     from megatron_mohge.compat.versions import mcore_version
     from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+    from megatron_mohge.integration.megatron_training.steps import DATASET_FLAGS
 
     path = write_mohge_config(run) if run.moe.kind == "mohge" else None
     flags = megatron_lm_flags(run, path, mcore_version(), data=False)
@@ -56,7 +57,7 @@ def pretrain_argv(run, cpu: bool) -> list[str]:
         flags[flags.index("--log-interval") + 1] = str(run.train.iters)
     extra = list(run.launch.extra_args)  # last: they override anything (argparse keeps the last)
     base = flags[:len(flags) - len(extra)] if extra else flags
-    return [*base, *(CPU_FLAGS if cpu else ()), *extra]
+    return [*base, *DATASET_FLAGS, *(CPU_FLAGS if cpu else ()), *extra]
 
 
 def _single_process_env() -> None:
