@@ -70,6 +70,35 @@ def iteration_log(out: str) -> dict[int, dict[str, str]]:
     return lines
 
 
+def megatron_flops_so_far(iter_dir: Path) -> tuple[float, object]:
+    """The FLOPs Megatron accumulated up to a checkpoint (``num_floating_point_operations`` of
+    every iteration, the function its throughput log divides) and the args it ran with."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
+    return float(common["num_floating_point_operations_so_far"]), common["args"]
+
+
+def expected_mohge_flops(args, iters: int) -> tuple[float, float]:
+    """(corrected, stock) FLOPs of ``iters`` global batches: Megatron's own formula with the
+    routed experts at our accounting's activated width (``activated_widths``, spread over the
+    K experts), and Megatron's uncorrected figure (the widest group's width)."""
+    import copy
+
+    import megatron.training.training as T
+
+    from megatron_mohge.integration.accounting import activated_widths
+    from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
+
+    stock = getattr(T.num_floating_point_operations, "__mohge_stock__",
+                    T.num_floating_point_operations)
+    effective = copy.copy(args)
+    effective.moe_ffn_hidden_size = \
+        activated_widths(mohge_config_from_args(args)).uniform / args.moe_router_topk
+    return (iters * stock(effective, args.global_batch_size),
+            iters * stock(args, args.global_batch_size))
+
+
 @needs_training
 def test_dataset_and_megatron_flags_agree_on_the_attention_mask(tmp_path, monkeypatch):
     """Regression (TP2+SP hung before its first iteration): ``get_batch_on_this_tp_rank``
@@ -119,6 +148,11 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     assert float(a[1]["mohge_intra_group_loss"]) > 0
     assert "use_distributed_optimizer ....................... True" in full
     assert "validation loss at iteration 20" in full
+    # Megatron counted MoHGE's FLOPs (the hooks' correction applied in this loop, not only
+    # in a Megatron-LM checkout): what its log divides by time is our accounting's figure
+    flops10, args = megatron_flops_so_far(ckpt / "iter_0000010")
+    corrected, stock = expected_mohge_flops(args, 10)
+    assert flops10 == pytest.approx(corrected, rel=1e-9) and corrected < 0.9 * stock
 
     resumed = pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common, f"output_dir={tmp_path / 'b'}",
                        f"checkpoint.load={ckpt}", "launch.extra_args=[--ckpt-step, '10']")
@@ -132,7 +166,8 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
         if it != 12:
             keys += ["lm loss", "mohge_group_loss", "mohge_intra_group_loss"]
         assert {k: b[it][k] for k in keys} == {k: a[it][k] for k in keys}, it
-    assert (tmp_path / "b" / "checkpoints" / "iter_0000020").is_dir()
+    assert megatron_flops_so_far(tmp_path / "b" / "checkpoints" / "iter_0000020")[0] == \
+        megatron_flops_so_far(ckpt / "iter_0000020")[0]  # the resumed count continues
 
     stock = pretrain(tmp_path, "cpu_tiny_moe.yaml", "parallel.expert_parallel=2",
                      "parallel.use_distributed_optimizer=true", "train.iters=4",
