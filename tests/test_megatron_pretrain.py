@@ -70,12 +70,17 @@ def iteration_log(out: str) -> dict[int, dict[str, str]]:
     return lines
 
 
+def checkpoint_common(iter_dir: Path) -> dict:
+    """The common (not sharded) state of one of Megatron's ``torch_dist`` checkpoints."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(iter_dir))
+
+
 def megatron_flops_so_far(iter_dir: Path) -> tuple[float, object]:
     """The FLOPs Megatron accumulated up to a checkpoint (``num_floating_point_operations`` of
     every iteration, the function its throughput log divides) and the args it ran with."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
+    common = checkpoint_common(iter_dir)
     return float(common["num_floating_point_operations_so_far"]), common["args"]
 
 
@@ -153,6 +158,9 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     flops10, args = megatron_flops_so_far(ckpt / "iter_0000010")
     corrected, stock = expected_mohge_flops(args, 10)
     assert flops10 == pytest.approx(corrected, rel=1e-9) and corrected < 0.9 * stock
+    # the optimizer state in model space (flags.OPTIM_FULLY_RESHARDABLE): loads in any layout
+    sharding = checkpoint_common(ckpt / "iter_0000010")["content_metadata"]
+    assert sharding["distrib_optim_sharding_type"] == "fully_reshardable"
 
     resumed = pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common, f"output_dir={tmp_path / 'b'}",
                        f"checkpoint.load={ckpt}", "launch.extra_args=[--ckpt-step, '10']")

@@ -90,3 +90,25 @@ def device_arch() -> None:
     is 0: no architecture-specific path (the rule's ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set
     by ``mohge-pretrain``; CPU ops run in order anyway)."""
     module("arguments").get_device_arch_version = lambda: 0
+
+
+def distopt_fully_reshardable_load() -> None:
+    """Megatron's distributed optimizer without Apex / TE wraps ``torch.optim.Adam``, which
+    keeps a ``step`` tensor per parameter; ``load_parameter_state_from_fully_reshardable``
+    (a ``--dist-ckpt-optim-fully-reshardable`` checkpoint, what ``mohge-pretrain`` saves)
+    copies every tensor state of a parameter from the checkpoint, which never holds ``step``
+    (it travels in the param groups): KeyError -> the steps are hidden meanwhile (as
+    ``mohge-train``'s loader does, ``training.checkpoint._adam_steps_hidden``); the
+    ``distopt-load`` patch then gives each state the saved step."""
+    from megatron_mohge.training.checkpoint import _adam_steps_hidden
+
+    cls = module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    original = cls.load_parameter_state_from_fully_reshardable
+
+    @functools.wraps(original)
+    def load_parameter_state_from_fully_reshardable(self, *args, **kwargs):
+        with _adam_steps_hidden(self.optimizer):
+            return original(self, *args, **kwargs)
+
+    load_parameter_state_from_fully_reshardable.__mohge_original__ = original
+    cls.load_parameter_state_from_fully_reshardable = load_parameter_state_from_fully_reshardable

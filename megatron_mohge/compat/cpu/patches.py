@@ -88,6 +88,10 @@ TRAINING_PATCHES: Tuple[CpuModePatch, ...] = (
        "reads CUDA device properties (validate_args with TP or CP > 1)", mt.device_arch),
     _P("no-jit-warmup", "megatron.training.training.set_jit_fusion_options",
        "warms fused kernels up with torch.compile on CUDA tensors", mt.no_jit_warmup),
+    _P("distopt-fully-reshardable-load",
+       "DistributedOptimizer.load_parameter_state_from_fully_reshardable",
+       "KeyError 'step': torch Adam's per-parameter step is not in the checkpoint",
+       mt.distopt_fully_reshardable_load),
 )
 
 #: Modules whose functions / classes the patches wrap, imported before anything is patched.
