@@ -202,6 +202,27 @@ def test_pretrain_tp_sp_and_pp(tmp_path, layout):
         assert "sequence_parallel ............................... True" in out
 
 
+@pytest.mark.slow
+@needs_training
+def test_pretrain_resumes_in_another_layout(tmp_path):
+    """The distributed optimizer's checkpoint is fully reshardable (flags.OPTIM_FULLY_
+    RESHARDABLE): saved at EP2 x DP2, resumed at TP2 + SP x EP2 with the same figures (the
+    first resumed loss to TP's reduction order; the grad norms to the printed digits)."""
+    common = ("parallel.use_distributed_optimizer=true", "train.iters=4", "checkpoint.interval=2")
+    full = iteration_log(pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common,
+                                  "parallel.expert_parallel=2", f"output_dir={tmp_path / 'a'}"))
+    # the same padded vocabulary (make_vocab_size_divisible_by x TP = 128): the same output layer
+    resumed = iteration_log(pretrain(
+        tmp_path, "cpu_tiny_mohge.yaml", *common, "parallel.tensor_parallel=2",
+        "parallel.expert_parallel=2", "parallel.expert_tensor_parallel=1",
+        "model.make_vocab_size_divisible_by=64", f"output_dir={tmp_path / 'b'}",
+        f"checkpoint.load={tmp_path / 'a' / 'checkpoints'}",
+        "launch.extra_args=[--ckpt-step, '2']"))
+    assert sorted(resumed) == [3, 4]
+    assert float(resumed[3]["lm loss"]) == pytest.approx(float(full[3]["lm loss"]), rel=1e-5)
+    assert [resumed[i]["grad norm"] for i in (3, 4)] == [full[i]["grad norm"] for i in (3, 4)]
+
+
 @pytest.mark.skipif(_has_megatron_training(), reason="megatron.training is installed here")
 def test_pretrain_without_megatron_training_says_so_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_mohge.cli.pretrain", "--config",
