@@ -171,7 +171,8 @@ def test_patch_table_documents_every_patch():
 
     training = [p.name for p in TRAINING_PATCHES]  # enable_cpu_mode(megatron_training=True)
     assert set(training) == {"training-redirect", "one-device-initialize", "allow-no-cuda",
-                             "device-arch", "no-jit-warmup"} and not set(training) & set(names)
+                             "device-arch", "no-jit-warmup"} \
+        and not set(training) & set(names)
     for name in training:
         assert f"``{name}``" in cpu.__doc__, name
     assert cpu_mode.__doc__ == cpu.__doc__ and cpu_mode.enable_cpu_mode is cpu.enable_cpu_mode

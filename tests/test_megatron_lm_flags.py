@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from megatron_mohge.config import ConfigError, MoHGEConfig
-from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+from megatron_mohge.integration.flags import (
+    OPTIM_FULLY_RESHARDABLE,
+    defines_arg,
+    megatron_lm_flags,
+    write_mohge_config,
+)
 from megatron_mohge.integration.megatron_lm import load_mohge_config, megatron_moe_args
 from megatron_mohge.run_config import RunConfig
 
@@ -254,7 +259,11 @@ def test_flags_parse_with_megatron_lm(name, tmp_path, monkeypatch):
     run = load(name, tmp_path=tmp_path)
     if run.moe.kind == "mohge":
         write_mohge_config(run)
-    args = parser.parse_args(megatron_lm_flags(run))
+    flags = megatron_lm_flags(run)
+    args = parser.parse_args(flags)
+    # the installed Megatron-LM knows the flag: rendered for distributed-optimizer runs
+    assert args.dist_ckpt_optim_fully_reshardable == run.parallel.use_distributed_optimizer == \
+        (OPTIM_FULLY_RESHARDABLE in flags)
     m = run.model
     assert (args.num_layers, args.hidden_size, args.seq_length) == \
         (m.num_layers, m.hidden_size, m.seq_length)
@@ -335,3 +344,60 @@ def test_megatron_lm_transformer_config_matches_mohge_train(name, tmp_path, monk
     tc = core_transformer_config_from_args(args)
     want = run_moe_transformer_fields(run.moe)
     assert {k: _one(getattr(tc, k)) for k in want} == want
+
+
+def checkout(root: Path, source: str = "", where: str = "config/training_config.py") -> Path:
+    """A Megatron-LM checkout's argument sources (``megatron/training/<where>``)."""
+    path = root / "megatron" / "training" / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+    return root
+
+
+#: How the two supported tags define the flag (core_v0.16.1: training_config.py, core_v0.19.0:
+#: config/training_config.py, generated flags), and the add_argument call of older sources.
+FIELD = "class CheckpointConfig:\n    dist_ckpt_optim_fully_reshardable: bool = False\n"
+ADD_ARGUMENT = "group.add_argument('--dist-ckpt-optim-fully-reshardable', action='store_true')\n"
+
+
+def test_optim_fully_reshardable_found_in_the_megatron_lm_source(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEGATRON_LM_DIR", raising=False)
+    for where, source in (("training_config.py", FIELD), ("config/training_config.py", FIELD),
+                          ("arguments.py", ADD_ARGUMENT)):
+        assert defines_arg(OPTIM_FULLY_RESHARDABLE, checkout(tmp_path / where, source, where))
+    # named only in a message or an attribute read: not defined
+    mention = ("assert not args.dist_ckpt_optim_fully_reshardable, "
+               "'--dist-ckpt-optim-fully-reshardable'\n")
+    old = checkout(tmp_path / "old", mention, "arguments.py")
+    assert not defines_arg(OPTIM_FULLY_RESHARDABLE, old)
+    monkeypatch.setenv("MEGATRON_LM_DIR", str(tmp_path / "training_config.py"))
+    assert defines_arg(OPTIM_FULLY_RESHARDABLE)  # the checkout of $MEGATRON_LM_DIR
+    try:  # the installed megatron-core: the 0.19 wheels ship megatron.training, 0.16.1 not
+        import megatron.training.arguments  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    assert defines_arg(OPTIM_FULLY_RESHARDABLE, installed=True) is installed
+
+
+def test_optim_fully_reshardable_rendered_where_megatron_lm_has_it(tmp_path, monkeypatch):
+    """A distributed-optimizer run saves a checkpoint that loads in any layout (Megatron-LM's
+    default dp_reshardable loads only in the one that saved it) -- where the flag exists."""
+    from megatron_mohge.integration import slurm
+
+    monkeypatch.delenv("MEGATRON_LM_DIR", raising=False)
+    new = checkout(tmp_path / "new", FIELD)
+    old = checkout(tmp_path / "old")
+    run = load("small_mohge_1node.yaml", f"launch.megatron_lm_dir={new}", tmp_path=tmp_path)
+    assert run.parallel.use_distributed_optimizer
+    assert OPTIM_FULLY_RESHARDABLE in megatron_lm_flags(run)
+    without = load("small_mohge_1node.yaml", f"launch.megatron_lm_dir={old}", tmp_path=tmp_path)
+    assert OPTIM_FULLY_RESHARDABLE not in megatron_lm_flags(without)
+    no_dist_opt = load("small_mohge_1node.yaml", f"launch.megatron_lm_dir={new}",
+                       "parallel.use_distributed_optimizer=false", tmp_path=tmp_path)
+    assert OPTIM_FULLY_RESHARDABLE not in megatron_lm_flags(no_dist_opt)
+    # the Slurm launchers follow the checkout they run ($MEGATRON_LM_DIR wins, as render_env)
+    for mlm, present in ((new, True), (old, False)):
+        [line] = slurm.render_commands(without, "/mlm/pretrain_gpt.py",
+                                       {"MEGATRON_LM_DIR": str(mlm)}, shape="torchrun")
+        assert (OPTIM_FULLY_RESHARDABLE in line) is present

@@ -70,6 +70,69 @@ def iteration_log(out: str) -> dict[int, dict[str, str]]:
     return lines
 
 
+def checkpoint_common(iter_dir: Path) -> dict:
+    """The common (not sharded) state of one of Megatron's ``torch_dist`` checkpoints."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(iter_dir))
+
+
+def megatron_flops_so_far(iter_dir: Path) -> tuple[float, object]:
+    """The FLOPs Megatron accumulated up to a checkpoint (``num_floating_point_operations`` of
+    every iteration, the function its throughput log divides) and the args it ran with."""
+    common = checkpoint_common(iter_dir)
+    return float(common["num_floating_point_operations_so_far"]), common["args"]
+
+
+def expected_mohge_flops(args, iters: int) -> tuple[float, float]:
+    """(corrected, stock) FLOPs of ``iters`` global batches: Megatron's own formula with the
+    routed experts at our accounting's activated width (``activated_widths``, spread over the
+    K experts), and Megatron's uncorrected figure (the widest group's width)."""
+    import copy
+
+    import megatron.training.training as T
+
+    from megatron_mohge.integration.accounting import activated_widths
+    from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
+
+    stock = getattr(T.num_floating_point_operations, "__mohge_stock__",
+                    T.num_floating_point_operations)
+    effective = copy.copy(args)
+    effective.moe_ffn_hidden_size = \
+        activated_widths(mohge_config_from_args(args)).uniform / args.moe_router_topk
+    return (iters * stock(effective, args.global_batch_size),
+            iters * stock(args, args.global_batch_size))
+
+
+@needs_training
+def test_dataset_and_megatron_flags_agree_on_the_attention_mask(tmp_path, monkeypatch):
+    """Regression (TP2+SP hung before its first iteration): ``get_batch_on_this_tp_rank``
+    broadcasts an attention mask from TP rank 0 exactly when Megatron's parsed
+    ``create_attention_mask_in_dataloader`` says so; the samples our dataset provider yields
+    must agree, or the other TP ranks wait for a broadcast that never comes."""
+    from megatron.training.arguments import parse_args
+
+    from megatron_mohge.data import prepare_data
+    from megatron_mohge.integration.megatron_lm.args import add_mohge_args
+    from megatron_mohge.integration.megatron_training import pretrain_argv
+    from megatron_mohge.integration.megatron_training.steps import dataset_provider
+    from megatron_mohge.run_config import RunConfig
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(10):
+        (docs / f"d{i}.txt").write_text(f"document {i} " + "text of some length " * 40)
+    prefix = str(tmp_path / "ds")
+    prepare_data([docs], prefix, "byte", progress=False)
+    run = RunConfig.from_yaml(CONFIGS / "cpu_tiny_mohge.yaml", [
+        *TINY, f"data.path=[{prefix}]", "data.split=80,20,0", f"data.cache_dir={tmp_path}",
+        f"output_dir={tmp_path / 'out'}"])
+    train, _, _ = dataset_provider(run)([4, 1, 0])
+    monkeypatch.setattr(sys, "argv", ["mohge-pretrain", *pretrain_argv(run, cpu=True)])
+    args = parse_args(add_mohge_args)
+    assert ("attention_mask" in train[0]) is args.create_attention_mask_in_dataloader is False
+
+
 @needs_training
 def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     """2 gloo ranks, EP=2, Megatron's distributed optimizer, 20 iterations with Megatron's
@@ -90,6 +153,14 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     assert float(a[1]["mohge_intra_group_loss"]) > 0
     assert "use_distributed_optimizer ....................... True" in full
     assert "validation loss at iteration 20" in full
+    # Megatron counted MoHGE's FLOPs (the hooks' correction applied in this loop, not only
+    # in a Megatron-LM checkout): what its log divides by time is our accounting's figure
+    flops10, args = megatron_flops_so_far(ckpt / "iter_0000010")
+    corrected, stock = expected_mohge_flops(args, 10)
+    assert flops10 == pytest.approx(corrected, rel=1e-9) and corrected < 0.9 * stock
+    # the optimizer state in model space (flags.OPTIM_FULLY_RESHARDABLE): loads in any layout
+    sharding = checkpoint_common(ckpt / "iter_0000010")["content_metadata"]
+    assert sharding["distrib_optim_sharding_type"] == "fully_reshardable"
 
     resumed = pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common, f"output_dir={tmp_path / 'b'}",
                        f"checkpoint.load={ckpt}", "launch.extra_args=[--ckpt-step, '10']")
@@ -103,7 +174,8 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
         if it != 12:
             keys += ["lm loss", "mohge_group_loss", "mohge_intra_group_loss"]
         assert {k: b[it][k] for k in keys} == {k: a[it][k] for k in keys}, it
-    assert (tmp_path / "b" / "checkpoints" / "iter_0000020").is_dir()
+    assert megatron_flops_so_far(tmp_path / "b" / "checkpoints" / "iter_0000020")[0] == \
+        megatron_flops_so_far(ckpt / "iter_0000020")[0]  # the resumed count continues
 
     stock = pretrain(tmp_path, "cpu_tiny_moe.yaml", "parallel.expert_parallel=2",
                      "parallel.use_distributed_optimizer=true", "train.iters=4",
@@ -116,11 +188,8 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
 @pytest.mark.slow
 @needs_training
 @pytest.mark.parametrize("layout", [
-    pytest.param(("parallel.tensor_parallel=2", "parallel.expert_parallel=2",  # TP2 + SP
-                  "parallel.expert_tensor_parallel=1"),
-                 marks=pytest.mark.xfail(run=False, reason=(
-                     "open: under mohge-pretrain on CPU, TP2+SP hangs in a gloo recv before "
-                     "the first iteration (10 min collective timeout); not yet diagnosed"))),
+    ("parallel.tensor_parallel=2", "parallel.expert_parallel=2",  # TP2 + SP
+     "parallel.expert_tensor_parallel=1"),
     ("parallel.pipeline_parallel=2", "parallel.expert_parallel=1"),
 ], ids=["tp2-sp", "pp2"])
 def test_pretrain_tp_sp_and_pp(tmp_path, layout):
@@ -131,6 +200,27 @@ def test_pretrain_tp_sp_and_pp(tmp_path, layout):
     assert "mohge_intra_group_loss" in log[3] and float(log[3]["lm loss"]) > 0
     if "parallel.tensor_parallel=2" in layout:
         assert "sequence_parallel ............................... True" in out
+
+
+@pytest.mark.slow
+@needs_training
+def test_pretrain_resumes_in_another_layout(tmp_path):
+    """The distributed optimizer's checkpoint is fully reshardable (flags.OPTIM_FULLY_
+    RESHARDABLE): saved at EP2 x DP2, resumed at TP2 + SP x EP2 with the same figures (the
+    first resumed loss to TP's reduction order; the grad norms to the printed digits)."""
+    common = ("parallel.use_distributed_optimizer=true", "train.iters=4", "checkpoint.interval=2")
+    full = iteration_log(pretrain(tmp_path, "cpu_tiny_mohge.yaml", *common,
+                                  "parallel.expert_parallel=2", f"output_dir={tmp_path / 'a'}"))
+    # the same padded vocabulary (make_vocab_size_divisible_by x TP = 128): the same output layer
+    resumed = iteration_log(pretrain(
+        tmp_path, "cpu_tiny_mohge.yaml", *common, "parallel.tensor_parallel=2",
+        "parallel.expert_parallel=2", "parallel.expert_tensor_parallel=1",
+        "model.make_vocab_size_divisible_by=64", f"output_dir={tmp_path / 'b'}",
+        f"checkpoint.load={tmp_path / 'a' / 'checkpoints'}",
+        "launch.extra_args=[--ckpt-step, '2']"))
+    assert sorted(resumed) == [3, 4]
+    assert float(resumed[3]["lm loss"]) == pytest.approx(float(full[3]["lm loss"]), rel=1e-5)
+    assert [resumed[i]["grad norm"] for i in (3, 4)] == [full[i]["grad norm"] for i in (3, 4)]
 
 
 @pytest.mark.skipif(_has_megatron_training(), reason="megatron.training is installed here")

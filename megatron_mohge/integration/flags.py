@@ -17,8 +17,9 @@ the flags follow the Megatron-LM checkout the run uses); Megatron pads 257 to a 
 
 from __future__ import annotations
 
+import functools
 import math
-
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,6 +37,46 @@ def _num(x) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
         return str(int(x)) if abs(x) >= 1 or x == 0 else repr(x)
     return repr(x) if isinstance(x, float) else str(x)
+
+
+#: Megatron-LM's distributed-optimizer checkpoint in model space (``fully_reshardable``, as
+#: ``mohge-train`` writes): it loads in any TP / EP / PP / DP layout. Without the flag
+#: Megatron-LM writes ``dp_reshardable`` (its flat DP buffers), which loads only in the
+#: layout that saved it. Rendered where the Megatron-LM source defines it (:func:`defines_arg`).
+OPTIM_FULLY_RESHARDABLE = "--dist-ckpt-optim-fully-reshardable"
+
+
+@functools.lru_cache(maxsize=None)
+def _training_source_defines(training_dir: str, flag: str) -> bool:
+    dest = flag.lstrip("-").replace("-", "_")
+    field = re.compile(rf"^\s*{dest}\s*:", re.M)  # a config dataclass field (core_v0.16+)
+    root = Path(training_dir)
+    for path in (root / "arguments.py", *root.glob("training_config.py"),
+                 *root.glob("config/*.py")):
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if field.search(text) or re.search(rf"add_argument\(\s*['\"]{flag}['\"]", text):
+            return True
+    return False
+
+
+def defines_arg(flag: str, megatron_lm_dir=None, *, installed: bool = False) -> bool:
+    """Whether Megatron-LM's ``megatron/training`` defines ``flag`` (a config dataclass field
+    or an ``add_argument`` call; the source is read, not imported): the checkout
+    ``megatron_lm_dir``, else ``$MEGATRON_LM_DIR``, else the installed megatron-core's (the 0.19
+    wheels ship ``megatron.training``; ``installed=True``: only that one). False where none is
+    found: a flag Megatron-LM may not know is left out."""
+    import os
+    from importlib import metadata
+
+    dirs = [] if installed else [megatron_lm_dir, os.environ.get("MEGATRON_LM_DIR")]
+    for d in dirs:
+        if d and (Path(d) / "megatron" / "training").is_dir():
+            return _training_source_defines(str(Path(d) / "megatron" / "training"), flag)
+    try:
+        wheel = Path(metadata.distribution("megatron-core").locate_file("megatron/training"))
+    except metadata.PackageNotFoundError:
+        return False
+    return wheel.is_dir() and _training_source_defines(str(wheel), flag)
 
 
 def default_mohge_config_path(run) -> Path:
@@ -225,9 +266,12 @@ def eval_flags(run) -> list[str]:
     return ["--eval-interval", str(e.interval or run.train.iters), "--eval-iters", str(e.iters)]
 
 
-def checkpoint_flags(run) -> list[str]:
+def checkpoint_flags(run, optim_fully_reshardable: bool = False) -> list[str]:
+    """``optim_fully_reshardable``: Megatron-LM knows :data:`OPTIM_FULLY_RESHARDABLE`."""
     c = run.checkpoint
     f = ["--ckpt-format", "torch_dist"]
+    if run.parallel.use_distributed_optimizer and optim_fully_reshardable:
+        f.append(OPTIM_FULLY_RESHARDABLE)
     if c.enabled:
         # Megatron-LM needs an interval with --save; 0 (only at the end) = every train.iters.
         f += ["--save", str(run.save_dir), "--save-interval", str(c.interval or run.train.iters)]
@@ -251,7 +295,8 @@ def logging_flags(run) -> list[str]:
 
 
 def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
-                      megatron_lm_version=_FIND, *, data: bool = True) -> list[str]:
+                      megatron_lm_version=_FIND, *, data: bool = True,
+                      optim_fully_reshardable: Optional[bool] = None) -> list[str]:
     """All Megatron-LM flags of ``run`` (``launch.extra_args`` last).
 
     ``mohge_config_path``: the file ``--mohge-config`` points at for MoHGE runs (default
@@ -261,12 +306,17 @@ def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
     installed megatron-core, ``compat.versions.megatron_lm_version``).
     ``data=False``: no ``--data-path`` (the caller's dataset provider reads ``run.data``
     itself, ``mohge-pretrain``), only the tokenizer flags.
+    ``optim_fully_reshardable``: whether that Megatron-LM knows
+    :data:`OPTIM_FULLY_RESHARDABLE` (default: found in its source, :func:`defines_arg`).
     """
     if megatron_lm_version is _FIND:
         from megatron_mohge.compat.versions import megatron_lm_version as find
 
         megatron_lm_version = find(run.launch.megatron_lm_dir)
+    if optim_fully_reshardable is None:
+        optim_fully_reshardable = defines_arg(OPTIM_FULLY_RESHARDABLE, run.launch.megatron_lm_dir)
     return [*model_flags(run), *moe_flags(run, mohge_config_path), *parallel_flags(run),
             *(data_flags(run, megatron_lm_version) if data
               else tokenizer_flags(run, megatron_lm_version)), *train_flags(run), *eval_flags(run),
-            *checkpoint_flags(run), *logging_flags(run), *run.launch.extra_args]
+            *checkpoint_flags(run, optim_fully_reshardable), *logging_flags(run),
+            *run.launch.extra_args]

@@ -23,7 +23,12 @@ from typing import Mapping, Optional
 
 from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError
-from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+from megatron_mohge.integration.flags import (
+    OPTIM_FULLY_RESHARDABLE,
+    defines_arg,
+    megatron_lm_flags,
+    write_mohge_config,
+)
 from megatron_mohge.resources import launcher_path
 
 PROG = "python -m megatron_mohge.integration.slurm"
@@ -121,7 +126,8 @@ def render_commands(run, script_path, env: Optional[Mapping[str, str]] = None, *
 
     mlm = env.get("MEGATRON_LM_DIR") or run.launch.megatron_lm_dir  # as render_env
     flags = script_args if script_args is not None else \
-        megatron_lm_flags(run, mohge_config_path, megatron_lm_version(mlm))
+        megatron_lm_flags(run, mohge_config_path, megatron_lm_version(mlm),
+                          optim_fully_reshardable=defines_arg(OPTIM_FULLY_RESHARDABLE, mlm))
     addr = env.get("MASTER_ADDR") or "localhost"
     port = env.get("MASTER_PORT") or str(DEFAULT_MASTER_PORT)
     job = env.get("SLURM_JOB_ID") or run.name

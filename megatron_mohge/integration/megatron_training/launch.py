@@ -48,15 +48,23 @@ def pretrain_argv(run, cpu: bool) -> list[str]:
     """Megatron-LM's command line for ``run`` (writes ``<output_dir>/mohge_layer.yaml`` for
     MoHGE runs, the file ``--mohge-config`` names)."""
     from megatron_mohge.compat.versions import mcore_version
-    from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+    from megatron_mohge.integration.flags import (
+        OPTIM_FULLY_RESHARDABLE,
+        defines_arg,
+        megatron_lm_flags,
+        write_mohge_config,
+    )
+    from megatron_mohge.integration.megatron_training.steps import DATASET_FLAGS
 
     path = write_mohge_config(run) if run.moe.kind == "mohge" else None
-    flags = megatron_lm_flags(run, path, mcore_version(), data=False)
+    flags = megatron_lm_flags(run, path, mcore_version(), data=False,  # the installed loop's
+                              optim_fully_reshardable=defines_arg(OPTIM_FULLY_RESHARDABLE,
+                                                                  installed=True))
     if run.logging.interval > run.train.iters:  # a short run still prints its iteration log
         flags[flags.index("--log-interval") + 1] = str(run.train.iters)
     extra = list(run.launch.extra_args)  # last: they override anything (argparse keeps the last)
     base = flags[:len(flags) - len(extra)] if extra else flags
-    return [*base, *(CPU_FLAGS if cpu else ()), *extra]
+    return [*base, *DATASET_FLAGS, *(CPU_FLAGS if cpu else ()), *extra]
 
 
 def _single_process_env() -> None:

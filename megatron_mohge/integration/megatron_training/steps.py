@@ -23,6 +23,13 @@ import torch
 #: The batch fields a GPTDataset sample holds (no packed-sequence metadata).
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
 
+#: Megatron-LM flags this provider implies. Our GPTDatasets carry no attention mask (attention
+#: builds the causal mask, ``data.datasets``), while ``get_batch_on_this_tp_rank`` broadcasts
+#: one from TP rank 0 whenever Megatron's ``create_attention_mask_in_dataloader`` (default
+#: on) says the data loader made it: TP rank 0 skips the missing mask and the other TP ranks
+#: wait for it forever (TP > 1 hung before its first iteration).
+DATASET_FLAGS = ("--no-create-attention-mask-in-dataloader",)
+
 
 def dataset_provider(run):
     """``train_valid_test_dataset_provider`` of ``run`` (``is_distributed``: every rank builds
@@ -78,6 +85,13 @@ def get_batch(data_iterator, model):
     batch = {}
     if tp_rank == 0:
         sample = next(data_iterator)
+        has_mask = sample.get("attention_mask") is not None
+        if has_mask != args.create_attention_mask_in_dataloader:
+            # fail here, not with the other TP ranks waiting for a broadcast never sent
+            raise RuntimeError(
+                f"the data sample {'has' if has_mask else 'has no'} attention_mask but "
+                f"create_attention_mask_in_dataloader={args.create_attention_mask_in_dataloader}"
+                ": the dataset and Megatron's flags disagree (see steps.DATASET_FLAGS)")
         dev = _device()
         batch = {k: sample[k].to(dev, non_blocking=True) if sample.get(k) is not None else None
                  for k in BATCH_KEYS}
@@ -159,5 +173,5 @@ def get_embedding_ranks(pp_ranks: List[int]) -> List[int]:
     return sorted(set(ranks))
 
 
-__all__ = ["BATCH_KEYS", "dataset_provider", "forward_step", "get_batch", "get_embedding_ranks",
-           "loss_func"]
+__all__ = ["BATCH_KEYS", "DATASET_FLAGS", "dataset_provider", "forward_step", "get_batch",
+           "get_embedding_ranks", "loss_func"]
