@@ -68,3 +68,18 @@ def _fresh_metrics_tracker():
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
         get_moe_layer_wise_logging_tracker().clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_aux_loss_scale():
+    """Megatron's ``MoEAuxLossAutoScaler.main_loss_backward_scale`` is process-global: a bare
+    layer backward (router and layer tests) creates it 0-d, and Megatron's schedules later
+    ``copy_`` their 1-element scale into it ("output with shape [] doesn't match the broadcast
+    shape [1]"), so a training test failed when it ran after a layer test. Every test starts
+    without one."""
+    yield
+    import sys
+
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -214,9 +214,6 @@ def test_stock_router_counters_count_training_steps_not_evaluation():
     from megatron_mohge.specs import get_stock_decoder_block_spec
     from tests.workers import common as C
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # router unit tests left a 0-d one
     C.init_layout(1, 1, 1)
     try:
         tc = C.tiny_gpt_config()
