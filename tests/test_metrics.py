@@ -35,6 +35,22 @@ def test_metrics_match_the_routing_map():
     assert routing_metrics(router).layers[0].tokens == 0
 
 
+def test_group_share_is_the_share_of_group_selections():
+    """With K = Kg x N every chosen group contributes all its experts, so the group choices
+    can be read off the routing map and the share checked against them (not only its sum)."""
+    from tests.test_router import make_router
+
+    cfg = MoHGEConfig(widths=[8, 16, 32], experts_per_group=[2, 2, 2], group_topk=2, topk=4,
+                      losses=dict(group_coeff=0.0, intra_group_coeff=0.0))
+    router = make_router(cfg, hidden=16)
+    _, rmap = router(torch.randn(20, 2, 16))
+    chosen_TG = rmap.reshape(40, 3, 2).all(-1)  # EP=1: canonical, group-major columns
+    assert bool((rmap.reshape(40, 3, 2).any(-1) == chosen_TG).all())  # whole groups only
+    n_g = chosen_TG.sum(0).double()
+    layer = routing_metrics(router).layers[0]
+    assert layer.group_token_share == pytest.approx((n_g / (40 * 2)).tolist())
+
+
 def test_rank_flops_of_the_plan():
     cfg = MoHGEConfig.paper_3b()
     plan = plan_allocation(cfg.widths, cfg.experts_per_group, 4)
