@@ -105,10 +105,15 @@ except (AssertionError, metadata.PackageNotFoundError):
     sys.exit(1)
 PYEOF
 }
-if ! installed; then
+# The editable install's metadata (console scripts, extras) is written once, from setup.py:
+# a checkout whose setup.py changed since (e.g. a new mohge-* command) is installed again.
+STAMP="$VENV/.megatron-mohge-setup.sha256"
+SETUP_SHA="$(sha256sum "$ROOT/setup.py" | cut -d' ' -f1)"
+if ! installed || [ "$(cat "$STAMP" 2>/dev/null)" != "$SETUP_SHA" ]; then
   echo "[setup] installing $MCORE and megatron-mohge (editable) with its test and train extras"
   "${PIP[@]}" "$MCORE" -e "$ROOT[test,train]" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   installed || { echo "[setup] installation failed" >&2; exit 1; }
+  echo "$SETUP_SHA" > "$STAMP"
 fi
 echo "$VENV" >&3

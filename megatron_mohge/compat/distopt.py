@@ -3,9 +3,10 @@
 Without Apex or Transformer Engine (CPU, torch-only GPU installs) megatron-core's distributed
 optimizer wraps ``torch.optim.Adam``, and three steps of its checkpoint load break. The fixes
 live here once; ``mohge-train`` calls them from :mod:`megatron_mohge.training.checkpoint`,
-and CPU mode's ``distopt-load`` patch (:mod:`megatron_mohge.compat.cpu.training`) applies the
-same functions around Megatron's methods for ``mohge-pretrain`` (Megatron-LM's own
-checkpointing). Each is a no-op where it is not needed, so applying both is safe.
+and :func:`install_load_fixes` applies the same functions around Megatron's methods for
+Megatron's own checkpointing (``mohge-pretrain`` and the Megatron-LM launchers install it
+with their hooks, on GPUs too; CPU mode's ``distopt-load`` patch installs it as well). Each
+is a no-op where it is not needed, so applying both is safe.
 
 1. :func:`init_states_for_load`: torch Adam's states appear at its first step, and
    ``DistributedOptimizer.state_dict()`` asserts exactly one ``step`` among them, so a fresh
@@ -25,6 +26,7 @@ checkpointing). Each is a no-op where it is not needed, so applying both is safe
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -65,3 +67,59 @@ def adam_steps_hidden(inner):
     finally:
         for p, step in steps.items():
             inner.state[p]["step"] = step
+
+
+def uses_torch_adam(optimizer) -> bool:
+    """Whether a ``DistributedOptimizer`` wraps torch's own Adam / AdamW (no Apex / TE)."""
+    return isinstance(optimizer.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def install_load_fixes() -> bool:
+    """Wrap ``DistributedOptimizer``'s load methods with (1)-(3) for instances that wrap torch
+    Adam (others run Megatron's code untouched), and run
+    ``load_parameter_state_from_dp_reshardable`` under ``no_grad``: fp32 parameters' main
+    shards are views of the parameters, and it copies into them with autograd on ("a view of
+    a leaf Variable that requires grad"), as its sibling loaders do not. Idempotent; returns
+    whether it installed now."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as cls
+
+    if getattr(cls, "__mohge_load_fixes__", False):
+        return False
+
+    def wrap(name, before=None, context=None, after=None):
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def wrapped(self, *args, **kwargs):
+            if not uses_torch_adam(self):
+                return original(self, *args, **kwargs)
+            if before is not None:
+                before(self, *args, **kwargs)
+            with (context(self) if context is not None else contextlib.nullcontext()):
+                out = original(self, *args, **kwargs)
+            if after is not None:
+                after(self)
+            return out
+
+        wrapped.__mohge_original__ = original
+        setattr(cls, name, wrapped)
+
+    def init_if_loading(self, *args, **kwargs):
+        if kwargs.get("is_loading", args[1] if len(args) > 1 else False):
+            init_states_for_load(self)
+
+    wrap("sharded_state_dict", before=init_if_loading)
+    wrap("load_parameter_state_from_fully_reshardable",
+         context=lambda self: adam_steps_hidden(self.optimizer))
+    wrap("load_state_dict", after=own_step_tensors)
+    original = cls.load_parameter_state_from_dp_reshardable
+
+    @functools.wraps(original)
+    def load_parameter_state_from_dp_reshardable(self, *args, **kwargs):
+        with torch.no_grad():
+            return original(self, *args, **kwargs)
+
+    load_parameter_state_from_dp_reshardable.__mohge_original__ = original
+    cls.load_parameter_state_from_dp_reshardable = load_parameter_state_from_dp_reshardable
+    cls.__mohge_load_fixes__ = True
+    return True

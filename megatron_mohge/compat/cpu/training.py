@@ -105,44 +105,9 @@ def distopt_state_gather() -> None:
 
 def distopt_load() -> None:
     """Loading a ``DistributedOptimizer`` checkpoint into a fresh optimizer (``mohge-pretrain``:
-    Megatron-LM's checkpointing) -> the torch-Adam fixes of :mod:`megatron_mohge.compat.distopt`
-    around Megatron's methods: states created before ``sharded_state_dict(is_loading=True)``
-    builds the template, one ``step`` tensor per parameter after ``load_state_dict``, steps
-    hidden during ``load_parameter_state_from_fully_reshardable``. Also, fp32 parameters' main
-    shards are views of the parameters, and ``load_parameter_state_from_dp_reshardable``
-    copies into them with autograd on ("a view of a leaf Variable that requires grad") -> it
-    runs under ``torch.no_grad()``, as its sibling loaders do (not CPU-specific: fp32 +
-    distributed optimizer on GPUs too; CPU runs are fp32)."""
+    Megatron-LM's checkpointing): CPU runs always use torch Adam -> the fixes of
+    :func:`megatron_mohge.compat.distopt.install_load_fixes` (also installed on GPUs by the
+    Megatron-LM hooks; idempotent)."""
     from megatron_mohge.compat import distopt
 
-    cls = module("optimizer.distrib_optimizer").DistributedOptimizer
-    original = cls.sharded_state_dict
-
-    @functools.wraps(original)
-    def sharded_state_dict(self, *args, **kwargs):
-        if kwargs.get("is_loading", args[1] if len(args) > 1 else False):
-            distopt.init_states_for_load(self)
-        return original(self, *args, **kwargs)
-
-    sharded_state_dict.__mohge_original__ = original
-    cls.sharded_state_dict = sharded_state_dict
-    _wrap_in(cls, "load_parameter_state_from_dp_reshardable", torch.no_grad)
-    original_reshardable = cls.load_parameter_state_from_fully_reshardable
-
-    @functools.wraps(original_reshardable)
-    def load_parameter_state_from_fully_reshardable(self, *args, **kwargs):
-        with distopt.adam_steps_hidden(self.optimizer):
-            return original_reshardable(self, *args, **kwargs)
-
-    load_parameter_state_from_fully_reshardable.__mohge_original__ = original_reshardable
-    cls.load_parameter_state_from_fully_reshardable = load_parameter_state_from_fully_reshardable
-    original_load = cls.load_state_dict
-
-    @functools.wraps(original_load)
-    def load_state_dict(self, state_dict):
-        out = original_load(self, state_dict)
-        distopt.own_step_tensors(self)
-        return out
-
-    load_state_dict.__mohge_original__ = original_load
-    cls.load_state_dict = load_state_dict
+    distopt.install_load_fixes()
