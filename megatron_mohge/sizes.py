@@ -8,9 +8,15 @@ gate and up projections fused) and fc2 ``W x h``; with ``add_bias_linear`` fc1 h
 from __future__ import annotations
 
 
+def ffn_matrices(gated: bool) -> int:
+    """``h x W`` weight matrices of one FFN of width ``W``: gate + up + down (3) or up + down
+    (2); also the GEMM count per token, hence FLOPs ``2 x ffn_matrices x h x W`` forward."""
+    return 3 if gated else 2
+
+
 def ffn_param_coeffs(hidden: int, gated: bool, bias: bool) -> tuple[int, int]:
     """``(per_width, per_expert)`` with ``params(W) = per_width * W + per_expert``."""
-    per_width = hidden * (3 if gated else 2) + ((2 if gated else 1) if bias else 0)
+    per_width = hidden * ffn_matrices(gated) + ((2 if gated else 1) if bias else 0)
     return per_width, (hidden if bias else 0)
 
 

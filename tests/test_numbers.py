@@ -92,11 +92,9 @@ def test_ffn_parameter_formula_is_stated_once():
             for w in (8, 24):
                 assert ffn_params(16, w, gated, bias) == per_width * w + per_expert
     assert ffn_params(16, 24, True, True, etp=2) == 16 * 24 + 12 * 16 + 24 + 16
-    # no second copy of the multiplier (layer_bench.py and the Megatron-LM FLOPs helper are
-    # owned by other branches; they should import megatron_mohge.sizes)
-    pending = {"bench/layer_bench.py", "integration/megatron_lm/flops.py", "sizes.py"}
+    # no second copy of the multiplier: everything else imports megatron_mohge.sizes
     found = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
-             if p.relative_to(PACKAGE).as_posix() not in pending
-             and re.search(r"3 if gated else 2|2 \* width if gated|2 \* w if gated",
-                           p.read_text())]
+             if p.relative_to(PACKAGE).as_posix() != "sizes.py"
+             and re.search(r"3 if (gated|\S*swiglu\S*) else 2|2 \* width if gated|"
+                           r"2 \* w if gated|GATED_MULT = \d", p.read_text())]
     assert not found, found

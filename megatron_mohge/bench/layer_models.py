@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mohge.config import MoHGEConfig
+from megatron_mohge.sizes import ffn_matrices
 
 KINDS = ("mohge", "moe_baseline", "moe_equal_total", "moe_equal_activated")
 DISPATCHERS = ("allgather", "alltoall")
@@ -28,7 +29,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 #: the stock kind whose expected routed FLOPs/token equal MoHGE's (see layer_bench's doc)
 SAME_EXPECTED_FLOPS_KIND = "moe_equal_total"
 STOCK_AUX_LOSS_COEFF = 1e-2
-GATED_MULT = 3  # gated (SwiGLU) expert: gate + up + down projections, no biases
+GATED_MULT = ffn_matrices(True)  # the bench layers are gated (SwiGLU) and bias-free
 
 
 def round_width(value: float) -> int:

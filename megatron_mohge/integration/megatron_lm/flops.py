@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
+from megatron_mohge.sizes import ffn_matrices
 
 
 def activated_routed_width(args, cfg: MoHGEConfig) -> float:
@@ -63,7 +64,7 @@ def mohge_flops_correction(args, batch_size: int, mohge_cfg: Optional[MoHGEConfi
               else total_real_tokens_in_batch)
     stock_width = args.moe_ffn_hidden_size if args.moe_ffn_hidden_size is not None \
         else args.ffn_hidden_size
-    ffn_factor = 3 if getattr(args, "swiglu", False) else 2
+    ffn_factor = ffn_matrices(getattr(args, "swiglu", False))
     delta = activated_routed_width(args, cfg) - stock_width * args.moe_router_topk
     return 3 * 2 * tokens * args.hidden_size * ffn_factor * moe_layer_count(args) * delta
 
