@@ -9,7 +9,8 @@
 # machine with network access, for the target Python:
 #
 #   pip download --dest wheels --only-binary=:all: --python-version 3.12 \
-#       megatron-core==0.16.1 pyyaml numpy packaging     # + their dependencies
+#       megatron-core==0.19.2 pyyaml numpy packaging     # + their dependencies
+#   (Python 3.10 / 3.11: --python-version 3.11 and megatron-core==0.16.1)
 #   pip wheel --no-deps --wheel-dir wheels /path/to/megatron-mohge
 #
 # Then: results.json and results.md in --out (see python -m megatron_mohge.bench.gpu_check

@@ -1,4 +1,5 @@
-"""Golden ``TransformerConfig`` of the benchmark runs (issue 14, §3.1 pin 4).
+"""Golden ``TransformerConfig`` of the benchmark runs, written by the code before the
+MoE-mapping refactor: the refactor (and later changes) must reproduce it.
 
 ``snapshot(run)`` is every field of ``training.model.transformer_config(run)`` on one rank
 (TP=EP=PP=1), as JSON values; ``tests/data/transformer_config_golden.json`` holds it for the

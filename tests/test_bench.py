@@ -73,6 +73,20 @@ def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
     assert moe["activated_routed_params_per_token"] == pytest.approx(layers * 2 * 3 * hidden * 64)
     assert len(mohge["group_token_share"]) == len(cfg["widths"])
     assert math.isclose(sum(mohge["chosen_width_hist"]["fraction"]), 1.0, rel_tol=1e-6)
+    widths_E = [w for w, n in zip(cfg["widths"], cfg["experts_per_group"]) for _ in range(n)]
+    for f in mohge["per_seed"]:  # the histogram and activated params from the measured counts
+        summary = json.loads((tmp_path / "runs" / "mohge" / f"seed{f['seed']}" /
+                              "summary.json").read_text())
+        per_width = {w: 0.0 for w in cfg["widths"]}
+        activated = 0.0
+        for layer in summary["layers"]:
+            for n, w, p_e in zip(layer["tokens_per_expert"], widths_E, per_expert):
+                per_width[w] += n
+                activated += n * p_e / layer["tokens"]
+        total = sum(per_width.values())
+        assert f["chosen_width_hist"] == {"widths": cfg["widths"], "fraction": pytest.approx(
+            [per_width[w] / total for w in cfg["widths"]])}
+        assert f["activated_routed_params_per_token"] == pytest.approx(activated)
     flops = mohge["rank_flops"]
     assert len(flops["all_size"]) == 2 and len(flops["contiguous"]) == 2
     assert set(results["layer_bench"]["median_s"]) >= {"mohge", "moe_equal_total"}

@@ -1,4 +1,4 @@
-"""One MoE-argument mapping (issue 14, §3.1): ``config.megatron`` is the single source of the
+"""One MoE-argument mapping: ``config.megatron`` is the single source of the
 MoE fields that ``MoHGEConfig.apply_to``, mohge-train's ``TransformerConfig``, the Megatron-LM
 argument hook and the flag renderer use; the benchmark runs' ``TransformerConfig`` is pinned
 by a golden file (``tests/_tc_golden.py``). The parse-back pins against Megatron-LM's own parser
