@@ -50,36 +50,31 @@ def mcore_world1():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_metrics_tracker():
-    """Megatron's MoE metrics tracker is process-global and sizes each entry by the first
-    model that records it; a later test with more layers (or an MTP layer) would index past
-    it. Every test starts from an empty tracker (only if megatron was imported)."""
+def _fresh_megatron_globals():
+    """Megatron state that lives for the whole process, reset after every test (only where
+    megatron was imported):
+
+    * the MoE metrics tracker sizes each entry by the first model that records it; a later
+      test with more layers (or an MTP layer) would index past it -> emptied;
+    * ``MoEAuxLossAutoScaler.main_loss_backward_scale``: a bare layer backward (router and
+      layer tests) creates it 0-d, and Megatron's schedules later ``copy_`` their 1-element
+      scale into it ("output with shape [] doesn't match the broadcast shape [1]"), so a
+      training test failed when it ran after a layer test -> removed."""
     yield
     import sys
 
-    if "megatron_mohge.compat.mcore" not in sys.modules:
-        return
-    from megatron_mohge.compat import mcore
+    if "megatron_mohge.compat.mcore" in sys.modules:
+        from megatron_mohge.compat import mcore
 
-    tracker = mcore._tracker()
-    if tracker is not None:  # megatron-core 0.18+
-        tracker.metrics.clear()
-    else:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+        tracker = mcore._tracker()
+        if tracker is not None:  # megatron-core 0.18+
+            tracker.metrics.clear()
+        else:
+            from megatron.core.transformer.moe.moe_utils import (
+                get_moe_layer_wise_logging_tracker,
+            )
 
-        get_moe_layer_wise_logging_tracker().clear()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_aux_loss_scale():
-    """Megatron's ``MoEAuxLossAutoScaler.main_loss_backward_scale`` is process-global: a bare
-    layer backward (router and layer tests) creates it 0-d, and Megatron's schedules later
-    ``copy_`` their 1-element scale into it ("output with shape [] doesn't match the broadcast
-    shape [1]"), so a training test failed when it ran after a layer test. Every test starts
-    without one."""
-    yield
-    import sys
-
+            get_moe_layer_wise_logging_tracker().clear()
     moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
     if moe_utils is not None:
         moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -1,6 +1,5 @@
 """The command lines' shared parts (cli/common.py): run file + overrides, one-line errors."""
 
-import re
 import signal
 from pathlib import Path
 
@@ -8,9 +7,9 @@ import pytest
 
 from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError
+from tests._scan import package_hits
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "megatron_mohge"
 TINY = str(ROOT / "examples" / "configs" / "cpu_tiny_mohge.yaml")
 MISSING = "/nonexistent/run.yaml"
 
@@ -135,17 +134,10 @@ def test_the_cli_boilerplate_is_written_once():
     """The overrides argument and the ConfigError-to-one-line exit live in cli/common.py; a
     CLI that writes its own ``except ConfigError: print(...)`` or overrides argument is
     caught here."""
-    found = []
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE).as_posix()
-        if rel == "cli/common.py":
-            continue
-        text = path.read_text()
-        for pattern in (r"except ConfigError as \w+:\s*\n\s*print\(",
-                        r"metavar=\"key\.sub=value\"",
-                        r"formatter_class=argparse\.RawDescriptionHelpFormatter"):
-            if re.search(pattern, text):
-                found.append(f"{rel}: {pattern}")
+    found = package_hits((r"except ConfigError as \w+:\s*\n\s*print\(",
+                          r"metavar=\"key\.sub=value\"",
+                          r"formatter_class=argparse\.RawDescriptionHelpFormatter"),
+                         skip={"cli/common.py"})
     assert not found, found
 
 

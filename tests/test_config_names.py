@@ -13,6 +13,7 @@ import yaml
 from megatron_mohge.config import ConfigError
 from megatron_mohge.run_config import RunConfig, normalize_run_dict
 from megatron_mohge.training import checkpoint as ckpt_lib
+from tests._scan import package_hits
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
@@ -110,11 +111,5 @@ def test_no_code_compares_with_the_former_spellings():
     """``moe.kind`` is normalised to "stock" on load, so a ``kind == "moe"`` test would be
     silently false (and ``.shared_expert_hidden_size`` an AttributeError): the package must
     use the new names everywhere (guards merges of branches written before the rename)."""
-    import re
-    from pathlib import Path
-
-    pkg = Path(__file__).resolve().parents[1] / "megatron_mohge"
-    bad = re.compile(r"""kind\s*[!=]=\s*["']moe["']|\.shared_expert_hidden_size\b""")
-    found = [f"{p}:{i}" for p in pkg.rglob("*.py")
-             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    found = package_hits((r"""kind\s*[!=]=\s*["']moe["']|\.shared_expert_hidden_size\b""",))
     assert not found, found

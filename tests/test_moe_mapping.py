@@ -6,7 +6,6 @@ live in ``test_megatron_lm_flags.py``."""
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.config import megatron as CM
 from megatron_mohge.run_config import RunConfig
+from tests._scan import package_hits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,9 +119,7 @@ RETIRED = ("expert_widths_of", "_expert_widths", "expert_widths_local", "param_c
 
 
 def test_retired_duplicates_stay_gone():
-    pkg = ROOT / "megatron_mohge"
-    found = [f"{p.relative_to(ROOT)}: {name}" for p in pkg.rglob("*.py") for name in RETIRED
-             if re.search(rf"\b(def|class) {name}\b", p.read_text())]
+    found = package_hits([rf"\b(def|class) {name}\b" for name in RETIRED])
     assert not found, found
 
 

@@ -1,13 +1,9 @@
 """util.numbers: the one mean / percentile / count-format of the package."""
 
-import re
-from pathlib import Path
-
 import pytest
 
 from megatron_mohge.util import numbers
-
-PACKAGE = Path(__file__).resolve().parents[1] / "megatron_mohge"
+from tests._scan import package_hits
 
 
 def test_percentile_hand_values():
@@ -47,16 +43,8 @@ def test_count_styles_keep_each_tables_text(x, report, fixed3):
 
 
 def test_helpers_are_not_written_again():
-    found = []
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE).as_posix()
-        if rel == "util/numbers.py":
-            continue
-        text = path.read_text()
-        for pattern in (r"def _mean\(", r"def _quantile\(", r"\(1e9, \"B\"\)", r"\(\"B\", 1e9\)",
-                        r"pos - i\)|pos - lo\)"):
-            if re.search(pattern, text):
-                found.append(f"{rel}: {pattern}")
+    found = package_hits((r"def _mean\(", r"def _quantile\(", r"\(1e9, \"B\"\)", r"\(\"B\", 1e9\)",
+                          r"pos - i\)|pos - lo\)"), skip={"util/numbers.py"})
     assert not found, found
 
 
@@ -93,8 +81,6 @@ def test_ffn_parameter_formula_is_stated_once():
                 assert ffn_params(16, w, gated, bias) == per_width * w + per_expert
     assert ffn_params(16, 24, True, True, etp=2) == 16 * 24 + 12 * 16 + 24 + 16
     # no second copy of the multiplier: everything else imports megatron_mohge.sizes
-    found = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
-             if p.relative_to(PACKAGE).as_posix() != "sizes.py"
-             and re.search(r"3 if (gated|\S*swiglu\S*) else 2|2 \* width if gated|"
-                           r"2 \* w if gated|GATED_MULT = \d", p.read_text())]
+    found = package_hits((r"3 if (gated|\S*swiglu\S*) else 2|2 \* width if gated|"
+                          r"2 \* w if gated|GATED_MULT = \d",), skip={"sizes.py"})
     assert not found, found

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 
+from megatron_mohge.cli.common import print_error
 from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, USAGE_EXIT, read_usage_error
 
 # torchrun's agent logs the failure and the SIGTERM to the other ranks before raising; once a
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         if message is None:
             raise  # a crash: torchrun's report with the ranks' exit codes and tracebacks
         if owner:
-            print(f"mohge-train: {message}", file=sys.stderr, flush=True)
+            print_error("mohge-train", message)
         return USAGE_EXIT
     finally:
         agent_log.removeFilter(quiet)
