@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_mohge.routing.base import find_routers
-from megatron_mohge.routing.counters import LayerRouting, RoutedLayout  # noqa: F401 (re-export)
+from megatron_mohge.routing.counters import LayerRouting
 from megatron_mohge.routing.counters import rank_flops_layouts as _rank_flops_layouts
 
 

@@ -2,11 +2,11 @@
 
 Without Apex or Transformer Engine (CPU, torch-only GPU installs) megatron-core's distributed
 optimizer wraps ``torch.optim.Adam``, and three steps of its checkpoint load break. The fixes
-live here once; ``mohge-train`` calls them from :mod:`megatron_mohge.training.checkpoint`,
-and :func:`install_load_fixes` applies the same functions around Megatron's methods for
-Megatron's own checkpointing (``mohge-pretrain`` and the Megatron-LM launchers install it
-with their hooks, on GPUs too; CPU mode's ``distopt-load`` patch installs it as well). Each
-is a no-op where it is not needed, so applying both is safe.
+live here once, applied one way: :func:`install_load_fixes` wraps Megatron's load methods with
+them (idempotent). ``mohge-train`` installs it when it loads
+(:mod:`megatron_mohge.training.checkpoint`, which also calls (1) for Apex / TE Adam, as it
+always did), ``mohge-pretrain`` and the Megatron-LM launchers with their hooks, on GPUs too,
+and CPU mode's ``distopt-load`` patch as well. Each fix is a no-op where it is not needed.
 
 1. :func:`init_states_for_load`: torch Adam's states appear at its first step, and
    ``DistributedOptimizer.state_dict()`` asserts exactly one ``step`` among them, so a fresh

@@ -36,12 +36,7 @@ from megatron_mohge.config.layer import (
     NoisyGatingConfig,
     RouterConfig,
 )
-from megatron_mohge.config.megatron import (
-    _UNIFORM_ONLY_FIELDS,
-    FP8_ALIGN,
-    _fp8_align,
-    _reject_uniform_only,
-)
+from megatron_mohge.config.megatron import FP8_ALIGN
 
 __all__ = [
     "ConfigError", "expect_bool", "expect_choice", "expect_int", "expect_number",

@@ -8,7 +8,6 @@ losses, allocation). ``apply_to(transformer_config)`` returns a Megatron
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

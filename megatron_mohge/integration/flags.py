@@ -156,13 +156,9 @@ def arg_flags(args: dict) -> list[str]:
 def moe_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list[str]:
     """MoE flags: the fields ``config.megatron.run_moe_transformer_fields`` gives mohge-train's
     ``TransformerConfig`` (stock and MoHGE alike), plus ``--mohge-config`` for MoHGE."""
-    from megatron_mohge.config.megatron import (
-        check_megatron_layout,
-        megatron_lm_args,
-        run_moe_transformer_fields,
-    )
+    from megatron_mohge.config.megatron import megatron_lm_args, run_moe_transformer_fields
 
-    moe, p = run.moe, run.parallel
+    moe = run.moe
     if moe.kind == "dense":
         return []
     f: list[str] = []
@@ -171,8 +167,7 @@ def moe_flags(run, mohge_config_path: Optional[Union[str, Path]] = None) -> list
             f"moe.router={moe.router!r}: stock Megatron-LM has only its TopKRouter; the noisy "
             "top-k router needs the MoHGE builder (moe.kind: mohge with mohge.router.type: "
             "noisy_topk) or mohge-train.")
-    if moe.kind == "mohge":
-        check_megatron_layout(moe.mohge, ep=p.expert_parallel, etp=run.expert_tensor_parallel)
+    if moe.kind == "mohge":  # its EP / expert-TP layout was checked when run was built
         path = mohge_config_path if mohge_config_path is not None \
             else default_mohge_config_path(run)
         f += ["--mohge-config", str(path)]

@@ -236,11 +236,6 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
     return final
 
 
-def load(template: dict, ckpt: Path, *, fully_parallel: bool = False) -> dict:
-    """Load checkpoint directory ``ckpt`` into the structure of sharded ``template``."""
-    return dist_load(template, ckpt, fully_parallel=fully_parallel)
-
-
 # ------------------------------------------------------------------ dist-ckpt I/O (one place)
 def dist_save(state: dict, directory: Path, *, fully_parallel: bool = False) -> None:
     """``dist_checkpointing.save`` of a sharded ``state`` into the (existing, empty)
@@ -309,7 +304,11 @@ OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *,
                                  is_loading: bool) -> dict:
     """The optimizer's part of a checkpoint (states keyed by the model's sharded tensors)."""
-    if is_loading:  # torch Adam (no Apex / TE): states to load into (compat.distopt)
+    if is_loading:
+        # torch Adam (no Apex / TE): Megatron's load wrapped with the fixes of compat.distopt,
+        # the one mechanism Megatron's own loop uses too (idempotent). The states to load into
+        # are created for every inner optimizer, Apex / TE Adam included, as before.
+        distopt.install_load_fixes()
         distopt.init_states_for_load(optimizer)
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                         metadata=dict(OPTIMIZER_METADATA))
@@ -317,17 +316,17 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *,
 
 def restore_optimizer(optimizer, loaded: dict) -> None:
     """Load a checkpoint's optimizer part into ``optimizer`` (after the model weights)."""
+    distopt.install_load_fixes()  # as in optimizer_sharded_state_dict (idempotent)
     fitted = fit_optimizer_state(loaded, optimizer)
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     parts = [fitted[i] for i in range(len(chained))] if len(chained) > 1 else [fitted]
-    # Distributed-optimizer param states: loaded after the rest, torch Adam's steps hidden
+    # Distributed-optimizer param states: loaded after the rest (torch Adam's steps hidden
+    # meanwhile and one step tensor per parameter: compat.distopt's wrappers)
     deferred = [(sub, part.pop("param_state")) for sub, part in zip(chained, parts)
                 if part.pop("param_state_sharding_type", None) == "fully_reshardable"]
     optimizer.load_state_dict(fitted)
     for sub, param_state in deferred:
-        with distopt.adam_steps_hidden(sub.optimizer):
-            sub.load_parameter_state_from_fully_reshardable(param_state)
-    distopt.own_step_tensors(optimizer)  # torch Adam: one step tensor per parameter
+        sub.load_parameter_state_from_fully_reshardable(param_state)
     # The optimizer's fp32 main params (fp16/bf16 runs) follow the loaded model weights.
     if hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()

@@ -88,12 +88,12 @@ def check_save_dir_free(run, load_dir: Path) -> None:
 
 def load_checked(template: Callable[[], dict], ckpt: Path, rank: int, *,
                  fully_parallel: bool) -> dict:
-    """``ckpt_lib.load`` into ``template()`` with a one-paragraph error instead of
+    """``ckpt_lib.dist_load`` into ``template()`` with a one-paragraph error instead of
     dist-ckpt's traceback (building the template included; the failure is shared so that no
     rank trains on while another one stopped)."""
     state, error = None, None
     try:
-        state = ckpt_lib.load(template(), ckpt, fully_parallel=fully_parallel)
+        state = ckpt_lib.dist_load(template(), ckpt, fully_parallel=fully_parallel)
     except Exception as exc:  # noqa: BLE001 - any reader error: named, not a traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
         error = (f"checkpoint.load: reading {ckpt} failed on rank {rank}: "

@@ -97,7 +97,7 @@ def main():
         if C.rank() == 0:
             torch.save(logits, root / "logits.pt")
     else:
-        loaded = ckpt_lib.load(state(model, opt, True), root / f"iter_{args.steps:07d}")
+        loaded = ckpt_lib.dist_load(state(model, opt, True), root / f"iter_{args.steps:07d}")
         M.load_model_state(model, loaded["model"])
         ckpt_lib.restore_optimizer(opt, loaded["optimizer"])
         result["optimizer"] = optimizer_digest(opt)

@@ -51,7 +51,7 @@ def load_mohge_config(path) -> MoHGEConfig:
     from megatron_mohge.run_config import RunConfig, config_kind
 
     if config_kind(data, f"--mohge-config {path}") == "run":
-        run = RunConfig.from_yaml(p)
+        run = RunConfig.from_dict(data, base_dir=p.parent)
         if run.moe.kind != "mohge" or run.moe.mohge is None:
             raise ConfigError(f"--mohge-config {path}: a run file with moe.kind={run.moe.kind!r}; "
                               "pass a run file with moe.kind: mohge, or a MoHGE layer YAML.")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 
-from megatron_mohge.compat import distopt
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
 from megatron_mohge.integration.megatron_lm.flops import mohge_flops_correction
@@ -126,6 +125,8 @@ def install_megatron_lm_hooks() -> str:
     T.finalize_model_grads = wrap_finalize_model_grads(T.finalize_model_grads)
     # distributed-optimizer checkpoints with torch Adam (no Apex / TE, e.g. GPU installs
     # without TE): Megatron's load breaks in three places (compat.distopt; idempotent)
+    from megatron_mohge.compat import distopt
+
     distopt.install_load_fixes()
     if getattr(T, "MOHGE_PATCH", None):
         return "patched"
