@@ -129,9 +129,12 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
 
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
-              log=print, split_documents=None, json_keys=None) -> dict:
-    """Train the preset's runs once per seed (seed-major order, so every finished seed is a
-    complete paired comparison) and write ``results.json`` after each run."""
+              log=print, split_documents=None, json_keys=None, order: str = "seed") -> dict:
+    """Train the preset's runs once per seed and write ``results.json`` after each run.
+
+    ``order="seed"``: seed-major, so every finished seed is a complete paired comparison;
+    ``"run"``: run-major in ``names`` order, so the first runs have all their seeds first
+    (a long screen stopped early still has complete arms)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
     jobs = jobs or preset.jobs
@@ -159,7 +162,10 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results["config"] = identity
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
-    queue = [(s, n, by_seed[s][n]) for s in seed_list for n in names]
+    if order not in ("seed", "run"):
+        raise ConfigError(f"--order {order}: choose seed or run")
+    queue = ([(s, n, by_seed[s][n]) for s in seed_list for n in names] if order == "seed"
+             else [(s, n, by_seed[s][n]) for n in names for s in seed_list])
 
     def nproc_of(run: RunConfig) -> int:
         return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1

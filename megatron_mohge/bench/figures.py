@@ -47,7 +47,10 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
     for key in SEED_FIELDS:  # per-layer figures the summary does not average itself
         if key not in fig and key not in summary and layers and key in layers[0]:
             fig[key] = layer_mean(layers, key)
+    if summary.get("routing_diagnostics"):
+        fig["routing_diagnostics"] = summary["routing_diagnostics"]
     hist = summary["history"]
+    diag = [h.get("diagnostics") or {} for h in hist]
     fig["curves"] = dict(
         iteration=[h["iteration"] for h in hist], train_loss=[h["loss"] for h in hist],
         eval_iteration=[e["iteration"] for e in summary["evals"]],
@@ -60,6 +63,9 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
             "all_size_max_over_mean" if run.moe.kind == "mohge" else "contiguous_max_over_mean")
             for h in hist],
         aux={k: [h["aux"].get(k) for h in hist] for k in (hist[-1]["aux"] if hist else {})},
+        **{f"diag_{k}": [d.get(k) for d in diag] for k in (
+            "same_group_fraction", "max_group_share", "weight_gap", "group_gate_grad_norm",
+            "expert_gate_grad_norm")},
     )
     return fig
 

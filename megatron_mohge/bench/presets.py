@@ -35,6 +35,10 @@ class Preset:
     jobs: int = 1  # runs trained at once (single-rank runs on separate cores)
     # scaling study: run name -> {"kind": model kind, "size": size label}; None otherwise
     study: Optional[dict] = None
+    # runs at several sizes without a study (screen --sizes): run name -> size label; each
+    # run is compared with the baseline arm of its own size (``size_baselines``)
+    size_of: dict = field(default_factory=dict)
+    size_baselines: dict = field(default_factory=dict)  # size label -> baseline run name
 
     def run_dicts(self, names: Optional[list[str]] = None) -> dict[str, dict]:
         """Full RunConfig mappings of the selected runs (base + run overrides)."""
@@ -65,6 +69,9 @@ class Preset:
                        if m["kind"] == base_kind and n in names}
             return [(n, by_size[m["size"]]) for n, m in members.items()
                     if n in names and m["kind"] != base_kind and m["size"] in by_size]
+        if self.size_of:
+            pairs = [(n, self.size_baselines[self.size_of[n]]) for n in names]
+            return [(n, b) for n, b in pairs if n != b and b in names]
         return [(n, self.baseline) for n in names if n != self.baseline]
 
 
@@ -225,28 +232,59 @@ def _scaled_mohge(hidden: int) -> dict:
 
 
 STUDY_HIDDEN = (32, 48, 80)
+SCREEN_HIDDEN = (48,)
 # Steps of every study run: 18 runs, two at a time, fit ~40 minutes on 2 idle cores (CPU
 # seconds per step measured at each size); the last 20% of the steps move the train loss by
 # a few percent (reported as the plateau figure).
 STUDY_ITERS = 1500  # head dim 8 .. 20; total params in the study report
 
 
-def _study() -> Preset:
-    # The default backbone recipe (4 layers, seq 64, 4 heads, same optimizer and data) at
-    # three widths; stock MoE with 16 experts of width = hidden, MoHGE with the tiny_mohge
-    # widths scaled by hidden/64 (0.8125x the stock routed params at every size). Single-rank
-    # runs (EP=1: the loss does not depend on EP), two at a time on two cores. Long enough
-    # that the last 20% of the steps move the train loss by only a few percent (reported).
+def _long_base() -> dict:
+    """The default backbone recipe (4 layers, seq 64, 4 heads, same optimizer and data) for
+    STUDY_ITERS steps on one rank (EP=1: the loss does not depend on EP)."""
     base = copy.deepcopy(_default().base)
     base["parallel"] = dict(expert_parallel=1)
     base["train"].update(iters=STUDY_ITERS, lr_warmup_iters=STUDY_ITERS // 10)
     base["eval"] = dict(interval=0, iters=8, final_iters=64)
     base["logging"]["interval"] = 50
+    return base
+
+
+def _screen_base() -> dict:
+    """The study's recipe with one micro-batch per step (the same 16 x 64 tokens a step; the
+    aux-loss statistics see the whole step): a third less CPU time per step on 2 cores."""
+    base = _long_base()
+    base["train"]["micro_batch_size"] = base["train"]["global_batch_size"]
+    return base
+
+
+def _stock(hidden: int, width: Optional[int] = None, aux: float = 1e-2) -> dict:
+    """The stock baseline of the CPU presets: 16 experts of ``width`` (default: hidden), top-2,
+    Megatron's aux loss at ``aux``."""
+    return dict(kind="moe", num_experts=16, expert_hidden_size=width or hidden, topk=2,
+                aux_loss_coeff=aux)
+
+
+def _check_sizes(sizes) -> tuple:
+    sizes = tuple(sizes)
+    if not sizes or any(not isinstance(h, int) or isinstance(h, bool) or h < 16 for h in sizes):
+        raise ConfigError(f"--sizes: give hidden sizes (integers >= 16), got {list(sizes)}")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"--sizes: sizes repeat in {list(sizes)}")
+    return sizes
+
+
+def _study(sizes=STUDY_HIDDEN) -> Preset:
+    # Stock MoE with 16 experts of width = hidden, MoHGE with the tiny_mohge widths scaled by
+    # hidden/64 (0.8125x the stock routed params at every size), at three widths. Two runs at
+    # a time on two cores. Long enough that the last 20% of the steps move the train loss by
+    # only a few percent (reported).
+    sizes = _check_sizes(sizes)
+    base = _long_base()
     runs, members = {}, {}
-    for h in STUDY_HIDDEN:
+    for h in sizes:
         model = dict(hidden_size=h)
-        stock = dict(kind="moe", num_experts=16, expert_hidden_size=h, topk=2,
-                     aux_loss_coeff=1e-2)
+        stock = _stock(h)
         for kind, moe in (("moe", stock), ("mohge", dict(kind="mohge", mohge=_scaled_mohge(h)))):
             name = f"{kind}_h{h}"
             runs[name] = {"moe": moe, "model": model}
@@ -254,19 +292,92 @@ def _study() -> Preset:
     return Preset(
         name="study",
         description=f"scaling study: stock MoE vs MoHGE (0.81x routed params) at hidden "
-                    f"{'/'.join(map(str, STUDY_HIDDEN))}, {STUDY_ITERS} steps, 3 seeds",
+                    f"{'/'.join(map(str, sizes))}, {STUDY_ITERS} steps, 3 seeds",
         base=base, runs=runs, nproc=1, jobs=2, seeds=(1234, 1235, 1236),
         study={"runs": members, "kinds": ["moe", "mohge"], "baseline_kind": "moe",
-               "sizes": [f"h{h}" for h in STUDY_HIDDEN]},
-        baseline="moe_h48",
+               "sizes": [f"h{h}" for h in sizes]},
+        baseline=f"moe_h{48 if 48 in sizes else sizes[0]}",
     )
 
 
-PRESETS = {"default": _default, "study": _study, "balance": _balance, "paper-3b": _paper_3b,
-           "load-balance-ablation": _ablation}
+def _screen(sizes=SCREEN_HIDDEN) -> Preset:
+    # Issue "MoHGE routing that learns": which router mechanism closes the quality gap? The
+    # study's recipe at one size; every arm is today's MoHGE (the tiny_mohge.yaml of
+    # RELEASED_SCREEN_BASE) with one mechanism switched, the proposed defaults, and two
+    # stock controls: moe_equal_total (16 experts of width 0.8125 x hidden: MoHGE's routed
+    # params) and moe_strong_balance (Megatron's aux loss at 0.5, as strong as today's
+    # per_group intra-group loss: the cost of regularisation alone).
+    sizes = _check_sizes(sizes)
+    base = _screen_base()
+    runs, size_of, baselines = {}, {}, {}
+    for h in sizes:
+        arms = _screen_arms(h)
+        for arm, moe in arms.items():
+            name = arm if len(sizes) == 1 else f"{arm}_h{h}"
+            runs[name] = {"moe": moe, "model": dict(hidden_size=h)}
+            size_of[name] = f"h{h}"
+        baselines[f"h{h}"] = "moe" if len(sizes) == 1 else f"moe_h{h}"
+    return Preset(
+        name="screen",
+        description=f"router-mechanism screen: stock MoE, today's MoHGE, each mechanism alone, "
+                    f"the proposed defaults and two stock controls at hidden "
+                    f"{'/'.join(map(str, sizes))}, {STUDY_ITERS} steps, 3 seeds",
+        base=base, runs=runs, nproc=1, jobs=2, seeds=(1234, 1235, 1236),
+        baseline=baselines[f"h{sizes[0]}"], kind="screen", size_of=size_of,
+        size_baselines=baselines)
 
 
-def get_preset(name: str) -> Preset:
+# Today's (pre-screen) MoHGE layer, the screen's reference arm: tiny_mohge.yaml as it was
+# before the screen chose new defaults (the released a_G start schedule, the per_group
+# intra-group loss at 0.5, renorm weights without a group-gradient path).
+RELEASED_SCREEN_BASE = dict(
+    router=dict(expert_weighting="renorm", group_gradient="none"),
+    losses=dict(group_coeff=0.01, group_start_fraction=0.5, group_loss_count="selections",
+                group_balance_coeff=0.0, intra_group_coeff=0.5, intra_group_mode="per_group",
+                expert_bias_update_rate=0.0))
+
+
+def _screen_arms(hidden: int) -> dict:
+    """``moe`` section of every screen arm at ``hidden`` (width multiple of 16)."""
+    def mohge(router=None, **losses) -> dict:
+        cfg = _scaled_mohge(hidden)
+        for section, values in RELEASED_SCREEN_BASE.items():
+            cfg[section].update(copy.deepcopy(values))
+        cfg["router"].update(router or {})
+        cfg["losses"].update(losses)
+        return dict(kind="mohge", mohge=cfg)
+
+    proposed = _scaled_mohge(hidden)  # the shipped defaults (tiny_mohge.yaml)
+    return {
+        "moe": _stock(hidden),
+        "mohge_today": mohge(),
+        # a. group balance on use from step 0 (cost steering unchanged)
+        "mohge_group_balance": mohge(group_balance_coeff=1e-2),
+        # b. a gradient path for the group gate when the K picks share a group
+        "mohge_unnormalized": mohge(router=dict(expert_weighting="unnormalized")),
+        "mohge_straight_through": mohge(router=dict(group_gradient="straight_through")),
+        # c. intra-group balancing that does not flatten the expert gate
+        "mohge_lossfree": mohge(intra_group_coeff=0.0, expert_bias_update_rate=1e-2),
+        "mohge_pg_used": mohge(intra_group_mode="per_group_used", intra_group_coeff=1e-2),
+        # d. the group (cost) loss counting assignments
+        "mohge_assignments": mohge(group_loss_count="assignments"),
+        "mohge": dict(kind="mohge", mohge=proposed),
+        "moe_equal_total": _stock(hidden, width=hidden * 13 // 16),
+        "moe_strong_balance": _stock(hidden, aux=0.5),
+    }
+
+
+PRESETS = {"default": _default, "study": _study, "screen": _screen, "balance": _balance,
+           "paper-3b": _paper_3b, "load-balance-ablation": _ablation}
+SIZED_PRESETS = ("study", "screen")  # presets whose sizes --sizes chooses
+
+
+def get_preset(name: str, sizes: Optional[list[int]] = None) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    if sizes is None:
+        return PRESETS[name]()
+    if name not in SIZED_PRESETS:
+        raise ConfigError(f"--sizes: preset {name} has one fixed size; --sizes applies to "
+                          f"{' and '.join(SIZED_PRESETS)}")
+    return PRESETS[name](sizes)

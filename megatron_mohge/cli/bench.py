@@ -7,7 +7,9 @@ layer microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PN
 with seed means and paired 95% intervals of every ratio to the baseline.
 
 Presets: ``default`` (CPU, 3 seeds, ~10 min on 2 cores), ``study`` (CPU scaling study:
-stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``paper-3b`` (the paper's
+stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``screen`` (CPU router-
+mechanism screen: 11 arms at hidden 48, 1,500 steps, 3 seeds, ~2.5 h on 2 cores; pick arms
+with ``--runs``, sizes with ``--sizes``), ``paper-3b`` (the paper's
 3B-class setting, for GPU clusters), ``load-balance-ablation`` (noisy top-k gating
 with/without its losses).
 """
@@ -48,6 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained at once (default: the preset's; study: 2)")
     p.add_argument("--runs", default=None, help="comma-separated subset of the preset's runs")
+    p.add_argument("--sizes", default=None,
+                   help="study / screen: comma-separated hidden sizes (multiples of 16), e.g. "
+                        "32,48,80 (default: the preset's)")
+    p.add_argument("--order", choices=("seed", "run"), default="seed",
+                   help="training order: seed (default: each seed's runs together, so every "
+                        "finished seed is a paired comparison) or run (each run's seeds "
+                        "together, in --runs order: a long screen stopped early keeps whole "
+                        "arms)")
     p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
     p.add_argument("--iters", type=int, default=None,
                    help="override the step budget of every run (quick checks)")
@@ -55,6 +65,16 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="write the run configs and print the commands without running them")
     return p.parse_args(argv)
+
+
+def parse_sizes(text):
+    """``--sizes 32,48`` -> [32, 48] (None: the preset's)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes {text}: give comma-separated integers, e.g. 32,48,80") from None
 
 
 def main(argv=None) -> int:
@@ -65,7 +85,7 @@ def _bench(args) -> int:
     from megatron_mohge.bench import e2e
     from megatron_mohge.bench.presets import get_preset
 
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset, parse_sizes(args.sizes))
     out = Path(args.out or f"runs/bench-{preset.name}")
     names = args.runs.split(",") if args.runs else list(preset.runs)
     if args.with_dense:
@@ -98,7 +118,7 @@ def _bench(args) -> int:
                 print(f"{PROG}: note: {lock.stale}", file=sys.stderr)
             results = e2e.run_bench(preset, out, names=names, data=args.data,
                                     tokenizer=args.tokenizer, seed=args.seed, seeds=args.seeds,
-                                    iters=args.iters, jobs=args.jobs,
+                                    iters=args.iters, jobs=args.jobs, order=args.order,
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
                                     json_keys=args.json_keys)

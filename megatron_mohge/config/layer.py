@@ -24,8 +24,10 @@ from megatron_mohge.sizes import ffn_params
 
 ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
 GROUP_SCORES = ("sigmoid", "softmax")
-EXPERT_WEIGHTINGS = ("renorm", "paper")
-INTRA_GROUP_MODES = ("paper", "per_group")
+EXPERT_WEIGHTINGS = ("renorm", "paper", "unnormalized")
+GROUP_GRADIENTS = ("none", "straight_through")
+GROUP_LOSS_COUNTS = ("selections", "assignments")
+INTRA_GROUP_MODES = ("paper", "per_group", "per_group_used")
 RELEASED_INTRA_GROUP_COEFF = 5e-3  # a_E of the released MoHGE-3B runs (paper mode)
 EXPERT_BACKENDS = ("auto", "local", "torch", "te")
 
@@ -37,6 +39,10 @@ class RouterConfig:
     type: str = "mohge"  # mohge (two-level) | noisy_topk | hierarchical_noisy_topk (Shazeer 2017)
     group_score: str = "sigmoid"  # group gate score s = sigmoid(u) as released; or softmax(u)
     expert_weighting: str = "renorm"  # renorm: q/sum(q) over chosen [ours]; paper: softmax(q_chosen)
+    #                                   unnormalized: q_chosen itself (group factor kept)
+    # LM gradient to the group gate when all K picks share a group (renorm cancels s_g there):
+    # none | straight_through (weights x exp(log s_g - stop_grad(log s_g)): same values)
+    group_gradient: str = "none"
     fp32: bool = True  # router math in fp32 (Megatron's moe_router_dtype='fp32')
     z_loss_coeff: Optional[float] = None  # ST-MoE z-loss on both gates; None disables
     input_jitter_eps: Optional[float] = None  # Switch input jitter, training only; None disables
@@ -49,13 +55,21 @@ class LossConfig:
     group_coeff: float = 1e-5  # a_G of the cost-weighted group-wise loss (released: 1e-5)
     group_cost_delta: Optional[float] = None  # Delta in c_g = 1 + (W_g - W_1)/Delta; None = mean width
     group_start_fraction: float = 0.5  # group loss is off before this fraction of training
+    # f_g of the group loss: selections (tokens that picked g among their Kg groups, released)
+    # | assignments (token-expert assignments to g's experts: what the group computes)
+    group_loss_count: str = "selections"
+    # [ours] group balance on use from step 0, 1 at balance (routing.losses.group_balance_loss);
+    # separate from the cost steering above, which keeps its own coefficient and schedule
+    group_balance_coeff: float = 0.0
     # a_E of the intra-group experts loss. The released setting is paper mode at 5e-3
     # (RELEASED_INTRA_GROUP_COEFF). Its loss sums sparse renormalised weights, which add up to
     # 1 per token, so it only moves weight among the chosen experts and sends almost no
     # gradient towards an idle one (scripts/probe_intra_group_grad.py). Default: per_group
     # (dense in-group softmax, 1 at perfect balance, as Megatron's aux loss) at 10x.
     intra_group_coeff: float = 5e-2
-    intra_group_mode: str = "per_group"  # per_group [ours] | paper: one Switch loss, count N*Kg
+    # per_group [ours]: inside each group over the tokens that selected it | per_group_used:
+    # over the tokens with a pick in it | paper: one Switch loss over all experts, count N*Kg
+    intra_group_mode: str = "per_group"
     # Loss-free balancing inside each group [ours, after arXiv 2408.15664]: a per-expert bias
     # on the in-group expert logits, used for top-K selection only, moved by
     # b_e += rate * sign(mean load of e's group - load_e) once per optimizer step from the
@@ -212,12 +226,14 @@ class MoHGEConfig(YamlDataclass):
                 f"MoHGEConfig.topk: K={self.topk} experts cannot always be found inside the "
                 f"Kg={self.group_topk} selected groups (the smallest {self.group_topk} groups hold "
                 f"only {reachable}); lower topk or raise group_topk.")
-        if self.router.type == "mohge" and self.group_topk == 1:
+        if (self.router.type == "mohge" and self.group_topk == 1
+                and self.router.group_gradient == "none"):
             warnings.warn(
                 "MoHGEConfig.group_topk=1: the group gate gets no gradient from the LM loss (q is "
                 "normalised inside the one selected group, so s_g cancels); it is trained only by "
-                "the group loss (losses.group_coeff, from losses.group_start_fraction on) and the "
-                "z-loss. Use group_topk >= 2 for a group choice learned from the task.",
+                "the group losses (losses.group_coeff, losses.group_balance_coeff) and the z-loss. "
+                "Set router.group_gradient: straight_through for a group choice learned from the "
+                "task.",
                 stacklevel=3)
         _check_int("num_shared_experts", self.num_shared_experts, 0)
         if self.num_shared_experts > 0:
@@ -235,6 +251,7 @@ class MoHGEConfig(YamlDataclass):
         _check_choice("router.type", r.type, ROUTER_TYPES)
         _check_choice("router.group_score", r.group_score, GROUP_SCORES)
         _check_choice("router.expert_weighting", r.expert_weighting, EXPERT_WEIGHTINGS)
+        _check_choice("router.group_gradient", r.group_gradient, GROUP_GRADIENTS)
         _check_bool("router.fp32", r.fp32)
         for name in ("z_loss_coeff", "input_jitter_eps"):
             v = getattr(r, name)
@@ -271,8 +288,16 @@ class MoHGEConfig(YamlDataclass):
                 raise ConfigError("MoHGEConfig.losses.group_cost_delta: must be > 0 (a width scale, "
                                   "e.g. 1024), or null for the mean expert width.")
         _check_choice("losses.intra_group_mode", lo.intra_group_mode, INTRA_GROUP_MODES)
+        _check_choice("losses.group_loss_count", lo.group_loss_count, GROUP_LOSS_COUNTS)
+        _check_number("losses.group_balance_coeff", lo.group_balance_coeff, 0.0)
         _check_number("losses.expert_bias_update_rate", lo.expert_bias_update_rate, 0.0)
         _check_bool("losses.global_batch_stats", lo.global_batch_stats)
+        if self.router.type != "mohge":
+            for name, off in (("losses.group_balance_coeff", lo.group_balance_coeff == 0),
+                              ("router.group_gradient", self.router.group_gradient == "none")):
+                if not off:
+                    raise ConfigError(f"MoHGEConfig.{name}: implemented for router.type 'mohge' "
+                                      f"only, not {self.router.type!r}; leave it at its default.")
         if lo.expert_bias_update_rate > 0 and self.router.type != "mohge":
             raise ConfigError(
                 "MoHGEConfig.losses.expert_bias_update_rate: loss-free balancing is implemented "

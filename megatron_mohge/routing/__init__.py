@@ -19,6 +19,7 @@ W       expert width (FFN hidden size)
 
 from megatron_mohge.routing.base import GroupedExpertRouter, find_routers, set_training_progress
 from megatron_mohge.routing.mohge_router import (
+    GROUP_BALANCE_LOSS_NAME,
     GROUP_LOSS_NAME,
     INTRA_GROUP_LOSS_NAME,
     MoHGERouter,
@@ -26,4 +27,5 @@ from megatron_mohge.routing.mohge_router import (
 from megatron_mohge.routing.stock import CountedTopKRouter
 
 __all__ = ["CountedTopKRouter", "GroupedExpertRouter", "MoHGERouter", "find_routers",
-           "set_training_progress", "GROUP_LOSS_NAME", "INTRA_GROUP_LOSS_NAME"]
+           "set_training_progress", "GROUP_BALANCE_LOSS_NAME", "GROUP_LOSS_NAME",
+           "INTRA_GROUP_LOSS_NAME"]

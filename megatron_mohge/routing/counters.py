@@ -77,6 +77,17 @@ class LayerRouting:
     rank_flops_max_over_mean: Optional[float] = None  # with EP > 1
     # CV of Importance_e (Shazeer et al. 2017): routers that count importance (noisy) only
     importance_cv: Optional[float] = None
+    # --- routing diagnostics (is the router learning?), see RoutingCounter.record_diagnostics
+    # share of token-expert assignments per group (group_token_share counts selections)
+    group_assignment_share: list[float] = field(default_factory=list)
+    max_group_share: Optional[float] = None  # the largest group's assignment share
+    same_group_fraction: Optional[float] = None  # tokens whose K picks share one group
+    ingroup_max_prob: Optional[float] = None  # mean max in-group probability (1/N_g: flat)
+    weight_gap: Optional[float] = None  # mean max - min combine weight of the K picks
+    # mean L2 norm of the gate weights' gradient per backward pass (one micro-batch on one
+    # rank, before data-parallel averaging; training only)
+    group_gate_grad_norm: Optional[float] = None
+    expert_gate_grad_norm: Optional[float] = None
 
     def figures(self) -> dict:
         """The figures as a dict; ``importance_cv`` only where the router measures it."""
@@ -122,7 +133,11 @@ class RoutingCounter(torch.nn.Module):
                             ("tokens_per_group_G", (num_groups,)), ("tokens_seen", ()),
                             ("maxvio_micro_sum", ()), ("maxvio_micro_n", ()),
                             ("maxvio_batch_sum", ()), ("maxvio_batch_n", ()),
-                            ("step_tokens_per_expert_E", (num_experts,))):
+                            ("step_tokens_per_expert_E", (num_experts,)),
+                            # [tokens, same_group, ingroup_max_prob, weight_gap] sums
+                            ("diag_sums", (4,)),
+                            # [group gate backward calls, sum of their grad norms, expert ...]
+                            ("grad_sums", (4,))):
             self.register_buffer(name, zeros(shape), persistent=False)
         self.step_forwards = 0  # training forwards since the last end_of_step (host int)
         # Noisy routers' Importance_e = sum of gate weights (Shazeer et al.): a window count
@@ -141,7 +156,22 @@ class RoutingCounter(torch.nn.Module):
         return self
 
     _WINDOW = ("tokens_per_expert_E", "tokens_per_group_G", "tokens_seen", "maxvio_micro_sum",
-               "maxvio_micro_n", "maxvio_batch_sum", "maxvio_batch_n")
+               "maxvio_micro_n", "maxvio_batch_sum", "maxvio_batch_n", "diag_sums", "grad_sums")
+
+    @torch.no_grad()
+    def record_diagnostics(self, sums: torch.Tensor) -> None:
+        """Add ``[tokens, same_group, ingroup_max_prob, weight_gap]`` sums of one forward call
+        (``routing.functional.routing_diagnostics``)."""
+        self.diag_sums += sums.to(self.diag_sums)
+
+    @torch.no_grad()
+    def add_gate_grad(self, gate: str, grad: torch.Tensor) -> None:
+        """Count one backward call's gradient norm of a gate weight (``gate``: ``group`` or
+        ``expert``), without a host sync."""
+        slot = {"group": 0, "expert": 2}[gate]
+        add = torch.stack([torch.ones((), dtype=torch.float64, device=grad.device),
+                           grad.detach().double().norm()])
+        self.grad_sums[slot:slot + 2] += add.to(self.grad_sums)
 
     @torch.no_grad()
     def record(self, routing_map_TE: torch.Tensor, group_mask_TG: Optional[torch.Tensor],
@@ -243,10 +273,28 @@ class RoutingCounter(torch.nn.Module):
         )
         if "importance_E" in win:
             out.importance_cv = cv(win["importance_E"])
+        self._diagnostics(out, win, layout)
         if layout.plan is not None and layout.plan.ep_size > 1 and assigned:
             flops = layout.plan.rank_flops(n_e.tolist())
             out.rank_flops_max_over_mean = max(flops) / (sum(flops) / len(flops))
         return out
+
+
+    @staticmethod
+    def _diagnostics(out: LayerRouting, win: dict, layout: RoutedLayout) -> None:
+        n_e = win["tokens_per_expert_E"]
+        a_g = torch.stack([n_e[a:b].sum() for a, b in group_bounds(layout.group_sizes)])
+        if float(a_g.sum()) > 0 and len(layout.group_sizes) > 1:
+            out.group_assignment_share = (a_g / a_g.sum()).tolist()
+            out.max_group_share = max(out.group_assignment_share)
+        tokens, same, inmax, gap = win["diag_sums"].tolist()
+        if tokens > 0:
+            out.weight_gap = gap / tokens
+            if len(layout.group_sizes) > 1:  # meaningless for one group of experts
+                out.same_group_fraction, out.ingroup_max_prob = same / tokens, inmax / tokens
+        g_calls, g_sum, e_calls, e_sum = win["grad_sums"].tolist()
+        out.group_gate_grad_norm = g_sum / g_calls if g_calls else None
+        out.expert_gate_grad_norm = e_sum / e_calls if e_calls else None
 
 
 def rank_flops_layouts(layout: RoutedLayout, tokens_per_expert: list[float],

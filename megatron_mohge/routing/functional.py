@@ -74,12 +74,15 @@ class TwoLevelRouting:
     group_mask_TG: torch.Tensor  # bool, the Kg groups S picked by the group gate
     group_scores_TG: torch.Tensor  # s = sigmoid(u) or softmax(u)
     in_group_probs_TE: torch.Tensor  # pi, softmax inside each group
+    expert_idx_TK: Optional[torch.Tensor] = None  # the K chosen experts (canonical ids)
+    weights_TK: Optional[torch.Tensor] = None  # their combine weights (probs_TE's non-zeros)
 
 
 def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, group_topk: int,
                     topk: int, group_score: str = "sigmoid",
                     expert_weighting: str = "renorm",
-                    selection_bias_E: Optional[torch.Tensor] = None) -> TwoLevelRouting:
+                    selection_bias_E: Optional[torch.Tensor] = None,
+                    group_gradient: str = "none") -> TwoLevelRouting:
     """MoHGE routing: group gate -> in-group softmax -> combined score -> exactly K experts.
 
     1. ``s = sigmoid(u)`` (or softmax); ``S`` = the Kg groups of largest ``s``, selected on
@@ -88,9 +91,19 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
     3. ``q_{g,i} = s_g * 1[g in S] * pi_{g,i}``, normalised to sum 1 over all experts.
     4. top-K of ``q`` over all experts (no per-group quota), always inside ``S``.
     5. weights: ``renorm`` -> ``q_chosen / sum(q_chosen)``; ``paper`` -> ``softmax(q_chosen)``
-       (the released code's softmax over probabilities). With K=1 both would be a constant 1
-       and give the gates no gradient (why Megatron rejects softmax-after-top-1), so the
-       weight is ``q_chosen`` itself, as Megatron's pre-softmax top-1.
+       (the released code's softmax over probabilities); ``unnormalized`` -> ``q_chosen``
+       (no re-normalisation over the chosen experts, as DeepSeek-V2's group-limited gate: the
+       group factor ``s_g / sum_{h in S} s_h`` stays in the weights). With K=1 renorm and
+       paper would be a constant 1 and give the gates no gradient (why Megatron rejects
+       softmax-after-top-1), so the weight is ``q_chosen`` itself, as Megatron's pre-softmax
+       top-1.
+
+    Why the group gate can starve: with ``renorm`` and all K picks in one group ``g``,
+    ``w = pi_i / sum_chosen pi`` -- ``s_g`` cancels and the LM loss sends the group gate no
+    gradient (with Kg=1 always). ``group_gradient="straight_through"`` multiplies each chosen
+    weight by ``exp(log s_g - stop_grad(log s_g))``: exactly 1 in value (forward unchanged),
+    while the backward pass sees the output scaled by ``s_g`` (d out / d log s_g = the group's
+    part of the output), so the group gate learns from the task in that case too.
 
     ``q`` is computed as ``log q = log s_g + log pi_{g,i} - logsumexp`` so that it stays exact
     and differentiable when ``s`` or ``pi`` underflow in fp32 (group logits below ~ -88, or
@@ -109,8 +122,10 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
         s_TG, log_s_TG = torch.softmax(u_TG, dim=-1), torch.log_softmax(u_TG, dim=-1)
     else:
         raise ValueError(f"unknown group_score {group_score!r}")
-    if expert_weighting not in ("renorm", "paper"):
+    if expert_weighting not in ("renorm", "paper", "unnormalized"):
         raise ValueError(f"unknown expert_weighting {expert_weighting!r}")
+    if group_gradient not in ("none", "straight_through"):
+        raise ValueError(f"unknown group_gradient {group_gradient!r}")
     _, gidx_TK = torch.topk(u_TG, k=group_topk, dim=-1)  # s is monotone in u
     group_mask_TG = torch.zeros_like(u_TG, dtype=torch.bool).scatter(1, gidx_TK, True)
 
@@ -135,15 +150,53 @@ def two_level_route(u_TG: torch.Tensor, z_TE: torch.Tensor, index: GroupIndex, g
         select_TE = log_s_TG.masked_fill(~group_mask_TG, float("-inf"))[:, group_of] + log_pib_TE
     _, eidx_TK = torch.topk(select_TE, k=topk, dim=-1)
     log_q_chosen_TK = log_q_TE.gather(1, eidx_TK)
-    if topk == 1:
+    if topk == 1 or expert_weighting == "unnormalized":
         w_TK = log_q_chosen_TK.exp()
     elif expert_weighting == "renorm":
         w_TK = torch.softmax(log_q_chosen_TK, dim=-1)  # = q_chosen / sum(q_chosen)
     else:
         w_TK = torch.softmax(log_q_chosen_TK.exp(), dim=-1)
+    if group_gradient == "straight_through":
+        log_s_chosen_TK = log_s_TG.gather(1, group_of[eidx_TK])
+        w_TK = w_TK * torch.exp(log_s_chosen_TK - log_s_chosen_TK.detach())  # == w_TK in value
     probs_TE = torch.zeros_like(z_TE).scatter(1, eidx_TK, w_TK)
     routing_map_TE = torch.zeros_like(z_TE, dtype=torch.bool).scatter(1, eidx_TK, True)
-    return TwoLevelRouting(probs_TE, routing_map_TE, group_mask_TG, s_TG, log_pi_TE.exp())
+    return TwoLevelRouting(probs_TE, routing_map_TE, group_mask_TG, s_TG, log_pi_TE.exp(),
+                           eidx_TK, w_TK)
+
+
+@torch.no_grad()
+def routing_diagnostics(r: TwoLevelRouting, index: GroupIndex,
+                        keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """Sums over this call's (valid) tokens of three per-token figures, as one float64
+    vector ``[tokens, same_group, ingroup_max_prob, weight_gap]``:
+
+    * ``same_group``: 1 when all K picks lie in one group (where ``renorm`` gives the group
+      gate no LM gradient, see :func:`two_level_route`);
+    * ``ingroup_max_prob``: the largest in-group probability ``max_i pi_{g,i}``, averaged
+      over the token's Kg selected groups (``1/N_g`` is a flat expert gate);
+    * ``weight_gap``: max - min combine weight of the chosen experts (0: the weights carry no
+      preference among the picks).
+    """
+    g_TK = index.group_of_expert_E[r.expert_idx_TK]
+    same_T = (g_TK == g_TK[:, :1]).all(dim=-1).double()
+    pi_max_TG = index.to_padded(r.in_group_probs_TE.double(), 0.0).amax(dim=-1)
+    gm_TG = r.group_mask_TG.double()
+    inmax_T = (pi_max_TG * gm_TG).sum(-1) / gm_TG.sum(-1)
+    w_TK = r.weights_TK.double()
+    gap_T = w_TK.amax(dim=-1) - w_TK.amin(dim=-1)
+    return token_sums(keep_T1, same_T, inmax_T, gap_T)
+
+
+@torch.no_grad()
+def token_sums(keep_T1: Optional[torch.Tensor], *per_token_T: torch.Tensor) -> torch.Tensor:
+    """``[valid tokens, sum of each per-token figure over valid tokens]`` in float64."""
+    x_TF = torch.stack(per_token_T, dim=-1).double()
+    if keep_T1 is None:
+        tokens = torch.tensor([float(x_TF.shape[0])], dtype=torch.float64, device=x_TF.device)
+        return torch.cat([tokens, x_TF.sum(0)])
+    keep = keep_T1.reshape(-1, 1).to(x_TF)
+    return torch.cat([keep.sum().reshape(1), (x_TF * keep).sum(0)])
 
 
 def valid_token_mask(num_tokens: int, padding_mask: Optional[torch.Tensor],

@@ -42,24 +42,49 @@ class TokenCounts:
     num_tokens: torch.Tensor  # scalar: valid tokens over the reduce group
     tokens_per_group_G: torch.Tensor  # tokens whose selected groups S include g
     tokens_per_expert_E: torch.Tensor  # tokens routed to each expert (canonical order)
+    # tokens with at least one of their K experts in group g (a subset of the selections)
+    tokens_using_group_G: Optional[torch.Tensor] = None
+
+    def pack(self) -> torch.Tensor:
+        used = self.tokens_using_group_G
+        return torch.cat([self.num_tokens.reshape(1), self.tokens_per_group_G,
+                          self.tokens_per_expert_E,
+                          torch.zeros_like(self.tokens_per_group_G) if used is None else used])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor, num_groups: int) -> "TokenCounts":
+        g = num_groups
+        return cls(packed[0], packed[1:1 + g], packed[1 + g:-g], packed[-g:])
 
     def scaled(self, factor: float) -> "TokenCounts":
-        return TokenCounts(self.num_tokens * factor, self.tokens_per_group_G * factor,
-                           self.tokens_per_expert_E * factor)
+        return TokenCounts.unpack(self.pack() * factor, self.tokens_per_group_G.numel())
+
+    def assignments_per_group(self, index: GroupIndex) -> torch.Tensor:
+        """Token-expert assignments per group (what the group's experts compute), [G]."""
+        return torch.zeros_like(self.tokens_per_group_G).index_add_(
+            0, index.group_of_expert_E.to(self.tokens_per_expert_E.device),
+            self.tokens_per_expert_E)
 
 
 def count_tokens(group_mask_TG: torch.Tensor, routing_map_TE: torch.Tensor,
-                 keep_T1: Optional[torch.Tensor], reduce_group) -> TokenCounts:
+                 keep_T1: Optional[torch.Tensor], reduce_group,
+                 index: Optional[GroupIndex] = None) -> TokenCounts:
+    """Counts of one micro-batch summed over ``reduce_group``; ``index`` given: also the
+    tokens that use each group (``tokens_using_group_G``)."""
     gm = group_mask_TG.float()
     rm = routing_map_TE.float()
+    used = (torch.zeros_like(gm) if index is None
+            else index.to_padded(rm, 0.0).amax(dim=-1))  # [T, G]: 1 if any pick in g
     if keep_T1 is not None:
-        gm, rm = gm * keep_T1, rm * keep_T1
+        gm, rm, used = gm * keep_T1, rm * keep_T1, used * keep_T1
         local_tokens = keep_T1.sum()
     else:
         local_tokens = torch.tensor(float(rm.shape[0]), device=rm.device)
-    packed = global_sum(torch.cat([local_tokens.reshape(1), gm.sum(0), rm.sum(0)]), reduce_group)
-    g = gm.shape[1]
-    return TokenCounts(packed[0], packed[1:1 + g], packed[1 + g:])
+    local = TokenCounts(local_tokens, gm.sum(0), rm.sum(0), used.sum(0))
+    counts = TokenCounts.unpack(global_sum(local.pack(), reduce_group), gm.shape[1])
+    if index is None:
+        counts.tokens_using_group_G = None
+    return counts
 
 
 class GlobalBatchCounts:
@@ -74,34 +99,78 @@ class GlobalBatchCounts:
         self.steps = 0
 
     def add(self, counts: TokenCounts) -> TokenCounts:
-        packed = torch.cat([counts.num_tokens.reshape(1), counts.tokens_per_group_G,
-                            counts.tokens_per_expert_E])
+        packed = counts.pack()
         self.sum = packed if self.sum is None else self.sum + packed
         self.steps += 1
-        mean = self.sum / self.steps
-        g = counts.tokens_per_group_G.numel()
-        return TokenCounts(mean[0], mean[1:1 + g], mean[1 + g:])
+        mean = TokenCounts.unpack(self.sum / self.steps, counts.tokens_per_group_G.numel())
+        if counts.tokens_using_group_G is None:
+            mean.tokens_using_group_G = None
+        return mean
 
     def reset(self) -> None:
         self.sum, self.steps = None, 0
 
 
-def group_aux_loss(u_TG: torch.Tensor, counts: TokenCounts, costs_G: torch.Tensor,
-                   group_topk: int, coeff: float, keep_T1: Optional[torch.Tensor],
-                   load: Optional[TokenCounts] = None) -> torch.Tensor:
-    """Cost-weighted group-wise loss ``a_G * Ng * sum_g c_g f_g P_g``.
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else 0. Counts averaged over micro-batches (global-batch
+    statistics) can be fractional: a ``clamp_min(1)`` on them would scale small loads down."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
+                       torch.zeros_like(num))
 
-    ``f_g = n_g / (T * Kg)`` (share of group selections), ``P_g = mean_t softmax(u_t)_g``
-    (dense softmax even when the gate scores with sigmoid), ``c_g = 1 + (W_g - W_1)/Delta``.
-    Minimising it steers tokens towards cheap groups.
-    """
+
+def _group_probs(u_TG: torch.Tensor, counts: TokenCounts,
+                 keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """``P_g = mean_t softmax(u_t)_g`` (dense softmax even when the gate scores with sigmoid):
+    this rank's part of the global mean."""
     p_TG = torch.softmax(u_TG.float(), dim=-1)
     if keep_T1 is not None:
         p_TG = p_TG * keep_T1
+    return safe_div(p_TG.sum(0), counts.num_tokens)
+
+
+def group_use(load: TokenCounts, count: str, group_topk: int, topk: int,
+              index: GroupIndex) -> torch.Tensor:
+    """``f_g``, each group's share of use: ``selections`` -> ``n_g / (T * Kg)`` (tokens whose
+    Kg picked groups include g, the released count); ``assignments`` -> ``a_g / (T * K)``
+    (token-expert assignments to g's experts: what the group computes)."""
+    if count == "selections":
+        return safe_div(load.tokens_per_group_G, load.num_tokens * group_topk)
+    if count == "assignments":
+        return safe_div(load.assignments_per_group(index), load.num_tokens * topk)
+    raise ValueError(f"unknown group count {count!r}")
+
+
+def group_aux_loss(u_TG: torch.Tensor, counts: TokenCounts, costs_G: torch.Tensor,
+                   group_topk: int, coeff: float, keep_T1: Optional[torch.Tensor],
+                   load: Optional[TokenCounts] = None, *, count: str = "selections",
+                   topk: Optional[int] = None,
+                   index: Optional[GroupIndex] = None) -> torch.Tensor:
+    """Cost-weighted group-wise loss ``a_G * Ng * sum_g c_g f_g P_g``.
+
+    ``f_g``: :func:`group_use` (``count``), ``P_g = mean_t softmax(u_t)_g``,
+    ``c_g = 1 + (W_g - W_1)/Delta``. Minimising it steers tokens towards cheap groups.
+    """
     load = counts if load is None else load
-    f_G = load.tokens_per_group_G / (load.num_tokens.clamp_min(1.0) * group_topk)
-    P_G = p_TG.sum(0) / counts.num_tokens.clamp_min(1.0)  # local part of the global mean
-    return coeff * u_TG.shape[1] * torch.sum(costs_G * f_G * P_G)
+    f_G = group_use(load, count, group_topk, topk, index)
+    return coeff * u_TG.shape[1] * torch.sum(costs_G * f_G * _group_probs(u_TG, counts, keep_T1))
+
+
+def group_balance_loss(u_TG: torch.Tensor, counts: TokenCounts, index: GroupIndex,
+                       group_sizes: Sequence[int], topk: int, coeff: float,
+                       keep_T1: Optional[torch.Tensor],
+                       load: Optional[TokenCounts] = None) -> torch.Tensor:
+    """[ours] Group balance on actual use: ``a_B * sum_g f_g P_g / t_g``.
+
+    ``f_g = a_g / (T * K)`` (share of expert assignments in group g), ``t_g = N_g / E`` (its
+    share at balance: every expert equally loaded), ``P_g = mean_t softmax(u_t)_g``. 1 at
+    perfect balance, as Megatron's aux loss. Unlike the cost loss it has no schedule: it
+    keeps the groups in use from the first step, so no group's experts starve early.
+    """
+    load = counts if load is None else load
+    sizes_G = torch.tensor([float(n) for n in group_sizes], device=u_TG.device)
+    t_G = sizes_G / sizes_G.sum()
+    f_G = group_use(load, "assignments", 1, topk, index)
+    return coeff * torch.sum(f_G * _group_probs(u_TG, counts, keep_T1) / t_G)
 
 
 def intra_group_loss_paper(probs_TE: torch.Tensor, counts: TokenCounts, topk: int,
@@ -117,8 +186,8 @@ def intra_group_loss_paper(probs_TE: torch.Tensor, counts: TokenCounts, topk: in
     if keep_T1 is not None:
         w_TE = w_TE * keep_T1
     load = counts if load is None else load
-    f_E = load.tokens_per_expert_E / (load.num_tokens.clamp_min(1.0) * topk)
-    P_E = w_TE.sum(0) / counts.num_tokens.clamp_min(1.0)
+    f_E = safe_div(load.tokens_per_expert_E, load.num_tokens * topk)
+    P_E = safe_div(w_TE.sum(0), counts.num_tokens)
     return coeff * (mean_group_size * group_topk) * torch.sum(f_E * P_E)
 
 
@@ -126,25 +195,36 @@ def intra_group_loss_per_group(pi_TE: torch.Tensor, group_mask_TG: torch.Tensor,
                                counts: TokenCounts, index: GroupIndex,
                                group_sizes: Sequence[int], coeff: float,
                                keep_T1: Optional[torch.Tensor],
-                               load: Optional[TokenCounts] = None) -> torch.Tensor:
+                               load: Optional[TokenCounts] = None,
+                               routing_map_TE: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[ours] Switch loss inside each group over the tokens routed to it.
 
-    For group ``g`` with tokens ``T_g`` (those that selected ``g``):
-    ``L_g = N_g * sum_i f_{g,i} P_{g,i}``, ``f_{g,i}`` = share of the group's expert
-    assignments that went to expert ``i``, ``P_{g,i} = mean_{t in T_g} pi_{t,g,i}`` (in-group
-    softmax). ``L = a_E * sum_g share_g * L_g`` with ``share_g = n_g / sum_h n_h``. Each
-    ``L_g`` is 1 when group ``g`` is balanced, so ``L / a_E`` is 1 at perfect balance.
+    For group ``g`` with tokens ``T_g``: ``L_g = N_g * sum_i f_{g,i} P_{g,i}``, ``f_{g,i}`` =
+    share of the group's expert assignments that went to expert ``i``,
+    ``P_{g,i} = mean_{t in T_g} pi_{t,g,i}`` (in-group softmax). ``L = a_E * sum_g share_g *
+    L_g`` with ``share_g = |T_g| / sum_h |T_h|``. Each ``L_g`` is 1 when group ``g`` is
+    balanced, so ``L / a_E`` is 1 at perfect balance.
+
+    ``T_g``: the tokens that selected ``g`` (``per_group``); with ``routing_map_TE`` given,
+    only those with at least one of their K experts in ``g`` (``per_group_used``: a token
+    whose picks all went elsewhere says nothing about g's experts, yet would pull their
+    in-group softmax towards uniform). Needs ``counts.tokens_using_group_G`` then.
     """
-    sel_TE = group_mask_TG[:, index.group_of_expert_E].float()
-    if keep_T1 is not None:
-        sel_TE = sel_TE * keep_T1
-    load = counts if load is None else load
-    n_G, n_E = load.tokens_per_group_G, load.tokens_per_expert_E
     g_of_e = index.group_of_expert_E
-    assigned_G = torch.zeros_like(n_G).index_add_(0, g_of_e, n_E)
-    f_E = n_E / assigned_G[g_of_e].clamp_min(1.0)
-    P_E = (pi_TE.float() * sel_TE).sum(0) / counts.tokens_per_group_G[g_of_e].clamp_min(1.0)
-    share_G = n_G / n_G.sum().clamp_min(1.0)
+    if routing_map_TE is None:
+        member_TE = group_mask_TG[:, g_of_e].float()
+        members = lambda c: c.tokens_per_group_G  # noqa: E731
+    else:
+        member_TE = index.to_padded(routing_map_TE.float(), 0.0).amax(dim=-1)[:, g_of_e]
+        members = lambda c: c.tokens_using_group_G  # noqa: E731
+    if keep_T1 is not None:
+        member_TE = member_TE * keep_T1
+    load = counts if load is None else load
+    n_E = load.tokens_per_expert_E
+    f_E = safe_div(n_E, load.assignments_per_group(index)[g_of_e])
+    P_E = safe_div((pi_TE.float() * member_TE).sum(0), members(counts)[g_of_e])
+    n_G = members(load)
+    share_G = safe_div(n_G, n_G.sum())
     sizes_E = torch.tensor([float(group_sizes[g]) for g in g_of_e.tolist()], device=pi_TE.device)
     return coeff * torch.sum(share_G[g_of_e] * sizes_E * f_E * P_E)
 

@@ -17,9 +17,14 @@ from megatron_mohge.routing.base import (
     warn_once,
     warn_progress_unknown,
 )
-from megatron_mohge.routing.functional import two_level_route, valid_token_mask
+from megatron_mohge.routing.functional import (
+    routing_diagnostics,
+    two_level_route,
+    valid_token_mask,
+)
 
 GROUP_LOSS_NAME = "mohge_group_loss"
+GROUP_BALANCE_LOSS_NAME = "mohge_group_balance_loss"
 INTRA_GROUP_LOSS_NAME = "mohge_intra_group_loss"
 
 
@@ -44,6 +49,7 @@ class MoHGERouter(GroupedExpertRouter):
                          group_sizes=mohge_config.experts_per_group,
                          slot_to_canonical=self.plan.slot_to_canonical)
         self.group_weight = self.new_gate_weight(mohge_config.num_groups)
+        self.watch_gate_grad(self.group_weight, "group")
         self.register_buffer("group_costs_G", torch.tensor(mohge_config.group_costs),
                              persistent=False)
         lo = mohge_config.losses
@@ -79,46 +85,57 @@ class MoHGERouter(GroupedExpertRouter):
 
         z_TE = self.apply_z_loss(z_TE, keep_T1, u_TG)
 
+        ro = self.mohge.router
         r = two_level_route(u_TG, z_TE, index, self.mohge.group_topk, self.mohge.topk,
-                            self.mohge.router.group_score, self.mohge.router.expert_weighting,
-                            selection_bias_E=self._selection_bias())
+                            ro.group_score, ro.expert_weighting,
+                            selection_bias_E=self._selection_bias(),
+                            group_gradient=ro.group_gradient)
         probs_TE = r.probs_TE
         if training:
             probs_TE = self._attach_losses(probs_TE, u_TG, r, keep_T1)
         self.record_counts(r.routing_map_TE, r.group_mask_TG, keep_T1)
+        self.counter.record_diagnostics(routing_diagnostics(r, index, keep_T1))
         return self.to_slot_order(probs_TE, r.routing_map_TE)
 
     def _attach_losses(self, probs_TE, u_TG, r, keep_T1):
         lo = self.mohge.losses
         group_on = self.group_loss_active()
-        if not group_on and lo.intra_group_coeff <= 0:
+        if not group_on and lo.intra_group_coeff <= 0 and lo.group_balance_coeff <= 0:
             return probs_TE
+        index = self.group_index(probs_TE.device)
         if self.global_counts is None:
-            counts = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1, self.tp_cp_group)
+            counts = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1, self.tp_cp_group,
+                                    index)
             load = None
         else:
             # f from the step's global counts; P normalised by this micro-batch's global counts
             # per data-parallel replica, so that DDP's gradient mean over DP equals the
             # gradient of one rank seeing the whole batch.
             glob = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1,
-                                  self.tp_dp_cp_group)
+                                  self.tp_dp_cp_group, index)
             counts = glob.scaled(self.tp_cp_group.size() / self.tp_dp_cp_group.size())
             load = self.global_counts.add(glob)
+        m = self.mohge
         if group_on:
             loss = L.group_aux_loss(u_TG, counts, self.group_costs_G.to(u_TG.device),
-                                    self.mohge.group_topk, lo.group_coeff, keep_T1, load)
+                                    m.group_topk, lo.group_coeff, keep_T1, load,
+                                    count=lo.group_loss_count, topk=m.topk, index=index)
             probs_TE = self.log_aux(probs_TE, lo.group_coeff, loss, GROUP_LOSS_NAME, keep_T1)
+        if lo.group_balance_coeff > 0:
+            loss = L.group_balance_loss(u_TG, counts, index, self.group_sizes, m.topk,
+                                        lo.group_balance_coeff, keep_T1, load)
+            probs_TE = self.log_aux(probs_TE, lo.group_balance_coeff, loss,
+                                    GROUP_BALANCE_LOSS_NAME, keep_T1)
         if lo.intra_group_coeff > 0:
             if lo.intra_group_mode == "paper":
-                mean_n = self.mohge.num_experts / self.mohge.num_groups
-                loss = L.intra_group_loss_paper(probs_TE, counts, self.mohge.topk,
-                                                self.mohge.group_topk, mean_n,
+                mean_n = m.num_experts / m.num_groups
+                loss = L.intra_group_loss_paper(probs_TE, counts, m.topk, m.group_topk, mean_n,
                                                 lo.intra_group_coeff, keep_T1, load)
             else:
+                used = r.routing_map_TE if lo.intra_group_mode == "per_group_used" else None
                 loss = L.intra_group_loss_per_group(
-                    r.in_group_probs_TE, r.group_mask_TG, counts,
-                    self.group_index(probs_TE.device), self.group_sizes, lo.intra_group_coeff,
-                    keep_T1, load)
+                    r.in_group_probs_TE, r.group_mask_TG, counts, index, self.group_sizes,
+                    lo.intra_group_coeff, keep_T1, load, routing_map_TE=used)
             probs_TE = self.log_aux(probs_TE, lo.intra_group_coeff, loss, INTRA_GROUP_LOSS_NAME,
                                     keep_T1)
         return probs_TE

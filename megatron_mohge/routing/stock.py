@@ -23,6 +23,7 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_mohge.routing.counters import LayerRouting, RoutedLayout, RoutingCounter
+from megatron_mohge.routing.functional import token_sums
 from megatron_mohge.sizes import ffn_params
 
 
@@ -38,6 +39,7 @@ class CountedTopKRouter(TopKRouter):
         # uniform stock experts: one group (our routers replace both)
         self.group_sizes = [self.config.num_moe_experts]
         self.counter = RoutingCounter(self.config.num_moe_experts, 1)
+        self.watch_gate_grad(self.weight, "expert")
         self.training_progress: Optional[float] = None
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -46,9 +48,19 @@ class CountedTopKRouter(TopKRouter):
         if padding_mask is not None:  # Megatron: True marks padding
             keep_T1 = (~padding_mask.reshape(-1, 1).bool()).to(torch.float64)
         # routed under grad = a training forward (the counter itself runs without grad)
-        self.counter.record(routing_map.reshape(-1, self.counter.tokens_per_expert_E.numel()),
-                            None, keep_T1, training=self.training and torch.is_grad_enabled())
+        E = self.counter.tokens_per_expert_E.numel()
+        rm_TE = routing_map.reshape(-1, E)
+        self.counter.record(rm_TE, None, keep_T1, training=self.training and torch.is_grad_enabled())
+        self.counter.record_diagnostics(_stock_diagnostics(probs.reshape(-1, E), rm_TE, keep_T1))
         return probs, routing_map
+
+    def watch_gate_grad(self, weight: torch.nn.Parameter, gate: str) -> None:
+        """Count ``weight``'s gradient norm on every backward pass into ``self.counter``
+        (``gate``: ``group`` or ``expert``). A tensor hook sees one backward call's gradient
+        before it is accumulated, whatever wraps the model (DDP, distributed optimizer,
+        Megatron-LM's loop); the counter is looked up when the hook fires, as subclasses
+        replace it."""
+        weight.register_hook(lambda grad: self.counter.add_gate_grad(gate, grad))
 
     # ------------------------------------------------------------- what readers see
     def routed_layout(self) -> RoutedLayout:
@@ -78,3 +90,15 @@ class CountedTopKRouter(TopKRouter):
     def extra_figures(self) -> dict:
         """Router state reported beside the routing figures (MoHGE: the balance bias)."""
         return {}
+
+
+@torch.no_grad()
+def _stock_diagnostics(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor,
+                       keep_T1: Optional[torch.Tensor]) -> torch.Tensor:
+    """``routing_diagnostics``' sums for one group of experts: only the weight gap of the
+    picks is defined (same group and in-group max are left 0; the figures omit them)."""
+    w_TE = probs_TE.double()
+    hi_T = w_TE.masked_fill(~routing_map_TE, float("-inf")).amax(-1)
+    lo_T = w_TE.masked_fill(~routing_map_TE, float("inf")).amin(-1)
+    zero_T = torch.zeros_like(hi_T)
+    return token_sums(keep_T1, zero_T, zero_T, hi_T - lo_T)

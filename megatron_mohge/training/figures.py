@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mohge.metrics import rank_flops_layouts, routers
+from megatron_mohge.training import diagnostics
 from megatron_mohge.training import mcore as M
 from megatron_mohge.util.numbers import mean_by_ep, mean_present, standard_error
 
@@ -125,5 +126,7 @@ def run_summary(run, state, counts: dict, layers: list[dict], final_loss: float,
         # the same figures measured on the training batches of the last quarter of training
         # (the GPU work of training; the held-out routing above has no optimizer steps)
         **{f"train_{k}": v for k, v in train_balance(state.history, run.train.iters).items()},
+        # is the router learning? (training windows: same-group picks, gate gradients, ...)
+        routing_diagnostics=diagnostics.run_diagnostics(state.history, run.train.iters),
         layers=layers, history=state.history, evals=state.evals,
     )

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_mohge.training import diagnostics
+
 
 def tensorboard_writer(log_dir: Path, run_name: str):
     """A TensorBoard ``SummaryWriter``, or None with a one-line warning when the optional
@@ -38,8 +40,10 @@ def log_interval(rec: dict, share: Optional[list], width: Optional[float], run_n
                         f"{flops.get('all_size_max_over_mean', flops['contiguous_max_over_mean']):.2f}")
     share_txt = ("share [" + " ".join(f"{s:.2f}" for s in share) + "]") if share and len(share) > 1 else ""
     width_txt = f"width {width:.1f}" if width is not None else ""
+    diag_txt = diagnostics.log_text(rec.get("diagnostics"))
     log(f"[{run_name}] it {it:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-        f"{rec['tokens_per_s']:,.0f} tok/s | {aux_txt} {share_txt} {width_txt}".rstrip())
+        f"{rec['tokens_per_s']:,.0f} tok/s | {aux_txt} {share_txt} {width_txt}".rstrip()
+        + (f" | {diag_txt}" if diag_txt else ""))
     if writer is None:
         return
     writer.add_scalar("train/loss", rec["loss"], it)
@@ -53,6 +57,10 @@ def log_interval(rec: dict, share: Optional[list], width: Optional[float], run_n
         writer.add_scalar(f"routing/group_share/g{g}", s, it)
     if width is not None:
         writer.add_scalar("routing/mean_chosen_width", width, it)
+    for k in diagnostics.SCALARS:
+        v = (rec.get("diagnostics") or {}).get(k)
+        if v is not None:
+            writer.add_scalar(f"routing/{k}", v, it)
     writer.flush()
 
 

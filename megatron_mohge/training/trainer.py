@@ -37,6 +37,7 @@ from megatron_mohge.metrics import (
 )
 from megatron_mohge.run_config import RunConfig
 from megatron_mohge.training import checkpoint as ckpt_lib
+from megatron_mohge.training import diagnostics
 from megatron_mohge.training import figures
 from megatron_mohge.training import health as health_lib
 from megatron_mohge.training import mcore as M
@@ -297,7 +298,8 @@ class Trainer:
         width = (sum(l["mean_chosen_width"] for l in layers) / len(layers)) if layers else None
         rec = dict(iteration=it, loss=loss_sum / steps, lr=last["lr"], grad_norm=last["grad_norm"],
                    tokens_per_s=steps * tokens_per_step / seconds, aux=aux, group_share=share,
-                   mean_chosen_width=width, **figures.balance_figures(layers))
+                   mean_chosen_width=width, **figures.balance_figures(layers),
+                   diagnostics=diagnostics.window_record(layers) if layers else None)
         # rank 0's record on every rank: checkpoints require identical common state
         box = [rec]
         dist.broadcast_object_list(box, src=0)

@@ -48,9 +48,11 @@ def update_training_progress(model, args) -> None:
 def mohge_aux_loss_names(cfg: MoHGEConfig) -> list[str]:
     """Aux-loss tracker names the routers of ``cfg`` log (those with a non-zero coefficient)."""
     if cfg.router.type == "mohge":
-        from megatron_mohge.routing.mohge_router import GROUP_LOSS_NAME, INTRA_GROUP_LOSS_NAME
+        from megatron_mohge.routing.mohge_router import (GROUP_BALANCE_LOSS_NAME,
+                                                         GROUP_LOSS_NAME, INTRA_GROUP_LOSS_NAME)
 
         pairs = ((cfg.losses.group_coeff, GROUP_LOSS_NAME),
+                 (cfg.losses.group_balance_coeff, GROUP_BALANCE_LOSS_NAME),
                  (cfg.losses.intra_group_coeff, INTRA_GROUP_LOSS_NAME))
     else:
         from megatron_mohge.routing.noisy_topk import IMPORTANCE_LOSS_NAME, LOAD_LOSS_NAME
