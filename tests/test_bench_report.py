@@ -66,6 +66,15 @@ def make_results(with_optional=True):
                      train_rank_flops_by_ep={"2": {"contiguous_max_over_mean": 1.3}})
             r["curves"]["maxvio_batch"] = [None, 2.0, 1.5, 1.0, 0.8, 0.5]
             r["curves"]["rank_flops_ep2"] = [1.3, 1.2, 1.1, 1.05, flops or 1.4, flops or 1.4]
+            r["curves"]["expert_load_cv"] = [0.9, 0.7, 0.5, 0.4, 0.3, cv]
+        runs["mohge"]["curves"].update(
+            diag_same_group_fraction=[0.8, 0.7, 0.7, 0.6, 0.6, 0.62],
+            diag_group_gate_grad_norm=[0.01, 0.02, 0.05, 0.1, 0.1, 0.1],
+            diag_expert_gate_grad_norm=[0.4] * 6, diag_max_group_share=[0.8, 0.6, 0.5, 0.4, 0.4, 0.4])
+        runs["mohge"]["routing_diagnostics"] = {"mean": dict(
+            same_group_fraction=0.62, ingroup_max_prob=0.41, weight_gap=0.12, gate_grad_ratio=0.25,
+            max_group_share=0.4, group_assignment_share=[0.4, 0.35, 0.25],
+            expert_load_cv_first_half=0.9, expert_load_cv_second_half=0.3)}
         res["layer_bench"] = {
             "config": {"hidden_size": 16, "tokens": 64, "repeats": 3, "warmup": 1,
                        "dispatcher": "allgather"},
@@ -113,6 +122,9 @@ def test_markdown_has_every_run_and_deltas_from_the_inputs():
     # Group-share table: MoHGE only, shares in %; layer bench section with ms and ratios.
     gs = md[md.index("## Group token share"):md.index("## Layer microbenchmark")]
     assert "50.0%" in gs and "24/48/80" in gs and "| moe |" not in gs
+    rt = md[md.index("## Routing diagnostics"):md.index("## Group token share")]
+    assert ("| mohge | 0.620 | 0.410 | 0.120 | 0.250 | 0.400 | 40% / 35% / 25% | 0.900 / 0.300 |"
+            in rt) and "| moe |" not in rt
     lb = md[md.index("## Layer microbenchmark"):]
     assert "12.00" in lb and "11.00–14.00" in lb and "10.0%" in lb and "1.200" in lb
 

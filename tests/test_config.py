@@ -20,10 +20,28 @@ def test_paper_3b_derived_sizes():
     mean_width = sum(c.expert_widths) / c.num_experts
     assert mean_width == 832  # 18.75% below the stock 1024
     assert 1 - mean_width / 1024 == pytest.approx(0.1875)
-    # Delta defaults to the mean width: c_g = 1 + (W_g - 384) / 832.
+    # the shipped layer keeps the released Delta = 1024: c_g = 1 + (W_g - 384) / 1024
     assert c.group_costs[0] == 1.0
-    assert c.group_costs[-1] == pytest.approx(1 + (1280 - 384) / 832)
+    assert c.group_costs[-1] == pytest.approx(1 + (1280 - 384) / 1024)
+    # Delta defaults to the mean width: c_g = 1 + (W_g - 384) / 832.
+    assert MoHGEConfig.paper_3b(losses={}).group_costs[-1] == pytest.approx(1 + (1280 - 384) / 832)
     assert c.group_offsets == [0, 8, 16, 24, 32, 40, 48, 56]
+
+
+def test_paper_3b_layer_file_and_released_routing_agree_with_the_code():
+    # one source: paper_3b() reads the shipped layer file; released=True applies the released
+    # router and losses on top (issue 21: the two used to disagree)
+    from megatron_mohge.config import RELEASED_INTRA_GROUP_COEFF
+    from megatron_mohge.resources import config_path
+
+    assert MoHGEConfig.paper_3b() == MoHGEConfig.from_yaml(config_path("paper_3b_layer.yaml"))
+    r = MoHGEConfig.paper_3b(released=True)
+    assert (r.router.expert_weighting, r.router.group_gradient) == ("paper", "none")
+    assert (r.losses.intra_group_mode, r.losses.intra_group_coeff) == ("paper",
+                                                                       RELEASED_INTRA_GROUP_COEFF)
+    assert (r.losses.group_coeff, r.losses.group_loss_count) == (1e-5, "selections")
+    assert r.losses.expert_bias_update_rate == 0 and r.losses.group_balance_coeff == 0
+    assert r.widths == MoHGEConfig.paper_3b().widths
 
 
 def test_yaml_round_trip(tmp_path):

@@ -162,10 +162,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results["config"] = identity
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
-    if order not in ("seed", "run"):
-        raise ConfigError(f"--order {order}: choose seed or run")
-    queue = ([(s, n, by_seed[s][n]) for s in seed_list for n in names] if order == "seed"
-             else [(s, n, by_seed[s][n]) for n in names for s in seed_list])
+    queue = training_queue(by_seed, names, seed_list, order)
 
     def nproc_of(run: RunConfig) -> int:
         return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
@@ -201,6 +198,15 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results["wall_s"] = time.perf_counter() - t0
     _write(out_dir, results)
     return results
+
+
+def training_queue(by_seed: dict, names: list[str], seeds: list[int], order: str) -> list:
+    """``(seed, name, RunConfig)`` in training order: ``seed``-major or ``run``-major."""
+    if order == "seed":
+        return [(s, n, by_seed[s][n]) for s in seeds for n in names]
+    if order == "run":
+        return [(s, n, by_seed[s][n]) for n in names for s in seeds]
+    raise ConfigError(f"--order {order}: choose seed or run")
 
 
 def _write(out_dir: Path, results: dict) -> None:

@@ -1,7 +1,9 @@
 """PNG plots of a benchmark ``results.json`` dict (``write_plots``).
 
 ``loss_curves.png`` (one thin line per seed, the seed mean bold), ``group_share.png``,
-``rank_load.png``, ``chosen_width_hist.png``, ``balance.png`` and, for scaling studies,
+``rank_load.png``, ``chosen_width_hist.png``, ``balance.png``, ``routing.png`` (is the
+router learning: same-group picks, gate gradients, group collapse, load CV) and, for scaling
+studies,
 ``study_loss_vs_params.png``, each only when some run has its data. Plots use
 ``matplotlib.figure.Figure`` with the Agg canvas directly, so pyplot's global backend is
 neither needed nor changed.
@@ -16,7 +18,7 @@ from megatron_mohge.bench.fmt import _num
 
 PathLike = Union[str, Path]
 PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png",
-              "balance.png")
+              "balance.png", "routing.png")
 STUDY_PLOT = "study_loss_vs_params.png"  # scaling-study presets only
 
 
@@ -199,6 +201,40 @@ def plot_balance(runs: dict, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
+def plot_routing(runs: dict, path: Path) -> Optional[Path]:
+    """Routing diagnostics over training (seed means, layer means): same-group fraction and
+    group/expert gate gradient ratio (MoHGE), the largest group's share of assignments, and
+    the expert-load CV (every run)."""
+    data = {n: r["curves"] for n, r in runs.items()
+            if any(v is not None for v in (r.get("curves") or {}).get("expert_load_cv") or [])}
+    if not data:
+        return None
+    fig, axes = _figure(4, 4.2, 3.6)
+    panels = (("same-group fraction (K picks in one group)", "same_group_fraction"),
+              ("gate gradient norm, group / expert", "gate_ratio"),
+              ("largest group's share of assignments", "max_group_share"),
+              ("expert load CV (training windows)", "expert_load_cv"))
+    for i, (name, c) in enumerate(data.items()):
+        it = c.get("iteration") or []
+        g, e = c.get("diag_group_gate_grad_norm") or [], c.get("diag_expert_gate_grad_norm") or []
+        series = {"same_group_fraction": c.get("diag_same_group_fraction") or [],
+                  "gate_ratio": [a / b if a is not None and b else None for a, b in zip(g, e)],
+                  "max_group_share": c.get("diag_max_group_share") or [],
+                  "expert_load_cv": c.get("expert_load_cv") or []}
+        for ax, (_, key) in zip(axes, panels):
+            pts = [(x, y) for x, y in zip(it, series[key]) if isinstance(y, (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), color=f"C{i % 10}", lw=1.3, label=name)
+    for ax, (title, key) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if key == "gate_ratio":
+            ax.set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
     """Write the PNGs that have data into ``out_dir``; return their paths (in
     ``PLOT_NAMES`` order). Plots without data are skipped, not written."""
@@ -207,7 +243,7 @@ def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
     runs = results.get("runs") or {}
     written = []
     for fname, fn in zip(PLOT_NAMES, (plot_loss_curves, plot_group_share, plot_rank_load,
-                                      plot_chosen_width_hist, plot_balance)):
+                                      plot_chosen_width_hist, plot_balance, plot_routing)):
         p = fn(runs, out / fname)
         if p is not None:
             written.append(p)

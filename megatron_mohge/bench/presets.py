@@ -135,9 +135,8 @@ def _default() -> Preset:
 def _paper_3b() -> Preset:
     # The paper's MoHGE-3B setting and its stock baseline (15 layers, hidden 1024, 64 experts,
     # Kg=4, K=6, widths 384..1280 vs 1024, 2 shared experts). For GPU clusters.
-    layer = MoHGEConfig.from_yaml(config_path("paper_3b_layer.yaml")).to_dict()
-    renorm = copy.deepcopy(layer)
-    renorm["router"]["expert_weighting"] = "renorm"
+    layer = MoHGEConfig.paper_3b().to_dict()
+    released = MoHGEConfig.paper_3b(released=True).to_dict()
     base = dict(
         model=dict(num_layers=15, hidden_size=1024, num_attention_heads=16, seq_length=4096,
                    ffn_hidden_size=4096, precision="bf16", make_vocab_size_divisible_by=128),
@@ -156,7 +155,7 @@ def _paper_3b() -> Preset:
         base=base,
         runs={"moe": {"moe": stock},
               "mohge": {"moe": dict(kind="mohge", mohge=layer)},
-              "mohge_renorm": {"moe": dict(kind="mohge", mohge=renorm)}},
+              "mohge_released": {"moe": dict(kind="mohge", mohge=released)}},
         nproc=8, needs_gpu=True,
         layer_bench=dict(hidden_size=1024, tokens=8192, stock_num_experts=64, stock_width=1024,
                          stock_topk=6, repeats=20, warmup=5),
@@ -302,8 +301,8 @@ def _study(sizes=STUDY_HIDDEN) -> Preset:
 
 def _screen(sizes=SCREEN_HIDDEN) -> Preset:
     # Issue "MoHGE routing that learns": which router mechanism closes the quality gap? The
-    # study's recipe at one size; every arm is today's MoHGE (the tiny_mohge.yaml of
-    # RELEASED_SCREEN_BASE) with one mechanism switched, the proposed defaults, and two
+    # study's recipe at one size; every mohge_* arm is the pre-screen MoHGE (tiny_mohge.yaml
+    # with PRE_SCREEN_ROUTING) with one mechanism switched, the proposed defaults, and two
     # stock controls: moe_equal_total (16 experts of width 0.8125 x hidden: MoHGE's routed
     # params) and moe_strong_balance (Megatron's aux loss at 0.5, as strong as today's
     # per_group intra-group loss: the cost of regularisation alone).
@@ -327,10 +326,10 @@ def _screen(sizes=SCREEN_HIDDEN) -> Preset:
         size_baselines=baselines)
 
 
-# Today's (pre-screen) MoHGE layer, the screen's reference arm: tiny_mohge.yaml as it was
-# before the screen chose new defaults (the released a_G start schedule, the per_group
+# The pre-screen MoHGE layer (arm mohge_today): tiny_mohge.yaml's routing before the screen
+# chose new defaults (the released a_G start schedule counting selections, the per_group
 # intra-group loss at 0.5, renorm weights without a group-gradient path).
-RELEASED_SCREEN_BASE = dict(
+PRE_SCREEN_ROUTING = dict(
     router=dict(expert_weighting="renorm", group_gradient="none"),
     losses=dict(group_coeff=0.01, group_start_fraction=0.5, group_loss_count="selections",
                 group_balance_coeff=0.0, intra_group_coeff=0.5, intra_group_mode="per_group",
@@ -341,7 +340,7 @@ def _screen_arms(hidden: int) -> dict:
     """``moe`` section of every screen arm at ``hidden`` (width multiple of 16)."""
     def mohge(router=None, **losses) -> dict:
         cfg = _scaled_mohge(hidden)
-        for section, values in RELEASED_SCREEN_BASE.items():
+        for section, values in PRE_SCREEN_ROUTING.items():
             cfg[section].update(copy.deepcopy(values))
         cfg["router"].update(router or {})
         cfg["losses"].update(losses)

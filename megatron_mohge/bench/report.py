@@ -156,6 +156,28 @@ def group_share_table(results: dict) -> Optional[str]:
     return _table(header, rows)
 
 
+def routing_table(results: dict) -> Optional[str]:
+    """The routing diagnostics of each run (``routing_diagnostics.mean``, seed means)."""
+    runs = {n: r["routing_diagnostics"]["mean"] for n, r in (results.get("runs") or {}).items()
+            if (r.get("routing_diagnostics") or {}).get("mean")}
+    if not runs:
+        return None
+    header = ["run", "same-group fraction", "in-group max prob", "weight gap",
+              "gate grad group / expert", "max group share", "assignment share per group",
+              "load CV 1st / 2nd half"]
+    rows = []
+    for name, d in runs.items():
+        share = d.get("group_assignment_share")
+        rows.append([name, fmt_float(d.get("same_group_fraction"), 3),
+                     fmt_float(d.get("ingroup_max_prob"), 3), fmt_float(d.get("weight_gap"), 3),
+                     fmt_float(d.get("gate_grad_ratio"), 3),
+                     fmt_float(d.get("max_group_share"), 3),
+                     " / ".join(f"{100 * s:.0f}%" for s in share) if share else DASH,
+                     f"{fmt_float(d.get('expert_load_cv_first_half'), 3)} / "
+                     f"{fmt_float(d.get('expert_load_cv_second_half'), 3)}"])
+    return _table(header, rows)
+
+
 def layer_bench_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
     """The layer-microbenchmark table's header and cells, one row per layer kind: rendered as
     markdown by :func:`layer_bench_table` and as fixed-width text by
@@ -260,6 +282,15 @@ def markdown_report(results: dict) -> str:
                    "measured counts, all-size allocation (MoHGE) / Megatron's contiguous layout. "
                    "*held-out*: routing of the final evaluation; *train*: log windows of the last "
                    "quarter of training.", bt]
+    rt = routing_table(results)
+    if rt:
+        blocks += ["## Routing diagnostics",
+                   "Is the router learning? Training log windows of the last quarter, means over "
+                   "layers and seeds (load CV: each half of training). Same-group fraction: "
+                   "tokens whose K picks share one group (renorm weights give the group gate no "
+                   "LM gradient there). In-group max prob: 1/N_g is a flat expert gate. Weight "
+                   "gap: max - min combine weight of the picks. Gate grad: mean norm of the "
+                   "gate weights' gradient per backward pass.", rt]
     gs = group_share_table(results)
     if gs:
         blocks += ["## Group token share (MoHGE runs)",

@@ -29,6 +29,15 @@ GROUP_GRADIENTS = ("none", "straight_through")
 GROUP_LOSS_COUNTS = ("selections", "assignments")
 INTRA_GROUP_MODES = ("paper", "per_group", "per_group_used")
 RELEASED_INTRA_GROUP_COEFF = 5e-3  # a_E of the released MoHGE-3B runs (paper mode)
+# Router and losses of the released MoHGE-3B runs (the authors' code; MOHGE.md 2-3): the
+# paper weighting, the group loss counting selections from half of training, the one
+# Switch-style intra-group loss, and none of this package's mechanisms.
+RELEASED_ROUTING = dict(
+    router=dict(group_score="sigmoid", expert_weighting="paper", group_gradient="none"),
+    losses=dict(group_coeff=1e-5, group_cost_delta=1024, group_start_fraction=0.5,
+                group_loss_count="selections", group_balance_coeff=0.0,
+                intra_group_coeff=RELEASED_INTRA_GROUP_COEFF, intra_group_mode="paper",
+                expert_bias_update_rate=0.0))
 EXPERT_BACKENDS = ("auto", "local", "torch", "te")
 
 
@@ -41,8 +50,8 @@ class RouterConfig:
     expert_weighting: str = "renorm"  # renorm: q/sum(q) over chosen [ours]; paper: softmax(q_chosen)
     #                                   unnormalized: q_chosen itself (group factor kept)
     # LM gradient to the group gate when all K picks share a group (renorm cancels s_g there):
-    # none | straight_through (weights x exp(log s_g - stop_grad(log s_g)): same values)
-    group_gradient: str = "none"
+    # straight_through (weights x exp(log s_g - stop_grad(log s_g)): same values) | none
+    group_gradient: str = "straight_through"
     fp32: bool = True  # router math in fp32 (Megatron's moe_router_dtype='fp32')
     z_loss_coeff: Optional[float] = None  # ST-MoE z-loss on both gates; None disables
     input_jitter_eps: Optional[float] = None  # Switch input jitter, training only; None disables
@@ -57,24 +66,26 @@ class LossConfig:
     group_start_fraction: float = 0.5  # group loss is off before this fraction of training
     # f_g of the group loss: selections (tokens that picked g among their Kg groups, released)
     # | assignments (token-expert assignments to g's experts: what the group computes)
-    group_loss_count: str = "selections"
+    group_loss_count: str = "assignments"
     # [ours] group balance on use from step 0, 1 at balance (routing.losses.group_balance_loss);
     # separate from the cost steering above, which keeps its own coefficient and schedule
-    group_balance_coeff: float = 0.0
-    # a_E of the intra-group experts loss. The released setting is paper mode at 5e-3
-    # (RELEASED_INTRA_GROUP_COEFF). Its loss sums sparse renormalised weights, which add up to
-    # 1 per token, so it only moves weight among the chosen experts and sends almost no
-    # gradient towards an idle one (scripts/probe_intra_group_grad.py). Default: per_group
-    # (dense in-group softmax, 1 at perfect balance, as Megatron's aux loss) at 10x.
-    intra_group_coeff: float = 5e-2
+    group_balance_coeff: float = 1e-2
+    # a_E of the intra-group experts loss; 0 by default: the loss-free bias below balances
+    # inside groups without a gradient, where the loss (per_group at 0.5, the former tiny
+    # default) flattened the expert gate (in-group max prob ~0.26 for 4 experts). The released
+    # setting is paper mode at 5e-3 (RELEASED_INTRA_GROUP_COEFF), which sums sparse
+    # renormalised weights and sends almost no gradient towards an idle expert
+    # (scripts/probe_intra_group_grad.py).
+    intra_group_coeff: float = 0.0
     # per_group [ours]: inside each group over the tokens that selected it | per_group_used:
     # over the tokens with a pick in it | paper: one Switch loss over all experts, count N*Kg
     intra_group_mode: str = "per_group"
     # Loss-free balancing inside each group [ours, after arXiv 2408.15664]: a per-expert bias
     # on the in-group expert logits, used for top-K selection only, moved by
     # b_e += rate * sign(mean load of e's group - load_e) once per optimizer step from the
-    # global batch's counts. 0 disables it (no bias buffer, checkpoints as before).
-    expert_bias_update_rate: float = 0.0
+    # global batch's counts. 0 disables it (no bias buffer, checkpoints as before). 1e-3 as the
+    # paper's large runs; a run of a few thousand steps needs more (tiny_mohge.yaml: 1e-2).
+    expert_bias_update_rate: float = 1e-3
     # Load fractions f of both aux losses from the global batch (all-reduced over the
     # data-parallel group, averaged over the step's micro-batches so far) instead of the
     # micro-batch, as Megatron's global_aux_loss (arXiv 2501.11873).
@@ -386,12 +397,19 @@ class MoHGEConfig(YamlDataclass):
         return cls.from_dict(data)
 
     @classmethod
-    def paper_3b(cls, **overrides) -> "MoHGEConfig":
-        """The released MoHGE-3B layer: 8 groups x 8 experts, widths 384..1280, Kg=4, K=6."""
-        base = dict(widths=list(range(384, 1281, 128)), experts_per_group=8, group_topk=4, topk=6,
-                    num_shared_experts=2, shared_expert_width=1024)
-        base.update(overrides)
-        return cls(**base)
+    def paper_3b(cls, released: bool = False, **overrides) -> "MoHGEConfig":
+        """The paper's MoHGE-3B layer (8 groups x 8 experts, widths 384..1280, Kg=4, K=6, 2
+        shared experts of 1024): the shipped ``configs/paper_3b_layer.yaml`` (this package's
+        routing defaults), or with ``released`` the released router and losses
+        (:data:`RELEASED_ROUTING`). ``overrides``: top-level fields."""
+        from megatron_mohge.resources import config_path
+
+        data = read_yaml_file(config_path("paper_3b_layer.yaml"), "MoHGE config")
+        if released:
+            for section, values in RELEASED_ROUTING.items():
+                data.setdefault(section, {}).update(values)
+        data.update(overrides)
+        return cls.from_dict(data)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -191,12 +191,12 @@ def routing_diagnostics(r: TwoLevelRouting, index: GroupIndex,
 @torch.no_grad()
 def token_sums(keep_T1: Optional[torch.Tensor], *per_token_T: torch.Tensor) -> torch.Tensor:
     """``[valid tokens, sum of each per-token figure over valid tokens]`` in float64."""
-    x_TF = torch.stack(per_token_T, dim=-1).double()
+    figs = torch.stack(per_token_T, dim=-1).double()  # [T, figures]
     if keep_T1 is None:
-        tokens = torch.tensor([float(x_TF.shape[0])], dtype=torch.float64, device=x_TF.device)
-        return torch.cat([tokens, x_TF.sum(0)])
-    keep = keep_T1.reshape(-1, 1).to(x_TF)
-    return torch.cat([keep.sum().reshape(1), (x_TF * keep).sum(0)])
+        tokens = torch.tensor([float(figs.shape[0])], dtype=torch.float64, device=figs.device)
+        return torch.cat([tokens, figs.sum(0)])
+    keep = keep_T1.reshape(-1, 1).to(figs)
+    return torch.cat([keep.sum().reshape(1), (figs * keep).sum(0)])
 
 
 def valid_token_mask(num_tokens: int, padding_mask: Optional[torch.Tensor],

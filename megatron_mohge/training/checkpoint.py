@@ -142,6 +142,14 @@ def resolve(root: Path, *, fallback: bool = False) -> Resume:
                       f"fix the file, or move {root} away to start from scratch")
 
 
+# MoHGE fields added since checkpoints were first written, with the behaviour the code had
+# before each existed: a run file without one was trained that way (issue 21 made other
+# values the defaults), so resuming it under today's default is a model change.
+FIELDS_BEFORE_ADDED = {"moe.mohge.router.group_gradient": "none",
+                       "moe.mohge.losses.group_loss_count": "selections",
+                       "moe.mohge.losses.group_balance_coeff": 0.0}
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``model`` / ``moe`` fields that differ between a checkpoint's run.yaml (``saved``)
     and this run (``current``), as "field: saved -> current", except RESUMABLE_CHANGES.
@@ -150,6 +158,13 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     saved, current = normalize_run_dict(saved), normalize_run_dict(current)
     a, b = _flatten({k: saved.get(k) for k in ("model", "moe")}), _flatten(
         {k: current.get(k) for k in ("model", "moe")})
+    if any(key.startswith("moe.mohge.") for key in a):
+        for key, before in FIELDS_BEFORE_ADDED.items():  # saved before the field existed
+            a.setdefault(key, before)
+    # a resumable loss setting, except 0 <-> > 0: that adds or removes the bias buffer
+    bias, extra = "moe.mohge.losses.expert_bias_update_rate", []
+    if bias in a and bias in b and ((a[bias] or 0) > 0) != ((b[bias] or 0) > 0):
+        extra = [f"{bias}: {a[bias]!r} -> {b[bias]!r} (adds or removes the loss-free bias state)"]
     out = []
     for key in sorted(set(a) & set(b)):
         if a[key] != b[key] and not any(key == p or key.startswith(p + ".")
@@ -160,7 +175,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         parent = key.rsplit(".", 1)[0]
         if parent in a or parent in b:
             out.append(f"{parent}: {a.get(parent, '...')!r} -> {b.get(parent, '...')!r}")
-    return sorted(set(out))
+    return sorted(set(out + extra))
 
 
 def check_compatible(ckpt: Path, current: dict) -> None:
