@@ -102,10 +102,15 @@ def test_config_options_and_errors():
     for kw, msg in ((dict(router=dict(group_gradient="st")), "router.group_gradient"),
                     (dict(losses=dict(group_loss_count="tokens")), "losses.group_loss_count"),
                     (dict(losses=dict(group_balance_coeff=-1.0)), "losses.group_balance_coeff"),
-                    (dict(router=dict(type="noisy_topk", group_gradient="straight_through")),
-                     "router.group_gradient: implemented for router.type 'mohge' only")):
+                    (dict(router=dict(type="noisy_topk"), losses=dict(group_balance_coeff=0.5)),
+                     "losses.group_balance_coeff: implemented for router.type 'mohge' only")):
         with pytest.raises(ConfigError, match=msg):
             cfg_small(**kw)
+    # a noisy router keeps its own losses: the two-level router's defaults are switched off
+    noisy = MoHGEConfig(widths=[32, 64], experts_per_group=4, group_topk=1, topk=2,
+                        router=dict(type="noisy_topk"))
+    assert (noisy.router.group_gradient, noisy.losses.group_balance_coeff,
+            noisy.losses.expert_bias_update_rate) == ("none", 0.0, 0.0)
 
 
 def test_group_topk_one_warns_only_without_a_gradient_path():

@@ -9,7 +9,7 @@ losses, allocation). ``apply_to(transformer_config)`` returns a Megatron
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -39,6 +39,12 @@ RELEASED_ROUTING = dict(
                 intra_group_coeff=RELEASED_INTRA_GROUP_COEFF, intra_group_mode="paper",
                 expert_bias_update_rate=0.0))
 EXPERT_BACKENDS = ("auto", "local", "torch", "te")
+
+
+# Options of the two-level router only: (section, field, value that switches it off).
+MOHGE_ONLY_OPTIONS = (("router", "group_gradient", "none"),
+                      ("losses", "group_balance_coeff", 0.0),
+                      ("losses", "expert_bias_update_rate", 0.0))
 
 
 @dataclass
@@ -304,15 +310,21 @@ class MoHGEConfig(YamlDataclass):
         _check_number("losses.expert_bias_update_rate", lo.expert_bias_update_rate, 0.0)
         _check_bool("losses.global_batch_stats", lo.global_batch_stats)
         if self.router.type != "mohge":
-            for name, off in (("losses.group_balance_coeff", lo.group_balance_coeff == 0),
-                              ("router.group_gradient", self.router.group_gradient == "none")):
-                if not off:
-                    raise ConfigError(f"MoHGEConfig.{name}: implemented for router.type 'mohge' "
-                                      f"only, not {self.router.type!r}; leave it at its default.")
-        if lo.expert_bias_update_rate > 0 and self.router.type != "mohge":
-            raise ConfigError(
-                "MoHGEConfig.losses.expert_bias_update_rate: loss-free balancing is implemented "
-                f"for router.type 'mohge' only, not {self.router.type!r}; set it to 0.")
+            self._mohge_only_options_off()
+
+    def _mohge_only_options_off(self) -> None:
+        """Noisy routers have their own losses: the two-level router's options are switched
+        off where they hold their (MoHGE) defaults, and refused where set to anything else."""
+        for section, name, off in MOHGE_ONLY_OPTIONS:
+            obj = getattr(self, section)
+            value = getattr(obj, name)
+            default = {f.name: f.default for f in fields(type(obj))}[name]
+            if value == default:
+                setattr(obj, name, off)
+            elif value != off:
+                raise ConfigError(
+                    f"MoHGEConfig.{section}.{name}: implemented for router.type 'mohge' only, not "
+                    f"{self.router.type!r}; set it to {off!r} (or leave it out).")
 
     def _validate_allocation(self) -> None:
         a = self.allocation
