@@ -180,4 +180,4 @@ def test_topk_1_applies_to_a_transformer_config():
 def test_group_topk_1_warns_that_the_group_gate_learns_only_from_the_group_loss():
     with pytest.warns(UserWarning, match=r"MoHGEConfig\.group_topk=1: the group gate gets no "
                                          r"gradient from the LM loss"):
-        small(group_topk=1)
+        small(group_topk=1, router=dict(group_gradient="none"))
