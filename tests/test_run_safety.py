@@ -100,8 +100,7 @@ def _fake_ckpt(root: Path, it: int, run: dict = None) -> Path:
     for name in (".metadata", "common.pt", "__0_0.distcp"):
         (d / name).write_bytes(b"x" * 100)
     (d / "run.yaml").write_text(yaml.safe_dump(run or {}))
-    sizes = {p.name: p.stat().st_size for p in d.iterdir()}
-    (d / "manifest.json").write_text(json.dumps(sizes))
+    ckpt_lib.write_manifest(d)
     return d
 
 
@@ -130,6 +129,49 @@ def test_damaged_newest_checkpoint_is_named_and_fallback_is_explicit(tmp_path):
     (tmp_path / "iter_0000002" / ".metadata").unlink()  # the only one left is damaged too
     with pytest.raises(ConfigError, match=r"\.metadata is missing.*No earlier complete"):
         ckpt_lib.resolve(tmp_path, fallback=True)
+
+
+def test_same_size_damage_to_metadata_is_found_and_fallback_applies(tmp_path):
+    """Issue 25.1: zeroing the first bytes of .metadata kept its size, so the size-only
+    manifest passed it and dist-ckpt's reader failed with a traceback, fallback or not."""
+    _fake_ckpt(tmp_path, 5)
+    bad = _fake_ckpt(tmp_path, 10)
+    with open(bad / ".metadata", "r+b") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(ConfigError, match=r"\.metadata differs from what its save wrote.*"
+                                          r"checkpoint\.fallback=true"):
+        ckpt_lib.resolve(tmp_path)
+    r = ckpt_lib.resolve(tmp_path, fallback=True)
+    assert r.ckpt == tmp_path / "iter_0000005" and (tmp_path / "iter_0000010.damaged").is_dir()
+    # a checkpoint saved before hashes were recorded ({name: size}) still loads
+    old = _fake_ckpt(tmp_path, 15)
+    (old / "manifest.json").write_text(json.dumps({p.name: p.stat().st_size for p in
+                                                   old.iterdir() if p.name != "manifest.json"}))
+    assert ckpt_lib.problem(old) is None
+
+
+def test_an_unreadable_checkpoint_is_one_paragraph_not_a_checkpoint_exception(tmp_path,
+                                                                            mcore_world1):
+    """Issue 25.1: dist-ckpt's CheckpointException is a BaseException, not an Exception, so
+    it escaped ``load_checked`` as a traceback (a checkpoint whose manifest has no hashes)."""
+    import torch
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_mohge.training.resume import load_checked
+
+    def state(values):
+        return {"w": ShardedTensor.from_rank_offsets("w", values), "iteration": 3}
+
+    ckpt = ckpt_lib.save(state(torch.arange(4.0)), tmp_path, 3)
+    assert load_checked(lambda: state(torch.zeros(4)), ckpt, 0,
+                        fully_parallel=False)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    with open(ckpt / ".metadata", "r+b") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(ConfigError) as e:
+        load_checked(lambda: state(torch.zeros(4)), ckpt, 0, fully_parallel=False)
+    msg = str(e.value)
+    assert "metadata read failed" in msg and "iter_0000003.damaged" in msg
+    assert "\n" not in msg and "CheckpointException" not in msg
 
 
 def test_changed_model_fields_are_listed_and_layout_changes_allowed():
