@@ -30,6 +30,8 @@ parse_args, main = common.run_file_cli(
 
 def _train(run, args) -> int:
     if args.print_config:
+        if run.layer_file is not None:  # a YAML comment: the output stays a valid run file
+            print(f"# moe.mohge read from {run.layer_file}")
         print(run.to_yaml(), end="")
         return 0
     # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
