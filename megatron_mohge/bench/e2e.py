@@ -81,10 +81,16 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
     return prefixes
 
 
+#: The most seeds ``--seeds N`` counts; a larger N is far more likely a seed (``--seeds 1234``
+#: meant as ``--seed 1234``) than days of training asked for on purpose.
+MAX_SEED_COUNT = 20
+
+
 def resolve_seeds(preset: Preset, seeds: Optional[list[int]] = None,
                   seed: Optional[int] = None) -> list[int]:
     """The seeds to train: ``--seeds N`` (one value: N seeds from ``--seed``/the preset's
-    first seed on) or an explicit list; else ``--seed`` alone; else the preset's."""
+    first seed on, N <= :data:`MAX_SEED_COUNT`) or an explicit list; else ``--seed`` alone;
+    else the preset's."""
     first = preset.seeds[0] if seed is None else seed
     if seeds is None:
         return [first] if seed is not None else list(preset.seeds)
@@ -92,11 +98,24 @@ def resolve_seeds(preset: Preset, seeds: Optional[list[int]] = None,
         if seeds[0] < 1:
             raise ConfigError(f"--seeds {seeds[0]}: give a number of seeds >= 1 or a list of "
                               "two or more seeds")
+        if seeds[0] > MAX_SEED_COUNT:
+            raise ConfigError(
+                f"--seeds {seeds[0]} asks for {seeds[0]} seeds (one number is a count, at most "
+                f"{MAX_SEED_COUNT}); for the one seed {seeds[0]} use --seed {seeds[0]}, for "
+                f"several list them: --seeds {seeds[0]} {seeds[0] + 1}")
         return [first + i for i in range(seeds[0])]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: seeds repeat; give distinct "
                           "seeds")
     return list(seeds)
+
+
+def resolve_jobs(preset: Preset, jobs: Optional[int] = None) -> int:
+    """Runs trained at once: ``--jobs`` (>= 1), else the preset's."""
+    jobs = preset.jobs if jobs is None else jobs  # not `jobs or`: --jobs 0 is an error
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
+    return jobs
 
 
 def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = None,
@@ -134,9 +153,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     complete paired comparison) and write ``results.json`` after each run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
-    jobs = jobs or preset.jobs
-    if jobs < 1:
-        raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
+    jobs = resolve_jobs(preset, jobs)
     identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seeds=seed_list,
                               iters=iters, layer_bench=layer_bench,
                               split_documents=split_documents, json_keys=json_keys)
