@@ -26,7 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs  # noqa: F401
 from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
@@ -50,10 +50,15 @@ from megatron_mohge.run_config import RunConfig
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
                  split_documents: Optional[str] = None,
-                 json_keys: Optional[list[str]] = None) -> list[str]:
+                 json_keys: Optional[list[str]] = None,
+                 splits: Iterable[tuple[str, int]] = ()) -> list[str]:
     """Dataset prefixes for ``--data``: indexed-dataset prefixes are used as they are; text /
     JSON lines / Parquet files and folders are tokenized once into ``out_dir/data/corpus``
-    (``mohge-prepare-data``'s document rules; several JSON keys: one dataset each)."""
+    (``mohge-prepare-data``'s document rules; several JSON keys: one dataset each).
+
+    ``splits``: the runs' ``(data.split, seq_length)``. Plain text cut at blank lines (the
+    default rule) into too few documents for one of them -- typically one sentence per line
+    and no blank lines, i.e. one document -- is cut by line instead, said in one line."""
     from megatron_mohge.data import check_dataset, load_tokenizer
     from megatron_mohge.data.formats import DEFAULT_JSON_KEYS, DEFAULT_SPLIT
     from megatron_mohge.data.prepare import prepare_datasets
@@ -71,9 +76,18 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
     if texts:
         prefix = out_dir / "data" / "corpus"
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        metas = prepare_datasets(texts, prefix, load_tokenizer(tokenizer), progress=True,
-                                 split=split_documents or DEFAULT_SPLIT,
-                                 json_keys=tuple(json_keys or DEFAULT_JSON_KEYS))
+
+        def prepare(split: str) -> dict:
+            return prepare_datasets(texts, prefix, load_tokenizer(tokenizer), progress=True,
+                                    split=split, json_keys=tuple(json_keys or DEFAULT_JSON_KEYS))
+
+        metas = prepare(split_documents or DEFAULT_SPLIT)
+        if split_documents is None and not _splits_fit(metas, splits):
+            docs = min(m["num_documents"] for m in metas.values())
+            log(f"note: --data {' '.join(texts)} cut at blank lines is {docs} document(s), too "
+                f"few for the train/validation split: cut by line instead (--split-documents "
+                f"line)")
+            metas = prepare("line")
         for out, meta in metas.items():
             log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']:,} tokens "
                 f"-> {out}")
@@ -84,6 +98,21 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
 #: The most seeds ``--seeds N`` counts; a larger N is far more likely a seed (``--seeds 1234``
 #: meant as ``--seed 1234``) than days of training asked for on purpose.
 MAX_SEED_COUNT = 20
+
+
+def _splits_fit(metas: dict, splits: Iterable[tuple[str, int]]) -> bool:
+    """Whether datasets with plain text in them fill every ``(split, seq_length)``."""
+    from megatron_mohge.data.datasets import check_split_sizes
+
+    if not any("text" in m["documents"]["formats"] for m in metas.values()):
+        return True  # JSON / Parquet: one document per record, no rule to change
+    try:
+        for prefix in metas:
+            for split, seq_length in splits:
+                check_split_sizes(prefix, split, seq_length)
+    except ConfigError:
+        return False
+    return True
 
 
 def resolve_seeds(preset: Preset, seeds: Optional[list[int]] = None,
@@ -159,8 +188,10 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                               split_documents=split_documents, json_keys=json_keys)
     check_out_dir(out_dir, identity)  # before anything is written into --out
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
-    prefixes = resolve_data(list(data or []), tok, out_dir, log,
-                            split_documents=split_documents, json_keys=json_keys)
+    splits = {(r.data.split, r.model.seq_length)
+              for r in run_configs(preset, out_dir, names=names, iters=iters).values()}
+    prefixes = resolve_data(list(data or []), tok, out_dir, log, split_documents=split_documents,
+                            json_keys=json_keys, splits=splits)
     by_seed = {s: run_configs(preset, out_dir, names=names, data=prefixes or None,
                               tokenizer=tokenizer, seed=s, iters=iters) for s in seed_list}
     first = next(iter(by_seed[seed_list[0]].values()))
