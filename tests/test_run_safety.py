@@ -386,11 +386,27 @@ sys.stdin.read()  # until killed
 """
 
 
-def test_the_writers_results_manager_dies_with_a_killed_process():
+def _megatron_training() -> bool:
+    from megatron_mohge.compat.versions import megatron_training_available
+
+    return megatron_training_available()
+
+
+@pytest.mark.parametrize("installer", [
+    "procs.install_child_reaper()",  # mohge-train (Trainer.save)
+    # mohge-pretrain and the Megatron-LM launcher: Megatron's own loop saves (issue 25.2:
+    # nothing installed the reaper there, 2 orphans per killed rank)
+    pytest.param("from megatron_mohge.integration.megatron_lm.hooks import "
+                 "install_megatron_lm_hooks; install_megatron_lm_hooks()",
+                 marks=pytest.mark.skipif(not _megatron_training(),
+                                          reason="no megatron.training in this wheel"),
+                 id="megatron-loop-hooks")])
+def test_the_writers_results_manager_dies_with_a_killed_process(installer):
     """The results Manager (and the resource tracker its spawn starts) of a process that
     installed the child reaper outlive it by no more than the kernel's SIGKILL. Found on
     megatron-core 0.19, whose renamed queue factory the hook did not recognise: 2 orphans."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_RESULTS_QUEUE], env=ENV,
+    code = _HOLD_A_RESULTS_QUEUE.replace("procs.install_child_reaper()", installer)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV,
                             cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     try:
