@@ -340,6 +340,57 @@ def test_heartbeat_names_the_rank_that_stopped_beating_in_its_phase():
     assert "collective_timeout_s=15" in msg and "rank 2" not in msg
 
 
+def test_a_lost_peer_is_named_in_one_line():
+    """Issue 25.6: a rank whose peer died printed gloo's raw "Connection reset by peer"
+    traceback; now the heartbeat names the rank that stopped beating."""
+    import torch.distributed as dist
+
+    from megatron_mohge.training.procs import Heartbeat, is_peer_lost, peer_lost_message
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:52634: "
+                        "Connection reset by peer. This is typically caused by ...")
+    assert is_peer_lost(gloo) and not is_peer_lost(RuntimeError("shape mismatch"))
+    store = dist.HashStore()
+    me = Heartbeat(store, 0, 2, interval=0.05)
+    store.set(Heartbeat.PREFIX + "1", "9 step 3")  # rank 1 beat, then was killed
+    try:
+        msg = peer_lost_message(gloo, me, 0, "step 3")
+    finally:
+        me.stop()
+    assert msg.startswith("rank 0: a collective in step 3 failed: rank 1 (last seen in step 3) "
+                          "died or lost its connection. The job stops") and "\n" not in msg
+
+
+@pytest.mark.slow
+def test_a_killed_rank_leaves_one_line_on_the_survivor(tmp_path, cache):
+    """Issue 25.6: after kill -9 of rank 1, rank 0 printed gloo's traceback, then torchrun's
+    SIGTERM raised KeyboardInterrupt inside an atexit callback (a second traceback)."""
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(tmp_path, cache, "peer", 2, [
+            "train.iters=2000", "train.lr_decay_iters=2000", "checkpoint.enabled=false"]),
+            stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=str(REPO))
+    try:
+        deadline = time.time() + 300
+        while "it     2 |" not in log.read_text() and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.5)
+        assert "it     2 |" in log.read_text(), log.read_text()[-3000:]
+        killed = [pid for pid in _children(proc.pid)
+                  if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+        assert killed
+        os.kill(killed[0], 9)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert rc != 0
+    ours = [l for l in out.splitlines() if l.startswith("mohge-train: ")]
+    assert len(ours) == 1 and "rank 1 (last seen in step" in ours[0], out[-4000:]
+    assert "[rank0]: Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+
+
 def _children(pid: int) -> set:
     out = set()
     for p in Path("/proc").iterdir():
