@@ -246,6 +246,20 @@ def test_warns_once_when_the_bias_is_never_updated():
     assert megatron_mohge.wrap_finalize_model_grads is wrap_finalize_model_grads
 
 
+def test_warns_once_when_global_batch_stats_are_never_reset():
+    """Issue 25.8: with global_batch_stats and no loss-free bias, a loop without end_of_step
+    accumulated the aux-loss statistics over the whole run, silently."""
+    from megatron_mohge.routing import base, mohge_router
+
+    router = make_router(cfg_small(losses=dict(global_batch_stats=True, group_start_fraction=0)))
+    assert router.balance_bias_E is None
+    router.train()
+    router.counter.step_forwards = mohge_router._STEP_FORWARDS_WARN
+    base._WARNED.discard("global_stats")
+    with pytest.warns(UserWarning, match="global_batch_stats.*end_of_step"):
+        router(torch.randn(4, 16))
+
+
 def test_bench_targets_report_balance_against_stock():
     from megatron_mohge.bench.e2e import target_checks
 

@@ -182,6 +182,26 @@ def test_mean_over_seeds_and_resolve_seeds():
         e2e.resolve_seeds(p, [0])
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--seeds", "1234"], r"--seeds 1234 asks for 1234 seeds \(one number is a count, at most "
+                          r"20\); for the one seed 1234 use --seed 1234"),
+    (["--jobs", "0"], r"--jobs 0: run at least one job at a time"),
+])
+def test_a_seed_count_above_the_limit_and_jobs_0_are_refused(tmp_path, capsys, argv, match):
+    """Issue 25.7 / 25.6: --seeds 1234 planned 2,468 trainings; --jobs 0 fell back to the
+    preset's value (``jobs or preset.jobs``). Both are one line, before anything is written."""
+    from megatron_mohge.cli.bench import main
+
+    assert len(e2e.resolve_seeds(get_preset("default"), [e2e.MAX_SEED_COUNT], 1)) == 20
+    assert main(["--out", str(tmp_path / "b"), "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mohge-bench: ")
+    import re
+
+    assert re.search(match, err), err
+    assert not (tmp_path / "b").exists()
+
+
 def test_presets_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="--preset"):
         get_preset("nope")

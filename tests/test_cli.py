@@ -110,7 +110,7 @@ def test_mohge_train_reports_a_run_time_config_error_once(tmp_path, monkeypatch,
     finally:
         signal.signal(signal.SIGTERM, before)
     assert read_usage_error(tmp_path / "usage_error.txt") == \
-        "output_dir: /tmp/busy is in use by another run"
+        ("mohge-train", "output_dir: /tmp/busy is in use by another run")
     assert "Traceback" not in capsys.readouterr().err
     monkeypatch.delenv(ERROR_FILE_ENV)
     assert train.main(["--config", TINY, "train.nope=1"]) == 2  # load errors alike, printed

@@ -64,3 +64,42 @@ def test_missing_tensorboard_is_a_warning(tmp_path, monkeypatch, capsys):
 
 def test_shipped_configs_still_validate():
     assert RunConfig.from_yaml(config_path("cpu_tiny_mohge.yaml")).moe.kind == "mohge"
+
+
+@pytest.mark.parametrize("content", ["- train\n- model\n", "just a sentence\n"])
+def test_a_run_file_that_is_not_a_mapping_is_one_line_with_overrides_too(tmp_path, content,
+                                                                        capsys):
+    # Issue 25.3: with an override, apply_overrides crashed on the list / string
+    # ("AttributeError: 'list' object has no attribute 'get'").
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    for overrides in ([], ["train.iters=5"]):
+        with pytest.raises(ConfigError, match=f"run config {path}: expected a mapping"):
+            RunConfig.from_yaml(path, overrides)
+        assert train_main(["--config", str(path), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mohge-train: run config ")
+
+
+def test_a_relative_layer_path_is_read_from_the_run_files_folder(tmp_path, monkeypatch,
+                                                                 capsys):
+    # Issue 25.4: moe.mohge: layer.yaml was looked up in the current folder first, so the
+    # same command read another layer depending on where it ran, silently.
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder, widths in ((here, "[24, 40]"), (there, "[32, 48]")):
+        folder.mkdir()
+        (folder / "layer.yaml").write_text(LAYER.replace("[24, 40]", widths))
+    (there / "run.yaml").write_text("moe:\n  kind: mohge\n  mohge: layer.yaml\n")
+    monkeypatch.chdir(here)
+    run = RunConfig.from_yaml(there / "run.yaml")
+    assert run.moe.mohge.widths == [32, 48] and run.layer_file == there / "layer.yaml"
+    assert train_main(["--config", str(there / "run.yaml"), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# moe.mohge read from {there / 'layer.yaml'}\n")
+    # a path typed on the command line is relative to the current folder
+    assert RunConfig.from_yaml(there / "run.yaml", ["moe.mohge=layer.yaml"]).moe.mohge.widths \
+        == [24, 40]
+    (there / "layer.yaml").unlink()  # not next to the run file: an error, not ./layer.yaml
+    with pytest.raises(ConfigError, match=r"layer.yaml \(a relative path is read from the "
+                                          r"run file's folder\)"):
+        RunConfig.from_yaml(there / "run.yaml")

@@ -167,6 +167,39 @@ def test_one_big_text_file_trains_without_flags(tmp_path):
     assert len(train) >= 20 and len(valid) >= 2
 
 
+def _one_sentence_per_line(path: Path, lines: int = 2000) -> Path:
+    path.write_text("".join(f"Sentence {i} of a corpus without any blank line in it.\n"
+                            for i in range(lines)), encoding="utf-8")
+    return path
+
+
+def test_text_without_blank_lines_is_cut_by_line_in_the_bench(tmp_path):
+    """Issue 25.5: one sentence per line and no blank lines was one document, so
+    ``mohge-bench --data corpus.txt`` stopped ("the validation split ... has 0 tokens"); the
+    bench now cuts it by line, saying so, and the split error names --split-documents line."""
+    from megatron_mohge.bench.e2e import resolve_data
+    from megatron_mohge.data.datasets import check_split_sizes
+    from megatron_mohge.data.prepare import read_metadata
+
+    src = _one_sentence_per_line(tmp_path / "corpus.txt")
+    said = []
+    prefix, = resolve_data([str(src)], "byte", tmp_path / "bench", said.append,
+                           splits={("949,50,1", 64)})
+    notes = [s for s in said if s.startswith("note:")]
+    assert len(notes) == 1 and "--split-documents line" in notes[0] and "\n" not in notes[0]
+    assert read_metadata(prefix)["num_documents"] == 2000
+    check_split_sizes(prefix, "949,50,1", 64)
+    # an explicit --split-documents is kept; the split error then names the fix
+    said.clear()
+    prefix, = resolve_data([str(src)], "byte", tmp_path / "kept", said.append,
+                           split_documents="blank-line", splits={("949,50,1", 64)})
+    assert read_metadata(prefix)["num_documents"] == 1
+    assert not [s for s in said if s.startswith("note:")]
+    with pytest.raises(ConfigError, match=r"has 0 tokens.*cut into 1 document\(s\) at blank "
+                                          r"lines.*prepare it with --split-documents line"):
+        check_split_sizes(prefix, "949,50,1", 64)
+
+
 def test_folder_walk_takes_rst_txt_and_any_text_name(tmp_path):
     # /usr/share/doc/python3.11/html/_sources holds *.rst.txt files: plain text, picked up.
     (tmp_path / "docs" / "library").mkdir(parents=True)

@@ -232,3 +232,36 @@ def test_pretrain_without_megatron_training_says_so_in_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "megatron.training" in lines[0]
     assert "examples/pretrain_mohge.py" in lines[0] and "Megatron-LM checkout" in lines[0]
+
+
+@pytest.mark.slow
+@needs_training
+def test_pretrain_checkpoint_writers_die_with_a_killed_rank(tmp_path):
+    """Issue 25.2: after ``kill -9`` of a mohge-pretrain rank, the checkpoint writers' results
+    Manager (``spawn_main``) and multiprocessing's resource tracker lived on, adopted by PID 1,
+    holding the job's log open: nothing installed the child reaper on this path."""
+    import time
+
+    from tests.test_run_safety import _assert_all_die, _children
+
+    out = tmp_path / "kill"
+    cmd = [sys.executable, "-m", "megatron_mohge.cli.pretrain", "--config",
+           str(CONFIGS / "cpu_tiny_mohge.yaml"), *TINY, f"data.cache_dir={tmp_path / 'data'}",
+           f"output_dir={out}", "train.iters=400", "train.lr_decay_iters=400",
+           "checkpoint.interval=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=str(tmp_path))
+    tracker = out / "checkpoints" / "latest_checkpointed_iteration.txt"
+    try:
+        deadline = time.time() + 600
+        while not tracker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert tracker.exists(), "no checkpoint was saved"
+        kids = _children(proc.pid)
+        assert kids, "dist_checkpointing left no helper process to check"
+    finally:
+        proc.kill()
+        proc.wait()
+    _assert_all_die(kids)

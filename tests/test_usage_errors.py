@@ -13,7 +13,7 @@ def test_collected_error_is_written_once_not_printed(tmp_path, monkeypatch, caps
     monkeypatch.setenv(ERROR_FILE_ENV, str(path))
     assert report_usage_error("mohge-train", ConfigError("first rank")) == 2
     assert report_usage_error("mohge-train", ConfigError("second rank")) == 2
-    assert read_usage_error(path) == "first rank"
+    assert read_usage_error(path) == ("mohge-train", "first rank")
     assert capsys.readouterr().err == ""
 
 
@@ -33,6 +33,28 @@ def test_under_plain_torchrun_rank0_prints_and_torchrun_gets_the_message(
     assert failure.message["message"] == "mohge-train: bad data"
     assert json.loads((tmp_path / "error.json").read_text())["message"]["extraInfo"][
         "py_callstack"] == "mohge-train: bad data"
+
+
+def test_the_launcher_names_the_tool_it_launched(tmp_path):
+    """Issue 25.6: ``python -m megatron_mohge.cli.launch ... -m megatron_mohge.cli.pretrain``
+    labelled the rank's usage error ``mohge-train:``."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_trainer import REPO
+
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  iters: 2\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_mohge.cli.launch", "--standalone", "--nproc-per-node=1",
+         "-m", "megatron_mohge.cli.pretrain", "--config", str(run), "train.nope=1"],
+        capture_output=True, text=True, cwd=str(REPO), timeout=300,
+        env={k: v for k, v in os.environ.items() if k != ERROR_FILE_ENV})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = _stderr_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(
+        "mohge-pretrain: train.nope: unknown key in TrainConfig."), proc.stderr[-3000:]
 
 
 def _stderr_lines(text: str) -> list[str]:

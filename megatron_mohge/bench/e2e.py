@@ -26,7 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs  # noqa: F401
 from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
@@ -50,10 +50,15 @@ from megatron_mohge.run_config import RunConfig
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
                  split_documents: Optional[str] = None,
-                 json_keys: Optional[list[str]] = None) -> list[str]:
+                 json_keys: Optional[list[str]] = None,
+                 splits: Iterable[tuple[str, int]] = ()) -> list[str]:
     """Dataset prefixes for ``--data``: indexed-dataset prefixes are used as they are; text /
     JSON lines / Parquet files and folders are tokenized once into ``out_dir/data/corpus``
-    (``mohge-prepare-data``'s document rules; several JSON keys: one dataset each)."""
+    (``mohge-prepare-data``'s document rules; several JSON keys: one dataset each).
+
+    ``splits``: the runs' ``(data.split, seq_length)``. Plain text cut at blank lines (the
+    default rule) into too few documents for one of them -- typically one sentence per line
+    and no blank lines, i.e. one document -- is cut by line instead, said in one line."""
     from megatron_mohge.data import check_dataset, load_tokenizer
     from megatron_mohge.data.formats import DEFAULT_JSON_KEYS, DEFAULT_SPLIT
     from megatron_mohge.data.prepare import prepare_datasets
@@ -71,9 +76,18 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
     if texts:
         prefix = out_dir / "data" / "corpus"
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        metas = prepare_datasets(texts, prefix, load_tokenizer(tokenizer), progress=True,
-                                 split=split_documents or DEFAULT_SPLIT,
-                                 json_keys=tuple(json_keys or DEFAULT_JSON_KEYS))
+
+        def prepare(split: str) -> dict:
+            return prepare_datasets(texts, prefix, load_tokenizer(tokenizer), progress=True,
+                                    split=split, json_keys=tuple(json_keys or DEFAULT_JSON_KEYS))
+
+        metas = prepare(split_documents or DEFAULT_SPLIT)
+        if split_documents is None and not _splits_fit(metas, splits):
+            docs = min(m["num_documents"] for m in metas.values())
+            log(f"note: --data {' '.join(texts)} cut at blank lines is {docs} document(s), too "
+                f"few for the train/validation split: cut by line instead (--split-documents "
+                f"line)")
+            metas = prepare("line")
         for out, meta in metas.items():
             log(f"tokenized {meta['num_documents']} documents, {meta['num_tokens']:,} tokens "
                 f"-> {out}")
@@ -81,10 +95,31 @@ def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
     return prefixes
 
 
+#: The most seeds ``--seeds N`` counts; a larger N is far more likely a seed (``--seeds 1234``
+#: meant as ``--seed 1234``) than days of training asked for on purpose.
+MAX_SEED_COUNT = 20
+
+
+def _splits_fit(metas: dict, splits: Iterable[tuple[str, int]]) -> bool:
+    """Whether datasets with plain text in them fill every ``(split, seq_length)``."""
+    from megatron_mohge.data.datasets import check_split_sizes
+
+    if not any("text" in m["documents"]["formats"] for m in metas.values()):
+        return True  # JSON / Parquet: one document per record, no rule to change
+    try:
+        for prefix in metas:
+            for split, seq_length in splits:
+                check_split_sizes(prefix, split, seq_length)
+    except ConfigError:
+        return False
+    return True
+
+
 def resolve_seeds(preset: Preset, seeds: Optional[list[int]] = None,
                   seed: Optional[int] = None) -> list[int]:
     """The seeds to train: ``--seeds N`` (one value: N seeds from ``--seed``/the preset's
-    first seed on) or an explicit list; else ``--seed`` alone; else the preset's."""
+    first seed on, N <= :data:`MAX_SEED_COUNT`) or an explicit list; else ``--seed`` alone;
+    else the preset's."""
     first = preset.seeds[0] if seed is None else seed
     if seeds is None:
         return [first] if seed is not None else list(preset.seeds)
@@ -92,11 +127,24 @@ def resolve_seeds(preset: Preset, seeds: Optional[list[int]] = None,
         if seeds[0] < 1:
             raise ConfigError(f"--seeds {seeds[0]}: give a number of seeds >= 1 or a list of "
                               "two or more seeds")
+        if seeds[0] > MAX_SEED_COUNT:
+            raise ConfigError(
+                f"--seeds {seeds[0]} asks for {seeds[0]} seeds (one number is a count, at most "
+                f"{MAX_SEED_COUNT}); for the one seed {seeds[0]} use --seed {seeds[0]}, for "
+                f"several list them: --seeds {seeds[0]} {seeds[0] + 1}")
         return [first + i for i in range(seeds[0])]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: seeds repeat; give distinct "
                           "seeds")
     return list(seeds)
+
+
+def resolve_jobs(preset: Preset, jobs: Optional[int] = None) -> int:
+    """Runs trained at once: ``--jobs`` (>= 1), else the preset's."""
+    jobs = preset.jobs if jobs is None else jobs  # not `jobs or`: --jobs 0 is an error
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
+    return jobs
 
 
 def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = None,
@@ -137,16 +185,16 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     (a long screen stopped early still has complete arms)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
-    jobs = jobs or preset.jobs
-    if jobs < 1:
-        raise ConfigError(f"--jobs {jobs}: run at least one job at a time")
+    jobs = resolve_jobs(preset, jobs)
     identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seeds=seed_list,
                               iters=iters, layer_bench=layer_bench,
                               split_documents=split_documents, json_keys=json_keys)
     check_out_dir(out_dir, identity)  # before anything is written into --out
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
-    prefixes = resolve_data(list(data or []), tok, out_dir, log,
-                            split_documents=split_documents, json_keys=json_keys)
+    splits = {(r.data.split, r.model.seq_length)
+              for r in run_configs(preset, out_dir, names=names, iters=iters).values()}
+    prefixes = resolve_data(list(data or []), tok, out_dir, log, split_documents=split_documents,
+                            json_keys=json_keys, splits=splits)
     by_seed = {s: run_configs(preset, out_dir, names=names, data=prefixes or None,
                               tokenizer=tokenizer, seed=s, iters=iters) for s in seed_list}
     first = next(iter(by_seed[seed_list[0]].values()))

@@ -91,9 +91,9 @@ def _finish_run(a: _Active, cpu_s: Optional[float]) -> dict:
     if a.out is not None:
         a.out.close()
     summary_path = a.run.out_dir / "summary.json"
-    message = read_usage_error(_usage_error_file(a.cfg_path))
-    if message is not None:
-        raise ConfigError(f"run {a.name}: {message}")
+    error = read_usage_error(_usage_error_file(a.cfg_path))
+    if error is not None:
+        raise ConfigError(f"run {a.name}: {error.message}")
     if a.proc.returncode != 0 or not summary_path.is_file():
         where = f"its log is {a.log_file}" if a.log_file else "its log is above"
         raise RunFailedError(f"run {a.name} (seed {a.run.train.seed}) failed (exit "

@@ -90,6 +90,7 @@ def _bench(args) -> int:
     names = args.runs.split(",") if args.runs else list(preset.runs)
     if args.with_dense:
         names += [n for n in preset.optional_runs if n == "dense" and n not in names]
+    e2e.resolve_jobs(preset, args.jobs)  # --jobs 0 refused before a dry run too
     if args.dry_run or preset.needs_gpu:
         seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
         runs = {(s, n): r for s in seeds

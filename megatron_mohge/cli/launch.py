@@ -1,7 +1,8 @@
 """``python -m megatron_mohge.cli.launch [torchrun options] -m megatron_mohge.cli.train ...``
 
-``torchrun`` for ``mohge-train``, except that a rank's usage error (bad config, data or
-checkpoint) ends the job with that one line, ``mohge-train: <message>``, exit status 2,
+``torchrun`` for ``mohge-train`` / ``mohge-pretrain``, except that a rank's usage error (bad
+config, data or checkpoint) ends the job with that one line, ``mohge-train: <message>`` (the
+launched tool's name), exit status 2,
 instead of the ``ChildFailedError`` report and its traceback. Crashes keep torchrun's full
 report. ``mohge-bench`` launches multi-rank runs with it.
 """
@@ -37,11 +38,11 @@ def main(argv=None) -> int:
     try:
         run(args)
     except ChildFailedError:
-        message = read_usage_error(path)
-        if message is None:
+        error = read_usage_error(path)
+        if error is None:
             raise  # a crash: torchrun's report with the ranks' exit codes and tracebacks
         if owner:
-            print_error("mohge-train", message)
+            print_error(error.prog, error.message)
         return USAGE_EXIT
     finally:
         agent_log.removeFilter(quiet)

@@ -7,7 +7,8 @@ Re-running the same command resumes from the latest complete checkpoint.
 
 Exit codes: 0 done; 2 bad config, data or checkpoint, or the output folder is in use by
 another run; 3 the run diverged (non-finite loss / grad norm, or a loss spike), stopped
-before that step was saved; 1 a collective timed out (a stalled rank, named); 130 Ctrl-C
+before that step was saved; 1 a collective timed out or lost a peer (the stalled or dead
+rank, named); 130 Ctrl-C
 or SIGTERM (the latest complete checkpoint is intact).
 """
 
@@ -30,6 +31,8 @@ parse_args, main = common.run_file_cli(
 
 def _train(run, args) -> int:
     if args.print_config:
+        if run.layer_file is not None:  # a YAML comment: the output stays a valid run file
+            print(f"# moe.mohge read from {run.layer_file}")
         print(run.to_yaml(), end="")
         return 0
     # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
@@ -50,10 +53,18 @@ def _train(run, args) -> int:
         return _fail(M, f"{PROG}: interrupted; the latest complete checkpoint in "
                         f"{run.save_dir} is intact, re-run the same command to resume", 130)
     except RuntimeError as exc:
-        if trainer is None or not procs.is_timeout(exc):
+        if trainer is None or not (procs.is_timeout(exc) or procs.is_peer_lost(exc)):
             raise
-        # every surviving rank reports (the stalled one cannot): one line each
-        print(f"{PROG}: {trainer.describe_timeout(exc)}", file=sys.stderr, flush=True)
+        # The job is ending: torchrun's SIGTERM to the survivors must not interrupt this
+        # report or the exit (it raised KeyboardInterrupt inside atexit callbacks).
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # every surviving rank reports (the stalled or dead one cannot): one line each
+        text = (trainer.describe_timeout(exc) if procs.is_timeout(exc) else
+                procs.peer_lost_message(exc, trainer.heartbeat, trainer.rank,
+                                        getattr(trainer, "phase", "?")))
+        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
         return 1
     finally:
         if trainer is not None:

@@ -4,8 +4,10 @@ Every rank of ``mohge-train`` usually meets the same bad input, and ``torchrun``
 rank's non-zero exit with a ``ChildFailedError`` wall that does not contain the message.
 Here a rank's ``ConfigError`` is
 
-* written to ``$MOHGE_USAGE_ERROR_FILE`` when a launcher that reports it set one
-  (``mohge-bench``, ``python -m megatron_mohge.cli.launch``); the first rank to fail wins;
+* written to ``$MOHGE_USAGE_ERROR_FILE`` (with the tool's name, so the launcher's line says
+  ``mohge-pretrain:`` or ``mohge-train:`` as the rank would) when a launcher that reports it
+  set one (``mohge-bench``, ``python -m megatron_mohge.cli.launch``); the first rank to fail
+  wins;
 * else printed once (by rank 0, or by any rank when no launcher collects it), and written to
   torchrun's per-rank ``$TORCHELASTIC_ERROR_FILE`` so torchrun's own report shows it too.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from megatron_mohge.cli.common import USAGE_EXIT, print_error
 
@@ -35,7 +37,7 @@ def report_usage_error(prog: str, exc: BaseException) -> int:
             collected = None  # cannot record it: print it below instead
         else:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(message)
+                json.dump({"prog": prog, "message": message}, fh)
             return USAGE_EXIT
     elastic = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if elastic:
@@ -51,13 +53,20 @@ def report_usage_error(prog: str, exc: BaseException) -> int:
     return USAGE_EXIT
 
 
-def read_usage_error(path) -> Optional[str]:
-    """The message a rank recorded in ``path``, or None when no rank recorded one."""
+class UsageError(NamedTuple):
+    prog: str  # the tool whose rank failed (mohge-train, mohge-pretrain)
+    message: str
+
+
+def read_usage_error(path) -> Optional[UsageError]:
+    """What a rank recorded in ``path``, or None when no rank recorded anything (yet: a
+    file being written reads as None too)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    except FileNotFoundError:
+            return UsageError(**json.load(fh))
+    except (FileNotFoundError, ValueError):
         return None
 
 
-__all__ = ["report_usage_error", "read_usage_error", "USAGE_EXIT", "ERROR_FILE_ENV"]
+__all__ = ["report_usage_error", "read_usage_error", "UsageError", "USAGE_EXIT",
+           "ERROR_FILE_ENV"]

@@ -219,6 +219,10 @@ class RunConfig(YamlDataclass):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    #: The MoHGE layer file a ``moe.mohge: PATH`` was read from (absolute), or None. Not a
+    #: field (no annotation): ``to_dict`` holds the layer itself, this says where it came from.
+    layer_file = None
+
     def __post_init__(self):
         self.validate()
 
@@ -286,20 +290,31 @@ class RunConfig(YamlDataclass):
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, data: dict, base_dir: Optional[Path] = None) -> "RunConfig":
-        """Build from a mapping; ``moe.mohge`` may be a YAML path (relative to ``base_dir``)."""
+        """Build from a mapping; ``moe.mohge`` may be a YAML path (relative to ``base_dir``,
+        without one to the current folder)."""
+        layer_file = None
         if isinstance(data, dict):
-            data = _resolve_mohge_path(data, base_dir)
-        return build_dataclass(cls, data)
+            data, layer_file = _resolve_mohge_path(data, base_dir)
+        run = build_dataclass(cls, data)
+        run.layer_file = layer_file
+        return run
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path], overrides: Optional[list[str]] = None) -> "RunConfig":
+        """The run file ``path`` with ``key.sub=value`` ``overrides``. Its ``moe.mohge: PATH``
+        is relative to the file's folder (wherever the command runs); an override's
+        ``moe.mohge=PATH`` is typed on a command line, so relative to the current folder."""
         p = Path(path)
         data = read_yaml_file(p, "run config") or {}
-        if isinstance(data, dict):  # so overrides can reach moe.mohge.*
-            data = _resolve_mohge_path(data, p.parent)
-        if overrides:
-            data = apply_overrides(data, overrides)
-        return cls.from_dict(data, base_dir=p.parent)
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"run config {path}: expected a mapping of sections (model:, moe:, train:, "
+                f"...), got a YAML {type(data).__name__} ({str(data)[:60]!r}); write the file "
+                f"as 'section:' blocks of 'key: value' lines (see examples/configs/)")
+        data, layer_file = _resolve_mohge_path(data, p.parent)  # overrides reach moe.mohge.*
+        run = cls.from_dict(apply_overrides(data, overrides or []))
+        run.layer_file = run.layer_file or layer_file
+        return run
 
 
 #: Top-level keys of a run file and of a MoHGE layer file (a layer file may wrap its keys in
@@ -335,13 +350,20 @@ def normalize_run_dict(data: Any) -> Any:
     return {**data, "moe": moe}
 
 
-def _resolve_mohge_path(data: dict, base_dir: Optional[Path]) -> dict:
+def _resolve_mohge_path(data: dict, base_dir: Optional[Path]) -> tuple[dict, Optional[Path]]:
+    """``data`` with a ``moe.mohge: PATH`` replaced by the layer it names, and that file
+    (absolute; None when ``moe.mohge`` is no path). A relative PATH is relative to
+    ``base_dir`` only, never looked up in the current folder first: the same run file then
+    reads the same layer from wherever it is run."""
     moe = data.get("moe")
-    if isinstance(moe, dict) and isinstance(moe.get("mohge"), str):
-        ref = Path(moe["mohge"])
-        if not ref.is_absolute() and base_dir is not None and not ref.exists():
-            ref = base_dir / ref
-        if not ref.is_file():
-            raise ConfigError(f"moe.mohge: MoHGE config file not found: {moe['mohge']}")
-        data = {**data, "moe": {**moe, "mohge": MoHGEConfig.from_yaml(ref).to_dict()}}
-    return data
+    if not (isinstance(moe, dict) and isinstance(moe.get("mohge"), str)):
+        return data, None
+    given = Path(moe["mohge"]).expanduser()
+    ref = given if given.is_absolute() or base_dir is None else Path(base_dir) / given
+    if not ref.is_file():
+        where = ("" if given.is_absolute() else " (a relative path is read from the run "
+                 "file's folder)" if base_dir is not None else " (relative to the current folder)")
+        raise ConfigError(f"moe.mohge: MoHGE config file not found: {ref}{where}; give the "
+                          f"layer YAML's path relative to the run file, or an absolute path")
+    ref = ref.resolve()
+    return {**data, "moe": {**moe, "mohge": MoHGEConfig.from_yaml(ref).to_dict()}}, ref

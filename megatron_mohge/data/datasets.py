@@ -20,14 +20,14 @@ from typing import Optional, Sequence, Union
 
 from megatron_mohge.config import ConfigError, parse_split
 from megatron_mohge.data.integrity import content_key, read_index
-from megatron_mohge.data.prepare import check_dataset, normalize_prefix
+from megatron_mohge.data.prepare import check_dataset, normalize_prefix, read_metadata
 from megatron_mohge.data.tokenizers import Tokenizer, load_tokenizer
 
 BATCH_KEYS = ("tokens", "labels", "position_ids", "loss_mask")
 _SPLIT_NAMES = ("train", "validation", "test")
 
 
-def _check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
+def check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
     """Every needed split of ``prefix`` must hold at least one sample of tokens.
 
     megatron-core would otherwise loop forever: ``GPTDataset._get_num_epochs`` adds epochs
@@ -53,7 +53,17 @@ def _check_split_sizes(prefix: str, split: str, seq_length: int) -> None:
                 f"{beg}..{end} of {n}) has {tokens} tokens, fewer than one sample of "
                 f"seq_length+1={seq_length + 1}; use a bigger corpus (more input files or a "
                 f"larger --max-bytes), give {_SPLIT_NAMES[i]} a bigger share in split, or "
-                f"lower seq_length")
+                f"lower seq_length{_few_paragraphs_hint(prefix, n)}")
+
+
+def _few_paragraphs_hint(prefix: str, documents: int) -> str:
+    """A text with one sentence (or record) per line and no blank lines, cut at blank lines,
+    is one document, which no split divides (the split cuts between documents)."""
+    meta = read_metadata(prefix) or {}
+    if meta.get("documents", {}).get("split") != "blank-line":
+        return ""
+    return (f". Its text was cut into {documents} document(s) at blank lines; a text without "
+            f"blank lines is one document: prepare it with --split-documents line")
 
 
 def default_index_cache(prefix: str) -> str:
@@ -95,7 +105,7 @@ def build_gpt_datasets(prefixes: Union[str, Path, Sequence[Union[str, Path]]],
     tok = load_tokenizer(tokenizer)
     for p in prefixes:
         check_dataset(p, tok)  # also: .bin / .idx / sidecar belong together (integrity.py)
-        _check_split_sizes(p, split, int(seq_length))
+        check_split_sizes(p, split, int(seq_length))
     cache = os.path.abspath(os.fspath(cache_dir)) if cache_dir else default_index_cache(prefixes[0])
     # megatron-core names cached sample indices by the dataset *path*; data re-prepared at
     # the same prefix would reuse indices of the old documents (a wrong split or IndexError).
@@ -196,4 +206,5 @@ def get_micro_batches(dataset, *, iteration: int, global_batch_size: int, micro_
     return batches
 
 
-__all__ = ["build_gpt_datasets", "get_micro_batches", "default_index_cache", "BATCH_KEYS"]
+__all__ = ["build_gpt_datasets", "check_split_sizes", "get_micro_batches", "default_index_cache",
+           "BATCH_KEYS"]

@@ -114,6 +114,8 @@ class MoHGERouter(GroupedExpertRouter):
             glob = L.count_tokens(r.group_mask_TG, r.routing_map_TE, keep_T1,
                                   self.tp_dp_cp_group, index)
             counts = glob.scaled(self.tp_cp_group.size() / self.tp_dp_cp_group.size())
+            if self.counter.step_forwards >= _STEP_FORWARDS_WARN:
+                warn_global_stats_never_reset(self.counter.step_forwards)
             load = self.global_counts.add(glob)
         m = self.mohge
         if group_on:
@@ -184,12 +186,20 @@ class MoHGERouter(GroupedExpertRouter):
 
 # A training loop that never runs end_of_step keeps accumulating step counts: say so once.
 _STEP_FORWARDS_WARN = 10_000
+_END_OF_STEP_HINT = (
+    "Wrap Megatron's finalize_model_grads with "
+    "megatron_mohge.routing.balance.wrap_finalize_model_grads (mohge-train and the "
+    "Megatron-LM launcher do), or call megatron_mohge.routing.balance.end_of_step(model) "
+    "once per optimizer step.")
 
 
 def warn_bias_never_updated(forwards: int) -> None:
-    warn_once(
-        "bias", f"MoHGE loss-free balancing: {forwards} training forward passes without an "
-        "update of the expert bias. Wrap Megatron's finalize_model_grads with "
-        "megatron_mohge.routing.balance.wrap_finalize_model_grads (mohge-train and the "
-        "Megatron-LM launcher do), or call megatron_mohge.routing.balance.end_of_step(model) "
-        "once per optimizer step.")
+    warn_once("bias", f"MoHGE loss-free balancing: {forwards} training forward passes without "
+                      f"an update of the expert bias. {_END_OF_STEP_HINT}")
+
+
+def warn_global_stats_never_reset(forwards: int) -> None:
+    # without a bias the statistics are the only per-step state: their window is the run
+    warn_once("global_stats", f"MoHGE losses.global_batch_stats: {forwards} training forward "
+                              f"passes in one step window, so the aux losses' statistics cover "
+                              f"the whole run instead of one global batch. {_END_OF_STEP_HINT}")

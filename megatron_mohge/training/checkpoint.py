@@ -2,10 +2,11 @@
 
 Layout (Megatron-LM's names): ``<root>/iter_XXXXXXX/`` per checkpoint and
 ``<root>/latest_checkpointed_iteration.txt``. A save writes ``iter_XXXXXXX.tmp`` first, records
-the size of every file in ``manifest.json``, renames it when every rank is done, and only then
-replaces the tracker file (atomically), so an interrupted save (Ctrl-C, crash, pre-emption)
-leaves the previous checkpoint as "latest". On resume the manifest finds truncated or missing
-files before ``dist_checkpointing`` trips over them; a missing tracker never means "start
+the size of every file (and the SHA-256 of every file but the tensor shards) in
+``manifest.json``, renames it when every rank is done, and only then replaces the tracker file
+(atomically), so an interrupted save (Ctrl-C, crash, pre-emption) leaves the previous
+checkpoint as "latest". On resume the manifest finds truncated, missing or overwritten files
+before ``dist_checkpointing`` trips over them; a missing tracker never means "start
 over" while complete checkpoints exist; a changed model is named field by field from the
 checkpoint's ``run.yaml``.
 """
@@ -13,6 +14,7 @@ checkpoint's ``run.yaml``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -29,7 +31,11 @@ from megatron_mohge.config import ConfigError
 from megatron_mohge.config.run import normalize_run_dict
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-MANIFEST_FILE = "manifest.json"  # {file name: size in bytes}, written last by a save
+MANIFEST_FILE = "manifest.json"  # {file name: {"bytes": n[, "sha256": hex]}}, written last
+# Tensor shards are checked by size only (hashing them would read the whole checkpoint again);
+# the small files dist-ckpt reads first (.metadata, common.pt, ...) by content too: a
+# same-size overwrite of .metadata otherwise passes and fails inside dist-ckpt's reader.
+SIZE_ONLY_SUFFIX = ".distcp"
 RUN_FILE = "run.yaml"  # the RunConfig of the run that saved the checkpoint
 # written by every dist_checkpointing save, read first by every load
 REQUIRED_FILES = (".metadata", "common.pt")
@@ -64,9 +70,29 @@ def iteration_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Record every file of ``ckpt`` (sizes; contents but for tensor shards), written last."""
+    entries = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file():
+            entry = {"bytes": p.stat().st_size}
+            if not p.name.endswith(SIZE_ONLY_SUFFIX):
+                entry["sha256"] = _sha256(p)
+            entries[str(p.relative_to(ckpt))] = entry
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(entries, indent=1))
+
+
 def problem(ckpt: Path) -> Optional[str]:
     """Why ``ckpt`` cannot be loaded (naming the file), or None when it looks complete: its
-    dist-ckpt files exist and match the sizes its save recorded."""
+    dist-ckpt files exist and match the sizes (and hashes) its save recorded."""
     if not ckpt.is_dir():
         return f"{ckpt} is missing"
     for name in REQUIRED_FILES:
@@ -76,15 +102,19 @@ def problem(ckpt: Path) -> Optional[str]:
     if not manifest.is_file():  # saved before manifests existed: the required files only
         return None
     try:
-        sizes = json.loads(manifest.read_text())
+        entries = json.loads(manifest.read_text())
     except ValueError:
         return f"{manifest} is not valid JSON"
-    for name, size in sizes.items():
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):  # saved before hashes were recorded: {name: size}
+            entry = {"bytes": entry}
         f = ckpt / name
         if not f.is_file():
             return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} is {f.stat().st_size} bytes, its save wrote {size} (truncated?)"
+        if f.stat().st_size != entry["bytes"]:
+            return f"{f} is {f.stat().st_size} bytes, its save wrote {entry['bytes']} (truncated?)"
+        if "sha256" in entry and _sha256(f) != entry["sha256"]:
+            return f"{f} differs from what its save wrote (its SHA-256 changed: overwritten?)"
     return None
 
 
@@ -240,9 +270,7 @@ def save(state: dict, root: Path, iteration: int, *, fully_parallel: bool = Fals
     if dist.get_rank() == 0:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        sizes = {str(p.relative_to(tmp)): p.stat().st_size
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(sizes, indent=1))
+        write_manifest(tmp)
         if final.exists():  # only after checkpoint.fallback re-trains past a damaged one
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -8,6 +8,8 @@
   child forked from the main thread and the Manager get ``PR_SET_PDEATHSIG``: the kernel
   kills them when the rank dies, however it dies; the resource tracker then exits on its
   own (it lives until the last holder of its pipe, the rank or the Manager, is gone).
+* **A dead peer is named.** A rank whose collective fails because another rank's process
+  went away (gloo: "Connection reset by peer") says which rank stopped beating, in one line.
 * **A stalled rank fails the job.** The process groups get ``parallel.collective_timeout_s``;
   each rank also beats a heartbeat counter in the job's rendezvous store from a thread, so
   a rank whose collective timed out can name the ranks that stopped beating (SIGSTOP, a
@@ -180,6 +182,33 @@ def is_timeout(exc: BaseException) -> bool:
     """A collective that gave up waiting (gloo: "Timed out waiting", NCCL watchdog: "timeout")."""
     text = str(exc).lower()
     return "timed out" in text or "timeout" in text
+
+
+#: How a collective reports that a peer process is gone (killed, crashed, its node lost):
+#: gloo's socket errors, NCCL's remote error.
+_PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe",
+              "remote process exited", "ncclremoteerror")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """A collective that failed because another rank's process went away."""
+    text = str(exc).lower()
+    return any(s in text for s in _PEER_LOST)
+
+
+def peer_lost_message(exc: BaseException, heartbeat: Optional[Heartbeat], rank: int,
+                      phase: str) -> str:
+    """One line for a rank whose collective lost a peer: the heartbeat names the rank that
+    stopped beating (a dead process never beats again)."""
+    stalled = heartbeat.stalled() if heartbeat is not None else None
+    if stalled:
+        who = ", ".join(f"rank {r} (last seen in {p})" for r, p in sorted(stalled.items()))
+        who = f"{who} died or lost its connection"
+    else:
+        who = "another rank died or lost its connection (which one is unknown)"
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (f"rank {rank}: a collective in {phase} failed: {who}. The job stops; resume from "
+            f"the latest checkpoint. ({first})")
 
 
 def timeout_message(exc: BaseException, heartbeat: Optional[Heartbeat], rank: int,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.training import checkpoint as ckpt_lib
@@ -94,7 +95,11 @@ def load_checked(template: Callable[[], dict], ckpt: Path, rank: int, *,
     state, error = None, None
     try:
         state = ckpt_lib.dist_load(template(), ckpt, fully_parallel=fully_parallel)
-    except Exception as exc:  # noqa: BLE001 - any reader error: named, not a traceback
+    # CheckpointException (torch.distributed.checkpoint: e.g. unreadable .metadata) derives
+    # from BaseException, not Exception
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - named, not a traceback
+        if isinstance(exc, CheckpointException) and exc.failures:  # the reader's own error
+            exc = next(iter(exc.failures.values()))[0]
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
         error = (f"checkpoint.load: reading {ckpt} failed on rank {rank}: "
                  f"{type(exc).__name__}: {first}. The checkpoint is damaged or was saved by "

@@ -112,7 +112,8 @@ def install_tracker_report_hook() -> bool:
 
 def install_megatron_lm_hooks() -> str:
     """Make an unpatched ``megatron.training.training`` log MoHGE losses and count MoHGE FLOPs,
-    and run :func:`megatron_mohge.routing.balance.end_of_step` after ``finalize_model_grads``.
+    and run :func:`megatron_mohge.routing.balance.end_of_step` after ``finalize_model_grads``;
+    the rank's checkpoint-writer processes die with it (``training.procs``), on every tag.
 
     Returns ``"patched"`` (a patched checkout does it itself: nothing to do), ``"installed"``
     or ``"already installed"``. The wrappers leave runs without ``--mohge-config`` unchanged.
@@ -128,8 +129,12 @@ def install_megatron_lm_hooks() -> str:
     # distributed-optimizer checkpoints with torch Adam (no Apex / TE, e.g. GPU installs
     # without TE): Megatron's load breaks in three places (compat.distopt; idempotent)
     from megatron_mohge.compat import distopt
+    from megatron_mohge.training import procs
 
     distopt.install_load_fixes()
+    # the checkpoint writers' results Manager (and its resource tracker) die with the rank,
+    # even under kill -9, as in mohge-train: before Megatron's first save starts it
+    procs.install_child_reaper()
     if getattr(T, "MOHGE_PATCH", None):
         return "patched"
     if getattr(T.num_floating_point_operations, "__mohge_stock__", None):
