@@ -46,7 +46,7 @@ def test_mohge_gpt_trains_and_stock_moe_baseline_runs(world1):
     model, mohge = train_losses(tc, get_mohge_decoder_block_spec(tc, mc, use_te=False))
     assert falls(mohge), mohge
     tracker = metric_entries()
-    assert {"mohge_group_loss", "mohge_intra_group_loss"} <= set(tracker)
+    assert {"mohge_group_loss", "mohge_group_balance_loss"} <= set(tracker)
 
     torch.manual_seed(C.SEED)
     stock_tc = C.tiny_gpt_config(num_moe_experts=8, moe_ffn_hidden_size=40)  # same total width

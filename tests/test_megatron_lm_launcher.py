@@ -99,9 +99,10 @@ def test_finalize_checks_and_mirrors():
 def test_track_names():
     args = parser().parse_args(["--mohge-config", str(TINY)])
     names = ML.mohge_track_names(args, ["load_balancing_loss", "z_loss"])
-    assert names == ["z_loss", "mohge_group_loss", "mohge_intra_group_loss"]
-    args.mohge_intra_group_coeff = 0.0
-    assert ML.mohge_track_names(args, []) == ["mohge_group_loss"]
+    assert names == ["z_loss", "mohge_group_loss", "mohge_group_balance_loss"]
+    args.mohge_intra_group_coeff = 0.5  # the tiny layer balances inside groups loss-free
+    assert ML.mohge_track_names(args, []) == ["mohge_group_loss", "mohge_group_balance_loss",
+                                              "mohge_intra_group_loss"]
     assert ML.mohge_track_names(argparse.Namespace(), ["load_balancing_loss"]) == \
         ["load_balancing_loss"]
     noisy = MoHGEConfig.from_yaml(TINY)
@@ -110,8 +111,10 @@ def test_track_names():
     from megatron_mohge.routing import mohge_router, noisy_topk
 
     assert {mohge_router.GROUP_LOSS_NAME, mohge_router.INTRA_GROUP_LOSS_NAME,
-            noisy_topk.IMPORTANCE_LOSS_NAME, noisy_topk.LOAD_LOSS_NAME} == \
-        {"mohge_group_loss", "mohge_intra_group_loss", "noisy_importance_loss", "noisy_load_loss"}
+            mohge_router.GROUP_BALANCE_LOSS_NAME, noisy_topk.IMPORTANCE_LOSS_NAME,
+            noisy_topk.LOAD_LOSS_NAME} == {"mohge_group_loss", "mohge_intra_group_loss",
+                                           "mohge_group_balance_loss", "noisy_importance_loss",
+                                           "noisy_load_loss"}
 
 
 def flops_args(**kw):
@@ -479,7 +482,7 @@ def test_megatron_lm_aux_losses_reduced_in_log(mcore_world1, monkeypatch, tmp_pa
         monkeypatch.setattr(T, "track_moe_metrics", lambda *a, **kw: seen.update(kw))
         ML.install_megatron_lm_hooks()
         T.track_moe_metrics(loss_scale=1.0, iteration=1, track_names=["load_balancing_loss"])
-        assert seen["track_names"] == ["mohge_group_loss", "mohge_intra_group_loss"]
+        assert seen["track_names"] == ["mohge_group_loss", "mohge_group_balance_loss"]
         return
     from megatron.core.transformer.moe import moe_logging
 

@@ -145,12 +145,12 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     assert (ckpt / "iter_0000010").is_dir() and (ckpt / "iter_0000020").is_dir()
     a = iteration_log(full)
     assert sorted(a) == list(range(1, 21))
-    for name in ("lm loss", "mohge_group_loss", "mohge_intra_group_loss", "grad norm"):
+    for name in ("lm loss", "mohge_group_loss", "mohge_group_balance_loss", "grad norm"):
         assert name in a[20], (name, a[20])
     # the group loss starts at losses.group_start_fraction of train.iters (progress reached
     # the routers through the forward step), the intra-group loss from the start
     assert float(a[1]["mohge_group_loss"]) == 0.0 and float(a[20]["mohge_group_loss"]) > 0
-    assert float(a[1]["mohge_intra_group_loss"]) > 0
+    assert float(a[1]["mohge_group_balance_loss"]) > 0
     assert "use_distributed_optimizer ....................... True" in full
     assert "validation loss at iteration 20" in full
     # Megatron counted MoHGE's FLOPs (the hooks' correction applied in this loop, not only
@@ -172,7 +172,7 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
         # iteration's. Everything else must be equal to the printed digits.
         keys = ["grad norm", "learning rate", "consumed samples"]
         if it != 12:
-            keys += ["lm loss", "mohge_group_loss", "mohge_intra_group_loss"]
+            keys += ["lm loss", "mohge_group_loss", "mohge_group_balance_loss"]
         assert {k: b[it][k] for k in keys} == {k: a[it][k] for k in keys}, it
     assert megatron_flops_so_far(tmp_path / "b" / "checkpoints" / "iter_0000020")[0] == \
         megatron_flops_so_far(ckpt / "iter_0000020")[0]  # the resumed count continues
@@ -197,7 +197,7 @@ def test_pretrain_tp_sp_and_pp(tmp_path, layout):
                    "checkpoint.enabled=false", f"output_dir={tmp_path / 'r'}")
     log = iteration_log(out)
     assert sorted(log) == [1, 2, 3]
-    assert "mohge_intra_group_loss" in log[3] and float(log[3]["lm loss"]) > 0
+    assert "mohge_group_balance_loss" in log[3] and float(log[3]["lm loss"]) > 0
     if "parallel.tensor_parallel=2" in layout:
         assert "sequence_parallel ............................... True" in out
 

@@ -23,8 +23,8 @@ import torch.distributed as dist  # noqa: E402
 
 import common as C  # noqa: E402
 
-AUX_NAMES = ("mohge_group_loss", "mohge_intra_group_loss", "z_loss", "noisy_importance_loss",
-             "noisy_load_loss")
+AUX_NAMES = ("mohge_group_loss", "mohge_group_balance_loss", "mohge_intra_group_loss", "z_loss",
+             "noisy_importance_loss", "noisy_load_loss")
 
 
 def mohge_config(router_type: str = "mohge", backend: str = "local"):
