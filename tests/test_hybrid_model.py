@@ -137,3 +137,63 @@ def test_bad_hybrid_settings_name_the_field(model, moe, match):
     with pytest.raises(ConfigError, match=match) as err:
         hybrid_run(moe, **model)
     assert "\n" not in str(err.value)
+
+
+def _flags(run):
+    from megatron_mohge.integration.flags import megatron_lm_flags
+
+    out, key = {}, None
+    for tok in megatron_lm_flags(run, megatron_lm_version=None, data=False):
+        if tok.startswith("--"):
+            key, out[tok] = tok, []
+        else:
+            out[key].append(tok)
+    return out
+
+
+def test_megatron_lm_flags_render_the_pattern_where_megatron_lm_defines_it(tmp_path):
+    """core_v0.19 defines --hybrid-layer-pattern, core_v0.16 only --hybrid-override-pattern
+    (read from the checkout's source); no --moe-layer-freq (the E layers are the MoE layers)."""
+    for flag, source in (
+            ("--hybrid-override-pattern",
+             "group.add_argument('--hybrid-override-pattern', type=str, default=None)\n"),
+            ("--hybrid-layer-pattern",
+             "group.add_argument('--hybrid-override-pattern', type=str)\n"
+             "group.add_argument('--hybrid-layer-pattern', type=str, default=None)\n")):
+        mlm = tmp_path / flag.strip("-")
+        (mlm / "megatron" / "training").mkdir(parents=True)
+        (mlm / "megatron" / "training" / "arguments.py").write_text(source)
+        run = RunConfig.from_dict({
+            **hybrid_run(pattern="*E-E", vocab_size=None).to_dict(), "output_dir": str(tmp_path),
+            "launch": {"megatron_lm_dir": str(mlm)}})
+        f = _flags(run)
+        assert f[flag] == ["*E-E"] and f["--num-layers"] == ["4"], flag
+        assert "--moe-layer-freq" not in f
+        other = ({"--hybrid-layer-pattern", "--hybrid-override-pattern"} - {flag}).pop()
+        assert other not in f
+    gpt = RunConfig.from_dict({"model": {"num_layers": 2}, "output_dir": str(tmp_path),
+                               "launch": {"megatron_lm_dir": str(mlm)},
+                               "moe": {"kind": "mohge", "mohge": MOHGE}})
+    assert "--hybrid-layer-pattern" not in _flags(gpt) and "--moe-layer-freq" in _flags(gpt)
+
+
+@pytest.mark.slow  # imports megatron.training (~30 s on 2 busy cores)
+def test_installed_megatron_training_parses_the_hybrid_flags(tmp_path):
+    """The 0.19 wheel's own parser and validation: num_layers and the pattern read back."""
+    pytest.importorskip("megatron.training.arguments",
+                        reason="megatron.training is not in this megatron-core wheel (0.16.1)")
+    import argparse
+
+    import megatron.training.arguments as A
+
+    from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
+    from megatron_mohge.integration.megatron_lm import add_mohge_args
+
+    run = RunConfig.from_dict({**hybrid_run(pattern="*E*E", vocab_size=None).to_dict(),
+                               "output_dir": str(tmp_path), "data": {"path": ["x"]}})
+    write_mohge_config(run)
+    parser = add_mohge_args(A.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(megatron_lm_flags(run, installed=True))
+    args.world_size, args.rank = 1, 0
+    A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
+    assert (args.hybrid_layer_pattern, args.num_layers) == ("*E*E", 4)
