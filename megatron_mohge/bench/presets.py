@@ -262,8 +262,20 @@ def _study() -> Preset:
     )
 
 
+def _hybrid() -> Preset:
+    # The default comparison on Megatron's HybridModel (the class megatron-core 0.19 points
+    # GPTModel users to): "*E*E*E*E" is the default GPT's 4 attention and 4 MoE blocks as 8
+    # hybrid layers; same runs, data, budget and seeds (the layer bench does not depend on it).
+    d = _default()
+    base = copy.deepcopy(d.base)
+    base["model"].update(kind="hybrid", hybrid_layer_pattern="*E*E*E*E", num_layers=8)
+    return Preset(name="hybrid", description="the default comparison (stock MoE vs MoHGE, 2 "
+                  "ranks with EP=2) as a HybridModel, pattern *E*E*E*E",
+                  base=base, runs=d.runs, nproc=d.nproc, seeds=d.seeds)
+
+
 PRESETS = {"default": _default, "study": _study, "balance": _balance, "paper-3b": _paper_3b,
-           "load-balance-ablation": _ablation}
+           "load-balance-ablation": _ablation, "hybrid": _hybrid}
 
 
 def get_preset(name: str) -> Preset:
