@@ -22,7 +22,7 @@ from typing import Optional
 
 from megatron_mohge.compat.mcore import builder_parts
 from megatron_mohge.compat.versions import hybrid_model_api
-from megatron_mohge.config import MoHGEConfig
+from megatron_mohge.config import ConfigError, MoHGEConfig
 from megatron_mohge.specs import (get_mohge_moe_module_spec, get_noisy_topk_moe_module_spec,
                                   resolve_use_te, with_counted_router)
 
@@ -129,13 +129,14 @@ def local_norm_stack(stack_cls: type, norm_cls: type) -> type:
 
 
 def check_pattern_runs_here(pattern: str, use_te: bool, cuda: bool) -> None:
-    """Refuse, in one line, a pattern whose layers cannot be built here."""
+    """Refuse, in one line, a pattern whose layers cannot be built here (a ``ConfigError``:
+    the CLIs print it as one line and exit 2)."""
     from megatron_mohge.compat.versions import TESTED_MCORE_RELEASES, mcore_version
 
     api = hybrid_model_api()
     unknown = sorted(set(pattern) - api.symbols)
     if unknown:  # 0.16.1's MambaModel has M * - E only (GatedDeltaNet came with HybridModel)
-        raise ValueError(
+        raise ConfigError(
             f"model.hybrid_layer_pattern {pattern!r}: {'/'.join(unknown)} layers are not in "
             f"megatron-core {mcore_version()}'s {api.model_cls.__name__} (layers "
             f"{''.join(sorted(api.symbols))}); HybridModel in megatron-core "
@@ -143,13 +144,13 @@ def check_pattern_runs_here(pattern: str, use_te: bool, cuda: bool) -> None:
     symbols = set(pattern)
     cuda_only = sorted(symbols & CUDA_ONLY_SYMBOLS)
     if cuda_only and not cuda:
-        raise ValueError(
+        raise ConfigError(
             f"model.hybrid_layer_pattern {pattern!r}: {'/'.join(cuda_only)} layers need CUDA "
             "kernels (Megatron's Mamba / GatedDeltaNet layers: mamba_ssm, causal-conv1d, TE); "
             "on CPU use only '*', 'E' and '-' layers.")
     foreign = sorted(symbols - LOCAL_SYMBOLS)
     if foreign and not use_te:
-        raise ValueError(
+        raise ConfigError(
             f"model.hybrid_layer_pattern {pattern!r}: {'/'.join(foreign)} layers exist only in "
             "Megatron's Transformer Engine stack spec; install TE (moe.use_te: true) or use only "
             "'*', 'E' and '-' layers.")

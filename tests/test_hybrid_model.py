@@ -197,3 +197,24 @@ def test_installed_megatron_training_parses_the_hybrid_flags(tmp_path):
     args.world_size, args.rank = 1, 0
     A.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     assert (args.hybrid_layer_pattern, args.num_layers) == ("*E*E", 4)
+
+
+def test_flops_correction_counts_the_hybrid_e_layers():
+    """Megatron's hybrid FLOPs formula has the GPT's routed term per E layer (fwd 4 T h W k x
+    3/2 with SwiGLU, x3 passes): the correction is per E layer of the main pattern."""
+    import argparse
+
+    from megatron_mohge.config import MoHGEConfig
+    from megatron_mohge.integration.megatron_lm import mohge_flops_correction
+
+    cfg = MoHGEConfig.paper_3b()
+    args = argparse.Namespace(mohge_config="x", num_layers=5, moe_layer_freq=1,
+                              hybrid_layer_pattern="*E-*E", mtp_num_layers=None,
+                              hidden_size=1024, seq_length=4096, swiglu=True,
+                              moe_ffn_hidden_size=1280, ffn_hidden_size=4096, moe_router_topk=6,
+                              mohge_flops_expectation="uniform", mohge_flops_routed_width=None)
+    per_layer = 3 * 2 * 8 * 4096 * 1024 * 3 * (6 * 832 - 6 * 1280)
+    assert mohge_flops_correction(args, 8, cfg) == 2 * per_layer
+    args.hybrid_layer_pattern = None  # core_v0.16's pretrain_mamba MambaModel: not ours
+    args.is_hybrid_model = True
+    assert mohge_flops_correction(args, 8, cfg) == 0.0

@@ -197,7 +197,9 @@ def analytic_param_counts(run, padded_vocab: int) -> ParamCounts:
     if run.is_hybrid:  # a hybrid layer is one half of a GPT layer: attention, MLP or MoE
         layers = run.model.hybrid_layer_pattern
         if set(layers) - set("*-E"):
-            raise ValueError(f"model.hybrid_layer_pattern {layers!r}: the analytic counts "
+            from megatron_mohge.config import ConfigError
+
+            raise ConfigError(f"model.hybrid_layer_pattern {layers!r}: the analytic counts "
                              "cover '*', '-' and 'E' layers, not Mamba / GatedDeltaNet.")
         n_attn, n_dense, n_norms = layers.count("*"), layers.count("-"), L + 1
     else:
