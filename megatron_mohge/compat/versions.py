@@ -13,7 +13,9 @@ API *shape* between them are detected, not version-compared
 * 0.19 scales aux / z-losses under ``calculate_per_token_loss`` by local tokens x TP*CP
   (a fix; our routers apply that rule on every line, see ``GroupedExpertRouter.attach_loss``)
   and builds a C++ extension with ``load_inline`` for selective recompute (CPU mode);
-* 0.17.x / 0.18.x are inside the range but untested: layers warn once, CPU mode refuses.
+* 0.17.x / 0.18.x are inside the range but untested: layers warn once, CPU mode refuses;
+* the hybrid model (layer pattern) is ``HybridModel`` on 0.19 and ``MambaModel`` on 0.16.1
+  (:func:`hybrid_model_api`, found by import).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class HybridModelAPI:
     stock_spec: str  # "module:name" of Megatron's TE stack spec (imported on use: it needs
     #                  TE, and mamba_ssm's triton kernels on 0.16)
     symbols: frozenset  # the layer symbols the pattern may hold
-    pretrain_pattern_flag: str  # Megatron-LM's command-line flag for the pattern
+    # (Megatron-LM's command-line flag for the pattern: integration.flags.HYBRID_PATTERN_FLAGS,
+    # read from the checkout's source, which need not be the installed release)
 
     def stock_stack_spec(self):
         import importlib
@@ -155,7 +158,7 @@ def hybrid_model_api() -> HybridModelAPI:
         return HybridModelAPI(HybridModel, HybridStack, HybridStackSubmodules,
                               "hybrid_stack_spec", "hybrid_layer_pattern",
                               "megatron.core.models.hybrid.hybrid_layer_specs:hybrid_stack_spec",
-                              frozenset(Symbols.VALID_LAYERS), "--hybrid-layer-pattern")
+                              frozenset(Symbols.VALID_LAYERS))
     except ImportError:
         pass
     try:  # megatron-core 0.16.1: the same model as MambaModel
@@ -174,7 +177,7 @@ def hybrid_model_api() -> HybridModelAPI:
     return HybridModelAPI(MambaModel, MambaStack, MambaStackSubmodules, "mamba_stack_spec",
                           "hybrid_override_pattern",
                           "megatron.core.models.mamba.mamba_layer_specs:mamba_stack_spec",
-                          frozenset(Symbols.VALID), "--hybrid-override-pattern")
+                          frozenset(Symbols.VALID))
 
 
 # ==================================================================================
