@@ -262,6 +262,16 @@ def _study() -> Preset:
     )
 
 
+PRESETS = {"default": _default, "study": _study, "balance": _balance, "paper-3b": _paper_3b,
+           "load-balance-ablation": _ablation}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
 def _hybrid() -> Preset:
     # The default comparison on Megatron's HybridModel (the class megatron-core 0.19 points
     # GPTModel users to): "*E*E*E*E" is the default GPT's 4 attention and 4 MoE blocks as 8
@@ -274,11 +284,4 @@ def _hybrid() -> Preset:
                   base=base, runs=d.runs, nproc=d.nproc, seeds=d.seeds)
 
 
-PRESETS = {"default": _default, "study": _study, "balance": _balance, "paper-3b": _paper_3b,
-           "load-balance-ablation": _ablation, "hybrid": _hybrid}
-
-
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return PRESETS[name]()
+PRESETS["hybrid"] = _hybrid
