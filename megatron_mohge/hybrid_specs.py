@@ -31,6 +31,8 @@ from megatron_mohge.specs import (get_mohge_moe_module_spec, get_noisy_topk_moe_
 CUDA_ONLY_SYMBOLS = frozenset("MG")
 #: Layer symbols our specs build without TE: attention, MLP, MoE.
 LOCAL_SYMBOLS = frozenset("*-E")
+#: Megatron's pattern separators (0.19: pipeline stages, MTP depths), not layers.
+PATTERN_SEPARATORS = "|/"
 
 
 def get_mohge_hybrid_stack_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None):
@@ -134,21 +136,21 @@ def check_pattern_runs_here(pattern: str, use_te: bool, cuda: bool) -> None:
     from megatron_mohge.compat.versions import TESTED_MCORE_RELEASES, mcore_version
 
     api = hybrid_model_api()
-    unknown = sorted(set(pattern) - api.symbols)
+    layers = set(pattern) - set(PATTERN_SEPARATORS)
+    unknown = sorted(layers - api.symbols)
     if unknown:  # 0.16.1's MambaModel has M * - E only (GatedDeltaNet came with HybridModel)
         raise ConfigError(
             f"model.hybrid_layer_pattern {pattern!r}: {'/'.join(unknown)} layers are not in "
             f"megatron-core {mcore_version()}'s {api.model_cls.__name__} (layers "
             f"{''.join(sorted(api.symbols))}); HybridModel in megatron-core "
             f"{TESTED_MCORE_RELEASES['0.19']} has them.")
-    symbols = set(pattern)
-    cuda_only = sorted(symbols & CUDA_ONLY_SYMBOLS)
+    cuda_only = sorted(layers & CUDA_ONLY_SYMBOLS)
     if cuda_only and not cuda:
         raise ConfigError(
             f"model.hybrid_layer_pattern {pattern!r}: {'/'.join(cuda_only)} layers need CUDA "
             "kernels (Megatron's Mamba / GatedDeltaNet layers: mamba_ssm, causal-conv1d, TE); "
             "on CPU use only '*', 'E' and '-' layers.")
-    foreign = sorted(symbols - LOCAL_SYMBOLS)
+    foreign = sorted(layers - LOCAL_SYMBOLS)
     if foreign and not use_te:
         raise ConfigError(
             f"model.hybrid_layer_pattern {pattern!r}: {'/'.join(foreign)} layers exist only in "
