@@ -12,13 +12,12 @@ LOGITS_TOL = 1e-5  # relative to max |logit|
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("hybrid")
-    run_workers("hybrid_worker.py", 1, "--mode", "init", "--ckpt", str(ckpt), "--ep", "1")
-    one = run_workers("hybrid_worker.py", 1, "--mode", "train", "--ckpt", str(ckpt), "--ep", "1")
+    one = run_workers("hybrid_worker.py", 1, "--mode", "train", "--ckpt", str(ckpt), "--ep", "1",
+                      "--save-init")
     two = run_workers("hybrid_worker.py", 2, "--mode", "train", "--ckpt", str(ckpt), "--ep", "2")
     return ckpt, one, two
 
 
-@pytest.mark.slow  # three torchrun jobs (~2 min on 2 cores)
 def test_ep2_hybrid_trains_like_one_rank(trained):
     _, one, two = trained
     assert (one["layout"]["ep"], two["layout"]["ep"]) == (1, 2)

@@ -1,9 +1,10 @@
 """A HybridModel with MoHGE ``E`` layers (built as mohge-train builds it) at one EP size.
 
-``--mode init`` (1 rank): save the initial weights. ``--mode train``: load them, train
-``--steps`` steps (loss-free bias on), report the losses and expert biases, save the
-checkpoint and the held-out logits (gathered to rank 0). ``--mode load``: load a ``train``
-checkpoint at this job's EP size and report the largest logits difference.
+``--mode train``: start from the initial weights in ``CKPT/init`` (``--save-init``: spread
+the gates and save them there first), train ``--steps`` steps (loss-free bias on), report the
+losses and expert biases, save the checkpoint and the held-out logits (gathered to rank 0).
+``--mode load``: load a ``train`` checkpoint at this job's EP size and report the largest
+logits difference.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def expert_biases(model) -> list:
 
 def main():
     args = C.parse_args(extra=lambda p: (
-        p.add_argument("--mode", choices=["init", "train", "load"], required=True),
+        p.add_argument("--mode", choices=["train", "load"], required=True),
+        p.add_argument("--save-init", action="store_true"),
         p.add_argument("--ckpt", required=True),
         p.add_argument("--ep", type=int, required=True),
         p.add_argument("--steps", type=int, default=4)))
@@ -53,10 +55,10 @@ def main():
     run = run_config(args.ep)
     model, tc = model_lib.build_model(run, C.VOCAB_SIZE)
     result = dict(layout=C.layout(), model=type(C.unwrap(model)).__name__)
-    if args.mode == "init":
-        EW.spread_gates(model)
-        C.save_checkpoint(model, os.path.join(args.ckpt, "init"))
-    elif args.mode == "train":
+    if args.mode == "train":
+        if args.save_init:
+            EW.spread_gates(model)
+            C.save_checkpoint(model, os.path.join(args.ckpt, "init"))
         C.load_checkpoint(model, os.path.join(args.ckpt, "init"))
         opt = C.build_optimizer(model)
         result["losses"] = C.train(model, opt, tc, args.steps)
