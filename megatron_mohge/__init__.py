@@ -1,7 +1,8 @@
 """megatron-mohge: Mixture of Heterogeneous Grouped Experts for Megatron-Core.
 
 Public API (stable): ``MoHGEConfig`` (``from_yaml``/``to_yaml``/``from_dict``/``apply_to``),
-``get_mohge_layer_spec``, ``get_mohge_decoder_block_spec``, ``plan_allocation``,
+``get_mohge_layer_spec``, ``get_mohge_decoder_block_spec`` (``GPTModel``),
+``get_mohge_hybrid_stack_spec`` (``HybridModel``), ``plan_allocation``,
 ``set_training_progress``, ``wrap_finalize_model_grads`` / ``end_of_step`` (once-per-step
 balancing) and ``compat.enable_cpu_mode``.
 
@@ -24,6 +25,8 @@ _LAZY = {
     "get_mohge_layer_spec": "megatron_mohge.specs",
     "get_mohge_decoder_block_spec": "megatron_mohge.specs",
     "get_mohge_moe_module_spec": "megatron_mohge.specs",
+    "get_mohge_hybrid_stack_spec": "megatron_mohge.hybrid_specs",
+    "get_stock_hybrid_stack_spec": "megatron_mohge.hybrid_specs",
     "set_training_progress": "megatron_mohge.routing.base",
     "wrap_finalize_model_grads": "megatron_mohge.routing.balance",
     "end_of_step": "megatron_mohge.routing.balance",

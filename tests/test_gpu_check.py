@@ -47,7 +47,7 @@ def test_gpu_check_cpu_mode_full(tmp_path):
     out = tmp_path / "check"
     res = run_check(out)
     check_common(res, out)
-    assert set(res["train"]) == {"moe", "mohge"}
+    assert set(res["train"]) == {"moe", "mohge", "mohge_hybrid"}
     assert all(r["train_tokens_per_s"] > 0 for r in res["train"].values())
 
 

@@ -155,7 +155,9 @@ def layer_benches(device: str, shape: dict, log) -> dict:
 
 
 def train_runs(device: str, shape: dict, out_dir: Path, log) -> dict:
-    """``shape['train_iters']`` steps of a small stock-MoE GPT and the MoHGE GPT."""
+    """``shape['train_iters']`` steps of a small stock-MoE GPT, the MoHGE GPT and the same
+    MoHGE layers in a ``HybridModel`` (``*E`` per GPT layer; on a GPU with TE, Megatron's TE
+    hybrid stack spec: the hybrid path's first GPU run)."""
     import dataclasses
 
     from megatron_mohge.bench.e2e import train_run
@@ -178,10 +180,14 @@ def train_runs(device: str, shape: dict, out_dir: Path, log) -> dict:
     kinds = {"moe": dict(kind="stock", num_experts=16, expert_hidden_size=shape["stock_width"],
                          topk=2),
              "mohge": dict(kind="mohge", mohge=dataclasses.asdict(mohge))}
+    kinds["mohge_hybrid"] = kinds["mohge"]
     out = {}
     for name, moe in kinds.items():
         d = json.loads(json.dumps(base))
         d.update(name=f"gpu_check_{name}", moe=moe, output_dir=str(out_dir / "runs" / name))
+        if name == "mohge_hybrid":
+            n = d["model"]["num_layers"]
+            d["model"].update(kind="hybrid", hybrid_layer_pattern="*E" * n, num_layers=2 * n)
         summary = train_run(name, RunConfig.from_dict(d), 1, out_dir, log)
         out[name] = {k: summary.get(k) for k in ("train_tokens_per_s", "heldout_loss",
                                                  "total_params", "peak_mem_bytes", "wall_s")}
@@ -210,7 +216,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     tr = results.get("train")
     if tr:
-        lines += ["## Small GPT, one device", "", "| kind | tokens/s | held-out loss | params |",
+        lines += ["## Small GPT / HybridModel, one device", "",
+                  "| kind | tokens/s | held-out loss | params |",
                   "|---|---|---|---|"]
         for kind, r in tr.items():
             tps = r.get("train_tokens_per_s")

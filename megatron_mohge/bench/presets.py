@@ -185,6 +185,18 @@ def _ablation() -> Preset:
     )
 
 
+def _hybrid() -> Preset:
+    # The default comparison on Megatron's HybridModel (the class megatron-core 0.19 points
+    # GPTModel users to): "*E*E*E*E" is the default GPT's 4 attention and 4 MoE blocks as 8
+    # hybrid layers; same runs, data, budget and seeds (the layer bench does not depend on it).
+    d = _default()
+    base = copy.deepcopy(d.base)
+    base["model"].update(kind="hybrid", hybrid_layer_pattern="*E*E*E*E", num_layers=8)
+    return Preset(name="hybrid", description="the default comparison (stock MoE vs MoHGE, 2 "
+                  "ranks with EP=2) as a HybridModel, pattern *E*E*E*E",
+                  base=base, runs=d.runs, nproc=d.nproc, seeds=d.seeds)
+
+
 def _balance() -> Preset:
     # Issue "balanced experts": the default comparison's backbone and budget, with every
     # intra-group balancing method of MoHGEConfig.losses side by side against the stock MoE
@@ -380,3 +392,6 @@ def get_preset(name: str, sizes: Optional[list[int]] = None) -> Preset:
         raise ConfigError(f"--sizes: preset {name} has one fixed size; --sizes applies to "
                           f"{' and '.join(SIZED_PRESETS)}")
     return PRESETS[name](sizes)
+
+
+PRESETS["hybrid"] = _hybrid

@@ -13,11 +13,14 @@ API *shape* between them are detected, not version-compared
 * 0.19 scales aux / z-losses under ``calculate_per_token_loss`` by local tokens x TP*CP
   (a fix; our routers apply that rule on every line, see ``GroupedExpertRouter.attach_loss``)
   and builds a C++ extension with ``load_inline`` for selective recompute (CPU mode);
-* 0.17.x / 0.18.x are inside the range but untested: layers warn once, CPU mode refuses.
+* 0.17.x / 0.18.x are inside the range but untested: layers warn once, CPU mode refuses;
+* the hybrid model (layer pattern) is ``HybridModel`` on 0.19 and ``MambaModel`` on 0.16.1
+  (:func:`hybrid_model_api`, found by import).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -107,6 +110,74 @@ def make_moe_submodules(experts, shared_experts, router):
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
     return MoESubmodules(experts=experts, shared_experts=shared_experts, router=router)
+
+
+# ==================================================================================
+# The hybrid language model (layer pattern: ``*`` attention, ``E`` MoE, ``-`` MLP, ``M`` Mamba)
+# ==================================================================================
+
+
+class HybridModelMissing(RuntimeError):
+    """Neither of Megatron's hybrid model classes (with MoE layers) is importable here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridModelAPI:
+    """How the installed megatron-core spells its hybrid model: the same design under two
+    names. 0.19 has ``HybridModel`` / ``HybridStack`` (``megatron.core.models.hybrid``; the
+    ``Mamba*`` names are aliases, ``GPTModel`` prints a deprecation pointing here); 0.16.1 has
+    ``MambaModel`` / ``MambaStack`` with the same four layer kinds ``M * - E`` and a
+    ``moe_layer`` slot. Found by import, not by version."""
+
+    model_cls: type
+    stack_cls: type
+    submodules_cls: type
+    spec_kwarg: str  # the model's stack-spec argument
+    pattern_kwarg: str  # the model's layer-pattern argument
+    stock_spec: str  # "module:name" of Megatron's TE stack spec (imported on use: it needs
+    #                  TE, and mamba_ssm's triton kernels on 0.16)
+    symbols: frozenset  # the layer symbols the pattern may hold
+    # (Megatron-LM's command-line flag for the pattern: integration.flags.HYBRID_PATTERN_FLAGS,
+    # read from the checkout's source, which need not be the installed release)
+
+    def stock_stack_spec(self):
+        import importlib
+
+        module, name = self.stock_spec.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@functools.lru_cache(maxsize=None)
+def hybrid_model_api() -> HybridModelAPI:
+    """The installed :class:`HybridModelAPI`, or :class:`HybridModelMissing` in one line."""
+    try:  # megatron-core 0.19 (and core_v0.18's tree)
+        from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+        from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        return HybridModelAPI(HybridModel, HybridStack, HybridStackSubmodules,
+                              "hybrid_stack_spec", "hybrid_layer_pattern",
+                              "megatron.core.models.hybrid.hybrid_layer_specs:hybrid_stack_spec",
+                              frozenset(Symbols.VALID_LAYERS))
+    except ImportError:
+        pass
+    try:  # megatron-core 0.16.1: the same model as MambaModel
+        from megatron.core.models.mamba.mamba_model import MambaModel
+        from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+        from megatron.core.ssm.mamba_hybrid_layer_allocation import Symbols
+    except ImportError:
+        MambaStackSubmodules = None
+    if MambaStackSubmodules is None or "moe_layer" not in {
+            f.name for f in dataclasses.fields(MambaStackSubmodules)}:
+        raise HybridModelMissing(
+            f"model.kind: hybrid needs Megatron's HybridModel (megatron-core "
+            f"{TESTED_MCORE_RELEASES['0.19']}) or its MambaModel with MoE layers (megatron-core "
+            f"{TESTED_MCORE_RELEASES['0.16']}); megatron-core {mcore_version()} has neither. "
+            f"{_install_hint()}")
+    return HybridModelAPI(MambaModel, MambaStack, MambaStackSubmodules, "mamba_stack_spec",
+                          "hybrid_override_pattern",
+                          "megatron.core.models.mamba.mamba_layer_specs:mamba_stack_spec",
+                          frozenset(Symbols.VALID))
 
 
 # ==================================================================================

@@ -28,9 +28,15 @@ from megatron_mohge.config.layer import MoHGEConfig, NoisyGatingConfig
 
 @dataclass
 class ModelConfig:
-    """GPT backbone (Megatron ``TransformerConfig`` / ``GPTModel`` arguments)."""
+    """The backbone (Megatron ``TransformerConfig`` / ``GPTModel`` or ``HybridModel`` arguments)."""
 
-    num_layers: int = 4  # transformer layers
+    # gpt: Megatron's GPTModel (deprecated upstream from megatron-core 0.19, kept while it
+    # ships) | hybrid: HybridModel (MambaModel on 0.16.1), layers from hybrid_layer_pattern
+    kind: str = "gpt"
+    # kind=hybrid: one symbol per layer: * attention, E MoE (MoHGE or stock, per moe.kind),
+    # - dense MLP; M Mamba / G GatedDeltaNet need CUDA kernels and TE. e.g. "*E*E"
+    hybrid_layer_pattern: Optional[str] = None
+    num_layers: int = 4  # transformer layers (kind=hybrid: the pattern's length)
     hidden_size: int = 64  # model width
     num_attention_heads: int = 4  # attention heads (must divide hidden_size)
     num_query_groups: Optional[int] = None  # GQA key/value groups; None = multi-head attention
@@ -250,9 +256,16 @@ class RunConfig(YamlDataclass):
         return p.sequence_parallel if p.sequence_parallel is not None else p.tensor_parallel > 1
 
     @property
+    def is_hybrid(self) -> bool:
+        return self.model.kind == "hybrid"
+
+    @property
     def moe_layer_pattern(self) -> list[int]:
-        """1 for MoE layers, 0 for dense ones (all 0 for ``kind: dense``)."""
+        """1 for MoE layers, 0 for the others (all 0 for ``kind: dense``); a hybrid model's
+        MoE layers are its pattern's ``E`` layers."""
         n, freq = self.model.num_layers, self.model.moe_layer_freq
+        if self.is_hybrid:
+            return [int(s == "E") for s in self.model.hybrid_layer_pattern]
         if self.moe.kind == "dense":
             return [0] * n
         if isinstance(freq, int):

@@ -22,6 +22,10 @@ POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 DISPATCHERS = ("auto", "alltoall", "allgather", "flex")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 LAUNCH_SHAPES = ("torchrun", "srun")
+MODEL_KINDS = ("gpt", "hybrid")
+#: Layer symbols a run's hybrid pattern may use (Megatron's D / + need MLA settings a run file
+#: does not have; '|' and '/' -- pipeline stages, MTP -- are not supported by our trainers).
+HYBRID_SYMBOLS = "*E-MG"
 
 
 def validate(run: RunConfig) -> None:
@@ -51,6 +55,7 @@ def validate(run: RunConfig) -> None:
     for name in ("hidden_dropout", "attention_dropout"):
         if getattr(m, name) >= 1.0:
             raise ConfigError(f"model.{name}: a probability in [0, 1), got {getattr(m, name)}")
+    _model_kind(run)
     _layer_freq(run)
     _moe(run)
     _parallel(run)
@@ -73,7 +78,41 @@ def validate(run: RunConfig) -> None:
     _bool("logging.progress_bar", run.logging.progress_bar)
     _launch(run)
 
+def _model_kind(run: RunConfig) -> None:
+    m = run.model
+    _choice("model.kind", m.kind, MODEL_KINDS)
+    pattern = m.hybrid_layer_pattern
+    if m.kind == "gpt":
+        if pattern is not None:
+            raise ConfigError("model.hybrid_layer_pattern: only used with model.kind: hybrid; "
+                              "set model.kind: hybrid or remove the pattern.")
+        return
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError("model.hybrid_layer_pattern: required with model.kind: hybrid, one "
+                          "symbol per layer (* attention, E MoE, - MLP), e.g. \"*E*E\".")
+    bad = sorted(set(pattern) - set(HYBRID_SYMBOLS))
+    if bad:
+        raise ConfigError(f"model.hybrid_layer_pattern: {''.join(bad)!r} not supported; use "
+                          f"{HYBRID_SYMBOLS!r} (* attention, E MoE, - MLP, M Mamba, G "
+                          "GatedDeltaNet; pipeline stages come from parallel.pipeline_parallel).")
+    if m.num_layers != len(pattern):
+        raise ConfigError(f"model.num_layers={m.num_layers} must equal the layers of "
+                          f"model.hybrid_layer_pattern {pattern!r}; set model.num_layers: "
+                          f"{len(pattern)}.")
+    if m.moe_layer_freq != 1:
+        raise ConfigError("model.moe_layer_freq: not used with model.kind: hybrid (the "
+                          "pattern's E layers are the MoE layers); remove it.")
+    if run.moe.kind == "dense" and "E" in pattern:
+        raise ConfigError(f"model.hybrid_layer_pattern {pattern!r}: E layers need experts but "
+                          "moe.kind is dense; use - (MLP) layers or set moe.kind.")
+    if run.moe.kind != "dense" and "E" not in pattern:
+        raise ConfigError(f"model.hybrid_layer_pattern {pattern!r}: no E (MoE) layer; add one "
+                          "or use moe.kind: dense.")
+
+
 def _layer_freq(run: RunConfig) -> None:
+    if run.model.kind == "hybrid":
+        return  # the pattern places the MoE layers (_model_kind)
     freq, n = run.model.moe_layer_freq, run.model.num_layers
     if isinstance(freq, bool) or not isinstance(freq, (int, list)):
         raise ConfigError(f"model.moe_layer_freq: an int (every k-th layer) or a 0/1 list per "

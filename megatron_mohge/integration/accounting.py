@@ -192,11 +192,21 @@ def analytic_param_counts(run, padded_vocab: int) -> ParamCounts:
         c.embedding += m.seq_length * h
     c.output_layer = padded_vocab * h if m.untie_embeddings_and_output_weights else 0
     attn = h * (q + 2 * kv) + q * h + (((q + 2 * kv) + h) if bias else 0)
-    c.attention = L * attn
-    c.norms = (2 * L + 1) * norm
     pattern = run.moe_layer_pattern
     c.num_moe_layers = sum(pattern)
-    c.dense_ffn = (L - c.num_moe_layers) * ffn_params(h, run.ffn_hidden_size, gated, bias)
+    if run.is_hybrid:  # a hybrid layer is one half of a GPT layer: attention, MLP or MoE
+        layers = run.model.hybrid_layer_pattern
+        if set(layers) - set("*-E"):
+            from megatron_mohge.config import ConfigError
+
+            raise ConfigError(f"model.hybrid_layer_pattern {layers!r}: the analytic counts "
+                             "cover '*', '-' and 'E' layers, not Mamba / GatedDeltaNet.")
+        n_attn, n_dense, n_norms = layers.count("*"), layers.count("-"), L + 1
+    else:
+        n_attn, n_dense, n_norms = L, L - c.num_moe_layers, 2 * L + 1
+    c.attention = n_attn * attn
+    c.norms = n_norms * norm
+    c.dense_ffn = n_dense * ffn_params(h, run.ffn_hidden_size, gated, bias)
     if c.num_moe_layers:
         c.per_expert = [ffn_params(h, w, gated, bias) for w in routed_expert_widths(run.moe)]
         c.routed_experts = c.num_moe_layers * sum(c.per_expert)

@@ -79,6 +79,22 @@ def defines_arg(flag: str, megatron_lm_dir=None, *, installed: bool = False) -> 
     return wheel.is_dir() and _training_source_defines(str(wheel), flag)
 
 
+#: Megatron-LM's flags for a hybrid model's layer pattern, newest first: core_v0.19 reads
+#: ``--hybrid-layer-pattern`` (``--hybrid-override-pattern`` deprecated there), core_v0.16 only
+#: ``--hybrid-override-pattern`` (``pretrain_mamba.py``). Rendered as the Megatron-LM source
+#: defines them (:func:`defines_arg`); where none is found, the newest.
+HYBRID_PATTERN_FLAGS = ("--hybrid-layer-pattern", "--hybrid-override-pattern")
+
+
+def hybrid_pattern_flags(run, megatron_lm_dir=None, *, installed: bool = False) -> list[str]:
+    """``[flag, pattern]`` for a hybrid run (``model.kind: hybrid``), else ``[]``."""
+    if not run.is_hybrid:
+        return []
+    flag = next((f for f in HYBRID_PATTERN_FLAGS
+                 if defines_arg(f, megatron_lm_dir, installed=installed)), HYBRID_PATTERN_FLAGS[0])
+    return [flag, run.model.hybrid_layer_pattern]
+
+
 def default_mohge_config_path(run) -> Path:
     """Where the resolved MoHGE layer config of ``run`` is written for ``--mohge-config``."""
     return run.out_dir / "mohge_layer.yaml"
@@ -128,7 +144,7 @@ def model_flags(run) -> list[str]:
         f.append("--bf16")
     elif m.precision == "fp16":
         f.append("--fp16")
-    if run.moe.kind != "dense":
+    if run.moe.kind != "dense" and not run.is_hybrid:  # hybrid: the pattern's E layers
         freq = m.moe_layer_freq
         f += ["--moe-layer-freq", str(freq) if isinstance(freq, int)
               else "[" + ",".join(str(int(v)) for v in freq) + "]"]
@@ -291,7 +307,8 @@ def logging_flags(run) -> list[str]:
 
 def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
                       megatron_lm_version=_FIND, *, data: bool = True,
-                      optim_fully_reshardable: Optional[bool] = None) -> list[str]:
+                      optim_fully_reshardable: Optional[bool] = None,
+                      installed: bool = False) -> list[str]:
     """All Megatron-LM flags of ``run`` (``launch.extra_args`` last).
 
     ``mohge_config_path``: the file ``--mohge-config`` points at for MoHGE runs (default
@@ -303,6 +320,8 @@ def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
     itself, ``mohge-pretrain``), only the tokenizer flags.
     ``optim_fully_reshardable``: whether that Megatron-LM knows
     :data:`OPTIM_FULLY_RESHARDABLE` (default: found in its source, :func:`defines_arg`).
+    ``installed``: the flags are for the installed ``megatron.training`` (``mohge-pretrain``),
+    not a checkout.
     """
     if megatron_lm_version is _FIND:
         from megatron_mohge.compat.versions import megatron_lm_version as find
@@ -310,7 +329,9 @@ def megatron_lm_flags(run, mohge_config_path: Optional[Union[str, Path]] = None,
         megatron_lm_version = find(run.launch.megatron_lm_dir)
     if optim_fully_reshardable is None:
         optim_fully_reshardable = defines_arg(OPTIM_FULLY_RESHARDABLE, run.launch.megatron_lm_dir)
-    return [*model_flags(run), *moe_flags(run, mohge_config_path), *parallel_flags(run),
+    return [*model_flags(run),
+            *hybrid_pattern_flags(run, run.launch.megatron_lm_dir, installed=installed),
+            *moe_flags(run, mohge_config_path), *parallel_flags(run),
             *(data_flags(run, megatron_lm_version) if data
               else tokenizer_flags(run, megatron_lm_version)), *train_flags(run), *eval_flags(run),
             *checkpoint_flags(run, optim_fully_reshardable), *logging_flags(run),

@@ -152,6 +152,24 @@ def build_gpt(config, spec=None, *, vocab_size: int, seq_length: int, **gpt_kwar
     return model.to(device()) if use_cuda() else model
 
 
+def build_hybrid(config, stack_spec, pattern: str, *, vocab_size: int, seq_length: int,
+                 **model_kwargs):
+    """Build this rank's ``HybridModel`` stage (``MambaModel`` on megatron-core 0.16.1: the
+    same model under its former name; :func:`~megatron_mohge.compat.versions.hybrid_model_api`).
+    ``model_kwargs`` go to the model (rotary embeddings by default, as :func:`build_gpt`)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mohge.compat.versions import hybrid_model_api
+
+    api = hybrid_model_api()
+    model_kwargs.setdefault("position_embedding_type", "rope")
+    model = api.model_cls(
+        config=config, vocab_size=vocab_size, max_sequence_length=seq_length,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        **{api.spec_kwarg: stack_spec, api.pattern_kwarg: pattern}, **model_kwargs)
+    return model.to(device()) if use_cuda() else model
+
+
 def wrap_ddp(model, config=None, **ddp_overrides):
     """Wrap for training as Megatron-LM does: ``Float16Module`` when the config is bf16 /
     fp16, then Megatron ``DistributedDataParallel`` (contiguous grad buffers, fp32 grad

@@ -1,4 +1,6 @@
-"""RunConfig -> Megatron ``TransformerConfig``, decoder spec and ``GPTModel``.
+"""RunConfig -> Megatron ``TransformerConfig``, decoder / stack spec and the model:
+``GPTModel`` (``model.kind: gpt``) or ``HybridModel`` (``model.kind: hybrid``; ``MambaModel``
+on megatron-core 0.16.1).
 
 One place decides what ``moe.kind`` means:
 
@@ -77,6 +79,38 @@ def decoder_spec(run: RunConfig, tc):
     return get_stock_decoder_block_spec(tc, use_te)
 
 
+def hybrid_stack_spec(run: RunConfig):
+    """The hybrid stack spec for ``run.moe.kind`` (MoHGE, stock or noisy top-k ``E`` layers)."""
+    from megatron_mohge.hybrid_specs import (check_pattern_runs_here,
+                                             get_mohge_hybrid_stack_spec,
+                                             get_stock_hybrid_stack_spec)
+    from megatron_mohge.specs import resolve_use_te
+
+    moe = run.moe
+    use_te = resolve_use_te(moe.use_te)
+    check_pattern_runs_here(run.model.hybrid_layer_pattern, use_te, M.use_cuda())
+    if moe.kind == "mohge":
+        return get_mohge_hybrid_stack_spec(moe.mohge, use_te)
+    if moe.kind == "dense":
+        return get_stock_hybrid_stack_spec(None, use_te)
+    noisy = dict(gating=moe.noisy_gating) if moe.router == "noisy_topk" else None
+    return get_stock_hybrid_stack_spec(moe.num_experts, use_te, noisy_topk=noisy)
+
+
+def build_language_model(run: RunConfig, vocab_size: int, tc=None):
+    """This rank's bare model of ``run``: ``GPTModel`` or ``HybridModel`` (``model.kind``)."""
+    tc = tc if tc is not None else transformer_config(run)
+    if not run.is_hybrid:
+        return build_gpt_model(run, vocab_size, tc)
+    return M.build_hybrid(
+        tc, hybrid_stack_spec(run), run.model.hybrid_layer_pattern, vocab_size=vocab_size,
+        seq_length=run.model.seq_length,
+        position_embedding_type=run.model.position_embedding_type,
+        rotary_base=run.model.rotary_base,
+        share_embeddings_and_output_weights=not run.model.untie_embeddings_and_output_weights,
+    )
+
+
 def build_gpt_model(run: RunConfig, vocab_size: int, tc=None):
     """This rank's bare ``GPTModel`` of ``run`` (``tc``: its ``TransformerConfig``, built
     here when not given)."""
@@ -90,10 +124,10 @@ def build_gpt_model(run: RunConfig, vocab_size: int, tc=None):
 
 
 def build_model(run: RunConfig, vocab_size: int):
-    """(DDP-wrapped ``GPTModel`` of this rank, its ``TransformerConfig``)."""
+    """(DDP-wrapped ``GPTModel`` / ``HybridModel`` of this rank, its ``TransformerConfig``)."""
     tc = transformer_config(run)
-    gpt = build_gpt_model(run, vocab_size, tc)
-    model = M.wrap_ddp(gpt, tc, use_distributed_optimizer=run.parallel.use_distributed_optimizer)
+    bare = build_language_model(run, vocab_size, tc)
+    model = M.wrap_ddp(bare, tc, use_distributed_optimizer=run.parallel.use_distributed_optimizer)
     return model, tc
 
 

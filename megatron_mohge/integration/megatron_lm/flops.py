@@ -32,14 +32,20 @@ def activated_routed_width(args, cfg: MoHGEConfig) -> float:
 
 
 def is_hybrid(args) -> bool:
-    """A Mamba hybrid run (``pretrain_mamba``/``pretrain_hybrid``: not built with MoHGE layers);
-    core_v0.16 sets ``args.is_hybrid_model``, core_v0.19 tests ``args.hybrid_layer_pattern``."""
+    """A hybrid-model run: core_v0.19 tests ``args.hybrid_layer_pattern`` (HybridModel, which
+    our launchers build with MoHGE ``E`` layers); core_v0.16 sets ``args.is_hybrid_model``
+    (``pretrain_mamba.py``'s MambaModel, which they do not drive)."""
     return bool(getattr(args, "is_hybrid_model", False)
                 or getattr(args, "hybrid_layer_pattern", None) is not None)
 
 
 def moe_layer_count(args) -> int:
-    """MoE layers as Megatron's FLOPs formula counts them (MTP layers count when the last is)."""
+    """MoE layers as Megatron's FLOPs formula counts them: a hybrid model's ``E`` layers of
+    the main pattern (its formula counts MTP layers in the logits only); a GPT's MoE layers,
+    MTP layers included when the last layer is MoE."""
+    pattern = getattr(args, "hybrid_layer_pattern", None)
+    if pattern:
+        return pattern.split("/")[0].count("E")
     freq, n = getattr(args, "moe_layer_freq", 1), args.num_layers
     pattern = [1 if i % freq == 0 else 0 for i in range(n)] if isinstance(freq, int) else list(freq)
     count = sum(pattern)
@@ -58,8 +64,8 @@ def mohge_flops_correction(args, batch_size: int, mohge_cfg: Optional[MoHGEConfi
     ``batch_size x seq_length``, Megatron's own default).
     """
     cfg = mohge_cfg or mohge_config_from_args(args)
-    if cfg is None or is_hybrid(args):
-        return 0.0
+    if cfg is None or (is_hybrid(args) and not getattr(args, "hybrid_layer_pattern", None)):
+        return 0.0  # core_v0.16's MambaModel: no MoHGE layers in it
     tokens = (batch_size * args.seq_length if total_real_tokens_in_batch is None
               else total_real_tokens_in_batch)
     stock_width = args.moe_ffn_hidden_size if args.moe_ffn_hidden_size is not None \

@@ -106,8 +106,32 @@ def install_tracker_report_hook() -> bool:
     tracker = get_moe_metrics_tracker()
     if getattr(tracker.report, "__mohge_stock__", None):
         return False
-    tracker.report = _with_mohge_track_names(tracker.report)
+    tracker.report = _with_mohge_track_names(_routers_sized_entries(tracker))
     return True
+
+
+def _routers_sized_entries(tracker):
+    """``tracker.report`` that first creates missing entries at the size routers record with
+    (``num_layers`` + MTP layers). For a hybrid model ``training_log`` passes the count of
+    ``E`` layers as ``num_layers`` and ``force_initialize`` creates entries that short, while
+    routers record at their layer number (up to ``num_layers``): a loss first recorded after
+    the first report (MoHGE's group loss, from ``group_start_fraction``) then indexed past its
+    entry (``IndexError: index 3 is out of bounds for dimension 0 with size 2``). The mean
+    still divides by the MoE-layer count Megatron computes."""
+    stock = tracker.report
+
+    def report(*a, track_names=None, **kw):
+        from megatron.training import get_args
+
+        args = get_args()
+        if track_names is not None and getattr(args, "hybrid_layer_pattern", None):
+            size = args.num_layers + (args.mtp_num_layers or 0)
+            for name in [track_names] if isinstance(track_names, str) else track_names:
+                tracker.ensure_initialized(name, size)
+        return stock(*a, track_names=track_names, **kw)
+
+    report.__wrapped__ = stock
+    return report
 
 
 def install_megatron_lm_hooks() -> str:

@@ -61,6 +61,13 @@ def run_pretrain(program_start: Optional[float] = None) -> None:
         pretrain_fn(pretrain_cfg_container(extra_args_provider), provider,
                     ModelType.encoder_or_decoder, mohge_forward_step, **common)
         return
+    if "--hybrid-override-pattern" in sys.argv or "--hybrid-layer-pattern" in sys.argv:
+        from megatron_mohge.config import ConfigError
+
+        raise ConfigError(
+            "model.kind: hybrid: this Megatron-LM's pretrain(provider, model_provider, ...) "
+            "builds hybrid models in pretrain_mamba.py, which examples/pretrain_mohge.py does "
+            "not drive; use a checkout at core_v0.19.0, or mohge-train.")
     from functools import partial
 
     from model_provider import model_provider
@@ -86,6 +93,11 @@ def pretrain_cfg_container(extra_args_provider=None):
 
     if getattr(pretrain_gpt, "has_nvidia_modelopt", False):  # as pretrain_gpt's main block
         pretrain_gpt.maybe_enable_modelopt(args)  # (ModelOpt + MoHGE is refused below)
+    from megatron_mohge.integration.megatron_lm.hybrid_config import (hybrid_model_config,
+                                                                      is_hybrid_args)
+
+    if is_hybrid_args(args):  # --hybrid-layer-pattern: Megatron's HybridModelBuilder
+        return pretrain_cfg_container_from_args(args, hybrid_model_config(args))
     return pretrain_cfg_container_from_args(args, mohge_gpt_model_config(args))
 
 

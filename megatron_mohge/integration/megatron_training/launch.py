@@ -59,7 +59,8 @@ def pretrain_argv(run, cpu: bool) -> list[str]:
     path = write_mohge_config(run) if run.moe.kind == "mohge" else None
     flags = megatron_lm_flags(run, path, mcore_version(), data=False,  # the installed loop's
                               optim_fully_reshardable=defines_arg(OPTIM_FULLY_RESHARDABLE,
-                                                                  installed=True))
+                                                                  installed=True),
+                              installed=True)
     if run.logging.interval > run.train.iters:  # a short run still prints its iteration log
         flags[flags.index("--log-interval") + 1] = str(run.train.iters)
     extra = list(run.launch.extra_args)  # last: they override anything (argparse keeps the last)
@@ -118,14 +119,20 @@ def parse_megatron_args(argv: list[str]):
 
 
 def cfg_container(run, args):
-    """The ``PretrainConfigContainer`` of parsed ``args``: a ``MoHGEGPTModelConfig`` for MoHGE
-    runs (checked against ``--mohge-config``), Megatron's ``GPTModelConfig`` otherwise."""
+    """The ``PretrainConfigContainer`` of parsed ``args``: for ``model.kind: hybrid`` Megatron's
+    ``HybridModelConfig`` with our stack spec (``hybrid_config``; built by its own
+    ``HybridModelBuilder``), else a ``MoHGEGPTModelConfig`` for MoHGE runs (checked against
+    ``--mohge-config``), Megatron's ``GPTModelConfig`` otherwise."""
     from megatron.training.argument_utils import (
         gpt_config_from_args,
         pretrain_cfg_container_from_args,
     )
 
-    if run.moe.kind == "mohge":
+    if run.is_hybrid:
+        from megatron_mohge.integration.megatron_lm.hybrid_config import hybrid_model_config
+
+        model = hybrid_model_config(args)
+    elif run.moe.kind == "mohge":
         from megatron_mohge.integration.megatron_lm.gpt_config import mohge_gpt_model_config
 
         model = mohge_gpt_model_config(args)
