@@ -61,10 +61,15 @@ def resolve_checkpoint(path, iteration: Optional[int] = None) -> Path:
             ckpt = ckpt_lib.resolve(root, fallback=False).ckpt
             if ckpt is None:
                 raise ConfigError(f"CHECKPOINT: {root} holds no checkpoint yet")
-    why = ckpt_lib.problem(ckpt)
-    if why is not None:
-        raise ConfigError(f"CHECKPOINT: cannot read {ckpt}: {why}")
     return ckpt
+
+
+def check_complete(ckpt: Path, run_file_given: bool) -> None:
+    """The files the checkpoint's save recorded are all there, at their sizes (its run file
+    may be absent when another one is given)."""
+    why = ckpt_lib.problem(ckpt)
+    if why is not None and not (run_file_given and why == f"{ckpt / ckpt_lib.RUN_FILE} is missing"):
+        raise ConfigError(f"CHECKPOINT: cannot read {ckpt}: {why}")
 
 
 def load_run_file(ckpt: Path, run_file=None):
@@ -91,5 +96,6 @@ def load_run_file(ckpt: Path, run_file=None):
 
 def open_source(path, *, iteration: Optional[int] = None, run_file=None) -> Source:
     ckpt = resolve_checkpoint(path, iteration)
-    run, rf = load_run_file(ckpt, run_file)
+    run, rf = load_run_file(ckpt, run_file)  # first: a missing run file says --config
+    check_complete(ckpt, run_file is not None)
     return Source(ckpt, run, rf)

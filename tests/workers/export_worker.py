@@ -1,7 +1,7 @@
 """Reference checkpoints for the Hugging Face export parity tests.
 
-For each case of ``--cases`` (a JSON list of ``{"name", "run"}``, ``run`` a RunConfig mapping)
-at this job's EP size: build mohge-train's model (``training.model.build_model``), spread its
+For each case of ``--cases`` (a JSON list of ``{"name", "ep", "run"}``, ``run`` a RunConfig
+mapping) at its EP size (data parallel over the rest of the job's ranks): build mohge-train's model (``training.model.build_model``), spread its
 weights so routing is far from ties (and set a random loss-free bias where it has one), save
 a dist-checkpoint exactly as ``Trainer.save`` does (model + optimizer + scheduler state, the
 run file beside it) and, on rank 0, the plugin model's reference outputs: fp32 logits of
@@ -53,8 +53,7 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def main():
     args = C.parse_args(extra=lambda p: (
-        p.add_argument("--cases", required=True), p.add_argument("--ep", type=int, default=1),
-        p.add_argument("--root", required=True)))
+        p.add_argument("--cases", required=True), p.add_argument("--root", required=True)))
     from megatron_mohge.data import load_tokenizer
     from megatron_mohge.run_config import RunConfig
     from megatron_mohge.training import checkpoint as ckpt_lib
@@ -64,10 +63,11 @@ def main():
     results = {}
     for i, case in enumerate(json.loads(open(args.cases).read())):
         run_dict = dict(case["run"])
-        run_dict["parallel"] = {**run_dict.get("parallel", {}), "expert_parallel": args.ep}
+        ep = int(case.get("ep", 1))
+        run_dict["parallel"] = {**run_dict.get("parallel", {}), "expert_parallel": ep}
         run_dict["output_dir"] = os.path.join(args.root, case["name"])
         run = RunConfig.from_dict(run_dict)
-        C.init_layout(1, args.ep, 1, seed=run.train.seed)
+        C.init_layout(1, ep, 1, seed=run.train.seed)
         vocab = run.padded_vocab_size(load_tokenizer(run.data.tokenizer).vocab_size)
         model, tc = build_model(run, vocab)
         spread(model, 100 + i)
