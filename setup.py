@@ -21,7 +21,8 @@ setup(
     include_package_data=True,
     # Reference configs, the Megatron-LM launcher and the Slurm scripts ship inside the
     # package (read with importlib.resources), so a regular, non-editable install has them.
-    package_data={"megatron_mohge.resources": ["*.py", "configs/*.yaml", "slurm/*.sbatch"]},
+    package_data={"megatron_mohge.resources": ["*.py", "configs/*.yaml", "slurm/*.sbatch",
+                                               "lm_eval/*.yaml"]},
     install_requires=[
         # torch is not pinned: GPU clusters bring their own CUDA build. The helper scripts
         # install the CPU wheel first on CPU machines so nothing here pulls a CUDA build.
@@ -46,7 +47,7 @@ setup(
         # config / cache API; tested 5.25), safetensors weights, tokenizer.json files.
         "hf": HF,
         # mohge-eval on exports and lm-eval-harness (lm_eval --model hf ...); tested 0.4.13.
-        "eval": HF + ["lm-eval>=0.4.9,<0.5"],
+        "eval": HF + ["lm-eval[hf]>=0.4.9,<0.5"],
         "test": ["pytest>=8"],
     },
     entry_points={

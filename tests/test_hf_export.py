@@ -200,3 +200,85 @@ assert not any(k.startswith(("megatron.", "transformer_engine.")) for k in sys.m
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=str(REPO), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+HELD_OUT = ["The quick brown fox jumps over the lazy dog. " * 3,
+            "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich.",
+            "def f(x):\n    return x * 2\n" * 5, "a"]
+
+
+def _held_out(tmp_path):
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT))
+    return path
+
+
+def _mohge_eval(*args):
+    from megatron_mohge.cli import eval as cli
+
+    return cli.evaluate(cli.parse_args([str(a) for a in (*args, "--no-progress")]))
+
+
+def test_mohge_eval_checkpoint_and_export_agree(saved, tmp_path):
+    """Bits per byte of the plugin model (checkpoint) and of its export on the same text."""
+    import torch.distributed as dist
+
+    from megatron_mohge.export import export_hf
+    from megatron_mohge.training import mcore as M
+
+    root, _ = saved
+    data = _held_out(tmp_path)
+    out = export_hf(root / "mohge_sigmoid_renorm_ep2", tmp_path / "hf")
+    hf = _mohge_eval(out, data)
+    try:
+        mg = _mohge_eval(root / "mohge_sigmoid_renorm_ep2", data)
+    finally:
+        M.destroy_layout()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"BPB checkpoint {mg['bits_per_byte']:.6f} export {hf['bits_per_byte']:.6f}")
+    assert mg["tokens"] == hf["tokens"] == sum(len(t.encode()) for t in HELD_OUT)  # bytes
+    assert mg["bytes"] == hf["bytes"] == hf["tokens"] and hf["documents"] == len(HELD_OUT)
+    assert abs(mg["bits_per_byte"] - hf["bits_per_byte"]) <= 1e-3
+    assert hf["loss"] == pytest.approx(mg["loss"], abs=1e-4)
+    assert hf["perplexity"] == pytest.approx(torch.tensor(hf["loss"]).exp().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("n,max_length", [(1, 4), (4, 4), (5, 4), (9, 4), (135, 64)])
+def test_rolling_windows_are_lm_eval_harness_windows(n, max_length):
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    from megatron_mohge.evaluation.rolling import window_targets
+
+    tokens = list(range(100, 100 + n))
+    theirs = []
+    for pair in lm_utils.get_rolling_token_windows(tokens, 7, max_length, 1):
+        context, target = lm_utils.make_disjoint_window(pair)
+        theirs.append(((context + target)[-(max_length + 1):][:-1], target))
+    assert list(window_targets(tokens, 7, max_length)) == theirs
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_bits_per_byte_equals_mohge_eval(saved, tmp_path):
+    """``lm_eval --model hf`` on the export, offline, with the shipped local task."""
+    pytest.importorskip("lm_eval")
+    from megatron_mohge.evaluation.lm_eval_task import TASK, write_task
+    from megatron_mohge.export import export_hf
+
+    root, _ = saved
+    data = _held_out(tmp_path)
+    out = export_hf(root / "mohge_softmax_paper", tmp_path / "hf")
+    tasks = write_task(data, tmp_path / "tasks").parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "ds-cache"), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={out},trust_remote_code=True,dtype=float32", "--include_path",
+           str(tasks), "--tasks", TASK, "--device", "cpu", "--batch_size", "1",
+           "--output_path", str(tmp_path / "lm_eval_out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    print(proc.stdout[-1500:])
+    results = json.loads(next((tmp_path / "lm_eval_out").rglob("results_*.json")).read_text())
+    harness = results["results"][TASK]["bits_per_byte,none"]
+    ours = _mohge_eval(out, data)["bits_per_byte"]
+    print(f"BPB lm_eval {harness:.6f} mohge-eval {ours:.6f}")
+    assert abs(harness - ours) <= 1e-3
