@@ -21,17 +21,14 @@ import torch
 def rolling_windows(tokens: list, prefix: int, max_length: int) -> Iterator[tuple[list, int]]:
     """``(input ids, n)``: the model reads ``input ids`` and its last ``n`` positions predict
     the next ``n`` tokens of the document (every token exactly once)."""
-    pred, done = max_length, 0
     if not tokens:
         return
-    first = min(max_length, len(tokens))
-    yield [prefix] + tokens[: first - 1], first
-    done = first
+    done = min(max_length, len(tokens))
+    yield [prefix] + tokens[: done - 1], done
     while done < len(tokens):
-        n = min(len(tokens) - done, pred)
+        n = min(len(tokens) - done, max_length)
         end = done + n
-        context = tokens[max(0, end - max_length - 1): end - 1]
-        yield context, n
+        yield tokens[max(0, end - max_length - 1): end - 1], n  # a full window of context
         done = end
 
 
