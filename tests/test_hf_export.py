@@ -282,3 +282,23 @@ def test_lm_eval_harness_bits_per_byte_equals_mohge_eval(saved, tmp_path):
     ours = _mohge_eval(out, data)["bits_per_byte"]
     print(f"BPB lm_eval {harness:.6f} mohge-eval {ours:.6f}")
     assert abs(harness - ours) <= 1e-3
+
+
+def test_mohge_eval_cli_prints_one_json_object_and_one_line_errors(saved, tmp_path, capsys):
+    from megatron_mohge.cli.eval import main
+    from megatron_mohge.export import export_hf
+
+    root, _ = saved
+    out = export_hf(root / "stock", tmp_path / "hf")
+    data = _held_out(tmp_path)
+    capsys.readouterr()
+    assert main([str(out), str(data), "--json", "--no-progress"]) == 0
+    printed = capsys.readouterr().out.strip()
+    result = json.loads(printed)  # the whole of stdout is one JSON object
+    assert {"loss", "perplexity", "bits_per_byte", "tokens"} <= set(result)
+    assert result["documents"] == len(HELD_OUT)
+    for args, needle in (([str(out), str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+                         ([str(tmp_path / "nowhere"), str(data)], "nowhere")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mohge-eval: ") and needle in err[0], err
