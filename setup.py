@@ -8,6 +8,8 @@ ROOT = Path(__file__).parent
 about: dict = {}
 exec((ROOT / "megatron_mohge" / "version.py").read_text(), about)
 
+HF = ["transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.19"]
+
 setup(
     name="megatron-mohge",
     version=about["__version__"],
@@ -19,7 +21,8 @@ setup(
     include_package_data=True,
     # Reference configs, the Megatron-LM launcher and the Slurm scripts ship inside the
     # package (read with importlib.resources), so a regular, non-editable install has them.
-    package_data={"megatron_mohge.resources": ["*.py", "configs/*.yaml", "slurm/*.sbatch"]},
+    package_data={"megatron_mohge.resources": ["*.py", "configs/*.yaml", "slurm/*.sbatch",
+                                               "lm_eval/*.yaml"]},
     install_requires=[
         # torch is not pinned: GPU clusters bring their own CUDA build. The helper scripts
         # install the CPU wheel first on CPU machines so nothing here pulls a CUDA build.
@@ -40,6 +43,11 @@ setup(
         "train": ["tokenizers>=0.19", "tensorboard>=2.14", "matplotlib>=3.7"],
         # Optional input formats of mohge-prepare-data / --data: Parquet and .zst files.
         "data": ["pyarrow>=14", "zstandard>=0.22"],
+        # Hugging Face export (mohge-export-hf) and the exported model: transformers 5 (its
+        # config / cache API; tested 5.25), safetensors weights, tokenizer.json files.
+        "hf": HF,
+        # mohge-eval on exports and lm-eval-harness (lm_eval --model hf ...); tested 0.4.13.
+        "eval": HF + ["lm-eval[hf]>=0.4.9,<0.5"],
         "test": ["pytest>=8"],
     },
     entry_points={
@@ -49,6 +57,8 @@ setup(
             "mohge-pretrain = megatron_mohge.cli.pretrain:main",
             "mohge-bench = megatron_mohge.cli.bench:main",
             "mohge-check-config = megatron_mohge.cli.check_config:main",
+            "mohge-export-hf = megatron_mohge.cli.export_hf:main",
+            "mohge-eval = megatron_mohge.cli.eval:main",
         ],
     },
     classifiers=[

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create/refresh the virtualenv of one tested megatron-core line, with torch, megatron-core and
-# this package (editable, with its test and train extras). Safe to re-run; fast when done.
+# this package (editable, with its test, train, hf and eval extras). Safe to re-run; fast when done.
 #
 #   scripts/setup_env.sh [--line 0.19|0.16]      (default: 0.19, the current release)
 #
@@ -99,7 +99,8 @@ from importlib import metadata
 need = {"megatron-core": sys.argv[1]}
 try:
     assert metadata.version("megatron-core") == need["megatron-core"]
-    for dist in ("megatron-mohge", "pytest", "pyyaml", "tokenizers"):
+    for dist in ("megatron-mohge", "pytest", "pyyaml", "tokenizers", "transformers",
+                 "safetensors", "lm-eval"):
         metadata.version(dist)
 except (AssertionError, metadata.PackageNotFoundError):
     sys.exit(1)
@@ -110,8 +111,9 @@ PYEOF
 STAMP="$VENV/.megatron-mohge-setup.sha256"
 SETUP_SHA="$(sha256sum "$ROOT/setup.py" | cut -d' ' -f1)"
 if ! installed || [ "$(cat "$STAMP" 2>/dev/null)" != "$SETUP_SHA" ]; then
-  echo "[setup] installing $MCORE and megatron-mohge (editable) with its test and train extras"
-  "${PIP[@]}" "$MCORE" -e "$ROOT[test,train]" 2>&1 \
+  echo "[setup] installing $MCORE and megatron-mohge (editable) with its test, train, hf and" \
+       "eval extras"
+  "${PIP[@]}" "$MCORE" -e "$ROOT[test,train,hf,eval]" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
   installed || { echo "[setup] installation failed" >&2; exit 1; }
   echo "$SETUP_SHA" > "$STAMP"

@@ -19,7 +19,7 @@ from megatron_mohge.util.numbers import mean_present
 # Figures averaged over seeds and listed per seed (``<field>_per_seed``). A field missing
 # from a run's summary is taken as the mean over its MoE layers when the layers carry it
 # (list-valued per-layer figures, e.g. one CV per group, are averaged first).
-SEED_FIELDS = ("heldout_loss", "heldout_loss_se", "total_params", "routed_expert_params",
+SEED_FIELDS = ("heldout_loss", "heldout_loss_se", "heldout_bits_per_byte", "total_params", "routed_expert_params",
                "activated_params_per_token", "activated_routed_params_per_token",
                "train_tokens_per_s", "peak_mem_bytes", "expert_load_cv",
                "expert_load_max_over_mean", "rank_flops_max_over_mean", "group_load_cv",

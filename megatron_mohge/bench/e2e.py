@@ -219,8 +219,9 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
-        log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f} "
-            f"({fig['wall_s']:.0f} s)")
+        bpb = fig.get("heldout_bits_per_byte")
+        log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f}"
+            + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f" ({fig['wall_s']:.0f} s)")
         per_seed[name].append(fig)
         per_seed[name].sort(key=lambda f: seed_list.index(f["seed"]))
         results["runs"] = aggregate_runs(per_seed)

@@ -23,7 +23,8 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
     fig["layout"] = summary["layout"]
     fig["wall_s"] = summary.get("wall_s")
     fig["cpu_s"] = summary.get("cpu_s")
-    for key in ("heldout_loss_se", "heldout_tokens", "heldout_batch_losses"):
+    for key in ("heldout_loss_se", "heldout_tokens", "heldout_batch_losses",
+                "heldout_bits_per_byte"):
         if key in summary:
             fig[key] = summary[key]
     layers = summary["layers"]

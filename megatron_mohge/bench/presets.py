@@ -379,7 +379,7 @@ def _screen_arms(hidden: int) -> dict:
 
 
 PRESETS = {"default": _default, "study": _study, "screen": _screen, "balance": _balance,
-           "paper-3b": _paper_3b, "load-balance-ablation": _ablation}
+           "paper-3b": _paper_3b, "load-balance-ablation": _ablation, "hybrid": _hybrid}
 SIZED_PRESETS = ("study", "screen")  # presets whose sizes --sizes chooses
 
 
@@ -393,5 +393,3 @@ def get_preset(name: str, sizes: Optional[list[int]] = None) -> Preset:
                           f"{' and '.join(SIZED_PRESETS)}")
     return PRESETS[name](sizes)
 
-
-PRESETS["hybrid"] = _hybrid

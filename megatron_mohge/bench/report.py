@@ -69,7 +69,7 @@ def main_table(results: dict) -> str:
     has_rank = any(r.get("rank_flops") or r.get("rank_flops_max_over_mean") is not None
                    for r in runs.values())
     header = ["run", "kind", "total params", "routed params", "activated params/token",
-              "activated routed/token", "held-out loss", "ppl", "tokens/s", "peak mem MiB",
+              "activated routed/token", "held-out loss", "bits/byte", "ppl", "tokens/s", "peak mem MiB",
               "expert load CV", "load max/mean"]
     if has_rank:
         header += ["rank FLOPs max/mean all-size", "rank FLOPs max/mean contiguous"]
@@ -93,6 +93,7 @@ def main_table(results: dict) -> str:
             col("activated_routed_params_per_token",
                 fmt_count(r.get("activated_routed_params_per_token"))),
             col("heldout_loss", fmt_float(r.get("heldout_loss"), 4)),
+            fmt_float(r.get("heldout_bits_per_byte"), 4),
             fmt_float(r.get("heldout_ppl"), 2),
             DASH if tps is None else f"{tps:,.0f}",
             DASH if mem is None else f"{mem / 2 ** 20:.1f}",

@@ -55,6 +55,7 @@ class EvalResult:
     loss: float
     batch_losses: list
     routing_counts: list
+    bytes_per_token: Optional[float] = None  # UTF-8 bytes per loss token (bits per byte)
 
 
 @dataclass
@@ -184,7 +185,28 @@ class Trainer:
         eval_counts = snapshot_routing_counts(chunks)
         restore_routing_counts(saved)
         # equal token counts per batch: the mean of the batch losses is the token mean
-        return EvalResult(sum(losses) / len(losses), losses, eval_counts)
+        return EvalResult(sum(losses) / len(losses), losses, eval_counts,
+                          self._bytes_per_token(batches))
+
+    def _bytes_per_token(self, batches: list) -> float:
+        """UTF-8 bytes per loss token of the held-out batches (all DP ranks)."""
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megatron_mohge.evaluation.token_bytes import token_byte_lengths
+
+        if getattr(self, "_token_bytes", None) is None:
+            self._token_bytes = token_byte_lengths(self.tokenizer, self.vocab_size)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for mbs in batches:
+            for mb in mbs:
+                mask = mb["loss_mask"].double().cpu()
+                sums[0] += (self._token_bytes[mb["labels"].cpu()] * mask).sum()
+                sums[1] += mask.sum()
+        sums = sums.to(M.device())
+        dist.all_reduce(sums, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return float(sums[0] / sums[1])
 
     # ------------------------------------------------------------------ metrics
     def routing(self) -> list[dict]:
@@ -322,6 +344,10 @@ class Trainer:
         restore_routing_counts(final.routing_counts)  # held-out batches, eval mode
         summary = figures.run_summary(self.run, self.state, self.counts, self.routing(),
                                       final.loss, final.batch_losses, tokens_per_s)
+        from megatron_mohge.evaluation.rolling import bits_per_byte
+
+        # loss (nats / token) over bytes per token, end-of-document predictions included
+        summary["heldout_bits_per_byte"] = bits_per_byte(final.loss, final.bytes_per_token)
         if self.rank == 0:
             out = self.run.out_dir
             out.mkdir(parents=True, exist_ok=True)
