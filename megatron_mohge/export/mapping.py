@@ -32,6 +32,7 @@ SUPPORTED: dict[str, dict[str, Any]] = {
         "position_embedding_type": ("rope", "learned_absolute"), "rotary_base": ANY,
         "init_method_std": ANY, "hidden_dropout": ANY, "attention_dropout": ANY,
         "precision": ANY, "moe_layer_freq": ANY,
+        "kind": ("gpt",), "hybrid_layer_pattern": (None,),  # HybridModel: not exported yet
     },
     "moe": {
         "kind": ("mohge", "stock", "dense"), "mohge": ANY, "num_experts": ANY,
@@ -49,11 +50,12 @@ SUPPORTED: dict[str, dict[str, Any]] = {
         "expert_weighting": ("renorm", "paper"),
         "fp32": (True,),  # the exported router runs in fp32
         "z_loss_coeff": ANY, "input_jitter_eps": ANY,  # training only
+        "group_gradient": ANY,  # backward only: the straight-through factor is 1 in value
     },
     "moe.mohge.losses": {  # training only; the loss-free bias is read from the checkpoint
         "group_coeff": ANY, "group_cost_delta": ANY, "group_start_fraction": ANY,
         "intra_group_coeff": ANY, "intra_group_mode": ANY, "expert_bias_update_rate": ANY,
-        "global_batch_stats": ANY,
+        "global_batch_stats": ANY, "group_loss_count": ANY, "group_balance_coeff": ANY,
     },
 }
 
