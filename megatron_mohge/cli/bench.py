@@ -9,7 +9,7 @@ with seed means and paired 95% intervals of every ratio to the baseline.
 Presets: ``default`` (CPU, 3 seeds, ~10 min on 2 cores), ``study`` (CPU scaling study:
 stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``screen`` (CPU router-
 mechanism screen: 11 arms at hidden 48, 1,500 steps, 3 seeds, ~2.5 h on 2 cores; pick arms
-with ``--runs``, sizes with ``--sizes``), ``paper-3b`` (the paper's
+with ``--runs``, sizes with ``--sizes``), ``hybrid`` (the default pair as HybridModels), ``paper-3b`` (the paper's
 3B-class setting, for GPU clusters), ``load-balance-ablation`` (noisy top-k gating
 with/without its losses).
 """
