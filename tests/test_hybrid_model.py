@@ -64,7 +64,7 @@ def test_mohge_hybrid_model_trains_with_mohge_e_layers(mcore_world1):
         layers[1].self_attention).__name__ == "IdentityOp"
     losses = train(run, model)
     assert falls(losses), losses
-    assert {"mohge_group_loss", "mohge_intra_group_loss"} <= set(metric_entries())
+    assert {"mohge_group_loss", "mohge_group_balance_loss"} <= set(metric_entries())
 
 
 def test_stock_hybrid_baseline_trains_and_counts_its_routing(mcore_world1):

@@ -22,7 +22,7 @@ def test_hybrid_pretrain_ep2_20_iterations_and_resume(tmp_path):
     assert "layers='*E*E' (4 layers)" in full  # Megatron's HybridModel built the pattern
     a = iteration_log(full)
     assert sorted(a) == list(range(1, 21))
-    for name in ("lm loss", "mohge_group_loss", "mohge_intra_group_loss", "grad norm"):
+    for name in ("lm loss", "mohge_group_loss", "mohge_group_balance_loss", "grad norm"):
         assert name in a[20], (name, a[20])
     assert float(a[1]["mohge_group_loss"]) == 0.0 and float(a[20]["mohge_group_loss"]) > 0
     assert float(a[20]["lm loss"]) < float(a[1]["lm loss"])
@@ -41,5 +41,5 @@ def test_hybrid_pretrain_ep2_20_iterations_and_resume(tmp_path):
     for it in range(11, 21):  # iteration 12 averages in 11 (test_megatron_pretrain.py)
         keys = ["grad norm", "learning rate", "consumed samples"]
         if it != 12:
-            keys += ["lm loss", "mohge_group_loss", "mohge_intra_group_loss"]
+            keys += ["lm loss", "mohge_group_loss", "mohge_group_balance_loss"]
         assert {k: b[it][k] for k in keys} == {k: a[it][k] for k in keys}, it
