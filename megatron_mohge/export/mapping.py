@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from megatron_mohge.config import ConfigError
+from megatron_mohge.config.megatron import shared_intermediate_size
 
 ANY = object()  # any value: the field does not change the forward pass (or is read below)
 
@@ -106,8 +107,8 @@ def hf_config(run, vocab_size: int, tokenizer_ids: dict) -> dict:
         c = moe.mohge
         cfg.update(expert_group_widths=list(c.widths), experts_per_group=list(c.experts_per_group),
                    num_shared_experts=c.num_shared_experts,
-                   shared_expert_intermediate_size=(c.num_shared_experts * c.shared_expert_width
-                                                    if c.num_shared_experts else None),
+                   shared_expert_intermediate_size=shared_intermediate_size(
+                       c.num_shared_experts, c.shared_expert_width),
                    router=dict(group_score=c.router.group_score,
                                expert_weighting=c.router.expert_weighting,
                                group_topk=c.group_topk, topk=c.topk, group_gate=True,
@@ -117,9 +118,8 @@ def hf_config(run, vocab_size: int, tokenizer_ids: dict) -> dict:
         cfg.update(expert_group_widths=[moe.expert_hidden_size],
                    experts_per_group=[moe.num_experts],
                    num_shared_experts=moe.num_shared_experts,
-                   shared_expert_intermediate_size=(moe.num_shared_experts *
-                                                    moe.shared_expert_width
-                                                    if moe.num_shared_experts else None),
+                   shared_expert_intermediate_size=shared_intermediate_size(
+                       moe.num_shared_experts, moe.shared_expert_width),
                    # Megatron's TopKRouter: softmax over the top-k logits (not pre-softmax)
                    router=dict(group_score="softmax", expert_weighting="softmax_topk",
                                group_topk=1, topk=moe.topk, group_gate=False,
