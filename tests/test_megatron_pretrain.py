@@ -240,9 +240,7 @@ def test_pretrain_checkpoint_writers_die_with_a_killed_rank(tmp_path):
     """Issue 25.2: after ``kill -9`` of a mohge-pretrain rank, the checkpoint writers' results
     Manager (``spawn_main``) and multiprocessing's resource tracker lived on, adopted by PID 1,
     holding the job's log open: nothing installed the child reaper on this path."""
-    import time
-
-    from tests.test_run_safety import _assert_all_die, _children
+    from tests.test_run_safety import kill_at_first_checkpoint
 
     out = tmp_path / "kill"
     cmd = [sys.executable, "-m", "megatron_mohge.cli.pretrain", "--config",
@@ -253,15 +251,5 @@ def test_pretrain_checkpoint_writers_die_with_a_killed_rank(tmp_path):
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             cwd=str(tmp_path))
-    tracker = out / "checkpoints" / "latest_checkpointed_iteration.txt"
-    try:
-        deadline = time.time() + 600
-        while not tracker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert tracker.exists(), "no checkpoint was saved"
-        kids = _children(proc.pid)
-        assert kids, "dist_checkpointing left no helper process to check"
-    finally:
-        proc.kill()
-        proc.wait()
-    _assert_all_die(kids)
+    kill_at_first_checkpoint(proc, out / "checkpoints" / "latest_checkpointed_iteration.txt",
+                             600)

@@ -476,9 +476,14 @@ def test_checkpoint_writer_processes_die_with_a_killed_rank(tmp_path, cache):
     proc = subprocess.Popen(_cmd(tmp_path, cache, "kill", 1, [
         "train.iters=400", "train.lr_decay_iters=400", "checkpoint.interval=1"]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=str(REPO))
-    tracker = tmp_path / "kill" / "checkpoints" / ckpt_lib.TRACKER_FILE
+    kill_at_first_checkpoint(proc, tmp_path / "kill" / "checkpoints" / ckpt_lib.TRACKER_FILE, 300)
+
+
+def kill_at_first_checkpoint(proc, tracker, timeout_s: float) -> None:
+    """Wait until ``proc`` saved a checkpoint (``tracker`` exists), ``kill -9`` it, and assert
+    that every helper process it had started (the checkpoint writers) dies with it."""
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + timeout_s
         while not tracker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert tracker.exists(), "no checkpoint was saved"
