@@ -172,12 +172,11 @@ def resolve(root: Path, *, fallback: bool = False) -> Resume:
                       f"fix the file, or move {root} away to start from scratch")
 
 
-# MoHGE fields added since checkpoints were first written, with the behaviour the code had
-# before each existed: a run file without one was trained that way (issue 21 made other
-# values the defaults), so resuming it under today's default is a model change.
-FIELDS_BEFORE_ADDED = {"moe.mohge.router.group_gradient": "none",
-                       "moe.mohge.losses.group_loss_count": "selections",
-                       "moe.mohge.losses.group_balance_coeff": 0.0}
+# Model fields added since checkpoints were first written, with the behaviour the code had
+# before each existed: a run file without one was trained that way (issue 21 made another
+# value the default), so resuming it under today's default is a model change. (The loss
+# fields added with it need no entry: losses may change on resume, RESUMABLE_CHANGES.)
+FIELDS_BEFORE_ADDED = {"moe.mohge.router.group_gradient": "none"}
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
