@@ -5,8 +5,8 @@ and use NCCL. Run from the repository root:
 
     python examples/minimal_gpt.py
 
-The README's "Minimal example" is the block between the two `# ---` lines (a test keeps
-them equal and runs this file).
+The README's "Minimal example" is the part after the imports between the two `# ---` lines
+(tests/test_minimal_example.py keeps them equal and runs this file).
 """
 
 from pathlib import Path
