@@ -1,10 +1,11 @@
 """docs/flags.md against the code: each row's run-file key changes exactly the Megatron-LM flags
 the row lists (``integration.flags.megatron_lm_flags``), the keys of the second table change
 none, every run-file key and every rendered flag is in the document, and the ``--mohge-*``
-table is ``integration.megatron_lm.args.CLI_OVERRIDES``."""
+table is what ``add_mohge_args`` defines (field from ``CLI_OVERRIDES``, values)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from packaging.version import Version
 
 from megatron_mohge.config.run import RunConfig
 from megatron_mohge.integration.flags import megatron_lm_flags
-from megatron_mohge.integration.megatron_lm.args import CLI_OVERRIDES
+from megatron_mohge.integration.megatron_lm.args import CLI_OVERRIDES, add_mohge_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "flags.md"
@@ -130,7 +131,15 @@ def test_every_rendered_flag_is_documented(tmp_path):
 
 
 def test_mohge_flags_table_is_the_override_mapping():
-    rows = {_ticked(flag)[0]: _ticked(field)[0] for flag, field in _rows("`--mohge-*` flags (Megatron-LM side)")}
-    code = {"--" + dest.replace("_", "-"): (name if section is None else f"{section}.{name}")
-            for dest, (section, name) in CLI_OVERRIDES.items()}
+    rows = {_ticked(flag)[0]: (_ticked(field)[0], _ticked(values) or [values.strip()])
+            for flag, field, values in _rows("`--mohge-*` flags (Megatron-LM side)")}
+    parser = add_mohge_args(argparse.ArgumentParser())
+    code = {}
+    for action in parser._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--mohge-")), None)
+        if flag is None or action.dest not in CLI_OVERRIDES:
+            continue  # --mohge-config, the FLOPs flags: no layer field
+        section, name = CLI_OVERRIDES[action.dest]
+        values = list(action.choices) if action.choices else [action.type.__name__]
+        code[flag] = (name if section is None else f"{section}.{name}", values)
     assert rows == code
