@@ -35,6 +35,7 @@ from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
     target_checks,
 )
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.bench.progress import Progress
 from megatron_mohge.bench.runner import (  # noqa: F401  (defined here before)
     RunFailedError,
     config_path,
@@ -216,12 +217,14 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
         return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
 
     t0 = time.perf_counter()
-    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
+    progress = Progress(len(queue), jobs)
+    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log, progress):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
         bpb = fig.get("heldout_bits_per_byte")
         log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f}"
-            + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f" ({fig['wall_s']:.0f} s)")
+            + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
+            + f" ({fig['wall_s']:.0f} s; {progress.finish(fig['wall_s'])})")
         per_seed[name].append(fig)
         per_seed[name].sort(key=lambda f: seed_list.index(f["seed"]))
         results["runs"] = aggregate_runs(per_seed)
