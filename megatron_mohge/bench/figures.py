@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_mohge.bench.aggregate import SEED_FIELDS, layer_mean
+from megatron_mohge.bench.plot_figures import plot_figures
 from megatron_mohge.bench.verdicts import loss_judgement
 from megatron_mohge.config.megatron import routed_expert_widths
 from megatron_mohge.run_config import RunConfig
@@ -52,6 +53,7 @@ def run_figures(summary: dict, run: RunConfig) -> dict:
             fig[key] = layer_mean(layers, key)
     if summary.get("routing_diagnostics"):
         fig["routing_diagnostics"] = summary["routing_diagnostics"]
+    fig.update(plot_figures(summary, run))  # what only the research plots read
     hist = summary["history"]
     diag = [h.get("diagnostics") or {} for h in hist]
     fig["curves"] = dict(
