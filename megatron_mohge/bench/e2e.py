@@ -36,7 +36,11 @@ from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
 )
 from megatron_mohge.bench.presets import Preset
 from megatron_mohge.bench.progress import Progress
-from megatron_mohge.bench.resume import reusable_figures
+from megatron_mohge.bench.resume import (
+    check_data_fingerprint,
+    data_fingerprint,
+    reusable_figures,
+)
 from megatron_mohge.training.health import dumps
 from megatron_mohge.bench.runner import (  # noqa: F401  (defined here before)
     RunFailedError,
@@ -211,12 +215,16 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     if not prefixes:  # prepare the default corpus once, before the runs race for it
         from megatron_mohge.data import ensure_default_dataset, load_tokenizer
 
-        ensure_default_dataset(first.data.cache_dir, load_tokenizer(first.data.tokenizer),
-                               max_bytes=first.data.default_corpus_bytes)
+        default = ensure_default_dataset(first.data.cache_dir,
+                                         load_tokenizer(first.data.tokenizer),
+                                         max_bytes=first.data.default_corpus_bytes)
+    fingerprint = data_fingerprint([str(p) for p in prefixes] if prefixes else [str(default)])
+    if resume:
+        check_data_fingerprint(out_dir, fingerprint, log)
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
-               "jobs": jobs, "env": _env(), "runs": {}}
+               "jobs": jobs, "env": _env(), "data_fingerprint": fingerprint, "runs": {}}
     results["config"] = identity
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
@@ -342,6 +350,24 @@ def _env() -> dict:
         mcore = version("megatron-core")
     except Exception:  # pragma: no cover - metadata missing
         mcore = None
+    # The code's git commit (null outside a git checkout of this package, e.g. a wheel install;
+    # "dirty": tracked files differ from it), so every figure traces to the code that made it.
+    import subprocess
+
+    repo, commit, dirty = Path(__file__).resolve().parents[2], None, None
+    try:
+        git = ["git", "-C", str(repo)]
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=30)
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == repo:
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=30, check=True).stdout.strip()
+            dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                        capture_output=True, text=True, timeout=30,
+                                        check=True).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
     return {"torch": torch.__version__, "megatron_core": mcore, "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "commit": commit, "dirty": dirty}
