@@ -35,6 +35,7 @@ from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
     target_checks,
 )
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.bench.progress import Progress
 from megatron_mohge.bench.resume import (
     check_data_fingerprint,
     data_fingerprint,
@@ -250,14 +251,16 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                 + ", ".join(f"{n} seed {s}" for s, n, _ in queue))
         queue, layer_bench = [], False
     t0 = time.perf_counter()
-    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
+    progress = Progress(len(queue), jobs)
+    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log, progress):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
         if reused:  # as results.json holds them (str keys, lists), like the reused figures
             fig = json.loads(dumps(fig))
         bpb = fig.get("heldout_bits_per_byte")
         log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f}"
-            + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f" ({fig['wall_s']:.0f} s)")
+            + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
+            + f" ({fig['wall_s']:.0f} s; {progress.finish(fig['wall_s'])})")
         per_seed[name].append(fig)
         per_seed[name].sort(key=lambda f: seed_list.index(f["seed"]))
         results["runs"] = aggregate_runs(per_seed)

@@ -6,12 +6,7 @@ same seed gives every run the same data order; all seeds share one held-out set)
 layer microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PNG plots,
 with seed means and paired 95% intervals of every ratio to the baseline.
 
-Presets: ``default`` (CPU, 3 seeds, ~10 min on 2 cores), ``study`` (CPU scaling study:
-stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``screen`` (CPU router-
-mechanism screen: 11 arms at hidden 48, 1,500 steps, 3 seeds, ~2.5 h on 2 cores; pick arms
-with ``--runs``, sizes with ``--sizes``), ``hybrid`` (the default pair as HybridModels), ``paper-3b`` (the paper's
-3B-class setting, for GPU clusters), ``load-balance-ablation`` (noisy top-k gating
-with/without its losses).
+The presets (``--preset``) are listed at the end of ``--help``, from the preset table.
 """
 
 from __future__ import annotations
@@ -30,7 +25,10 @@ def parse_args(argv=None):
     from megatron_mohge.bench.presets import PRESETS
 
     p = common.parser(PROG, __doc__)
-    p.add_argument("--preset", default="default", choices=list(PRESETS))
+    p.epilog = presets_help()
+    p.add_argument("--preset", default="default", choices=list(PRESETS), metavar="NAME",
+                   help=f"which comparison to run: {', '.join(PRESETS)} (default: default; "
+                        "each described below)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text / JSON lines (.jsonl) / Parquet files or folders (tokenized "
                         "once, as mohge-prepare-data) or indexed dataset prefixes; default: "
@@ -77,6 +75,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def presets_help(width: int = 100) -> str:
+    """``--help``'s list of the presets: name and description of each entry of ``PRESETS``."""
+    import textwrap
+
+    from megatron_mohge.bench.presets import PRESETS, get_preset
+
+    pad = max(map(len, PRESETS)) + 4
+    lines = ["presets:"]
+    for name in PRESETS:
+        lines += textwrap.wrap(get_preset(name).description, width,
+                               initial_indent=f"  {name:<{pad - 2}}", subsequent_indent=" " * pad)
+    return "\n".join(lines)
+
+
 def parse_sizes(text):
     """``--sizes 32,48`` -> [32, 48] (None: the preset's)."""
     if text is None:
@@ -87,6 +99,7 @@ def parse_sizes(text):
         raise ConfigError(f"--sizes {text}: give comma-separated integers, e.g. 32,48,80") from None
 
 
+@common.entry
 def main(argv=None) -> int:
     return common.run_cli(PROG, _bench, parse_args(argv))
 
@@ -146,7 +159,11 @@ def _bench(args) -> int:
     print("\n" + markdown_report(results))
     targets = results.get("targets", {}).get("met", {})
     if targets:
-        print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+        from megatron_mohge.bench.verdicts import verdict
+
+        print("targets: " + ", ".join(f"{k} {verdict(v, shout=True)}" for k, v in targets.items()))
+        if results["targets"].get("not_judged"):
+            print(f"loss targets not judged: {results['targets']['not_judged']}")
     print(f"\nwrote {out / 'results.json'} and " + ", ".join(str(p) for p in paths.values()))
     return 0
 
