@@ -255,6 +255,8 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log, progress):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
+        # the code that trained it: reused figures keep their own (results from --resume)
+        fig["commit"] = results["env"].get("commit")
         if reused:  # as results.json holds them (str keys, lists), like the reused figures
             fig = json.loads(dumps(fig))
         bpb = fig.get("heldout_bits_per_byte")
