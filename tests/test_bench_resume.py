@@ -70,6 +70,7 @@ def test_resumed_bench_trains_only_the_missing_run_and_keeps_the_rest(tmp_path):
     # figures trained now are in the reused ones' JSON form (one key type when averaged)
     fig = second["runs"]["mohge"]["per_seed"][0]
     assert fig == json.loads(json.dumps(fig))
+    assert fig["commit"] == second["env"]["commit"]  # the code that trained it
     assert second["data_fingerprint"] == first["data_fingerprint"] is not None
     # without --resume, the extended bench is another experiment and is refused
     with pytest.raises(ConfigError, match="already holds results.json of another bench"):
