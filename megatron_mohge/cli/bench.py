@@ -58,6 +58,16 @@ def parse_args(argv=None):
                         "finished seed is a paired comparison) or run (each run's seeds "
                         "together, in --runs order: a long screen stopped early keeps whole "
                         "arms)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the trainings results.json in --out already holds with the same "
+                        "run config (a stopped bench continues; more --runs or --seeds extend "
+                        "it); another experiment there is still refused")
+    p.add_argument("--reuse-from", nargs="+", default=(), metavar="DIR",
+                   help="also reuse the trainings of these bench folders (the same experiment, "
+                        "e.g. arms trained on other machines) where --out lacks them")
+    p.add_argument("--no-train", action="store_true",
+                   help="with --resume / --reuse-from: assemble results.json from the reused "
+                        "trainings only, listing the missing ones (nothing is trained)")
     p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
     p.add_argument("--iters", type=int, default=None,
                    help="override the step budget of every run (quick checks)")
@@ -91,6 +101,9 @@ def _bench(args) -> int:
     if args.with_dense:
         names += [n for n in preset.optional_runs if n == "dense" and n not in names]
     e2e.resolve_jobs(preset, args.jobs)  # --jobs 0 refused before a dry run too
+    if args.no_train and not (args.resume or args.reuse_from):
+        raise ConfigError("--no-train assembles results from earlier trainings: add --resume "
+                          "(this --out) and/or --reuse-from DIR ...")
     if args.dry_run or preset.needs_gpu:
         seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
         runs = {(s, n): r for s in seeds
@@ -122,7 +135,8 @@ def _bench(args) -> int:
                                     iters=args.iters, jobs=args.jobs, order=args.order,
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
-                                    json_keys=args.json_keys)
+                                    json_keys=args.json_keys, resume=args.resume,
+                                    reuse_from=args.reuse_from, train=not args.no_train)
     except e2e.RunFailedError as exc:  # the run's own traceback is above; no second one
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
