@@ -37,6 +37,12 @@ from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
 )
 from megatron_mohge.bench.arms import DEFAULT_SHAPE
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.bench.resume import (
+    check_data_fingerprint,
+    data_fingerprint,
+    reusable_figures,
+)
+from megatron_mohge.training.health import dumps
 from megatron_mohge.bench.runner import (  # noqa: F401  (defined here before)
     RunFailedError,
     config_path,
@@ -188,12 +194,14 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
               log=print, split_documents=None, json_keys=None, order: str = "seed",
-              tokens_per_param=None) -> dict:
+              resume: bool = False, tokens_per_param=None) -> dict:
     """Train the preset's runs once per seed and write ``results.json`` after each run.
 
     ``order="seed"``: seed-major, so every finished seed is a complete paired comparison;
     ``"run"``: run-major in ``names`` order, so the first runs have all their seeds first
-    (a long screen stopped early still has complete arms)."""
+    (a long screen stopped early still has complete arms). ``resume``: the trainings that
+    ``out_dir/results.json`` already holds with the same run config are reused
+    (:mod:`.resume`). ``tokens_per_param``: the steps from a token budget (:mod:`.budget`)."""
     budget.check_budget_options(iters, tokens_per_param)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
@@ -202,7 +210,11 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                               iters=iters, layer_bench=layer_bench,
                               split_documents=split_documents, json_keys=json_keys,
                               tokens_per_param=tokens_per_param)
-    check_out_dir(out_dir, identity)  # before anything is written into --out
+    if resume:  # checks the experiment in --out is this one, but for runs and seeds
+        reused = reusable_figures(out_dir, identity, _comparable)
+    else:
+        reused = {}
+        check_out_dir(out_dir, identity)  # before anything is written into --out
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     splits = {(r.data.split, r.model.seq_length)
               for r in run_configs(preset, out_dir, names=names, iters=iters,
@@ -216,12 +228,17 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     if not prefixes:  # prepare the default corpus once, before the runs race for it
         from megatron_mohge.data import ensure_default_dataset, load_tokenizer
 
-        ensure_default_dataset(first.data.cache_dir, load_tokenizer(first.data.tokenizer),
-                               max_bytes=first.data.default_corpus_bytes)
+        default = ensure_default_dataset(first.data.cache_dir,
+                                         load_tokenizer(first.data.tokenizer),
+                                         max_bytes=first.data.default_corpus_bytes)
+    fingerprint = data_fingerprint([str(p) for p in prefixes] if prefixes else [str(default)])
+    if resume:
+        check_data_fingerprint(out_dir, fingerprint, log)
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
-               "jobs": jobs, "shape": preset.shape, "env": _env(), "runs": {}}
+               "jobs": jobs, "shape": preset.shape, "env": _env(),
+               "data_fingerprint": fingerprint, "runs": {}}
     results["config"] = identity
     if tokens_per_param is not None:  # each run's steps and tokens, and the params they are per
         results["budget"] = budget.budget_iters(preset, list(by_seed[seed_list[0]]),
@@ -229,6 +246,15 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     queue = training_queue(by_seed, names, seed_list, order)
+    if reused:
+        for n in names:
+            per_seed[n] = [reused[n][s] for s in seed_list if s in reused.get(n, {})]
+        queue = [q for q in queue if q[0] not in reused.get(q[1], {})]
+        log(f"[bench] --resume: {sum(map(len, per_seed.values()))} trainings reused from "
+            f"{out_dir / 'results.json'}, {len(queue)} to train")
+        results["runs"] = aggregate_runs(per_seed)
+        results["comparisons"] = compare_runs(per_seed, preset.comparison_pairs(names))
+        _write(out_dir, results)
 
     def nproc_of(run: RunConfig) -> int:
         return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
@@ -237,6 +263,8 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
+        if reused:  # as results.json holds them (str keys, lists), like the reused figures
+            fig = json.loads(dumps(fig))
         bpb = fig.get("heldout_bits_per_byte")
         log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f}"
             + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f" ({fig['wall_s']:.0f} s)")
@@ -278,7 +306,6 @@ def training_queue(by_seed: dict, names: list[str], seeds: list[int], order: str
 
 def _write(out_dir: Path, results: dict) -> None:
     from megatron_mohge.training.checkpoint import atomic_write
-    from megatron_mohge.training.health import dumps
 
     atomic_write(out_dir / "results.json", dumps(results, indent=1))
 
@@ -290,7 +317,8 @@ def bench_identity(preset: Preset, names, *, data, tokenizer, seeds, iters,
     """What makes two benches the same experiment, recorded in results.json["config"]: the
     command-line choices (None: the preset's default) and the preset's run configs.
     ``tokens_per_param`` and a non-default ``shape`` are recorded only when chosen, so the
-    identity of every bench without them stays what its results.json holds."""
+    identity of every bench without them stays what its results.json holds (comparisons read
+    an absent key as its default: ``_comparable``)."""
     ident = {"preset": preset.name, "seeds": list(seeds), "iters": iters,
              "tokenizer": tokenizer, "data": [str(Path(d).resolve()) for d in data or []],
              "split_documents": split_documents, "json_keys": json_keys,
@@ -326,12 +354,20 @@ def check_out_dir(out_dir: Path, identity: dict) -> None:
                       "use another --out, or move that results.json away to replace it.")
 
 
+#: Identity keys recorded only when chosen (``bench_identity``): absent means this default.
+IDENTITY_DEFAULTS = {"tokens_per_param": None, "shape": DEFAULT_SHAPE}
+
+
 def _comparable(identity):
     """``identity`` as results.json holds it, its run dicts' former spellings (``kind: moe``)
-    read as today's (``normalize_run_dict``)."""
+    read as today's (``normalize_run_dict``) and the keys of :data:`IDENTITY_DEFAULTS` filled
+    in, so both sides of a comparison have them."""
     d = json.loads(json.dumps(identity))
     if isinstance(d, dict) and isinstance(d.get("runs"), dict):
         d["runs"] = {n: normalize_run_dict(r) for n, r in d["runs"].items()}
+    if isinstance(d, dict):
+        for key, default in IDENTITY_DEFAULTS.items():
+            d.setdefault(key, default)
     return d
 
 
