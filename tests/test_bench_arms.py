@@ -216,7 +216,7 @@ def test_the_budget_is_part_of_the_results_identity(tmp_path):
     from megatron_mohge.bench.resume import reusable_figures
 
     with pytest.raises(ConfigError, match=r"--resume: .*\(tokens_per_param 20.0 -> None\)"):
-        reusable_figures(tmp_path, plain, e2e._comparable)
+        reusable_figures([tmp_path], plain, e2e._comparable)
     # without the new options the identity has no new keys (earlier results.json stay valid)
     old = e2e.bench_identity(get_preset("study"), None, data=None, tokenizer=None, seeds=[1],
                              iters=None, layer_bench=False)

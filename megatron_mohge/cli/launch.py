@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 
+from megatron_mohge.cli import common
 from megatron_mohge.cli.common import print_error
 from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, USAGE_EXIT, read_usage_error
 
@@ -22,6 +23,7 @@ from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, USAGE_EXIT, read_usa
 _AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
 
+@common.entry
 def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
