@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+from megatron_mohge.bench import budget
 from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs  # noqa: F401
 from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
     BALANCE_FIELDS,
     run_figures,
     target_checks,
 )
+from megatron_mohge.bench.arms import DEFAULT_SHAPE
 from megatron_mohge.bench.presets import Preset
 from megatron_mohge.bench.progress import Progress
 from megatron_mohge.bench.resume import (
@@ -156,11 +158,17 @@ def resolve_jobs(preset: Preset, jobs: Optional[int] = None) -> int:
 
 def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = None,
                 data: Optional[list[str]] = None, tokenizer: Optional[str] = None,
-                seed: Optional[int] = None, iters: Optional[int] = None) -> dict[str, RunConfig]:
+                seed: Optional[int] = None, iters: Optional[int] = None,
+                tokens_per_param: Optional[float] = None) -> dict[str, RunConfig]:
     """Validated RunConfigs of the preset's runs for one seed, with the command-line choices
-    applied; each writes to ``out_dir/runs/<name>/seed<seed>``."""
+    applied; each writes to ``out_dir/runs/<name>/seed<seed>``. ``tokens_per_param``: the
+    steps of each run from its size's token budget (:mod:`.budget`), instead of ``iters``."""
+    budget.check_budget_options(iters, tokens_per_param)
+    dicts = preset.run_dicts(names)
+    steps = ({} if tokens_per_param is None else
+             budget.budget_iters(preset, list(dicts), tokens_per_param, tokenizer))
     runs = {}
-    for name, d in preset.run_dicts(names).items():
+    for name, d in dicts.items():
         if seed is not None:
             d["train"]["seed"] = seed
         d["output_dir"] = str(out_dir / "runs" / name / f"seed{d['train'].get('seed', 1234)}")
@@ -175,6 +183,8 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
             d["train"]["lr_warmup_iters"] = min(d["train"]["lr_warmup_iters"], max(iters // 10, 1))
             d["eval"]["interval"] = 0
             d["logging"]["interval"] = max(1, min(d["logging"]["interval"], iters // 4 or 1))
+        if name in steps:
+            budget.apply(d, steps[name]["iters"])
         try:
             runs[name] = RunConfig.from_dict(d)
         except ConfigError as exc:
@@ -186,7 +196,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
               log=print, split_documents=None, json_keys=None, order: str = "seed",
               resume: bool = False, reuse_from: Iterable[Path] = (),
-              train: bool = True) -> dict:
+              train: bool = True, tokens_per_param=None) -> dict:
     """Train the preset's runs once per seed and write ``results.json`` after each run.
 
     ``order="seed"``: seed-major, so every finished seed is a complete paired comparison;
@@ -194,13 +204,16 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     (a long screen stopped early still has complete arms). ``resume``: the trainings that
     ``out_dir/results.json`` already holds with the same run config are reused, and those
     of the bench folders ``reuse_from`` (:mod:`.resume`); ``train=False`` assembles
-    results from those alone and lists what is missing."""
+    results from those alone and lists what is missing. ``tokens_per_param``: the steps
+    from a token budget (:mod:`.budget`)."""
+    budget.check_budget_options(iters, tokens_per_param)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
     jobs = resolve_jobs(preset, jobs)
     identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seeds=seed_list,
                               iters=iters, layer_bench=layer_bench,
-                              split_documents=split_documents, json_keys=json_keys)
+                              split_documents=split_documents, json_keys=json_keys,
+                              tokens_per_param=tokens_per_param)
     sources = ([out_dir] if resume else []) + [Path(d) for d in reuse_from]
     if not resume:
         check_out_dir(out_dir, identity)  # before anything is written into --out
@@ -208,11 +221,13 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     reused = reusable_figures(sources, identity, _comparable)
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     splits = {(r.data.split, r.model.seq_length)
-              for r in run_configs(preset, out_dir, names=names, iters=iters).values()}
+              for r in run_configs(preset, out_dir, names=names, iters=iters,
+                                   tokens_per_param=tokens_per_param).values()}
     prefixes = resolve_data(list(data or []), tok, out_dir, log, split_documents=split_documents,
                             json_keys=json_keys, splits=splits)
     by_seed = {s: run_configs(preset, out_dir, names=names, data=prefixes or None,
-                              tokenizer=tokenizer, seed=s, iters=iters) for s in seed_list}
+                              tokenizer=tokenizer, seed=s, iters=iters,
+                              tokens_per_param=tokens_per_param) for s in seed_list}
     first = next(iter(by_seed[seed_list[0]].values()))
     if not prefixes:  # prepare the default corpus once, before the runs race for it
         from megatron_mohge.data import ensure_default_dataset, load_tokenizer
@@ -226,8 +241,12 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
-               "jobs": jobs, "env": _env(), "data_fingerprint": fingerprint, "runs": {}}
+               "jobs": jobs, "shape": preset.shape, "env": _env(),
+               "data_fingerprint": fingerprint, "runs": {}}
     results["config"] = identity
+    if tokens_per_param is not None:  # each run's steps and tokens, and the params they are per
+        results["budget"] = budget.budget_iters(preset, list(by_seed[seed_list[0]]),
+                                                tokens_per_param, tokenizer)
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     queue = training_queue(by_seed, names, seed_list, order)
@@ -307,13 +326,22 @@ def _write(out_dir: Path, results: dict) -> None:
 
 # ------------------------------------------------------------------ one bench per --out
 def bench_identity(preset: Preset, names, *, data, tokenizer, seeds, iters,
-                   layer_bench: bool, split_documents=None, json_keys=None) -> dict:
+                   layer_bench: bool, split_documents=None, json_keys=None,
+                   tokens_per_param=None) -> dict:
     """What makes two benches the same experiment, recorded in results.json["config"]: the
-    command-line choices (None: the preset's default) and the preset's run configs."""
-    return {"preset": preset.name, "seeds": list(seeds), "iters": iters, "tokenizer": tokenizer,
-            "data": [str(Path(d).resolve()) for d in data or []],
-            "split_documents": split_documents, "json_keys": json_keys,
-            "layer_bench": bool(layer_bench), "runs": preset.run_dicts(names)}
+    command-line choices (None: the preset's default) and the preset's run configs.
+    ``tokens_per_param`` and a non-default ``shape`` are recorded only when chosen, so the
+    identity of every bench without them stays what its results.json holds (comparisons read
+    an absent key as its default: ``_comparable``)."""
+    ident = {"preset": preset.name, "seeds": list(seeds), "iters": iters,
+             "tokenizer": tokenizer, "data": [str(Path(d).resolve()) for d in data or []],
+             "split_documents": split_documents, "json_keys": json_keys,
+             "layer_bench": bool(layer_bench), "runs": preset.run_dicts(names)}
+    if tokens_per_param is not None:
+        ident["tokens_per_param"] = float(tokens_per_param)
+    if preset.shape != DEFAULT_SHAPE:
+        ident["shape"] = preset.shape
+    return ident
 
 
 def check_out_dir(out_dir: Path, identity: dict) -> None:
@@ -340,12 +368,20 @@ def check_out_dir(out_dir: Path, identity: dict) -> None:
                       "use another --out, or move that results.json away to replace it.")
 
 
+#: Identity keys recorded only when chosen (``bench_identity``): absent means this default.
+IDENTITY_DEFAULTS = {"tokens_per_param": None, "shape": DEFAULT_SHAPE}
+
+
 def _comparable(identity):
     """``identity`` as results.json holds it, its run dicts' former spellings (``kind: moe``)
-    read as today's (``normalize_run_dict``)."""
+    read as today's (``normalize_run_dict``) and the keys of :data:`IDENTITY_DEFAULTS` filled
+    in, so both sides of a comparison have them."""
     d = json.loads(json.dumps(identity))
     if isinstance(d, dict) and isinstance(d.get("runs"), dict):
         d["runs"] = {n: normalize_run_dict(r) for n, r in d["runs"].items()}
+    if isinstance(d, dict):
+        for key, default in IDENTITY_DEFAULTS.items():
+            d.setdefault(key, default)
     return d
 
 

@@ -11,9 +11,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_mohge.bench.arms import CONTROL_ARMS, DEFAULT_SHAPE, Shape, get_shape
 from megatron_mohge.config import RELEASED_INTRA_GROUP_COEFF, ConfigError, MoHGEConfig
 from megatron_mohge.resources import config_path
-
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Preset:
     # run is compared with the baseline arm of its own size (``size_baselines``)
     size_of: dict = field(default_factory=dict)
     size_baselines: dict = field(default_factory=dict)  # size label -> baseline run name
+    shape: str = DEFAULT_SHAPE  # layer shape of the sized presets (bench.arms.SHAPES)
 
     def run_dicts(self, names: Optional[list[str]] = None) -> dict[str, dict]:
         """Full RunConfig mappings of the selected runs (base + run overrides)."""
@@ -60,19 +61,28 @@ class Preset:
         return out
 
 
-    def comparison_pairs(self, names: list[str]) -> list[tuple[str, str]]:
-        """(run, baseline) pairs compared seed by seed: every run vs ``baseline``; in a study,
-        every run vs the baseline kind's run of the same size."""
+    def baseline_of(self, name: str) -> str:
+        """The run ``name`` is compared with, whose params also set its token budget
+        (``bench.budget``): in a study the baseline kind's run of its size, in a screen at
+        several sizes its size's baseline, else ``baseline``."""
         if self.study:
             members, base_kind = self.study["runs"], self.study["baseline_kind"]
-            by_size = {m["size"]: n for n, m in members.items()
-                       if m["kind"] == base_kind and n in names}
-            return [(n, by_size[m["size"]]) for n, m in members.items()
-                    if n in names and m["kind"] != base_kind and m["size"] in by_size]
+            size = members[name]["size"]
+            return next(n for n, m in members.items()
+                        if m["kind"] == base_kind and m["size"] == size)
         if self.size_of:
-            pairs = [(n, self.size_baselines[self.size_of[n]]) for n in names]
-            return [(n, b) for n, b in pairs if n != b and b in names]
-        return [(n, self.baseline) for n in names if n != self.baseline]
+            return self.size_baselines[self.size_of[name]]
+        return self.baseline
+
+    def comparison_pairs(self, names: list[str]) -> list[tuple[str, str]]:
+        """(run, baseline_of(run)) pairs compared seed by seed, for the runs of ``names``
+        whose baseline is among them too (a study's pairs in its member order); a preset of
+        one size pairs every run with ``baseline``."""
+        if not (self.study or self.size_of):
+            return [(n, self.baseline) for n in names if n != self.baseline]
+        order = [n for n in self.study["runs"] if n in names] if self.study else names
+        pairs = [(n, self.baseline_of(n)) for n in order]
+        return [(n, b) for n, b in pairs if n != b and b in names]
 
 
 def _tiny_mohge(weighting: str) -> dict:
@@ -232,16 +242,6 @@ def _balance() -> Preset:
 
 
 
-def _scaled_mohge(hidden: int) -> dict:
-    """tiny_mohge.yaml with its widths scaled from hidden 64 to ``hidden`` (a multiple of 16,
-    so the widths stay integers and the routed params stay at 52/64 = 0.8125 of stock)."""
-    if hidden % 16:
-        raise ConfigError(f"study sizes: hidden {hidden} must be a multiple of 16")
-    cfg = _tiny_mohge("renorm")
-    cfg["widths"] = [w * hidden // 64 for w in cfg["widths"]]
-    return cfg
-
-
 STUDY_HIDDEN = (32, 48, 80)
 SCREEN_HIDDEN = (48,)
 # Steps of every study run: 18 runs, two at a time, fit ~40 minutes on 2 idle cores (CPU
@@ -269,13 +269,6 @@ def _screen_base() -> dict:
     return base
 
 
-def _stock(hidden: int, width: Optional[int] = None, aux: float = 1e-2) -> dict:
-    """The stock baseline of the CPU presets: 16 experts of ``width`` (default: hidden), top-2,
-    Megatron's aux loss at ``aux``."""
-    return dict(kind="moe", num_experts=16, expert_hidden_size=width or hidden, topk=2,
-                aux_loss_coeff=aux)
-
-
 def _check_sizes(sizes) -> tuple:
     sizes = tuple(sizes)
     if not sizes or any(not isinstance(h, int) or isinstance(h, bool) or h < 16 for h in sizes):
@@ -285,57 +278,75 @@ def _check_sizes(sizes) -> tuple:
     return sizes
 
 
-def _study(sizes=STUDY_HIDDEN) -> Preset:
-    # Stock MoE with 16 experts of width = hidden, MoHGE with the tiny_mohge widths scaled by
-    # hidden/64 (0.8125x the stock routed params at every size), at three widths. Two runs at
-    # a time on two cores. Long enough that the last 20% of the steps move the train loss by
+def _shape_note(shape: Shape) -> str:
+    """Description suffix of a non-default shape (the tiny descriptions stay as they were)."""
+    if shape.name == DEFAULT_SHAPE:
+        return ""
+    lay = shape.layout
+    return (f"; {shape.name} shape: {len(lay['widths'])} groups x {lay['experts_per_group'][0]} "
+            f"experts, Kg={lay['group_topk']}, K={lay['topk']}, "
+            f"{lay['num_shared_experts']} shared experts")
+
+
+def _study(sizes=STUDY_HIDDEN, shape=None) -> Preset:
+    # Stock MoE (as many experts as MoHGE, width = hidden) vs MoHGE with the shape's widths
+    # scaled to hidden (0.8125x the stock routed params at every size), at three widths; the
+    # control arms (bench.arms) on request (--runs moe_equal_total_h48,...). Two runs at a
+    # time on two cores. Long enough that the last 20% of the steps move the train loss by
     # only a few percent (reported).
+    shape = get_shape(shape)
     sizes = _check_sizes(sizes)
     base = _long_base()
-    runs, members = {}, {}
+    runs, optional, members = {}, {}, {}
     for h in sizes:
         model = dict(hidden_size=h)
-        stock = _stock(h)
-        for kind, moe in (("moe", stock), ("mohge", dict(kind="mohge", mohge=_scaled_mohge(h)))):
-            name = f"{kind}_h{h}"
-            runs[name] = {"moe": moe, "model": model}
-            members[name] = {"kind": kind, "size": f"h{h}"}
+        for arm, moe in shape.arms(h).items():
+            name = f"{arm}_h{h}"
+            (optional if arm in CONTROL_ARMS else runs)[name] = {"moe": moe, "model": model}
+            members[name] = {"kind": arm, "size": f"h{h}"}
+    kinds = list(dict.fromkeys(m["kind"] for m in members.values()))
     return Preset(
         name="study",
         description=f"scaling study: stock MoE vs MoHGE (0.81x routed params) at hidden "
-                    f"{'/'.join(map(str, sizes))}, {STUDY_ITERS} steps, 3 seeds",
-        base=base, runs=runs, nproc=1, jobs=2, seeds=(1234, 1235, 1236),
-        study={"runs": members, "kinds": ["moe", "mohge"], "baseline_kind": "moe",
+                    f"{'/'.join(map(str, sizes))}, {STUDY_ITERS} steps, 3 seeds"
+                    + _shape_note(shape),
+        base=base, runs=runs, optional_runs=optional, nproc=1, jobs=2,
+        seeds=(1234, 1235, 1236),
+        study={"runs": members, "kinds": kinds, "baseline_kind": "moe",
                "sizes": [f"h{h}" for h in sizes]},
-        baseline=f"moe_h{48 if 48 in sizes else sizes[0]}",
+        baseline=f"moe_h{48 if 48 in sizes else sizes[0]}", shape=shape.name,
     )
 
 
-def _screen(sizes=SCREEN_HIDDEN) -> Preset:
+def _screen(sizes=SCREEN_HIDDEN, shape=None) -> Preset:
     # Issue "MoHGE routing that learns": which router mechanism closes the quality gap? The
     # study's recipe at one size; every mohge_* arm is the pre-screen MoHGE (tiny_mohge.yaml
     # with PRE_SCREEN_ROUTING) with one mechanism switched, the proposed defaults, and two
     # stock controls: moe_equal_total (16 experts of width 0.8125 x hidden: MoHGE's routed
     # params) and moe_strong_balance (Megatron's aux loss at 0.5, as strong as today's
     # per_group intra-group loss: the cost of regularisation alone).
+    # The other two control arms (moe_equal_activated, mohge_uniform: bench.arms) on request.
+    shape = get_shape(shape)
     sizes = _check_sizes(sizes)
     base = _screen_base()
-    runs, size_of, baselines = {}, {}, {}
+    runs, optional, size_of, baselines = {}, {}, {}, {}
     for h in sizes:
-        arms = _screen_arms(h)
+        arms = _screen_arms(h, shape)
         for arm, moe in arms.items():
             name = arm if len(sizes) == 1 else f"{arm}_h{h}"
-            runs[name] = {"moe": moe, "model": dict(hidden_size=h)}
+            table = optional if arm in SCREEN_OPTIONAL_ARMS else runs
+            table[name] = {"moe": moe, "model": dict(hidden_size=h)}
             size_of[name] = f"h{h}"
         baselines[f"h{h}"] = "moe" if len(sizes) == 1 else f"moe_h{h}"
     return Preset(
         name="screen",
         description=f"router-mechanism screen: stock MoE, today's MoHGE, each mechanism alone, "
                     f"the proposed defaults and two stock controls at hidden "
-                    f"{'/'.join(map(str, sizes))}, {STUDY_ITERS} steps, 3 seeds",
-        base=base, runs=runs, nproc=1, jobs=2, seeds=(1234, 1235, 1236),
-        baseline=baselines[f"h{sizes[0]}"], kind="screen", size_of=size_of,
-        size_baselines=baselines)
+                    f"{'/'.join(map(str, sizes))}, {STUDY_ITERS} steps, 3 seeds"
+                    + _shape_note(shape),
+        base=base, runs=runs, optional_runs=optional, nproc=1, jobs=2,
+        seeds=(1234, 1235, 1236), baseline=baselines[f"h{sizes[0]}"], kind="screen",
+        size_of=size_of, size_baselines=baselines, shape=shape.name)
 
 
 # The pre-screen MoHGE layer (arm mohge_today): tiny_mohge.yaml's routing before the screen
@@ -348,19 +359,24 @@ PRE_SCREEN_ROUTING = dict(
                 expert_bias_update_rate=0.0))
 
 
-def _screen_arms(hidden: int) -> dict:
+# Control arms added after the committed screens: trained on request (--runs), so the
+# screen's default runs (and the identity of its results) stay as they were.
+SCREEN_OPTIONAL_ARMS = ("moe_equal_activated", "mohge_uniform")
+
+
+def _screen_arms(hidden: int, shape: Shape) -> dict:
     """``moe`` section of every screen arm at ``hidden`` (width multiple of 16)."""
     def mohge(router=None, **losses) -> dict:
-        cfg = _scaled_mohge(hidden)
+        cfg = shape.mohge(hidden)
         for section, values in PRE_SCREEN_ROUTING.items():
             cfg[section].update(copy.deepcopy(values))
         cfg["router"].update(router or {})
         cfg["losses"].update(losses)
         return dict(kind="mohge", mohge=cfg)
 
-    proposed = _scaled_mohge(hidden)  # the shipped defaults (tiny_mohge.yaml)
+    arms = shape.arms(hidden)
     return {
-        "moe": _stock(hidden),
+        "moe": arms["moe"],
         "mohge_today": mohge(),
         # a. group balance on use from step 0 (cost steering unchanged)
         "mohge_group_balance": mohge(group_balance_coeff=1e-2),
@@ -372,24 +388,31 @@ def _screen_arms(hidden: int) -> dict:
         "mohge_pg_used": mohge(intra_group_mode="per_group_used", intra_group_coeff=1e-2),
         # d. the group (cost) loss counting assignments
         "mohge_assignments": mohge(group_loss_count="assignments"),
-        "mohge": dict(kind="mohge", mohge=proposed),
-        "moe_equal_total": _stock(hidden, width=hidden * 13 // 16),
-        "moe_strong_balance": _stock(hidden, aux=0.5),
+        "mohge": arms["mohge"],  # the shipped defaults (tiny_mohge.yaml's routing)
+        "moe_equal_total": arms["moe_equal_total"],
+        "moe_strong_balance": shape.stock(hidden, aux=0.5),
+        "moe_equal_activated": arms["moe_equal_activated"],
+        "mohge_uniform": arms["mohge_uniform"],
     }
 
 
 PRESETS = {"default": _default, "study": _study, "screen": _screen, "balance": _balance,
            "paper-3b": _paper_3b, "load-balance-ablation": _ablation, "hybrid": _hybrid}
-SIZED_PRESETS = ("study", "screen")  # presets whose sizes --sizes chooses
+SIZED_PRESETS = ("study", "screen")  # presets whose sizes --sizes and shape --shape choose
 
 
-def get_preset(name: str, sizes: Optional[list[int]] = None) -> Preset:
+def get_preset(name: str, sizes: Optional[list[int]] = None,
+               shape: Optional[str] = None) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    if sizes is None:
-        return PRESETS[name]()
-    if name not in SIZED_PRESETS:
-        raise ConfigError(f"--sizes: preset {name} has one fixed size; --sizes applies to "
-                          f"{' and '.join(SIZED_PRESETS)}")
-    return PRESETS[name](sizes)
+    kwargs: dict = {}
+    for option, value, key in (("--sizes", sizes, "sizes"), ("--shape", shape, "shape")):
+        if value is None:
+            continue
+        if name not in SIZED_PRESETS:
+            what = "one fixed size" if key == "sizes" else "one fixed layer shape"
+            raise ConfigError(f"{option}: preset {name} has {what}; {option} applies to "
+                              f"{' and '.join(SIZED_PRESETS)}")
+        kwargs[key] = value
+    return PRESETS[name](**kwargs)
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from megatron_mohge.bench.arms import DEFAULT_SHAPE
 from megatron_mohge.bench.fmt import (  # noqa: F401  (fmt_* are part of this module's API)
     DASH,
     _num,
@@ -249,6 +250,13 @@ def markdown_report(results: dict) -> str:
     meta = []
     if results.get("preset") is not None:
         meta.append(f"preset `{results['preset']}`")
+    if results.get("shape") not in (None, DEFAULT_SHAPE):
+        meta.append(f"layer shape `{results['shape']}`")
+    tpp = (results.get("config") or {}).get("tokens_per_param")
+    if tpp is not None:  # bench.budget: steps per size from the stock baseline's params
+        steps = sorted({b["iters"] for b in (results.get("budget") or {}).values()})
+        meta.append(f"{tpp:g} tokens per stock parameter ({', '.join(f'{s:,}' for s in steps)} "
+                    "steps)")
     seeds = results.get("seeds")
     if seeds and len(seeds) > 1:
         meta.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), figures are seed "

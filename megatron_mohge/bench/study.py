@@ -68,7 +68,8 @@ def analyze(results: dict, spec: dict, *, bootstrap_samples: int = 2000) -> dict
             drops = [_tail_drop(f.get("curves") or {}) for f in r.get("per_seed") or [r]]
             drops = [d for d in drops if d is not None]
             rows["tail_drop"].append(stats.mean(drops) if drops else None)
-        table[kind] = rows
+        if rows["sizes"]:  # kinds not trained (control arms not asked for) are left out
+            table[kind] = rows
     out = {"fit_form": "loss = c + d*ln(N)", "baseline_kind": base_kind, "kinds": table,
            "fits": {}, "efficiency": {}, "plateau_tail": PLATEAU_TAIL}
     for axis in AXES:

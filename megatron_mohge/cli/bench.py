@@ -6,7 +6,9 @@ same seed gives every run the same data order; all seeds share one held-out set)
 layer microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PNG plots,
 with seed means and paired 95% intervals of every ratio to the baseline.
 
-The presets (``--preset``) are listed at the end of ``--help``, from the preset table.
+The presets (``--preset``) are listed at the end of ``--help``, from the preset table. Study
+and screen also take the paper's layer shape (``--shape paper``), the control arms and a
+token budget (``--tokens-per-param``): docs/decision-study.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ PROG = "mohge-bench"
 
 
 def parse_args(argv=None):
+    from megatron_mohge.bench.arms import ARMS, SHAPES
     from megatron_mohge.bench.presets import PRESETS
 
     p = common.parser(PROG, __doc__)
@@ -47,10 +50,17 @@ def parse_args(argv=None):
                         "Default: the preset's (default preset: 3)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained at once (default: the preset's; study: 2)")
-    p.add_argument("--runs", default=None, help="comma-separated subset of the preset's runs")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated subset of the preset's runs; study / screen also have "
+                        f"the arms {', '.join(ARMS)} (study: <arm>_h<size>, e.g. "
+                        "moe_equal_total_h48)")
     p.add_argument("--sizes", default=None,
                    help="study / screen: comma-separated hidden sizes (multiples of 16), e.g. "
                         "32,48,80 (default: the preset's)")
+    p.add_argument("--shape", choices=SHAPES, default=None,
+                   help="study / screen: the MoE layer shape; tiny (default: 4x4 experts, Kg=2, "
+                        "K=2) or paper (MoHGE-3B's 8x8 experts, Kg=4, K=6, 2 shared experts, "
+                        "widths scaled to hidden); docs/decision-study.md")
     p.add_argument("--order", choices=("seed", "run"), default="seed",
                    help="training order: seed (default: each seed's runs together, so every "
                         "finished seed is a paired comparison) or run (each run's seeds "
@@ -69,6 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
     p.add_argument("--iters", type=int, default=None,
                    help="override the step budget of every run (quick checks)")
+    p.add_argument("--tokens-per-param", type=float, default=None, metavar="X",
+                   help="instead of --iters: train every run X tokens per total parameter of "
+                        "the stock baseline of its size (all arms of a size see the same "
+                        "tokens; Chinchilla: 20)")
     p.add_argument("--no-layer-bench", action="store_true", help="skip the layer microbenchmark")
     p.add_argument("--dry-run", action="store_true",
                    help="write the run configs and print the commands without running them")
@@ -108,8 +122,13 @@ def _bench(args) -> int:
     from megatron_mohge.bench import e2e
     from megatron_mohge.bench.presets import get_preset
 
-    preset = get_preset(args.preset, parse_sizes(args.sizes))
-    out = Path(args.out or f"runs/bench-{preset.name}")
+    from megatron_mohge.bench.arms import DEFAULT_SHAPE
+    from megatron_mohge.bench.budget import check_budget_options
+
+    check_budget_options(args.iters, args.tokens_per_param)
+    preset = get_preset(args.preset, parse_sizes(args.sizes), args.shape)
+    shape = "" if preset.shape == DEFAULT_SHAPE else f"-{preset.shape}"
+    out = Path(args.out or f"runs/bench-{preset.name}{shape}")
     names = args.runs.split(",") if args.runs else list(preset.runs)
     if args.with_dense:
         names += [n for n in preset.optional_runs if n == "dense" and n not in names]
@@ -122,7 +141,8 @@ def _bench(args) -> int:
         runs = {(s, n): r for s in seeds
                 for n, r in e2e.run_configs(preset, out, names=names, data=args.data,
                                             tokenizer=args.tokenizer, seed=s,
-                                            iters=args.iters).items()}
+                                            iters=args.iters,
+                                            tokens_per_param=args.tokens_per_param).items()}
         if preset.needs_gpu and not args.dry_run:
             import torch
 
@@ -131,6 +151,14 @@ def _bench(args) -> int:
                     f"--preset {preset.name} is sized for GPU clusters (needs CUDA); run it "
                     "there, or add --dry-run to write its run configs and commands here")
         if args.dry_run:
+            if args.tokens_per_param is not None:
+                from megatron_mohge.bench.budget import budget_iters
+
+                for name, b in budget_iters(preset, names, args.tokens_per_param,
+                                            args.tokenizer).items():
+                    print(f"# {name}: {b['iters']:,} steps = {b['tokens']:,} tokens = "
+                          f"{args.tokens_per_param:g} x {b['budget_params']:,} params of "
+                          f"{b['budget_run']}")
             for (_, name), run in runs.items():
                 path = e2e.config_path(out, name, run)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +177,8 @@ def _bench(args) -> int:
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
                                     json_keys=args.json_keys, resume=args.resume,
-                                    reuse_from=args.reuse_from, train=not args.no_train)
+                                    reuse_from=args.reuse_from, train=not args.no_train,
+                                    tokens_per_param=args.tokens_per_param)
     except e2e.RunFailedError as exc:  # the run's own traceback is above; no second one
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
