@@ -227,7 +227,3 @@ def replace_moe_mlp(layer_spec: ModuleSpec, mlp) -> ModuleSpec:
         raise ValueError("expected a TransformerLayer spec whose mlp is a MoELayer spec")
     return dataclasses.replace(layer_spec,
                                submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
-
-
-# the names integration/megatron_lm/model.py imports (switch it to the public ones)
-_is_moe_layer, _with_mlp = is_moe_layer, replace_moe_mlp

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from megatron_mohge.config import ConfigError
-from megatron_mohge.run_config import RunConfig, normalize_run_dict
+from megatron_mohge.config.run import RunConfig, normalize_run_dict
 from megatron_mohge.training import checkpoint as ckpt_lib
 from tests._scan import package_hits
 
@@ -95,8 +95,8 @@ def test_bench_out_dir_accepts_results_recorded_with_either_spelling(tmp_path):
 def test_results_keep_recording_stock_runs_as_kind_moe(mcore_world1):
     """summary.json / results.json ``kind`` of a stock run stays "moe" (the default bench's
     results are unchanged to the letter); MoHGE and dense runs record their kind. Checked on
-    the summary the trainer writes (``training.figures.run_summary``)."""
-    from megatron_mohge.training.figures import run_summary
+    the summary the trainer writes (``training.run_figures.run_summary``)."""
+    from megatron_mohge.training.run_figures import run_summary
     from megatron_mohge.training.trainer import TrainState
 
     counts = {"total_params": 10, "routed_expert_params": 4}

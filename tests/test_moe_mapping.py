@@ -8,11 +8,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import pytest
 
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.config import megatron as CM
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 from tests._scan import package_hits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def test_stock_fields_one_rule_for_the_aux_loss(mcore_world1):
     mohge-train's TransformerConfig and in the Megatron-LM flags alike (they used to differ at
     coefficient 0), and the fp32 router dtype in both."""
     from megatron_mohge.integration.flags import moe_flags
-    from megatron_mohge.training.model import transformer_config
+    from megatron_mohge.training.model_builder import transformer_config
 
     for coeff, lb in ((1e-2, "aux_loss"), (0.0, "none")):
         run = RunConfig.from_dict({"model": {"num_layers": 2}, "moe": {
@@ -113,7 +112,7 @@ def test_moe_mapping_written_once():
 
 #: Names retired for one source each: expert widths (``config.megatron.routed_expert_widths``
 #: for a run, ``AllocationPlan.local_widths`` per EP rank) and the two parameter counts, now
-#: ``training.model.measured_param_counts`` and ``accounting.analytic_param_counts``.
+#: ``training.model_builder.measured_param_counts`` and ``accounting.analytic_param_counts``.
 RETIRED = ("expert_widths_of", "_expert_widths", "expert_widths_local", "param_counts",
            "_MoEFields")
 

@@ -592,7 +592,7 @@ def test_noise_toggle_changes_the_parameters_so_resume_refuses_it(tmp_path):
     or removes W_noise, so the load then failed inside dist-ckpt blaming the checkpoint."""
     import yaml
 
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
     from megatron_mohge.training import checkpoint as ckpt_lib
 
     def keys(**gating):

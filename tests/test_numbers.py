@@ -51,7 +51,7 @@ def test_helpers_are_not_written_again():
 def test_rank_flops_means_by_ep_of_layers_and_of_log_windows():
     """balance_figures (over layers) and train_balance (over log windows) average rank FLOPs
     max/mean with one helper: the mean per EP size and layout, other keys dropped."""
-    from megatron_mohge.training.figures import balance_figures, train_balance
+    from megatron_mohge.training.run_figures import balance_figures, train_balance
 
     def layer(a2, c2, a4):
         return {"expert_load_cv": 0.1, "expert_load_max_over_mean": 1.5,

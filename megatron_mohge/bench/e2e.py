@@ -17,35 +17,23 @@ figures with their mean and Student-t 95% interval (:mod:`megatron_mohge.bench.s
 loss-vs-params fits (:mod:`megatron_mohge.bench.study`).
 
 The trainings run through :mod:`.runner`; the per-run figures and targets are
-:mod:`.figures` (both re-exported here).
+:mod:`.figures`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs  # noqa: F401
-from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
-    BALANCE_FIELDS,
-    run_figures,
-    target_checks,
-)
+from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs
+from megatron_mohge.bench.environment import environment
+from megatron_mohge.bench.figures import run_figures, target_checks
 from megatron_mohge.bench.presets import Preset
-from megatron_mohge.bench.runner import (  # noqa: F401  (defined here before)
-    RunFailedError,
-    config_path,
-    launch_command,
-    run_layer_bench_subprocess,
-    train_run,
-    train_runs,
-)
+from megatron_mohge.bench.runner import run_layer_bench_subprocess, train_runs
 from megatron_mohge.config import ConfigError
-from megatron_mohge.config.run import normalize_run_dict
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig, normalize_run_dict
 
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
@@ -206,7 +194,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
-               "jobs": jobs, "env": _env(), "runs": {}}
+               "jobs": jobs, "env": environment(), "runs": {}}
     results["config"] = identity
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
@@ -307,19 +295,3 @@ def _comparable(identity):
     if isinstance(d, dict) and isinstance(d.get("runs"), dict):
         d["runs"] = {n: normalize_run_dict(r) for n, r in d["runs"].items()}
     return d
-
-
-def _env() -> dict:
-    import platform
-
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        mcore = version("megatron-core")
-    except Exception:  # pragma: no cover - metadata missing
-        mcore = None
-    return {"torch": torch.__version__, "megatron_core": mcore, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}

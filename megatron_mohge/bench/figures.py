@@ -7,7 +7,7 @@ from typing import Optional
 
 from megatron_mohge.bench.aggregate import SEED_FIELDS, layer_mean
 from megatron_mohge.config.megatron import routed_expert_widths
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 from megatron_mohge.util.numbers import mean_by_ep, mean_present
 
 

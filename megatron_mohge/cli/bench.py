@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
 
 def _bench(args) -> int:
-    from megatron_mohge.bench import e2e
+    from megatron_mohge.bench import e2e, runner
     from megatron_mohge.bench.presets import get_preset
 
     preset = get_preset(args.preset, parse_sizes(args.sizes))
@@ -106,10 +106,10 @@ def _bench(args) -> int:
                     "there, or add --dry-run to write its run configs and commands here")
         if args.dry_run:
             for (_, name), run in runs.items():
-                path = e2e.config_path(out, name, run)
+                path = runner.config_path(out, name, run)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 run.to_yaml(path)
-                print(" ".join(e2e.launch_command(path, preset.nproc)))
+                print(" ".join(runner.launch_command(path, preset.nproc)))
             return 0
     from megatron_mohge.training.lock import FolderLock
 
@@ -123,7 +123,7 @@ def _bench(args) -> int:
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
                                     json_keys=args.json_keys)
-    except e2e.RunFailedError as exc:  # the run's own traceback is above; no second one
+    except runner.RunFailedError as exc:  # the run's own traceback is above; no second one
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     from megatron_mohge.bench.report import markdown_report, write_report

@@ -16,7 +16,7 @@ import sys
 import time
 
 from megatron_mohge.cli import common
-from megatron_mohge.cli.usage_errors import report_usage_error
+from megatron_mohge.util.usage_errors import print_error, report_usage_error
 
 PROG = "mohge-pretrain"
 parse_args, main = common.run_file_cli(
@@ -32,12 +32,12 @@ def _pretrain(run, args) -> int:
     try:
         require_megatron_training(PROG)
     except MegatronTrainingMissing as exc:
-        return common.print_error(PROG, exc)
+        return print_error(PROG, exc)
     import warnings
 
     # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    from megatron_mohge.integration.megatron_training import launch
+    from megatron_mohge.integration.megatron_training import run_pretrain
 
     if args.print_args:
         import shlex
@@ -45,9 +45,10 @@ def _pretrain(run, args) -> int:
         import torch
 
         cpu = not torch.cuda.is_available()
-        print(shlex.join(launch.pretrain_argv(launch.cpu_run(run) if cpu else run, cpu)))
+        shown = run_pretrain.cpu_run(run) if cpu else run
+        print(shlex.join(run_pretrain.pretrain_argv(shown, cpu)))
         return 0
-    launch.run_pretrain(run, program_start=_START)
+    run_pretrain.run_pretrain(run, program_start=_START)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from megatron_mohge.cli import common
-from megatron_mohge.cli.usage_errors import report_usage_error
+from megatron_mohge.util.usage_errors import report_usage_error
 
 PROG = "mohge-train"
 # A bad config, data, checkpoint or busy folder (found at run time too) ends as one line, once
@@ -37,7 +37,7 @@ def _train(run, args) -> int:
         return 0
     # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-    from megatron_mohge.training import mcore as M
+    from megatron_mohge.training import mcore_plumbing as M
     from megatron_mohge.training import procs
     from megatron_mohge.training.health import TrainingDiverged
     from megatron_mohge.training.trainer import Trainer

@@ -12,15 +12,14 @@ import torch
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     """float64 ``[vocab_size]`` (padded ids: 0)."""
-    from megatron_mohge.data.tokenizers import ByteTokenizer
-    from megatron_mohge.export.tokenizer import _bytes_to_unicode
+    from megatron_mohge.data.tokenizers import ByteTokenizer, bytes_to_unicode
 
     out = torch.zeros(vocab_size, dtype=torch.float64)
     if isinstance(tokenizer, ByteTokenizer):
         out[:256] = 1.0
         return out
     tok = tokenizer._tok
-    byte_chars = set(_bytes_to_unicode().values())
+    byte_chars = set(bytes_to_unicode().values())
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     for token, i in tok.get_vocab(with_added_tokens=True).items():
         if i >= vocab_size or token in special:
