@@ -69,7 +69,7 @@ def router_builder(mohge_config: MoHGEConfig):
         return functools.partial(MoHGERouter, mohge_config=mohge_config)
     from megatron_mohge.routing.noisy_topk import NoisyTopKRouter
 
-    return functools.partial(NoisyTopKRouter, mohge_config=mohge_config)
+    return functools.partial(NoisyTopKRouter.for_mohge, mohge_config=mohge_config)
 
 
 def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None):
