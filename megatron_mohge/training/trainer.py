@@ -194,7 +194,7 @@ class Trainer:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from megatron_mohge.evaluation.token_bytes import token_byte_lengths
+        from megatron_mohge.data.token_bytes import token_byte_lengths
 
         if getattr(self, "_token_bytes", None) is None:
             self._token_bytes = token_byte_lengths(self.tokenizer, self.vocab_size)
@@ -345,7 +345,7 @@ class Trainer:
         restore_routing_counts(final.routing_counts)  # held-out batches, eval mode
         summary = run_figures.run_summary(self.run, self.state, self.counts, self.routing(),
                                       final.loss, final.batch_losses, tokens_per_s)
-        from megatron_mohge.evaluation.rolling import bits_per_byte
+        from megatron_mohge.data.token_bytes import bits_per_byte
 
         # loss (nats / token) over bytes per token, end-of-document predictions included
         summary["heldout_bits_per_byte"] = bits_per_byte(final.loss, final.bytes_per_token)
