@@ -57,7 +57,7 @@ def test_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
     # 1. Build a wheel from a clean copy of the sources (keeps build/ out of the checkout).
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("setup.py", "README.md"):
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "megatron_mohge", src / "megatron_mohge",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -12,7 +12,6 @@ from pathlib import Path
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.config import megatron as CM
 from megatron_mohge.config.run import RunConfig
-from tests._scan import package_hits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,18 +107,6 @@ def test_moe_mapping_written_once():
             hit = names
             hits += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in hit]
     assert not hits, hits
-
-
-#: Names retired for one source each: expert widths (``config.megatron.routed_expert_widths``
-#: for a run, ``AllocationPlan.local_widths`` per EP rank) and the two parameter counts, now
-#: ``training.model_builder.measured_param_counts`` and ``accounting.analytic_param_counts``.
-RETIRED = ("expert_widths_of", "_expert_widths", "expert_widths_local", "param_counts",
-           "_MoEFields")
-
-
-def test_retired_duplicates_stay_gone():
-    found = package_hits([rf"\b(def|class) {name}\b" for name in RETIRED])
-    assert not found, found
 
 
 def test_local_widths_are_the_plans():

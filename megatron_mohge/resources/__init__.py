@@ -1,7 +1,7 @@
 """Files shipped inside the package: reference configs, the Megatron-LM launcher, Slurm scripts.
 
-They are package data (``setup.py`` ``package_data``), read with :mod:`importlib.resources`,
-so a regular ``pip install`` has them; nothing at run time reads the repository's
+They are package data (pyproject.toml's ``[tool.setuptools.package-data]``), read with
+:mod:`importlib.resources`, so a regular ``pip install`` has them; nothing at run time reads the repository's
 ``examples/`` folder, which keeps user-facing copies of the same files (a test checks that
 the copies agree). ``python -m megatron_mohge.cli.resources`` lists them with their paths;
 ``python -m megatron_mohge.cli.resources NAME`` prints the path of one, e.g.::
