@@ -2,7 +2,7 @@
 
 ``scripts/gpu_check.sh [--wheels DIR] --out DIR [--device cuda|cpu]`` installs what is
 missing from a folder of wheels (no network) and runs ``python -m
-megatron_mohge.bench.gpu_check``. On one GPU (bf16) it measures, in a few minutes:
+megatron_mohge.cli.gpu_check``. On one GPU (bf16) it measures, in a few minutes:
 
 1. ``numerics``: a MoHGE layer's forward and backward with ``torch`` experts against
    ``local`` experts on the same weights (max relative difference of output, input gradient

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from megatron_mohge.bench import gpu_check
 from megatron_mohge.bench.gpu_check import (
     SHAPES,
     check_numerics,
@@ -24,7 +25,7 @@ from megatron_mohge.bench.gpu_check import (
 
 def main(argv: Optional[list] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m megatron_mohge.cli.gpu_check",
-                                description=__doc__.split("\n\n")[0])
+                                description=gpu_check.__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="writes results.json / results.md")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--skip-train", action="store_true", help="no GPT training runs")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_mohge.bench import layer_bench
 from megatron_mohge.bench.backend_compare import compare_expert_backends
 from megatron_mohge.bench.layer_bench import format_table, run_layer_bench
 from megatron_mohge.bench.layer_models import BACKENDS, DISPATCHERS, DTYPES, scale_widths
@@ -18,7 +19,7 @@ from megatron_mohge.config import MoHGEConfig
 
 def main(argv: Optional[list] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m megatron_mohge.cli.layer_bench",
-                                description=__doc__.split("\n\n")[0])
+                                description=layer_bench.__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="MoHGE YAML (e.g. examples/configs/tiny_mohge.yaml)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per forward (default 1024)")
