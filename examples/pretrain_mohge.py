@@ -11,10 +11,11 @@ It is ``pretrain_gpt.py``'s main block with three changes, all in
 ``megatron_mohge.integration.megatron_lm`` (``launcher.run_pretrain`` drives both ``pretrain()``
 styles: core_v0.16's model provider, core_v0.19's config container with ``MoHGEGPTModelBuilder``):
 
-* ``--mohge-config PATH`` (a MoHGE layer YAML, or a run YAML whose ``moe.mohge`` is used) and
-  overrides ``--mohge-group-coeff``, ``--mohge-intra-group-coeff``,
-  ``--mohge-group-start-fraction``, ``--mohge-expert-weighting``, ``--mohge-group-score``,
-  ``--mohge-flops-expectation``, ``--mohge-flops-routed-width``;
+* ``--mohge-config PATH`` (a MoHGE layer YAML, or a run YAML whose ``moe.mohge`` is used),
+  overrides of its router and loss fields ``--mohge-<field>`` (e.g. ``--mohge-group-coeff``,
+  ``--mohge-group-gradient``, ``--mohge-expert-bias-update-rate``; the list:
+  ``integration.megatron_lm.args.CLI_OVERRIDE_FIELDS``), and ``--mohge-flops-expectation``,
+  ``--mohge-flops-routed-width``;
 * the model comes from ``get_mohge_decoder_block_spec`` (``--moe-layer-freq``, PP/VPP stage
   slicing, a MoHGE multi-token-prediction layer, Transformer Engine layers when
   ``--transformer-impl transformer_engine`` and TE is usable), and the forward step tells the

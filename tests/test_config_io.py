@@ -132,3 +132,33 @@ def test_cli_override_paths_are_real_fields():
     for dest, (section, name) in CLI_OVERRIDES.items():
         owner = MoHGEConfig if section is None else sections[section]
         assert name in {f.name for f in dataclasses.fields(owner)}, (dest, section, name)
+
+
+def test_every_cli_override_flag_parses_and_reaches_the_config(tmp_path):
+    """Each ``--mohge-<field>`` flag of ``CLI_OVERRIDE_FIELDS`` sets that field of the config
+    Megatron-LM builds (a non-default value per flag, so a flag wired to nothing fails)."""
+    import argparse
+
+    from megatron_mohge.integration.megatron_lm.args import (
+        CLI_OVERRIDE_FIELDS,
+        add_mohge_args,
+        mohge_config_from_args,
+    )
+    from megatron_mohge.resources import config_path
+
+    parser = add_mohge_args(argparse.ArgumentParser())
+    base = MoHGEConfig.from_yaml(config_path("tiny_mohge.yaml"))
+    argv, want = ["--mohge-config", str(config_path("tiny_mohge.yaml"))], {}
+    for section, name, kind, _ in CLI_OVERRIDE_FIELDS:
+        owner = base if section is None else getattr(base, section)
+        have = getattr(owner, name)
+        value = (next(c for c in kind if c != have) if isinstance(kind, tuple)
+                 else (have or 0.0) + 0.125)
+        argv += ["--mohge-" + name.replace("_", "-"), str(value)]
+        want[(section, name)] = value
+    args = parser.parse_args(argv)
+    args.expert_model_parallel_size = 1
+    cfg = mohge_config_from_args(args)
+    for (section, name), value in want.items():
+        owner = cfg if section is None else getattr(cfg, section)
+        assert getattr(owner, name) == value, (section, name)

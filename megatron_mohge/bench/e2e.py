@@ -31,9 +31,11 @@ from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs
 from megatron_mohge.bench.environment import environment
 from megatron_mohge.bench.figures import run_figures, target_checks
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.bench.resume import reusable_figures
 from megatron_mohge.bench.runner import run_layer_bench_subprocess, train_runs
 from megatron_mohge.config import ConfigError
 from megatron_mohge.config.run import RunConfig, normalize_run_dict
+from megatron_mohge.training.health import dumps
 
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
@@ -165,19 +167,26 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
 
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
-              log=print, split_documents=None, json_keys=None, order: str = "seed") -> dict:
+              log=print, split_documents=None, json_keys=None, order: str = "seed",
+              resume: bool = False) -> dict:
     """Train the preset's runs once per seed and write ``results.json`` after each run.
 
     ``order="seed"``: seed-major, so every finished seed is a complete paired comparison;
     ``"run"``: run-major in ``names`` order, so the first runs have all their seeds first
-    (a long screen stopped early still has complete arms)."""
+    (a long screen stopped early still has complete arms). ``resume``: the trainings that
+    ``out_dir/results.json`` already holds with the same run config are reused
+    (:mod:`.resume`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
     jobs = resolve_jobs(preset, jobs)
     identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seeds=seed_list,
                               iters=iters, layer_bench=layer_bench,
                               split_documents=split_documents, json_keys=json_keys)
-    check_out_dir(out_dir, identity)  # before anything is written into --out
+    if resume:  # checks the experiment in --out is this one, but for runs and seeds
+        reused = reusable_figures(out_dir, identity, _comparable)
+    else:
+        reused = {}
+        check_out_dir(out_dir, identity)  # before anything is written into --out
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     splits = {(r.data.split, r.model.seq_length)
               for r in run_configs(preset, out_dir, names=names, iters=iters).values()}
@@ -199,6 +208,15 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     queue = training_queue(by_seed, names, seed_list, order)
+    if reused:
+        for n in names:
+            per_seed[n] = [reused[n][s] for s in seed_list if s in reused.get(n, {})]
+        queue = [q for q in queue if q[0] not in reused.get(q[1], {})]
+        log(f"[bench] --resume: {sum(map(len, per_seed.values()))} trainings reused from "
+            f"{out_dir / 'results.json'}, {len(queue)} to train")
+        results["runs"] = aggregate_runs(per_seed)
+        results["comparisons"] = compare_runs(per_seed, preset.comparison_pairs(names))
+        _write(out_dir, results)
 
     def nproc_of(run: RunConfig) -> int:
         return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
@@ -207,6 +225,8 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
+        if reused:  # as results.json holds them (str keys, lists), like the reused figures
+            fig = json.loads(dumps(fig))
         bpb = fig.get("heldout_bits_per_byte")
         log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f}"
             + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f" ({fig['wall_s']:.0f} s)")
@@ -248,7 +268,6 @@ def training_queue(by_seed: dict, names: list[str], seeds: list[int], order: str
 
 def _write(out_dir: Path, results: dict) -> None:
     from megatron_mohge.training.checkpoint import atomic_write
-    from megatron_mohge.training.health import dumps
 
     atomic_write(out_dir / "results.json", dumps(results, indent=1))
 

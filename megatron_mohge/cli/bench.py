@@ -58,6 +58,10 @@ def parse_args(argv=None):
                         "finished seed is a paired comparison) or run (each run's seeds "
                         "together, in --runs order: a long screen stopped early keeps whole "
                         "arms)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the trainings results.json in --out already holds with the same "
+                        "run config (a stopped bench continues; more --runs or --seeds extend "
+                        "it); another experiment there is still refused")
     p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
     p.add_argument("--iters", type=int, default=None,
                    help="override the step budget of every run (quick checks)")
@@ -122,7 +126,7 @@ def _bench(args) -> int:
                                     iters=args.iters, jobs=args.jobs, order=args.order,
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
-                                    json_keys=args.json_keys)
+                                    json_keys=args.json_keys, resume=args.resume)
     except runner.RunFailedError as exc:  # the run's own traceback is above; no second one
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,8 @@ from megatron_mohge.config.io import YamlDataclass, build_dataclass, load_yaml, 
 from megatron_mohge.config.layer import (
     EXPERT_BACKENDS,
     EXPERT_WEIGHTINGS,
+    GROUP_GRADIENTS,
+    GROUP_LOSS_COUNTS,
     GROUP_SCORES,
     INTRA_GROUP_MODES,
     RELEASED_INTRA_GROUP_COEFF,
@@ -41,7 +43,8 @@ __all__ = [
     "ConfigError", "expect_bool", "expect_choice", "expect_int", "expect_number",
     "parse_split", "YamlDataclass", "build_dataclass", "load_yaml",
     "read_yaml_file",
-    "EXPERT_BACKENDS", "EXPERT_WEIGHTINGS", "GROUP_SCORES", "INTRA_GROUP_MODES",
+    "EXPERT_BACKENDS", "EXPERT_WEIGHTINGS", "GROUP_GRADIENTS", "GROUP_LOSS_COUNTS",
+    "GROUP_SCORES", "INTRA_GROUP_MODES",
     "RELEASED_INTRA_GROUP_COEFF", "ROUTER_TYPES", "AllocationConfig", "LossConfig",
     "MoHGEConfig", "NoisyGatingConfig", "RouterConfig",
 ]

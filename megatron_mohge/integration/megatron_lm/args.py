@@ -20,7 +20,10 @@ from typing import Any, Callable, Optional
 from megatron_mohge.config import (
     EXPERT_BACKENDS,
     EXPERT_WEIGHTINGS,
+    GROUP_GRADIENTS,
+    GROUP_LOSS_COUNTS,
     GROUP_SCORES,
+    INTRA_GROUP_MODES,
     ConfigError,
     MoHGEConfig,
     read_yaml_file,
@@ -33,16 +36,28 @@ from megatron_mohge.config.megatron import (
 
 ARG_GROUP_TITLE = "MoHGE (megatron-mohge)"
 FLOPS_EXPECTATIONS = ("uniform", "min", "max")
-#: Command-line overrides of the MoHGE YAML: argparse dest -> path in MoHGEConfig
-#: (section None: a top-level field).
-CLI_OVERRIDES = {
-    "mohge_expert_backend": (None, "expert_backend"),
-    "mohge_group_coeff": ("losses", "group_coeff"),
-    "mohge_intra_group_coeff": ("losses", "intra_group_coeff"),
-    "mohge_group_start_fraction": ("losses", "group_start_fraction"),
-    "mohge_expert_weighting": ("router", "expert_weighting"),
-    "mohge_group_score": ("router", "group_score"),
-}
+#: Command-line overrides of the MoHGE YAML, one row each: (section, field, choices or type,
+#: help). The flag is ``--mohge-<field>`` (dashes), argparse dest ``mohge_<field>``; section
+#: None: a top-level field. The meaning of each field: the configuration reference.
+CLI_OVERRIDE_FIELDS = (
+    (None, "expert_backend", EXPERT_BACKENDS,
+     "local (SequentialMLP) | torch (torch._grouped_mm per width, no TE) | te | auto (te with "
+     "--transformer-impl transformer_engine and TE, else torch on GPUs)"),
+    ("router", "expert_weighting", EXPERT_WEIGHTINGS, "combine weights of the chosen experts"),
+    ("router", "group_score", GROUP_SCORES, "group gate scores"),
+    ("router", "group_gradient", GROUP_GRADIENTS,
+     "LM gradient to the group gate when a token's picks share a group"),
+    ("losses", "group_coeff", float, "a_G of the group-wise cost loss"),
+    ("losses", "group_start_fraction", float, "the cost loss is off before this fraction"),
+    ("losses", "group_loss_count", GROUP_LOSS_COUNTS, "f_g of the cost loss"),
+    ("losses", "group_balance_coeff", float, "group balance on use from step 0"),
+    ("losses", "intra_group_coeff", float, "a_E of the intra-group loss"),
+    ("losses", "intra_group_mode", INTRA_GROUP_MODES, "the intra-group loss's form"),
+    ("losses", "expert_bias_update_rate", float, "loss-free in-group bias rate (0: off)"),
+)
+#: argparse dest -> (section, field) of MoHGEConfig.
+CLI_OVERRIDES = {f"mohge_{name}": (section, name) for section, name, *_ in CLI_OVERRIDE_FIELDS}
+
 
 def load_mohge_config(path) -> MoHGEConfig:
     """A MoHGE layer YAML, or a run YAML whose ``moe.mohge`` section (mapping or path) is used."""
@@ -90,20 +105,11 @@ def add_mohge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MoHGE layer YAML (or a run YAML whose moe.mohge section is used). Sets "
                         "--num-experts/--moe-router-topk/... to match and builds every MoE layer "
                         "as a MoHGE layer.")
-    g.add_argument("--mohge-group-coeff", type=float, default=None,
-                   help="override losses.group_coeff (a_G of the group-wise aux loss)")
-    g.add_argument("--mohge-intra-group-coeff", type=float, default=None,
-                   help="override losses.intra_group_coeff (a_E of the intra-group loss)")
-    g.add_argument("--mohge-group-start-fraction", type=float, default=None,
-                   help="override losses.group_start_fraction (group loss off before it)")
-    g.add_argument("--mohge-expert-weighting", choices=EXPERT_WEIGHTINGS, default=None,
-                   help="override router.expert_weighting (renorm | paper)")
-    g.add_argument("--mohge-group-score", choices=GROUP_SCORES, default=None,
-                   help="override router.group_score (sigmoid | softmax)")
-    g.add_argument("--mohge-expert-backend", choices=EXPERT_BACKENDS, default=None,
-                   help="override expert_backend: local (SequentialMLP) | torch (torch._grouped_mm "
-                        "per width, no TE) | te | auto (te with --transformer-impl "
-                        "transformer_engine and TE, else torch on GPUs)")
+    for section, name, kind, text in CLI_OVERRIDE_FIELDS:
+        where = f"{section}.{name}" if section else name
+        typed = dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        g.add_argument("--mohge-" + name.replace("_", "-"), default=None, **typed,
+                       help=f"override {where}: {text}")
     g.add_argument("--mohge-flops-expectation", choices=FLOPS_EXPECTATIONS, default="uniform",
                    help="activated routed width used for FLOPs/throughput: the uniform-routing "
                         "expectation (default), or the min / max reachable")

@@ -1,0 +1,58 @@
+"""``mohge-bench --resume``: continue or extend a bench in the same ``--out`` without training
+again what its ``results.json`` already holds.
+
+A long screen is stopped (or its machine taken back) part way; later, more arms or seeds are
+asked for. Each training is one ``(run, seed)``; its figures (``runs.<name>.per_seed``) are
+reused when the new bench would train exactly the same thing: the same experiment
+(everything in the bench identity but the run list and the seeds) and the same run config
+(compared as :func:`.e2e.bench_identity` records it). Anything else is trained again and
+replaces the old figures; a different experiment in ``--out`` is refused, as without
+``--resume``.
+
+The run config is the whole record of what a training did, so results of an older checkout
+are reused only when its run dict reads the same today; the git commit of the code that
+trained each figure is what ``results.json``'s ``env`` holds for the whole bench.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_mohge.config.errors import ConfigError
+
+# Identity keys that may differ between the bench in --out and the resumed one.
+EXTENDABLE = ("runs", "seeds")
+
+
+def reusable_figures(out_dir: Path, identity: dict, comparable) -> dict[str, dict[int, dict]]:
+    """``{run name: {seed: figures}}`` of ``out_dir/results.json`` that the bench of
+    ``identity`` can reuse (``comparable``: results.json's identity as today's spelling)."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        old_results = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {path} is not valid JSON ({exc}); move it away to start "
+                          "this bench afresh.") from None
+    old = comparable(old_results.get("config"))
+    new = comparable(identity)
+    if not isinstance(old, dict):
+        raise ConfigError(f"--resume: {path} has no record of its configuration; move it away "
+                          "to start this bench afresh.")
+    diff = [k for k in new if k not in EXTENDABLE and old.get(k) != new[k]]
+    if diff:
+        what = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ConfigError(f"--resume: {path} is another experiment ({what}); use another --out, "
+                          "or drop --resume and move that results.json away.")
+    seeds = set(new.get("seeds") or [])
+    reuse: dict[str, dict[int, dict]] = {}
+    for name, run in (new.get("runs") or {}).items():
+        if (old.get("runs") or {}).get(name) != run:
+            continue  # not in --out, or a different config under the same name: train it
+        for fig in old_results.get("runs", {}).get(name, {}).get("per_seed", []):
+            seed = fig.get("seed")
+            if seed is not None and int(seed) in seeds:
+                reuse.setdefault(name, {})[int(seed)] = fig
+    return reuse
