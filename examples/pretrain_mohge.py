@@ -43,8 +43,8 @@ def main() -> None:
         except ImportError:
             sys.exit("pretrain_mohge.py: cannot import Megatron-LM's pretrain_gpt; put a "
                      "Megatron-LM checkout (tag core_v0.16.1 or core_v0.19.0) on PYTHONPATH or set "
-                     "MEGATRON_LM_DIR (see the README section 'Training with Megatron-LM on "
-                     "Slurm').")
+                     "MEGATRON_LM_DIR (see docs/megatron-lm.md in the megatron-mohge "
+                     "repository).")
     # Megatron-LM silences warnings on ranks other than 0 (as pretrain_gpt.py does).
     if int(os.environ.get("RANK", "0")) != 0:
         import warnings

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_mohge.bench import e2e
-from megatron_mohge.bench.resume import reusable_figures
+from megatron_mohge.bench.resume import check_data_fingerprint, reusable_figures
 from megatron_mohge.config import ConfigError
 from tests.test_bench import tiny_preset
 
@@ -42,10 +42,10 @@ def test_reuse_needs_the_same_run_config_and_experiment(tmp_path):
 
 def test_resumed_bench_trains_only_the_missing_run_and_keeps_the_rest(tmp_path):
     preset = tiny_preset()
-    e2e.run_bench(preset, tmp_path, names=["moe"], seeds=[11], jobs=1, layer_bench=False)
+    e2e.run_bench(preset, tmp_path, names=["moe"], seed=11, jobs=1, layer_bench=False)
     first = json.loads((tmp_path / "results.json").read_text())
     lines = []
-    second = e2e.run_bench(tiny_preset(), tmp_path, names=["moe", "mohge"], seeds=[11], jobs=1,
+    second = e2e.run_bench(tiny_preset(), tmp_path, names=["moe", "mohge"], seed=11, jobs=1,
                            layer_bench=False, resume=True, log=lines.append)
     trained = [ln for ln in lines if ln.startswith("[bench] ") and ": held-out loss" in ln]
     assert [ln.split()[1] for ln in trained] == ["mohge"]
@@ -56,7 +56,20 @@ def test_resumed_bench_trains_only_the_missing_run_and_keeps_the_rest(tmp_path):
     # figures trained now are in the reused ones' JSON form (one key type when averaged)
     fig = second["runs"]["mohge"]["per_seed"][0]
     assert fig == json.loads(json.dumps(fig))
+    assert second["data_fingerprint"] == first["data_fingerprint"] is not None
     # without --resume, the extended bench is another experiment and is refused
     with pytest.raises(ConfigError, match="already holds results.json of another bench"):
         e2e.run_bench(tiny_preset(), tmp_path, names=["moe"], seeds=[11, 12], jobs=1,
                       layer_bench=False)
+
+
+def test_resume_over_other_text_at_the_same_path_is_refused(tmp_path):
+    """--data is recorded as a path; the corpus's content decides whether figures pair."""
+    (tmp_path / "results.json").write_text(json.dumps({"data_fingerprint": "aaaa"}))
+    check_data_fingerprint(tmp_path, "aaaa")  # the same text: fine
+    with pytest.raises(ConfigError, match=r"other text \(data fingerprint aaaa, now bbbb\)"):
+        check_data_fingerprint(tmp_path, "bbbb")
+    (tmp_path / "results.json").write_text(json.dumps({}))  # written before fingerprints
+    lines = []
+    check_data_fingerprint(tmp_path, "bbbb", log=lines.append)
+    assert "records no data fingerprint" in lines[0]

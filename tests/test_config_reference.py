@@ -1,4 +1,4 @@
-"""The README's configuration reference against the dataclasses: every field of MoHGEConfig
+"""The configuration reference (docs/configuration.md) against the dataclasses: every field of MoHGEConfig
 (nested sections included) has a row, and every row's default is the field's default."""
 
 import dataclasses
@@ -9,11 +9,11 @@ import yaml
 
 from megatron_mohge.config import MoHGEConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def reference_rows() -> dict:
-    text = README.read_text()
+    text = REFERENCE.read_text()
     section = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
@@ -47,7 +47,7 @@ def test_every_field_has_a_row_with_its_default():
         if default == "required":
             assert shown == "required", name
         else:
-            assert parse(shown) == default, f"{name}: README says {shown}, code {default!r}"
+            assert parse(shown) == default, f"{name}: docs/configuration.md says {shown}, code {default!r}"
 
 
 def parse(shown: str):

@@ -31,7 +31,11 @@ from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs
 from megatron_mohge.bench.environment import environment
 from megatron_mohge.bench.figures import run_figures, target_checks
 from megatron_mohge.bench.presets import Preset
-from megatron_mohge.bench.resume import reusable_figures
+from megatron_mohge.bench.resume import (
+    check_data_fingerprint,
+    data_fingerprint,
+    reusable_figures,
+)
 from megatron_mohge.bench.runner import run_layer_bench_subprocess, train_runs
 from megatron_mohge.config import ConfigError
 from megatron_mohge.config.run import RunConfig, normalize_run_dict
@@ -198,12 +202,16 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     if not prefixes:  # prepare the default corpus once, before the runs race for it
         from megatron_mohge.data import ensure_default_dataset, load_tokenizer
 
-        ensure_default_dataset(first.data.cache_dir, load_tokenizer(first.data.tokenizer),
-                               max_bytes=first.data.default_corpus_bytes)
+        default = ensure_default_dataset(first.data.cache_dir,
+                                         load_tokenizer(first.data.tokenizer),
+                                         max_bytes=first.data.default_corpus_bytes)
+    fingerprint = data_fingerprint([str(p) for p in prefixes] if prefixes else [str(default)])
+    if resume:
+        check_data_fingerprint(out_dir, fingerprint, log)
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
-               "jobs": jobs, "env": environment(), "runs": {}}
+               "jobs": jobs, "env": environment(), "data_fingerprint": fingerprint, "runs": {}}
     results["config"] = identity
     names = list(by_seed[seed_list[0]])
     per_seed: dict[str, list[dict]] = {n: [] for n in names}

@@ -9,9 +9,11 @@ reused when the new bench would train exactly the same thing: the same experimen
 replaces the old figures; a different experiment in ``--out`` is refused, as without
 ``--resume``.
 
-The run config is the whole record of what a training did, so results of an older checkout
-are reused only when its run dict reads the same today; the git commit of the code that
-trained each figure is what ``results.json``'s ``env`` holds for the whole bench.
+The run config says what a training did but not which text it read: ``--data`` is
+recorded as a path, and a corpus rebuilt at the same path (another package version, another
+file selection) is another experiment. ``results.json`` therefore records the content of the
+prepared datasets (:func:`data_fingerprint`), and a resume over a different corpus is refused
+(:func:`check_data_fingerprint`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 from pathlib import Path
 
 from megatron_mohge.config.errors import ConfigError
+from megatron_mohge.data.integrity import file_sha256
 
 # Identity keys that may differ between the bench in --out and the resumed one.
 EXTENDABLE = ("runs", "seeds")
@@ -56,3 +59,34 @@ def reusable_figures(out_dir: Path, identity: dict, comparable) -> dict[str, dic
             if seed is not None and int(seed) in seeds:
                 reuse.setdefault(name, {})[int(seed)] = fig
     return reuse
+
+
+def data_fingerprint(prefixes: list[str]) -> str:
+    """Short key of the datasets' contents: their ``.idx`` hashes (document lengths, the
+    sidecar's ``idx_sha256`` where it has one) and ``.bin`` sizes, in order."""
+    import hashlib
+
+    from megatron_mohge.data.prepare import read_metadata
+
+    h = hashlib.sha256()
+    for prefix in prefixes:
+        meta = read_metadata(prefix) or {}
+        h.update(str(meta.get("idx_sha256") or file_sha256(f"{prefix}.idx")).encode())
+        h.update(str(Path(f"{prefix}.bin").stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def check_data_fingerprint(out_dir: Path, fingerprint: str, log=print) -> None:
+    """Refuse to resume over results trained on other text than ``fingerprint``'s."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("data_fingerprint")
+    if old is None:
+        log(f"[bench] --resume: {path} records no data fingerprint (written before benches "
+            "recorded one); its trainings are reused on the assumption that --data is the same "
+            "text")
+    elif old != fingerprint:
+        raise ConfigError(f"--resume: {path} was trained on other text (data fingerprint {old}, "
+                          f"now {fingerprint}): --data changed at the same path; use another "
+                          "--out, or drop --resume to train everything again.")

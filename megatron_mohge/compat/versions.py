@@ -29,7 +29,7 @@ from packaging.version import Version
 
 #: What pyproject.toml accepts.
 MCORE_RANGE = SpecifierSet(">=0.16.1,<0.20")
-#: The tested lines (CI runs the suite on each; README's supported-versions table).
+#: The tested lines (CI runs the suite on each; docs/compatibility.md, 'Megatron versions').
 TESTED_MCORE_LINES = {"0.16": SpecifierSet(">=0.16.1,<0.17"),
                       "0.19": SpecifierSet(">=0.19.0,<0.20")}
 #: The exact releases CI installs per line (scripts/setup_env.sh; tests/test_versions.py checks).
@@ -305,7 +305,7 @@ def require_megatron_training(prog: str = "mohge-pretrain") -> None:
         f"{prog} runs Megatron's own pretrain() from megatron.training, which {have} does not "
         f"ship (the megatron-core {TESTED_MCORE_RELEASES['0.19']} wheel does); install it, use "
         "mohge-train, or put a Megatron-LM checkout on PYTHONPATH and run "
-        "examples/pretrain_mohge.py (README: 'Training with Megatron-LM on Slurm').")
+        "examples/pretrain_mohge.py (docs/megatron-lm.md).")
 
 
 def check_megatron_lm(pretrain) -> str:

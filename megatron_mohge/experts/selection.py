@@ -7,7 +7,7 @@
 2. ``torch`` on a CUDA machine (one ``torch._grouped_mm`` per width instead of a Python
    loop over experts; TE-free);
 3. on CPU, ``CPU_AUTO_BACKEND``: the faster of ``local`` and ``torch`` in the layer
-   benchmark (README, "Expert backends", has the figures and the command).
+   benchmark (docs/expert-backends.md has the figures and the command).
 
 ``local`` is Megatron's ``SequentialMLP`` and runs anywhere. Explicit choices that cannot run
 here are errors, never silent fallbacks.
@@ -20,7 +20,7 @@ from megatron_mohge.config import ConfigError
 #: expert_backend="auto" on a CPU-only machine. The layer benchmark's --compare-backends, backends
 #: interleaved repeat by repeat (fp32, 1 thread, megatron-core 0.19.2), gave torch / local paired
 #: median 0.70 [0.65, 0.82] at hidden 64 / 1,024 tokens and 0.94 [0.89, 0.99] at hidden 256 /
-#: 4,096 tokens (60 pairs each; README "Expert backends"): torch is the faster at both shapes.
+#: 4,096 tokens (60 pairs each; docs/expert-backends.md): torch is the faster at both shapes.
 CPU_AUTO_BACKEND = "torch"
 
 

@@ -10,7 +10,7 @@ contiguous across ranks in general, so checkpoints are written per GEMM with the
 ``(group, index)`` instead, using the same Megatron helpers as the TE linears and the same
 keys and shapes as the local backend (checkpoints move between backends).
 
-Not run on a GPU yet (README, 'What runs where'); CPU tests cover the checkpoint key mapping
+Not run on a GPU yet (docs/compatibility.md, 'What runs where'); CPU tests cover the checkpoint key mapping
 with a stand-in module.
 """
 

@@ -12,7 +12,7 @@ Tokenizers: ``byte`` -> Megatron's ``NullTokenizer`` with ids 0..255 and eod 256
 the flags follow the Megatron-LM checkout the run uses); Megatron pads 257 to a multiple of
 ``make_vocab_size_divisible_by x TP``; a ``tokenizer.json`` (or its folder) ->
 ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model <folder>`` (Megatron-LM loads it with
-``transformers.AutoTokenizer``, see the README, "Training with Megatron-LM on Slurm").
+``transformers.AutoTokenizer``, see docs/megatron-lm.md, "Prepare data"; the key -> flag table is docs/flags.md).
 """
 
 from __future__ import annotations

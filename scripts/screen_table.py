@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""The router screen's arms x corpora table from several ``mohge-bench --preset screen``
+results: held-out loss of every arm / stock (``moe``) and / the pre-screen MoHGE
+(``mohge_today``), paired by seed, mean and Student-t 95% interval, with the routing
+diagnostics that say why. Only seeds an arm shares with its reference are paired.
+
+    python scripts/screen_table.py stdlib=results/screen-stdlib docs=results/screen-pydocs ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from megatron_mohge.bench.stats import paired_ratio
+
+
+def _losses(run: dict) -> dict[int, float]:
+    return {int(f["seed"]): f["heldout_loss"] for f in run.get("per_seed", [])}
+
+
+def ratio_text(results: dict, arm: str, ref: str) -> str:
+    runs = results["runs"]
+    if arm not in runs or ref not in runs:
+        return "—"
+    a, b = _losses(runs[arm]), _losses(runs[ref])
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "—"
+    r = paired_ratio([a[s] for s in seeds], [b[s] for s in seeds])
+    ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else ""
+    return f"{r['mean']:.3f}{ci} ({len(seeds)})"
+
+
+def diagnostics_text(results: dict, arm: str) -> str:
+    run = results["runs"].get(arm, {})
+    d = (run.get("routing_diagnostics") or {}).get("mean") or {}
+    stock = ((results["runs"].get("moe", {}).get("routing_diagnostics") or {}).get("mean")
+             or {})
+    if not d:
+        return "—"
+    cv, cv_stock = d.get("expert_load_cv_first_half"), stock.get("expert_load_cv_first_half")
+    cv_ratio = f"{cv / cv_stock:.1f}x" if cv and cv_stock else "—"
+    def fmt(key: str, spec: str) -> str:
+        return "—" if d.get(key) is None else format(d[key], spec)
+
+    return " / ".join([fmt("same_group_fraction", ".2f"), fmt("gate_grad_ratio", ".2g"),
+                       fmt("max_group_share", ".2f"), fmt("ingroup_max_prob", ".2f"), cv_ratio])
+
+
+def table(corpora: dict[str, dict]) -> str:
+    arms: list[str] = []
+    for results in corpora.values():
+        arms += [a for a in results["runs"] if a not in arms]
+    head = ["arm"] + [f"{c}: / stock" for c in corpora] + [f"{c}: / mohge_today" for c in corpora]
+    head += [f"{c}: same-group / gate grad g:e / max group / in-group max p / CV 1st half vs "
+             "stock" for c in corpora]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms:
+        cells = [f"`{arm}`"]
+        cells += [ratio_text(r, arm, "moe") for r in corpora.values()]
+        cells += [ratio_text(r, arm, "mohge_today") for r in corpora.values()]
+        cells += [diagnostics_text(r, arm) for r in corpora.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    corpora = {}
+    for item in argv:
+        name, _, path = item.partition("=")
+        p = Path(path or name)
+        p = p / "results.json" if p.is_dir() else p
+        corpora[name if path else p.parent.name] = json.loads(p.read_text())
+    print(table(corpora))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
