@@ -443,12 +443,20 @@ def test_megatron_lm_hooks_and_flops(monkeypatch, tmp_path):
         monkeypatch.setattr(T, "track_moe_metrics", T.track_moe_metrics)
     monkeypatch.setattr(MT, "get_args", lambda: args)
     monkeypatch.setattr(T, "finalize_model_grads", T.finalize_model_grads)
+    monkeypatch.setattr(T, "training_log", T.training_log)
+    monkeypatch.setattr(T, "evaluate", T.evaluate)
     stock = T.num_floating_point_operations(args, 8)
     assert ML.install_megatron_lm_hooks() == "installed"
     assert ML.install_megatron_lm_hooks() == "already installed"
     # end-of-step balancing runs after Megatron's finalize_model_grads, wrapped once
     assert T.finalize_model_grads._mohge_end_of_step
-    assert not getattr(T.finalize_model_grads.__wrapped__, "_mohge_end_of_step", False)
+    assert not getattr(T.finalize_model_grads.__wrapped__.__wrapped__, "_mohge_end_of_step",
+                       False)
+    # routing diagnostics: training_log and evaluate wrapped, the model seen at finalize
+    from megatron_mohge.integration.megatron_lm import routing_log
+
+    for f in (T.finalize_model_grads, T.training_log, T.evaluate):
+        assert getattr(f, routing_log._MARK, False), f
     corrected = T.num_floating_point_operations(args, 8)
     # Megatron's own formula with the activated width spread over K experts agrees
     eff = copy.copy(args)
@@ -477,6 +485,8 @@ def test_megatron_lm_aux_losses_reduced_in_log(mcore_world1, monkeypatch, tmp_pa
 
     monkeypatch.setattr(MT, "get_args", lambda: args)
     monkeypatch.setattr(T, "num_floating_point_operations", T.num_floating_point_operations)
+    for name in ("finalize_model_grads", "training_log", "evaluate"):
+        monkeypatch.setattr(T, name, getattr(T, name))
     if hasattr(T, "track_moe_metrics"):
         seen = {}
         monkeypatch.setattr(T, "track_moe_metrics", lambda *a, **kw: seen.update(kw))

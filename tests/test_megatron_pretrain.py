@@ -70,6 +70,32 @@ def iteration_log(out: str) -> dict[int, dict[str, str]]:
     return lines
 
 
+_ROUTING = re.compile(r"\[mohge\] routing: it (\d+) \|([^\n]*)")
+
+
+def routing_log(out: str) -> dict[int, str]:
+    """The routing-diagnostics lines (``integration.megatron_lm.routing_log``): iteration ->
+    the rest of the line."""
+    return {int(m.group(1)): m.group(2) for m in _ROUTING.finditer(out)}
+
+
+def routing_json(folder: Path) -> dict:
+    """``routing_diagnostics.json`` of a run, checked for sane figures."""
+    import json
+
+    out = json.loads((folder / "routing_diagnostics.json").read_text())
+    for d in [out["routing_diagnostics"]["mean"], *out["routing_diagnostics"]["layers"]]:
+        assert 0 <= d["same_group_fraction"] <= 1 and 0 < d["ingroup_max_prob"] <= 1, d
+        assert sum(d["group_assignment_share"]) == pytest.approx(1.0), d
+        assert sum(d["group_selection_share"]) == pytest.approx(1.0), d
+        # a mean over windows (and layers) of each one's largest share: at least the largest
+        # mean share
+        assert 1 >= d["max_group_share"] >= max(d["group_assignment_share"]) - 1e-9, d
+        assert d["group_gate_grad_norm"] > 0 and d["expert_gate_grad_norm"] > 0, d
+        assert d["expert_load_cv_first_half"] >= 0 and d["expert_load_cv_second_half"] >= 0
+    return out
+
+
 def checkpoint_common(iter_dir: Path) -> dict:
     """The common (not sharded) state of one of Megatron's ``torch_dist`` checkpoints."""
     from megatron.core import dist_checkpointing
@@ -152,6 +178,14 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     assert float(a[1]["mohge_group_loss"]) == 0.0 and float(a[20]["mohge_group_loss"]) > 0
     assert float(a[1]["mohge_group_balance_loss"]) > 0
     assert "use_distributed_optimizer ....................... True" in full
+    # routing diagnostics every log interval: one line (the last rank), and the run's figures
+    # in --save, reduced over both data-parallel ranks
+    diag = routing_log(full)
+    assert sorted(diag) == list(range(1, 21)) and "same-group" in diag[20], diag.get(20)
+    assert "gate grad g/e" in diag[20] and "group share [" in diag[20]
+    a_diag = routing_json(ckpt)
+    assert [h["iteration"] for h in a_diag["history"]] == list(range(1, 21))
+    assert a_diag["train_iters"] == 20 and len(a_diag["routing_diagnostics"]["layers"]) == 2
     assert "validation loss at iteration 20" in full
     # Megatron counted MoHGE's FLOPs (the hooks' correction applied in this loop, not only
     # in a Megatron-LM checkout): what its log divides by time is our accounting's figure
@@ -176,6 +210,15 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
         assert {k: b[it][k] for k in keys} == {k: a[it][k] for k in keys}, it
     assert megatron_flops_so_far(tmp_path / "b" / "checkpoints" / "iter_0000020")[0] == \
         megatron_flops_so_far(ckpt / "iter_0000020")[0]  # the resumed count continues
+    # the resumed run's diagnostics: windows 1-10 from the loaded run's file, 11-20 its own,
+    # the same routing as the uninterrupted run
+    assert sorted(routing_log(resumed)) == list(range(11, 21))
+    b_diag = routing_json(tmp_path / "b" / "checkpoints")
+    assert [h["iteration"] for h in b_diag["history"]] == list(range(1, 21))
+    assert b_diag["history"][:10] == a_diag["history"][:10]
+    for key in ("same_group_fraction", "weight_gap", "max_group_share"):
+        assert b_diag["routing_diagnostics"]["mean"][key] == \
+            pytest.approx(a_diag["routing_diagnostics"]["mean"][key], rel=1e-5), key
 
     stock = pretrain(tmp_path, "cpu_tiny_moe.yaml", "parallel.expert_parallel=2",
                      "parallel.use_distributed_optimizer=true", "train.iters=4",
@@ -183,6 +226,7 @@ def test_pretrain_ep2_distributed_optimizer_resumes_exactly(tmp_path):
     s = iteration_log(stock)
     assert sorted(s) == [1, 2, 3, 4] and "load_balancing_loss" in s[4]
     assert "mohge_group_loss" not in s[4]
+    assert not routing_log(stock)  # Megatron's own routers: no MoHGE counters
 
 
 @pytest.mark.slow
@@ -198,6 +242,10 @@ def test_pretrain_tp_sp_and_pp(tmp_path, layout):
     log = iteration_log(out)
     assert sorted(log) == [1, 2, 3]
     assert "mohge_group_balance_loss" in log[3] and float(log[3]["lm loss"]) > 0
+    # routing diagnostics gathered over the stages (PP2: one MoE layer each); no --save:
+    # routing_diagnostics.json in the working directory
+    assert sorted(routing_log(out)) == [1, 2, 3]
+    assert len(routing_json(tmp_path)["routing_diagnostics"]["layers"]) == 2
     if "parallel.tensor_parallel=2" in layout:
         assert "sequence_parallel ............................... True" in out
 

@@ -72,6 +72,13 @@ def test_train_save_and_resume_bit_exactly_on_two_ranks(trained, cache):
     assert len(full["history"]) == 6 and full["history"][-1]["loss"] < full["history"][0]["loss"]
     assert any(n.startswith("mohge_") for n in full["history"][-1]["aux"])
     assert abs(sum(full["group_token_share"]) - 1) < 1e-6
+    # held-out loss by the top-1 expert's width (width_loss.py), summed over both ranks:
+    # every held-out token counted once per MoE layer, so the share-weighted mean of the
+    # per-width losses is the held-out loss
+    by_width = full["heldout_loss_by_width"]
+    assert by_width["widths"] == [16, 32] and len(by_width["layers"]) == 2
+    assert sum(m * s for m, s in zip(by_width["mean_loss"], by_width["token_share"])
+               if m is not None) == pytest.approx(full["heldout_loss"], rel=1e-6)
     ckpt = tmp_path / "full" / "checkpoints"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
     assert (ckpt / "iter_0000006").is_dir() and not list(ckpt.glob("*.tmp"))

@@ -31,6 +31,7 @@ from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs
 from megatron_mohge.bench.environment import environment
 from megatron_mohge.bench.figures import run_figures, target_checks
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.bench.progress import Progress
 from megatron_mohge.bench.resume import (
     check_data_fingerprint,
     data_fingerprint,
@@ -172,25 +173,27 @@ def run_configs(preset: Preset, out_dir: Path, *, names: Optional[list[str]] = N
 def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer=None,
               seed=None, seeds=None, iters=None, jobs=None, layer_bench: bool = True,
               log=print, split_documents=None, json_keys=None, order: str = "seed",
-              resume: bool = False) -> dict:
+              resume: bool = False, reuse_from: Iterable[Path] = (),
+              train: bool = True) -> dict:
     """Train the preset's runs once per seed and write ``results.json`` after each run.
 
     ``order="seed"``: seed-major, so every finished seed is a complete paired comparison;
     ``"run"``: run-major in ``names`` order, so the first runs have all their seeds first
     (a long screen stopped early still has complete arms). ``resume``: the trainings that
-    ``out_dir/results.json`` already holds with the same run config are reused
-    (:mod:`.resume`)."""
+    ``out_dir/results.json`` already holds with the same run config are reused, and those
+    of the bench folders ``reuse_from`` (:mod:`.resume`); ``train=False`` assembles
+    results from those alone and lists what is missing."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = resolve_seeds(preset, seeds, seed)
     jobs = resolve_jobs(preset, jobs)
     identity = bench_identity(preset, names, data=data, tokenizer=tokenizer, seeds=seed_list,
                               iters=iters, layer_bench=layer_bench,
                               split_documents=split_documents, json_keys=json_keys)
-    if resume:  # checks the experiment in --out is this one, but for runs and seeds
-        reused = reusable_figures(out_dir, identity, _comparable)
-    else:
-        reused = {}
+    sources = ([out_dir] if resume else []) + [Path(d) for d in reuse_from]
+    if not resume:
         check_out_dir(out_dir, identity)  # before anything is written into --out
+    # each source must be this experiment but for its runs and seeds
+    reused = reusable_figures(sources, identity, _comparable)
     tok = tokenizer or preset.base.get("data", {}).get("tokenizer", "byte")
     splits = {(r.data.split, r.model.seq_length)
               for r in run_configs(preset, out_dir, names=names, iters=iters).values()}
@@ -206,8 +209,8 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                                          load_tokenizer(first.data.tokenizer),
                                          max_bytes=first.data.default_corpus_bytes)
     fingerprint = data_fingerprint([str(p) for p in prefixes] if prefixes else [str(default)])
-    if resume:
-        check_data_fingerprint(out_dir, fingerprint, log)
+    for folder in sources:
+        check_data_fingerprint(folder, fingerprint, log)
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
@@ -220,8 +223,9 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
         for n in names:
             per_seed[n] = [reused[n][s] for s in seed_list if s in reused.get(n, {})]
         queue = [q for q in queue if q[0] not in reused.get(q[1], {})]
-        log(f"[bench] --resume: {sum(map(len, per_seed.values()))} trainings reused from "
-            f"{out_dir / 'results.json'}, {len(queue)} to train")
+        log(f"[bench] {sum(map(len, per_seed.values()))} trainings reused from "
+            f"{', '.join(str(Path(d) / 'results.json') for d in sources)}, {len(queue)} to "
+            "train")
         results["runs"] = aggregate_runs(per_seed)
         results["comparisons"] = compare_runs(per_seed, preset.comparison_pairs(names))
         _write(out_dir, results)
@@ -229,15 +233,24 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     def nproc_of(run: RunConfig) -> int:
         return preset.nproc if run.parallel.expert_parallel > 1 or preset.nproc > 1 else 1
 
+    if not train:
+        if queue:
+            log("[bench] not trained (--no-train): "
+                + ", ".join(f"{n} seed {s}" for s, n, _ in queue))
+        queue, layer_bench = [], False
     t0 = time.perf_counter()
-    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log):
+    progress = Progress(len(queue), jobs)
+    for s, name, run, summary in train_runs(queue, nproc_of, out_dir, jobs, log, progress):
         fig = run_figures(summary, run)
         fig["nproc"] = nproc_of(run)
+        # the code that trained it: reused figures keep their own (results from --resume)
+        fig["commit"] = results["env"].get("commit")
         if reused:  # as results.json holds them (str keys, lists), like the reused figures
             fig = json.loads(dumps(fig))
         bpb = fig.get("heldout_bits_per_byte")
         log(f"[bench] {name} seed {s}: held-out loss {fig['heldout_loss']:.4f}"
-            + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f" ({fig['wall_s']:.0f} s)")
+            + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
+            + f" ({fig['wall_s']:.0f} s; {progress.finish(fig['wall_s'])})")
         per_seed[name].append(fig)
         per_seed[name].sort(key=lambda f: seed_list.index(f["seed"]))
         results["runs"] = aggregate_runs(per_seed)

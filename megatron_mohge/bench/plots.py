@@ -1,10 +1,13 @@
 """PNG plots of a benchmark ``results.json`` dict (``write_plots``).
 
-``loss_curves.png`` (one thin line per seed, the seed mean bold), ``group_share.png``,
+``loss_curves.png`` (one thin line per seed, the seed mean bold, the group loss's switch-on
+dotted), ``group_share.png``,
 ``rank_load.png``, ``chosen_width_hist.png``, ``balance.png``, ``routing.png`` (is the
 router learning: same-group picks, gate gradients, group collapse, load CV) and, for scaling
 studies,
-``study_loss_vs_params.png``, each only when some run has its data. Plots use
+``study_loss_vs_params.png``, each only when some run has its data; and the research plots
+of :mod:`.plots_research` (per-layer rank load, loss ratio and loss vs FLOPs, loss by chosen
+width). Plots use
 ``matplotlib.figure.Figure`` with the Agg canvas directly, so pyplot's global backend is
 neither needed nor changed.
 """
@@ -63,6 +66,9 @@ def plot_loss_curves(runs: dict, path: Path) -> Optional[Path]:
             x = (c.get("eval_iteration") or [len(el)])[-1]
             ax.errorbar([x], [m["mean"]], yerr=[[m["mean"] - m["ci"][0]], [m["ci"][1] - m["mean"]]],
                         color=color, capsize=4, lw=1.5)
+    from megatron_mohge.bench.plots_research import mark_group_loss_start
+
+    mark_group_loss_start(ax, runs)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_title("Training (solid; thin: seeds) and held-out (dashed; bar: 95% CI) loss")
@@ -233,6 +239,9 @@ def write_plots(results: dict, out_dir: PathLike) -> list[Path]:
         p = fn(runs, out / fname)
         if p is not None:
             written.append(p)
+    from megatron_mohge.bench.plots_research import write_research_plots
+
+    written += write_research_plots(results, out)
     if results.get("study"):
         from megatron_mohge.bench.study import plot_study
 

@@ -291,9 +291,13 @@ def markdown_report(results: dict) -> str:
     targets = (results.get("targets") or {}).get("met")
     if targets:
         figs = results["targets"].get("figures", {})
-        rows = [[k, "met" if v else "**missed**"] for k, v in targets.items()]
+        from megatron_mohge.bench.verdicts import verdict
+
+        rows = [[k, verdict(v)] for k, v in targets.items()]
         blocks += ["## Targets", _table(["target", "measured"], rows),
                    ", ".join(f"{k} = {fmt_float(v, 4)}" for k, v in figs.items())]
+        if results["targets"].get("not_judged"):
+            blocks.append(f"Loss targets not judged: {results['targets']['not_judged']}.")
     return "\n\n".join(blocks) + "\n"
 
 

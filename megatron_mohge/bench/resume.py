@@ -1,5 +1,6 @@
-"""``mohge-bench --resume``: continue or extend a bench in the same ``--out`` without training
-again what its ``results.json`` already holds.
+"""``mohge-bench --resume`` / ``--reuse-from``: continue or extend a bench in the same ``--out``
+without training again what its ``results.json`` (or other bench folders' of the same
+experiment: arms trained on several machines at once) already holds.
 
 A long screen is stopped (or its machine taken back) part way; later, more arms or seeds are
 asked for. Each training is one ``(run, seed)``; its figures (``runs.<name>.per_seed``) are
@@ -28,10 +29,19 @@ from megatron_mohge.data.integrity import file_sha256
 EXTENDABLE = ("runs", "seeds")
 
 
-def reusable_figures(out_dir: Path, identity: dict, comparable) -> dict[str, dict[int, dict]]:
-    """``{run name: {seed: figures}}`` of ``out_dir/results.json`` that the bench of
-    ``identity`` can reuse (``comparable``: results.json's identity as today's spelling)."""
-    path = out_dir / "results.json"
+def reusable_figures(sources: list[Path], identity: dict, comparable) -> dict[str, dict[int, dict]]:
+    """``{run name: {seed: figures}}`` of the bench folders ``sources`` (their
+    ``results.json``; the first holding a training wins) that the bench of ``identity`` can
+    reuse (``comparable``: results.json's identity as today's spelling)."""
+    reuse: dict[str, dict[int, dict]] = {}
+    for folder in sources:
+        for name, figs in _reusable(Path(folder) / "results.json", identity, comparable).items():
+            for seed, fig in figs.items():
+                reuse.setdefault(name, {}).setdefault(seed, fig)
+    return reuse
+
+
+def _reusable(path: Path, identity: dict, comparable) -> dict[str, dict[int, dict]]:
     if not path.is_file():
         return {}
     try:
@@ -53,11 +63,11 @@ def reusable_figures(out_dir: Path, identity: dict, comparable) -> dict[str, dic
     reuse: dict[str, dict[int, dict]] = {}
     for name, run in (new.get("runs") or {}).items():
         if (old.get("runs") or {}).get(name) != run:
-            continue  # not in --out, or a different config under the same name: train it
+            continue  # not there, or a different config under the same name: train it
         for fig in old_results.get("runs", {}).get(name, {}).get("per_seed", []):
             seed = fig.get("seed")
             if seed is not None and int(seed) in seeds:
-                reuse.setdefault(name, {})[int(seed)] = fig
+                reuse[name] = {**reuse.get(name, {}), int(seed): fig}
     return reuse
 
 
@@ -76,9 +86,9 @@ def data_fingerprint(prefixes: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_data_fingerprint(out_dir: Path, fingerprint: str, log=print) -> None:
-    """Refuse to resume over results trained on other text than ``fingerprint``'s."""
-    path = out_dir / "results.json"
+def check_data_fingerprint(folder: Path, fingerprint: str, log=print) -> None:
+    """Refuse to reuse results of ``folder`` trained on other text than ``fingerprint``'s."""
+    path = Path(folder) / "results.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text()).get("data_fingerprint")

@@ -16,6 +16,7 @@ from typing import IO, Optional
 import yaml
 
 from megatron_mohge.bench.presets import Preset
+from megatron_mohge.bench.progress import Progress, duration, layer_bench_line
 from megatron_mohge.util.usage_errors import ERROR_FILE_ENV, read_usage_error
 from megatron_mohge.config import ConfigError
 from megatron_mohge.config.run import RunConfig
@@ -54,7 +55,7 @@ class _Active:
 
 
 def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, threads: int,
-               log_file: Optional[Path], log=print) -> _Active:
+               log_file: Optional[Path], log=print, label: str = "") -> _Active:
     cfg_path = config_path(out_dir, name, run)
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     run.to_yaml(cfg_path)
@@ -65,7 +66,6 @@ def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, thread
     # One BLAS thread per rank when several ranks (or runs) share the cores.
     if threads > 0:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("PYTHONWARNINGS", "ignore")
     if log_file is not None:  # line by line into the log, not in blocks at exit
         env.setdefault("PYTHONUNBUFFERED", "1")
     # A rank's usage error (bad data, config) comes back here, reported once (usage_errors.py).
@@ -74,7 +74,8 @@ def _start_run(key, name: str, run: RunConfig, nproc: int, out_dir: Path, thread
     env[ERROR_FILE_ENV] = str(error_file)
     cmd = launch_command(cfg_path, nproc)
     where = f" (log: {log_file})" if log_file else ""
-    log(f"[bench] {name} seed {run.train.seed}: {' '.join(cmd[1:])}{where}")
+    log(f"[bench] {label}{': ' if label else ''}{name} seed {run.train.seed}: "
+        f"{' '.join(cmd[1:])}{where}")
     out = None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +117,12 @@ def _reap(active: list[_Active]) -> tuple[Optional[_Active], Optional[float]]:
     return None, None
 
 
-def train_runs(queue: list[tuple], nproc_of, out_dir: Path, jobs: int = 1, log=print):
+def train_runs(queue: list[tuple], nproc_of, out_dir: Path, jobs: int = 1, log=print,
+               progress: Optional[Progress] = None):
     """Train ``queue`` (``(key, name, RunConfig)`` tuples) with up to ``jobs`` runs at once;
     yields ``(key, name, run, summary)`` in completion order. With one job the run's output
-    goes to this terminal, else to ``out_dir/logs/<name>.seed<seed>.log``."""
+    goes to this terminal, else to ``out_dir/logs/<name>.seed<seed>.log``. ``progress``
+    numbers the start lines ("run 3/6")."""
     cpus = os.cpu_count() or 1
     pending, active = list(queue), []
     try:
@@ -131,7 +134,7 @@ def train_runs(queue: list[tuple], nproc_of, out_dir: Path, jobs: int = 1, log=p
                 log_file = (out_dir / "logs" / f"{name}.seed{run.train.seed}.log"
                             if jobs > 1 else None)
                 active.append(_start_run(key, name, run, nproc, out_dir, threads, log_file,
-                                         log))
+                                         log, progress.start() if progress else ""))
             done, cpu_s = _reap(active)
             if done is None:
                 time.sleep(0.5)
@@ -176,10 +179,14 @@ def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, l
            "--stock-topk", str(lb["stock_topk"]), "--repeats", str(lb["repeats"]),
            "--warmup", str(lb["warmup"]), "--width-scale", str(lb.get("width_scale", 1)),
            "--backend", backend, "--out", str(out)]
-    log(f"[bench] layer microbenchmark: {' '.join(cmd[1:])}")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env)
+    import torch
+
+    log(f"[bench] {layer_bench_line(lb, backend, torch.cuda.is_available())}")
+    log(f"[bench]   {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise RunFailedError(f"layer microbenchmark failed (exit {proc.returncode}); its log "
                              f"is above")
+    log(f"[bench] layer microbenchmark done ({duration(time.perf_counter() - t0)})")
     return json.loads(out.read_text())

@@ -6,12 +6,7 @@ same seed gives every run the same data order; all seeds share one held-out set)
 layer microbenchmark, and writes ``DIR/results.json``, ``DIR/results.md`` and PNG plots,
 with seed means and paired 95% intervals of every ratio to the baseline.
 
-Presets: ``default`` (CPU, 3 seeds, ~10 min on 2 cores), ``study`` (CPU scaling study:
-stock MoE vs MoHGE at three sizes, 3 seeds, ~40 min on 2 cores), ``screen`` (CPU router-
-mechanism screen: 11 arms at hidden 48, 1,500 steps, 3 seeds, ~2.5 h on 2 cores; pick arms
-with ``--runs``, sizes with ``--sizes``), ``hybrid`` (the default pair as HybridModels), ``paper-3b`` (the paper's
-3B-class setting, for GPU clusters), ``load-balance-ablation`` (noisy top-k gating
-with/without its losses).
+The presets (``--preset``) are listed at the end of ``--help``, from the preset table.
 """
 
 from __future__ import annotations
@@ -30,7 +25,10 @@ def parse_args(argv=None):
     from megatron_mohge.bench.presets import PRESETS
 
     p = common.parser(PROG, __doc__)
-    p.add_argument("--preset", default="default", choices=list(PRESETS))
+    p.epilog = presets_help()
+    p.add_argument("--preset", default="default", choices=list(PRESETS), metavar="NAME",
+                   help=f"which comparison to run: {', '.join(PRESETS)} (default: default; "
+                        "each described below)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text / JSON lines (.jsonl) / Parquet files or folders (tokenized "
                         "once, as mohge-prepare-data) or indexed dataset prefixes; default: "
@@ -62,6 +60,12 @@ def parse_args(argv=None):
                    help="reuse the trainings results.json in --out already holds with the same "
                         "run config (a stopped bench continues; more --runs or --seeds extend "
                         "it); another experiment there is still refused")
+    p.add_argument("--reuse-from", nargs="+", default=(), metavar="DIR",
+                   help="also reuse the trainings of these bench folders (the same experiment, "
+                        "e.g. arms trained on other machines) where --out lacks them")
+    p.add_argument("--no-train", action="store_true",
+                   help="with --resume / --reuse-from: assemble results.json from the reused "
+                        "trainings only, listing the missing ones (nothing is trained)")
     p.add_argument("--with-dense", action="store_true", help="add the dense baseline run")
     p.add_argument("--iters", type=int, default=None,
                    help="override the step budget of every run (quick checks)")
@@ -69,6 +73,20 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="write the run configs and print the commands without running them")
     return p.parse_args(argv)
+
+
+def presets_help(width: int = 100) -> str:
+    """``--help``'s list of the presets: name and description of each entry of ``PRESETS``."""
+    import textwrap
+
+    from megatron_mohge.bench.presets import PRESETS, get_preset
+
+    pad = max(map(len, PRESETS)) + 4
+    lines = ["presets:"]
+    for name in PRESETS:
+        lines += textwrap.wrap(get_preset(name).description, width,
+                               initial_indent=f"  {name:<{pad - 2}}", subsequent_indent=" " * pad)
+    return "\n".join(lines)
 
 
 def parse_sizes(text):
@@ -81,6 +99,7 @@ def parse_sizes(text):
         raise ConfigError(f"--sizes {text}: give comma-separated integers, e.g. 32,48,80") from None
 
 
+@common.entry
 def main(argv=None) -> int:
     return common.run_cli(PROG, _bench, parse_args(argv))
 
@@ -95,6 +114,9 @@ def _bench(args) -> int:
     if args.with_dense:
         names += [n for n in preset.optional_runs if n == "dense" and n not in names]
     e2e.resolve_jobs(preset, args.jobs)  # --jobs 0 refused before a dry run too
+    if args.no_train and not (args.resume or args.reuse_from):
+        raise ConfigError("--no-train assembles results from earlier trainings: add --resume "
+                          "(this --out) and/or --reuse-from DIR ...")
     if args.dry_run or preset.needs_gpu:
         seeds = e2e.resolve_seeds(preset, args.seeds, args.seed)
         runs = {(s, n): r for s in seeds
@@ -126,7 +148,8 @@ def _bench(args) -> int:
                                     iters=args.iters, jobs=args.jobs, order=args.order,
                                     layer_bench=not args.no_layer_bench,
                                     split_documents=args.split_documents,
-                                    json_keys=args.json_keys, resume=args.resume)
+                                    json_keys=args.json_keys, resume=args.resume,
+                                    reuse_from=args.reuse_from, train=not args.no_train)
     except runner.RunFailedError as exc:  # the run's own traceback is above; no second one
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
@@ -136,7 +159,11 @@ def _bench(args) -> int:
     print("\n" + markdown_report(results))
     targets = results.get("targets", {}).get("met", {})
     if targets:
-        print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+        from megatron_mohge.bench.verdicts import verdict
+
+        print("targets: " + ", ".join(f"{k} {verdict(v, shout=True)}" for k, v in targets.items()))
+        if results["targets"].get("not_judged"):
+            print(f"loss targets not judged: {results['targets']['not_judged']}")
     print(f"\nwrote {out / 'results.json'} and " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -259,6 +259,7 @@ def render_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+@common.entry
 def main(argv=None) -> int:
     return common.run_cli(PROG, _check, parse_args(argv))
 

@@ -3,25 +3,57 @@
 Every tool that reads a run YAML takes it the same way (``--config PATH`` or a positional)
 followed by ``key.sub=value`` overrides, and every tool ends a ``ConfigError`` (bad config,
 data, checkpoint, launch layout...) as ``PROG: message`` on stderr with exit status 2 (argparse's
-own status for usage errors), never with a traceback.
+own status for usage errors), never with a traceback. Every ``main`` runs through
+:func:`entry`: library notices quieted (``-v`` shows them, :mod:`.notices`), and output piped
+into a reader that stops early (``| head``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from typing import Any, Callable, Optional
 
+from megatron_mohge.cli import notices
 from megatron_mohge.config import ConfigError
 from megatron_mohge.util.usage_errors import print_error
 
+# 128 + SIGPIPE: the status a shell shows for a tool whose reader went away (``| head``)
+BROKEN_PIPE_EXIT = 141
 RUN_YAML_HELP = "run YAML (see examples/configs/)"
 
 
+def entry(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a command's ``main(argv=None)``: the library notices are quieted before
+    anything imports megatron-core (:func:`notices.quiet_library_notices`), and a reader that
+    closes the pipe early (``mohge-bench --help | head -1``) ends the command with
+    :data:`BROKEN_PIPE_EXIT` instead of a ``BrokenPipeError`` traceback."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        notices.quiet_library_notices()
+        try:
+            status = main(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+            return status
+        except BrokenPipeError:
+            # Python flushes stdout once more at exit: point it at devnull so that flush
+            # cannot raise again (the pattern of the Python docs' signal module page)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return BROKEN_PIPE_EXIT
+
+    return wrapped
+
+
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` whose ``--help`` prints the module docstring as written."""
-    return argparse.ArgumentParser(prog=prog, description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    """An ``ArgumentParser`` whose ``--help`` prints the module docstring as written, with
+    ``-v`` / ``--verbose`` (:class:`notices.VerboseAction`)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action=notices.VerboseAction)
+    return p
 
 
 def add_run_file(p: argparse.ArgumentParser, overrides_help: str, *, name: str = "--config",
@@ -61,7 +93,7 @@ def main_status(prog: str, main: Callable[[list], Any], argv: Optional[list] = N
         main(args)
         return 0
 
-    return run_cli(prog, run, sys.argv[1:] if argv is None else argv)
+    return entry(run_cli)(prog, run, sys.argv[1:] if argv is None else argv)
 
 
 def run_file_cli(prog: str, doc: str, overrides_help: str, body: Callable[[Any, Any], int], *,
@@ -83,6 +115,7 @@ def run_file_cli(prog: str, doc: str, overrides_help: str, body: Callable[[Any, 
             add_args(p)
         return p.parse_args(argv)
 
+    @entry
     def main(argv=None) -> int:
         return run_cli(error_prog or prog, lambda args: body(load_run(args), args),
                        parse_args(argv), report=report)
@@ -90,5 +123,5 @@ def run_file_cli(prog: str, doc: str, overrides_help: str, body: Callable[[Any, 
     return parse_args, main
 
 
-__all__ = ["RUN_YAML_HELP", "parser", "add_run_file", "load_run", "run_cli", "main_status",
-           "run_file_cli"]
+__all__ = ["BROKEN_PIPE_EXIT", "RUN_YAML_HELP", "entry", "parser", "add_run_file", "load_run",
+           "run_cli", "main_status", "run_file_cli"]

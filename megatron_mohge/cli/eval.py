@@ -86,6 +86,7 @@ def _run(args) -> int:
     return 0
 
 
+@common.entry
 def main(argv=None) -> int:
     return common.run_cli(PROG, _run, parse_args(argv))
 

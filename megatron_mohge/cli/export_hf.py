@@ -46,6 +46,7 @@ def _export(args) -> int:
     return 0
 
 
+@common.entry
 def main(argv=None) -> int:
     return common.run_cli(PROG, _export, parse_args(argv))
 

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 
+from megatron_mohge.cli import common
 from megatron_mohge.util.usage_errors import (
     ERROR_FILE_ENV,
     USAGE_EXIT,
@@ -26,6 +27,7 @@ from megatron_mohge.util.usage_errors import (
 _AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
 
+@common.entry
 def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_mohge.cli import common
+from megatron_mohge.cli import common, notices
 from megatron_mohge.config import ConfigError
 from megatron_mohge.util.usage_errors import print_error
 from megatron_mohge.data.formats import (DEFAULT_JSON_KEYS, DEFAULT_SPLIT, SPLIT_RULES,
@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                     "compressed too. Without INPUT, the Python standard library's .py sources "
                     "are used, one document per file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-v", "--verbose", action=notices.VerboseAction)
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="files or folders (recursive; hidden files skipped)")
     p.add_argument("--json-keys", nargs="+", default=list(DEFAULT_JSON_KEYS), metavar="KEY",
@@ -118,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+@common.entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     try:

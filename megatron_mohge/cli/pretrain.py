@@ -33,10 +33,6 @@ def _pretrain(run, args) -> int:
         require_megatron_training(PROG)
     except MegatronTrainingMissing as exc:
         return print_error(PROG, exc)
-    import warnings
-
-    # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mohge.integration.megatron_training import run_pretrain
 
     if args.print_args:

@@ -15,7 +15,6 @@ or SIGTERM (the latest complete checkpoint is intact).
 from __future__ import annotations
 
 import sys
-import warnings
 
 from megatron_mohge.cli import common
 from megatron_mohge.util.usage_errors import report_usage_error
@@ -35,8 +34,6 @@ def _train(run, args) -> int:
             print(f"# moe.mohge read from {run.layer_file}")
         print(run.to_yaml(), end="")
         return 0
-    # megatron-core warns at import that Apex / Transformer Engine are absent (expected on CPU).
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     from megatron_mohge.training import mcore_plumbing as M
     from megatron_mohge.training import procs
     from megatron_mohge.training.health import TrainingDiverged

@@ -18,7 +18,7 @@ def tensorboard_writer(log_dir: Path, run_name: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        # print, not warnings.warn: mohge-bench runs the ranks with PYTHONWARNINGS=ignore.
+        # print, not warnings.warn: once per run, in the run's own log, whatever the filters
         print(f"[{run_name}] warning: logging.tensorboard is on but the tensorboard package "
               f"is not installed, so no event files are written; pip install "
               f"'megatron-mohge[train]' or set logging.tensorboard=false", file=sys.stderr,

@@ -56,6 +56,7 @@ class EvalResult:
     batch_losses: list
     routing_counts: list
     bytes_per_token: Optional[float] = None  # UTF-8 bytes per loss token (bits per byte)
+    loss_by_width: Optional[dict] = None  # width_loss.loss_by_width_figures (final eval)
 
 
 @dataclass
@@ -171,22 +172,48 @@ class Trainer:
         return dict(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else None,
                     skipped=not ok, lr=self.optimizer.param_groups[0]["lr"])
 
-    def evaluate(self, num_batches: Optional[int] = None) -> EvalResult:
+    def evaluate(self, num_batches: Optional[int] = None, by_width: bool = False) -> EvalResult:
         """Token-mean LM loss over the first ``num_batches`` (default ``eval.iters``) fixed
         held-out global batches, with their per-batch losses and routing counts (kept apart
-        from the training counts)."""
+        from the training counts); ``by_width``: also the loss by chosen expert width
+        (:mod:`.width_loss`, where the layout allows)."""
         n = num_batches or self.run.eval.iters
         batches = [self._batches(self.valid_ds, i) for i in range(n)]
         # keep the training-routing counts of the current log window out of the evaluation
         chunks = M.model_chunks(self.model)
         saved = snapshot_routing_counts(chunks)
         reset_routing_counts(chunks)
-        losses = [M.eval_loss(self.model, b) for b in batches]
+        recorder = self._width_recorder(batches) if by_width else None
+        try:
+            losses = [M.eval_loss(self.model, b) for b in batches]
+        finally:
+            if recorder is not None:
+                recorder.close()
         eval_counts = snapshot_routing_counts(chunks)
         restore_routing_counts(saved)
+        by_width_figures = None
+        if recorder is not None:
+            from megatron.core import parallel_state as ps
+
+            by_width_figures = recorder.figures(ps.get_data_parallel_group())
         # equal token counts per batch: the mean of the batch losses is the token mean
         return EvalResult(sum(losses) / len(losses), losses, eval_counts,
-                          self._bytes_per_token(batches))
+                          self._bytes_per_token(batches), by_width_figures)
+
+    def _width_recorder(self, batches: list):
+        """A :class:`width_loss.WidthLossRecorder` for ``batches``, or None (no MoE layers,
+        or a layout where ranks do not route the tokens they compute the loss of)."""
+        from megatron_mohge.metrics import routers
+        from megatron_mohge.training import width_loss
+
+        chunks = M.model_chunks(self.model)
+        p = self.run.parallel
+        if not routers(chunks) or not width_loss.supported(
+                p.pipeline_parallel, p.tensor_parallel, self.run.sequence_parallel):
+            return None
+        recorder = width_loss.WidthLossRecorder(chunks, routers(chunks))
+        recorder.expect(batches)
+        return recorder
 
     def _bytes_per_token(self, batches: list) -> float:
         """UTF-8 bytes per loss token of the held-out batches (all DP ranks)."""
@@ -305,7 +332,7 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        final_eval = self.evaluate(run.eval.final_batches)
+        final_eval = self.evaluate(run.eval.final_batches, by_width=True)
         self._log_eval(final_eval.loss)
         if run.checkpoint.enabled and (self.state.iteration > start or not resumed):
             self.save()
@@ -349,6 +376,8 @@ class Trainer:
 
         # loss (nats / token) over bytes per token, end-of-document predictions included
         summary["heldout_bits_per_byte"] = bits_per_byte(final.loss, final.bytes_per_token)
+        if final.loss_by_width is not None:  # do easy tokens go to narrow experts?
+            summary["heldout_loss_by_width"] = final.loss_by_width
         if self.rank == 0:
             out = self.run.out_dir
             out.mkdir(parents=True, exist_ok=True)

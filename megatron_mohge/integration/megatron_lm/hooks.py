@@ -9,7 +9,9 @@
   ``megatron.training.training`` up to core_v0.17; from core_v0.18 ``training_log`` calls
   ``get_moe_metrics_tracker().report(track_names=...)`` (names it does not list are neither
   reduced nor logged there), so the tracker's ``report`` is wrapped instead.
-  ``num_floating_point_operations`` is wrapped on every tag (``flops``).
+  ``num_floating_point_operations`` is wrapped on every tag (``flops``), and
+  ``training_log`` / ``evaluate`` / ``finalize_model_grads`` for the routing diagnostics
+  (:mod:`.routing_log`).
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ def _routers_sized_entries(tracker):
 def install_megatron_lm_hooks() -> str:
     """Make an unpatched ``megatron.training.training`` log MoHGE losses and count MoHGE FLOPs,
     and run :func:`megatron_mohge.routing.balance.end_of_step` after ``finalize_model_grads``;
-    the rank's checkpoint-writer processes die with it (``training.procs``), on every tag.
+    log the routing diagnostics (:mod:`.routing_log`); the rank's checkpoint-writer processes
+    die with it (``training.procs``), on every tag.
 
     Returns ``"patched"`` (a patched checkout does it itself: nothing to do), ``"installed"``
     or ``"already installed"``. The wrappers leave runs without ``--mohge-config`` unchanged.
@@ -150,6 +153,11 @@ def install_megatron_lm_hooks() -> str:
     # once-per-step loss-free bias update and global-batch figures run right after it
     # (idempotent; patched checkouts get it too).
     T.finalize_model_grads = wrap_finalize_model_grads(T.finalize_model_grads)
+    # routing diagnostics every log interval (log line, TensorBoard, routing_diagnostics.json),
+    # evaluation kept out of the window (idempotent)
+    from megatron_mohge.integration.megatron_lm.routing_log import install_routing_log_hooks
+
+    install_routing_log_hooks(T)
     # distributed-optimizer checkpoints with torch Adam (no Apex / TE, e.g. GPU installs
     # without TE): Megatron's load breaks in three places (compat.distopt; idempotent)
     from megatron_mohge.compat import distopt
