@@ -1,5 +1,5 @@
-"""The figure and PNG writer every benchmark plot uses (a leaf: ``plots`` and ``study`` both
-draw with it, so neither imports the other for it).
+"""The figure, colormaps and PNG writer every benchmark plot uses (a leaf: ``plots``,
+``plots_research`` and ``study`` all draw with it, so none imports another for it).
 
 ``matplotlib.figure.Figure`` on the Agg canvas directly: pyplot's global backend is neither
 needed nor changed.
@@ -25,3 +25,10 @@ def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG at ``path``; returns ``path``."""
     fig.savefig(path, dpi=110)
     return path
+
+
+def colormap(name: str):
+    """Matplotlib's colormap ``name``."""
+    import matplotlib
+
+    return matplotlib.colormaps[name]

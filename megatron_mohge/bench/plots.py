@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from megatron_mohge.bench.canvas import new_figure, save_figure
+from megatron_mohge.bench.canvas import colormap, new_figure, save_figure
 from megatron_mohge.bench.fmt import _num
 
 PathLike = Union[str, Path]
@@ -94,7 +94,7 @@ def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
         widths = r.get("widths") or []
         labels = [f"g{g} (W={widths[g]})" if g < len(widths) else f"g{g}" for g in range(ng)]
         ys = [[row[g] for row in share] for g in range(ng)]
-        cmap = _cmap("viridis")
+        cmap = colormap("viridis")
         colors = [cmap(g / max(1, ng - 1)) for g in range(ng)]
         ax.stackplot(it, ys, labels=labels, colors=colors, alpha=0.9)
         if len(it) > 1:
@@ -105,12 +105,6 @@ def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
         ax.set_title(name)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path)
-
-
-def _cmap(name: str):
-    import matplotlib
-
-    return matplotlib.colormaps[name]
 
 
 def plot_rank_load(runs: dict, path: Path) -> Optional[Path]:
@@ -134,7 +128,7 @@ def plot_rank_load(runs: dict, path: Path) -> Optional[Path]:
     span = max(vmax - 1.0, 1.0 - vmin, 0.05)
     im = None
     for ax, (name, (rows, labels)) in zip(axes, data.items()):
-        im = ax.imshow(rows, cmap=_cmap("coolwarm"), vmin=1.0 - span, vmax=1.0 + span,
+        im = ax.imshow(rows, cmap=colormap("coolwarm"), vmin=1.0 - span, vmax=1.0 + span,
                        aspect="auto")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xticks(range(len(rows[0])), [str(i) for i in range(len(rows[0]))])

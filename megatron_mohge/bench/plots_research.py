@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.bench.fmt import _num
-from megatron_mohge.bench.canvas import new_figure, save_figure
-from megatron_mohge.bench.plots import _cmap
+from megatron_mohge.bench.canvas import colormap, new_figure, save_figure
 
 RESEARCH_PLOTS = ("rank_load_per_layer.png", "loss_ratio.png", "loss_by_width.png")
 EPS = ("2", "4", "8")
@@ -72,7 +71,7 @@ def plot_rank_load_per_layer(runs: dict, path: Path) -> Optional[Path]:
                 continue
             ranks = [[float(v) for v in r_] for r_ in d["ranks"]]
             span = max(max(abs(v - 1.0) for r_ in ranks for v in r_), 0.05)
-            im = ax.imshow(ranks, cmap=_cmap("coolwarm"), vmin=1 - span, vmax=1 + span,
+            im = ax.imshow(ranks, cmap=colormap("coolwarm"), vmin=1 - span, vmax=1 + span,
                            aspect="auto")
             mom = [float(m) for m in d["max_over_mean"]]
             ax.set_yticks(range(len(ranks)), [f"MoE layer {i + 1}: {m:.2f}"
