@@ -10,7 +10,7 @@ Importing the package is cheap: the Megatron-dependent parts load on first use.
 """
 
 from megatron_mohge import compat
-from megatron_mohge.allocation import AllocationPlan, plan_allocation
+from megatron_mohge.config.allocation import AllocationPlan, plan_allocation
 from megatron_mohge.config import (
     AllocationConfig,
     ConfigError,

@@ -7,7 +7,7 @@ and max/mean, and (given an allocation plan) per-EP-rank expert FLOPs. Counts ar
 the rank; pass ``group`` to sum them over e.g. the data-parallel group first.
 
 Every router of the package counts, Megatron's stock ``TopKRouter`` included through
-:class:`~megatron_mohge.routing.stock.CountedTopKRouter` (``training.model`` swaps it into
+:class:`~megatron_mohge.routing.stock.CountedTopKRouter` (``training.model_builder`` swaps it into
 the stock spec), so a stock MoE baseline is measured by the same code. The figures
 themselves are :meth:`RoutingCounter.metrics <megatron_mohge.routing.counters.RoutingCounter.metrics>`;
 this module loops over the routers of a model.

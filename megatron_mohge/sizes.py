@@ -1,4 +1,5 @@
-"""Parameter count of one FFN / expert (a leaf module: the one place this formula lives).
+"""Sizes of experts and groups: the parameter count of one FFN / expert (a leaf module: the
+one place this formula lives) and the groups' offsets in the canonical expert order.
 
 A Megatron MLP of width ``W`` on hidden size ``h`` has fc1 ``h x (2W | W)`` (gated: the
 gate and up projections fused) and fc2 ``W x h``; with ``add_bias_linear`` fc1 has a bias of
@@ -26,3 +27,12 @@ def ffn_params(hidden: int, width: int, gated: bool, bias: bool, etp: int = 1) -
     replicated). For ``etp = 1`` this is ``per_width * width + per_expert``."""
     up = (2 * width if gated else width) // etp
     return hidden * up + (width // etp) * hidden + ((up + hidden) if bias else 0)
+
+
+def group_offsets(experts_per_group) -> list[int]:
+    """Exclusive prefix sums of the group sizes: canonical id of each group's first expert."""
+    offsets, total = [], 0
+    for n in experts_per_group:
+        offsets.append(total)
+        total += n
+    return offsets

@@ -69,7 +69,7 @@ def router_builder(mohge_config: MoHGEConfig):
         return functools.partial(MoHGERouter, mohge_config=mohge_config)
     from megatron_mohge.routing.noisy_topk import NoisyTopKRouter
 
-    return functools.partial(NoisyTopKRouter, mohge_config=mohge_config)
+    return functools.partial(NoisyTopKRouter.for_mohge, mohge_config=mohge_config)
 
 
 def get_mohge_moe_module_spec(mohge_config: MoHGEConfig, use_te: Optional[bool] = None):
@@ -227,7 +227,3 @@ def replace_moe_mlp(layer_spec: ModuleSpec, mlp) -> ModuleSpec:
         raise ValueError("expected a TransformerLayer spec whose mlp is a MoELayer spec")
     return dataclasses.replace(layer_spec,
                                submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
-
-
-# the names integration/megatron_lm/model.py imports (switch it to the public ones)
-_is_moe_layer, _with_mlp = is_moe_layer, replace_moe_mlp

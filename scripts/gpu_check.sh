@@ -13,7 +13,7 @@
 #   (Python 3.10 / 3.11: --python-version 3.11 and megatron-core==0.16.1)
 #   pip wheel --no-deps --wheel-dir wheels /path/to/megatron-mohge
 #
-# Then: results.json and results.md in --out (see python -m megatron_mohge.bench.gpu_check
+# Then: results.json and results.md in --out (see python -m megatron_mohge.cli.gpu_check
 # --help). --device cpu runs the same steps at a tiny shape on the CPU (CI does).
 set -euo pipefail
 PY="${PYTHON:-python3}"
@@ -45,4 +45,4 @@ if [ "$DEVICE" = cpu ]; then
   export CUDA_VISIBLE_DEVICES=""   # the tiny CPU run must not pick up a GPU
 fi
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-exec "$PY" -m megatron_mohge.bench.gpu_check "${ARGS[@]}"
+exec "$PY" -m megatron_mohge.cli.gpu_check "${ARGS[@]}"

@@ -99,17 +99,18 @@ from importlib import metadata
 need = {"megatron-core": sys.argv[1]}
 try:
     assert metadata.version("megatron-core") == need["megatron-core"]
-    for dist in ("megatron-mohge", "pytest", "pyyaml", "tokenizers", "transformers",
-                 "safetensors", "lm-eval"):
+    for dist in ("megatron-mohge", "pytest", "import-linter", "ruff", "pyyaml", "tokenizers",
+                 "transformers", "safetensors", "lm-eval"):
         metadata.version(dist)
 except (AssertionError, metadata.PackageNotFoundError):
     sys.exit(1)
 PYEOF
 }
-# The editable install's metadata (console scripts, extras) is written once, from setup.py:
-# a checkout whose setup.py changed since (e.g. a new mohge-* command) is installed again.
+# The editable install's metadata (console scripts, extras) is written once, from
+# pyproject.toml: a checkout whose pyproject.toml changed since (e.g. a new mohge-* command)
+# is installed again.
 STAMP="$VENV/.megatron-mohge-setup.sha256"
-SETUP_SHA="$(sha256sum "$ROOT/setup.py" | cut -d' ' -f1)"
+SETUP_SHA="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if ! installed || [ "$(cat "$STAMP" 2>/dev/null)" != "$SETUP_SHA" ]; then
   echo "[setup] installing $MCORE and megatron-mohge (editable) with its test, train, hf and" \
        "eval extras"

@@ -1,7 +1,7 @@
 """Golden ``TransformerConfig`` of the benchmark runs, written by the code before the
 MoE-mapping refactor: the refactor (and later changes) must reproduce it.
 
-``snapshot(run)`` is every field of ``training.model.transformer_config(run)`` on one rank
+``snapshot(run)`` is every field of ``training.model_builder.transformer_config(run)`` on one rank
 (TP=EP=PP=1), as JSON values; ``tests/data/transformer_config_golden.json`` holds it for the
 runs below, per megatron-core line (the field set differs), written by the code before the
 MoE-argument mapping was made one source. Rewrite a line's entry (``python -m
@@ -23,7 +23,7 @@ CONFIGS = ROOT / "examples" / "configs"
 def golden_runs() -> dict:
     """name -> RunConfig: every run of the default and ablation presets, the CPU configs."""
     from megatron_mohge.bench.presets import get_preset
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     runs = {}
     for preset in ("default", "load-balance-ablation"):
@@ -59,7 +59,7 @@ def line() -> str:
 
 
 def snapshot(run) -> dict:
-    from megatron_mohge.training.model import transformer_config
+    from megatron_mohge.training.model_builder import transformer_config
 
     tc = transformer_config(run)
     return {f.name: _jsonable(getattr(tc, f.name)) for f in dataclasses.fields(tc)}

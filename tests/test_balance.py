@@ -261,7 +261,7 @@ def test_warns_once_when_global_batch_stats_are_never_reset():
 
 
 def test_bench_targets_report_balance_against_stock():
-    from megatron_mohge.bench.e2e import target_checks
+    from megatron_mohge.bench.figures import target_checks
 
     def run(cv, group_cv, flops):
         return {"routed_expert_params": 100, "heldout_loss": 2.0,

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from megatron_mohge.bench import e2e, stats
+from megatron_mohge.bench import e2e, runner, stats
+from megatron_mohge.util import numbers
 from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs, mean_over_seeds
 from megatron_mohge.bench.presets import get_preset
 from megatron_mohge.config import ConfigError
@@ -57,7 +58,7 @@ def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
             assert f["rank_flops_max_over_mean"] == \
                 summary["rank_flops_by_ep"]["2"][f"{layout}_max_over_mean"]
             assert f["expert_load_max_over_mean"] == summary["expert_load_max_over_mean"] == \
-                stats.mean([l["expert_load_max_over_mean"] for l in summary["layers"]])
+                numbers.mean([l["expert_load_max_over_mean"] for l in summary["layers"]])
     moe, mohge = runs["moe"], runs["mohge"]
     cfg = preset.run_dicts(["mohge"])["mohge"]["moe"]["mohge"]
     hidden, layers = 32, 2
@@ -104,9 +105,9 @@ def _check_seed_consistency(res, with_targets=False):
         assert r["seeds"] == seeds and [f["seed"] for f in r["per_seed"]] == seeds
         per = r["heldout_loss_per_seed"]
         assert per == [f["heldout_loss"] for f in r["per_seed"]]
-        assert r["heldout_loss"] == pytest.approx(stats.mean(per))
+        assert r["heldout_loss"] == pytest.approx(numbers.mean(per))
         assert r["activated_params_per_token"] == pytest.approx(
-            stats.mean(r["activated_params_per_token_per_seed"]))
+            numbers.mean(r["activated_params_per_token_per_seed"]))
         assert r["heldout_ppl"] == pytest.approx(math.exp(r["heldout_loss"]))
         # the held-out set: the same number of tokens for every seed, with its noise
         assert len({f["heldout_tokens"] for f in r["per_seed"]}) == 1
@@ -123,11 +124,11 @@ def _check_seed_consistency(res, with_targets=False):
         ratios = [a[field] / b[field] for a, b in zip(res["runs"]["mohge"]["per_seed"],
                                                       res["runs"]["moe"]["per_seed"])]
         assert comp[f"{short}_ratio_per_seed"] == pytest.approx(ratios)
-        mean = stats.mean(ratios)
+        mean = numbers.mean(ratios)
         assert comp[f"{short}_ratio_mean"] == pytest.approx(mean)
         lo, hi = comp[f"{short}_ratio_ci95"]
         assert (lo + hi) / 2 == pytest.approx(mean)
-        assert hi - lo == pytest.approx(2 * t * stats.sample_sd(ratios) / math.sqrt(len(seeds)))
+        assert hi - lo == pytest.approx(2 * t * numbers.sample_sd(ratios) / math.sqrt(len(seeds)))
     assert len(comp["loss_ratio_eval_se"]) == len(seeds)
     if with_targets:
         assert res["targets"]["figures"]["heldout_loss_ratio_ci95_high"] == \
@@ -214,7 +215,7 @@ def test_presets_and_errors(tmp_path):
     assert [r.moe.noisy_gating.importance_coeff > 0 for r in abl.values()] == [False, True,
                                                                               False, True]
     # torchrun through megatron_mohge.cli.launch: a rank's usage error comes back as one line
-    assert e2e.launch_command(tmp_path / "x.yaml", 2)[1:4] == ["-m", "megatron_mohge.cli.launch",
+    assert runner.launch_command(tmp_path / "x.yaml", 2)[1:4] == ["-m", "megatron_mohge.cli.launch",
                                                                 "--standalone"]
 
 
@@ -236,7 +237,7 @@ def test_cli_dry_run_and_gpu_preset_error(tmp_path, capsys, monkeypatch):
 
 
 def test_eval_and_valid_seed_fields_are_validated():
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     run = RunConfig.from_dict({"eval": {"iters": 8, "final_iters": 64}})
     assert run.eval.final_batches == 64 and run.data.valid_seed == 1234

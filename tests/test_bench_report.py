@@ -2,15 +2,10 @@
 
 import copy
 
-import pytest
 
-from megatron_mohge.bench.report import (
-    PLOT_NAMES,
-    fmt_delta,
-    markdown_report,
-    write_plots,
-    write_report,
-)
+from megatron_mohge.bench.fmt import fmt_delta
+from megatron_mohge.bench.plots import PLOT_NAMES, write_plots
+from megatron_mohge.bench.report import markdown_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -209,7 +204,7 @@ def test_balance_table_and_plot(tmp_path):
 
 def test_layer_bench_text_and_markdown_tables_share_their_cells():
     """One source for the layer-bench columns (report.layer_bench_rows): the terminal table
-    of ``python -m megatron_mohge.bench.layer_bench`` / gpu_check and the markdown table of
+    of ``python -m megatron_mohge.cli.layer_bench`` / gpu_check and the markdown table of
     results.md carry the same header and cells, in the same order."""
     import re
 

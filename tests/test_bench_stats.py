@@ -6,6 +6,7 @@ import random
 import pytest
 
 from megatron_mohge.bench import stats
+from megatron_mohge.util import numbers
 
 # Two-sided 95% (p = 0.975) and 99% (p = 0.995) Student-t critical values, from any table.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 20: 2.086,
@@ -51,8 +52,8 @@ def test_mean_ci_by_hand():
     assert s["ci"] == pytest.approx([2.0 - half, 2.0 + half], abs=1e-6)
     one = stats.mean_ci([5.0])
     assert one["ci"] is None and one["sd"] == 0.0
-    assert stats.standard_error([1.0, 3.0]) == pytest.approx(math.sqrt(2) / math.sqrt(2))
-    assert stats.standard_error([1.0]) is None
+    assert numbers.standard_error([1.0, 3.0]) == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    assert numbers.standard_error([1.0]) is None
 
 
 def test_paired_ratio_by_hand():
@@ -71,7 +72,7 @@ def test_ratio_se_paired():
     xs = [2.1, 2.4, 1.7, 2.9]
     r = sum(xs) / sum(ys)
     resid = [x - r * y for x, y in zip(xs, ys)]
-    expected = stats.sample_sd(resid) / (2.0 * sum(ys) / 4)
+    expected = numbers.sample_sd(resid) / (2.0 * sum(ys) / 4)
     assert stats.ratio_se_paired(xs, ys) == pytest.approx(expected)
     assert stats.ratio_se_paired([1.0], [1.0]) is None
 
@@ -108,8 +109,8 @@ def test_bootstrap_efficiency():
     rng = random.Random(1)
     s_by = [[x + rng.gauss(0, 0.01) for x in stock] for _ in range(4)]
     o_by = [[x + rng.gauss(0, 0.01) for x in other] for _ in range(4)]
-    mean_s = [stats.mean([s[i] for s in s_by]) for i in range(3)]
-    mean_o = [stats.mean([o[i] for o in o_by]) for i in range(3)]
+    mean_s = [numbers.mean([s[i] for s in s_by]) for i in range(3)]
+    mean_o = [numbers.mean([o[i] for o in o_by]) for i in range(3)]
     point = stats.efficiency_ratio(ns, mean_s, ns, mean_o)["geomean"]
     b1 = stats.bootstrap_efficiency(ns, s_by, ns, o_by, samples=400, seed=3)
     b2 = stats.bootstrap_efficiency(ns, s_by, ns, o_by, samples=400, seed=3)

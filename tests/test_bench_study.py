@@ -7,6 +7,7 @@ import random
 import pytest
 
 from megatron_mohge.bench import e2e, stats
+from megatron_mohge.util import numbers
 from megatron_mohge.bench.aggregate import aggregate_runs
 from megatron_mohge.bench.presets import STUDY_HIDDEN, get_preset
 from megatron_mohge.bench.study import analyze, study_markdown
@@ -80,8 +81,8 @@ def test_study_analysis_interval_with_seed_noise():
         for per, m, ci in zip(t["loss_per_seed"], t["loss_mean"], t["loss_ci95"]):
             # the Student-t interval of the seed mean: centred on it, t(0.975, n-1) sd/sqrt(n)
             # either side (a symmetric interval always holds its mean: check where it is)
-            half = stats.t_quantile(0.975, len(per) - 1) * stats.sample_sd(per) / len(per) ** 0.5
-            assert m == pytest.approx(stats.mean(per)) and half > 0
+            half = stats.t_quantile(0.975, len(per) - 1) * numbers.sample_sd(per) / len(per) ** 0.5
+            assert m == pytest.approx(numbers.mean(per)) and half > 0
             assert ci == pytest.approx([m - half, m + half], rel=1e-12)
 
 
@@ -89,7 +90,8 @@ def test_study_analysis_interval_with_seed_noise():
 def test_tiny_study_end_to_end(tmp_path):
     """Two seeds of a shrunken study (2 layers, seq 32, 3 steps, 2 of the sizes): results,
     fits, efficiency ratio with its interval, markdown and the study plot."""
-    from megatron_mohge.bench.report import STUDY_PLOT, write_report
+    from megatron_mohge.bench.plots import STUDY_PLOT
+    from megatron_mohge.bench.report import write_report
 
     p = get_preset("study")
     p.base["model"].update(num_layers=2, seq_length=32)

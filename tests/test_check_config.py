@@ -9,7 +9,7 @@ import torch
 from megatron_mohge.cli import check_config as CC
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.integration import accounting as A
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -27,10 +27,10 @@ def tiny_run(moe, **model):
 
 
 def build_gpt(run):
-    """The GPTModel mohge-train builds for ``run`` (``training.model``: local layers, CPU)."""
+    """The GPTModel mohge-train builds for ``run`` (``training.model_builder``: local layers, CPU)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_mohge.training.model import build_gpt_model
+    from megatron_mohge.training.model_builder import build_gpt_model
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0, force_reset_rng=True)
@@ -73,8 +73,8 @@ def test_analytic_params_match_real_gpt_model(mcore_world1, case):
     counts = A.analytic_param_counts(run, VOCAB)
     real = sum(p.numel() for p in gpt.parameters())
     assert counts.total == real, (counts.to_dict(), real)
-    # the trainer's measured counts (training.model) are the same two figures
-    from megatron_mohge.training.model import measured_param_counts
+    # the trainer's measured counts (training.model_builder) are the same two figures
+    from megatron_mohge.training.model_builder import measured_param_counts
 
     assert measured_param_counts(gpt) == dict(total_params=counts.total,
                                               routed_expert_params=counts.routed_experts)
@@ -213,7 +213,7 @@ def test_cli_bad_configs(capsys, tmp_path):
 
 def test_run_and_layer_keys_are_disjoint_and_shipped_files_are_classified():
     from megatron_mohge.config import read_yaml_file
-    from megatron_mohge.run_config import LAYER_FIELDS, RUN_FIELDS, config_kind
+    from megatron_mohge.config.run import LAYER_FIELDS, RUN_FIELDS, config_kind
 
     assert RUN_FIELDS.isdisjoint(LAYER_FIELDS)
     shipped = sorted(CONFIGS.glob("*.yaml")) + sorted(

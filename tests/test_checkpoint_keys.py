@@ -29,9 +29,9 @@ def sharded_keys(tree, out: dict) -> dict:
 @pytest.mark.parametrize("name", sorted(json.loads(GOLDEN.read_text())))
 def test_sharded_keys_of_the_tiny_models_are_unchanged(name):
     from megatron_mohge.resources import config_path
-    from megatron_mohge.run_config import RunConfig
-    from megatron_mohge.training import mcore as M
-    from megatron_mohge.training.model import decoder_spec, transformer_config
+    from megatron_mohge.config.run import RunConfig
+    from megatron_mohge.training import mcore_plumbing as M
+    from megatron_mohge.training.model_builder import decoder_spec, transformer_config
 
     run = RunConfig.from_yaml(config_path(name))
     tc = transformer_config(run)

@@ -7,7 +7,7 @@ import pytest
 
 from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError
-from tests._scan import package_hits
+from megatron_mohge.util.usage_errors import USAGE_EXIT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "configs" / "cpu_tiny_mohge.yaml")
@@ -25,7 +25,7 @@ RUN_FILE_CLIS = [
     ("megatron_mohge.cli.train", ["--config", MISSING], "mohge-train: "),
     ("megatron_mohge.cli.pretrain", ["--config", MISSING], "mohge-pretrain: "),
     ("megatron_mohge.cli.check_config", [MISSING], "mohge-check-config: "),
-    ("megatron_mohge.integration.slurm", [MISSING], "megatron_mohge.integration.slurm: "),
+    ("megatron_mohge.cli.slurm", [MISSING], "megatron_mohge.cli.slurm: "),
 ]
 
 
@@ -64,14 +64,14 @@ def test_run_file_and_overrides_parse_alike(module, argv, prefix, capsys):
 
 def test_other_clis_report_config_errors_on_one_line(tmp_path, capsys):
     from megatron_mohge.cli import bench, prepare_data
-    from megatron_mohge.resources import __main__ as resources
+    from megatron_mohge.cli import resources
 
     assert bench.main(["--runs", "nope", "--dry-run", "--out", str(tmp_path)]) == 2
     assert _one_line(capsys.readouterr().err).startswith(
         "mohge-bench: --runs: preset default has no run 'nope'")
     assert resources.main(["no-such-file"]) == 2
     assert _one_line(capsys.readouterr().err).startswith(
-        "python -m megatron_mohge.resources: megatron_mohge ships no file 'no-such-file'")
+        "python -m megatron_mohge.cli.resources: megatron_mohge ships no file 'no-such-file'")
     assert prepare_data.main([str(tmp_path / "absent")]) == 2  # argparse's "error:" form
     assert _one_line(capsys.readouterr().err).startswith("mohge-prepare-data: error: input path")
 
@@ -81,7 +81,7 @@ def test_run_cli_turns_only_config_errors_into_the_usage_exit(capsys):
         raise ConfigError(f"model.hidden_size: {args} is not a number")
 
     assert common.run_cli("tool", lambda args: 7, None) == 7
-    assert common.run_cli("tool", bad, "x") == common.USAGE_EXIT == 2
+    assert common.run_cli("tool", bad, "x") == USAGE_EXIT == 2
     assert capsys.readouterr().err == "tool: model.hidden_size: x is not a number\n"
     seen = []
     assert common.run_cli("tool", bad, "y", report=lambda p, e: seen.append((p, str(e))) or 5) == 5
@@ -95,7 +95,7 @@ def test_mohge_train_reports_a_run_time_config_error_once(tmp_path, monkeypatch,
     one-line exit, through the multi-rank reporter (usage_errors: here a launcher collects
     it in $MOHGE_USAGE_ERROR_FILE, so nothing is printed)."""
     from megatron_mohge.cli import train
-    from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error
+    from megatron_mohge.util.usage_errors import ERROR_FILE_ENV, read_usage_error
     from megatron_mohge.training import trainer
 
     class BusyTrainer:
@@ -130,29 +130,18 @@ def test_mohge_pretrain_without_megatron_training_is_one_line(monkeypatch, capsy
         "mohge-pretrain: mohge-pretrain needs megatron.training"
 
 
-def test_the_cli_boilerplate_is_written_once():
-    """The overrides argument and the ConfigError-to-one-line exit live in cli/common.py; a
-    CLI that writes its own ``except ConfigError: print(...)`` or overrides argument is
-    caught here."""
-    found = package_hits((r"except ConfigError as \w+:\s*\n\s*print\(",
-                          r"metavar=\"key\.sub=value\"",
-                          r"formatter_class=argparse\.RawDescriptionHelpFormatter"),
-                         skip={"cli/common.py"})
-    assert not found, found
-
-
 def test_bench_tools_report_bad_input_on_one_line(tmp_path, capsys):
     """Regression: a missing --config of the layer bench, or a missing / malformed
     results.json of the report, ended in a traceback (exit 1)."""
-    from megatron_mohge.bench import layer_bench, report
+    from megatron_mohge.cli import layer_bench, report
 
     assert layer_bench.cli(["--config", str(tmp_path / "no.yaml")]) == 2
     assert _one_line(capsys.readouterr().err).startswith(
-        "python -m megatron_mohge.bench.layer_bench: MoHGEConfig.from_yaml: file not found")
+        "python -m megatron_mohge.cli.layer_bench: MoHGEConfig.from_yaml: file not found")
     (tmp_path / "bad.json").write_text("{not json")
     for name in ("missing.json", "bad.json"):
         assert report.cli([str(tmp_path / name)]) == 2
         line = _one_line(capsys.readouterr().err)
-        assert line.startswith(f"python -m megatron_mohge.bench.report: {tmp_path / name}: "
+        assert line.startswith(f"python -m megatron_mohge.cli.report: {tmp_path / name}: "
                                "cannot read the benchmark results")
     assert not list(tmp_path.glob("*.md"))  # nothing written

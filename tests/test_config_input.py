@@ -7,7 +7,7 @@ import pytest
 from megatron_mohge.cli.train import main as train_main
 from megatron_mohge.config import ConfigError, MoHGEConfig, load_yaml, read_yaml_file
 from megatron_mohge.resources import config_path
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 
 LAYER = "widths: [24, 40]\nexperts_per_group: 2\ngroup_topk: 1\ntopk: 2\n"
 

@@ -1,4 +1,4 @@
-"""CPU mode: stock Megatron-Core GPT + MoE on CPU / gloo (megatron_mohge.compat.cpu_mode).
+"""CPU mode: stock Megatron-Core GPT + MoE on CPU / gloo (megatron_mohge.compat.cpu).
 
 Single-process cases run in this process (a 1-rank gloo group); multi-rank cases launch
 ``tests/workers/cpu_mode_worker.py`` under torchrun, several layouts per launch.
@@ -43,7 +43,7 @@ import megatron.core.tensor_parallel.mappings as mappings
 import megatron.core.tensor_parallel.random as tp_random
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 import megatron_mohge.compat as compat
-from megatron_mohge.compat import cpu_mode, versions
+from megatron_mohge.compat import cpu as cpu_mode, versions
 
 original_gather = mappings._gather_along_first_dim
 original_norm_new = WrappedTorchNorm.__new__
@@ -159,7 +159,7 @@ def expected_patches_fresh() -> set:
 
 
 def test_patch_table_documents_every_patch():
-    from megatron_mohge.compat import cpu, cpu_mode
+    from megatron_mohge.compat import cpu
     from megatron_mohge.compat.cpu.patches import PATCHES
 
     names = [p.name for p in PATCHES]
@@ -175,7 +175,6 @@ def test_patch_table_documents_every_patch():
         and not set(training) & set(names)
     for name in training:
         assert f"``{name}``" in cpu.__doc__, name
-    assert cpu_mode.__doc__ == cpu.__doc__ and cpu_mode.enable_cpu_mode is cpu.enable_cpu_mode
 
 
 def test_share_storage_without_compiler():
@@ -298,7 +297,7 @@ W2 = dict(
     ep_allgather=f"ep=2,steps={STEPS}",
     ep_alltoall=f"ep=2,dispatcher=alltoall,steps={STEPS}",
     pp_tied=f"pp=2,tied=1,steps={STEPS}",
-    ckpt=f"ep=2,dispatcher=alltoall,steps=2,ckpt=1,reload=tp2",
+    ckpt="ep=2,dispatcher=alltoall,steps=2,ckpt=1,reload=tp2",
     ckpt_fully_parallel="ep=2,steps=2,ckpt=1,fp=1,shared=1",
     dropout="tp=2,dropout=1,steps=3",
     dropout_recompute="tp=2,dropout=1,recompute=1,steps=3",

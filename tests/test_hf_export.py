@@ -227,7 +227,7 @@ def test_mohge_eval_checkpoint_and_export_agree(saved, tmp_path):
     import torch.distributed as dist
 
     from megatron_mohge.export import export_hf
-    from megatron_mohge.training import mcore as M
+    from megatron_mohge.training import mcore_plumbing as M
 
     root, _ = saved
     data = _held_out(tmp_path)

@@ -19,7 +19,7 @@ MOHGE = dict(widths=[16, 32, 48, 64], experts_per_group=2, group_topk=2, topk=2)
 
 def hybrid_argv(tmp_path, pattern="*E-E"):
     from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     run = RunConfig.from_dict({
         "output_dir": str(tmp_path),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_mohge.config import ConfigError
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 from tests.workers import common as C
 
 STEPS = 12
@@ -24,7 +24,7 @@ def hybrid_run(moe=None, pattern="*E*E", **model):
 def build(run):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_mohge.training.model import build_language_model
+    from megatron_mohge.training.model_builder import build_language_model
 
     torch.manual_seed(C.SEED)
     model_parallel_cuda_manual_seed(C.SEED, force_reset_rng=True)
@@ -36,7 +36,7 @@ def falls(losses, factor=0.9):
 
 
 def train(run, model):
-    from megatron_mohge.training.model import transformer_config
+    from megatron_mohge.training.model_builder import transformer_config
 
     tc = transformer_config(run)
     ddp = C.wrap_ddp(model, tc)
@@ -79,7 +79,7 @@ def test_stock_hybrid_baseline_trains_and_counts_its_routing(mcore_world1):
 
 def test_analytic_param_counts_match_a_real_hybrid_model(mcore_world1):
     from megatron_mohge.integration import accounting as A
-    from megatron_mohge.training.model import measured_param_counts
+    from megatron_mohge.training.model_builder import measured_param_counts
 
     for run in (hybrid_run(pattern="*E-E*", num_attention_heads=4),
                 hybrid_run({"kind": "dense"}, pattern="*-*-", normalization="LayerNorm",
@@ -116,7 +116,7 @@ def test_local_spec_has_only_local_layers_and_te_spec_keeps_megatrons(mcore_worl
 @pytest.mark.parametrize("pattern,match", [("*M*E", "M layers need CUDA"),
                                            ("*G*E", "G layers")])
 def test_cuda_only_layers_are_refused_on_cpu_in_one_line(mcore_world1, pattern, match):
-    from megatron_mohge.training.model import hybrid_stack_spec
+    from megatron_mohge.training.model_builder import hybrid_stack_spec
 
     with pytest.raises(ValueError, match=match) as err:
         hybrid_stack_spec(hybrid_run(pattern=pattern))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 from tests.test_trainer import REPO, TINY
 
 HYBRID = {**TINY, "model": {**TINY["model"], "kind": "hybrid", "hybrid_layer_pattern": "*E-E",

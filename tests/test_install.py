@@ -57,7 +57,7 @@ def test_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
     # 1. Build a wheel from a clean copy of the sources (keeps build/ out of the checkout).
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("setup.py", "README.md"):
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "megatron_mohge", src / "megatron_mohge",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -93,14 +93,14 @@ def test_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
     assert "megatron_mohge.cli.train" in out.stdout
     assert list((work / "bench" / "configs").glob("mohge.seed*.yaml"))  # one per seed
 
-    # 4. mohge-check-config on a shipped config, found with python -m megatron_mohge.resources.
-    cfg = _run([str(py), "-m", "megatron_mohge.resources", "configs/small_mohge_1node.yaml"],
+    # 4. mohge-check-config on a shipped config, found with python -m megatron_mohge.cli.resources.
+    cfg = _run([str(py), "-m", "megatron_mohge.cli.resources", "configs/small_mohge_1node.yaml"],
                work, env).stdout.strip()
     assert Path(cfg).is_relative_to(site)
     _run([str(venv / "bin" / "mohge-check-config"), cfg], work, env)
 
     # 5. The Slurm dry run: the shipped sbatch script renders the shipped launcher.
-    sbatch = _run([str(py), "-m", "megatron_mohge.resources", "slurm/launch_torchrun.sbatch"],
+    sbatch = _run([str(py), "-m", "megatron_mohge.cli.resources", "slurm/launch_torchrun.sbatch"],
                   work, env).stdout.strip()
     slurm_env = {**env, "DRY_RUN": "1", "PYTHON": str(py),
                  "MEGATRON_LM_DIR": str(tmp_path / "Megatron-LM")}

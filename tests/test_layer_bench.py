@@ -6,7 +6,8 @@ import statistics
 import pytest
 
 from megatron_mohge import MoHGEConfig
-from megatron_mohge.bench.layer_bench import KINDS, round_width, run_layer_bench
+from megatron_mohge.bench.layer_bench import run_layer_bench
+from megatron_mohge.bench.layer_models import KINDS, round_width
 from megatron_mohge.util import numbers
 
 pytestmark = pytest.mark.usefixtures("mcore_world1")
@@ -28,7 +29,7 @@ def result():
     from megatron.core import parallel_state as ps
 
     from megatron_mohge.compat import enable_cpu_mode
-    from megatron_mohge.training.mcore import init_distributed
+    from megatron_mohge.training.mcore_plumbing import init_distributed
 
     # Module-scoped copy of the mcore_world1 fixture's set-up (the bench runs once).
     enable_cpu_mode()
@@ -123,14 +124,14 @@ def test_torch_backend_runs_every_layer_on_grouped_gemms():
     assert res["config"]["backend"] == "torch"
     assert set(res["kinds"]) == set(KINDS)
     # (the stock layers' expert class is checked by building one)
-    from megatron_mohge.bench.layer_bench import build_stock_layer
+    from megatron_mohge.bench.layer_models import build_stock_layer
 
     layer = build_stock_layer(4, 8, 2, HIDDEN, backend="torch")
     assert isinstance(layer.experts, TorchGroupedMLP)
 
 
 def test_compare_expert_backends():
-    from megatron_mohge.bench.layer_bench import compare_expert_backends
+    from megatron_mohge.bench.backend_compare import compare_expert_backends
 
     res = compare_expert_backends(tiny_cfg(), hidden_size=HIDDEN, tokens=32, repeats=7, warmup=0)
     assert set(res["median_s"]) == {"local", "torch"}
@@ -192,7 +193,7 @@ def test_median_ci_is_the_sign_test_interval():
 
 
 def test_width_scale():
-    from megatron_mohge.bench.layer_bench import scale_widths
+    from megatron_mohge.bench.layer_models import scale_widths
 
     cfg = MoHGEConfig(widths=[8, 16], experts_per_group=2, group_topk=1, topk=2,
                       num_shared_experts=1, shared_expert_width=8)
@@ -213,7 +214,7 @@ def test_bad_input_names_the_argument(arg, value):
 def test_standalone_main_writes_json(tmp_path, capsys):
     import json
 
-    from megatron_mohge.bench import layer_bench
+    from megatron_mohge.cli import layer_bench
 
     yaml_path = tmp_path / "cfg.yaml"
     tiny_cfg().to_yaml(yaml_path)

@@ -13,7 +13,7 @@ from megatron_mohge.integration.flags import (
     write_mohge_config,
 )
 from megatron_mohge.integration.megatron_lm import load_mohge_config, megatron_moe_args
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 REFERENCE = ["paper_3b_mohge.yaml", "paper_3b_moe.yaml", "small_mohge_1node.yaml",

@@ -300,7 +300,7 @@ def megatron_globals():
 def tiny_run_argv(tmp_path, extra=()):
     """The launcher's command line for a tiny MoHGE run (what the Slurm scripts generate)."""
     from megatron_mohge.integration.flags import megatron_lm_flags, write_mohge_config
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     run = RunConfig.from_yaml(CONFIGS / "small_mohge_1node.yaml", [
         f"output_dir={tmp_path}", "model.num_layers=4", "model.hidden_size=32",

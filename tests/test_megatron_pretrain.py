@@ -142,7 +142,7 @@ def test_dataset_and_megatron_flags_agree_on_the_attention_mask(tmp_path, monkey
     from megatron_mohge.integration.megatron_lm.args import add_mohge_args
     from megatron_mohge.integration.megatron_training import pretrain_argv
     from megatron_mohge.integration.megatron_training.steps import dataset_provider
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     docs = tmp_path / "docs"
     docs.mkdir()

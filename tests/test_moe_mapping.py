@@ -8,12 +8,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import pytest
 
 from megatron_mohge.config import MoHGEConfig
 from megatron_mohge.config import megatron as CM
-from megatron_mohge.run_config import RunConfig
-from tests._scan import package_hits
+from megatron_mohge.config.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +51,7 @@ def test_stock_fields_one_rule_for_the_aux_loss(mcore_world1):
     mohge-train's TransformerConfig and in the Megatron-LM flags alike (they used to differ at
     coefficient 0), and the fp32 router dtype in both."""
     from megatron_mohge.integration.flags import moe_flags
-    from megatron_mohge.training.model import transformer_config
+    from megatron_mohge.training.model_builder import transformer_config
 
     for coeff, lb in ((1e-2, "aux_loss"), (0.0, "none")):
         run = RunConfig.from_dict({"model": {"num_layers": 2}, "moe": {
@@ -109,18 +107,6 @@ def test_moe_mapping_written_once():
             hit = names
             hits += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in hit]
     assert not hits, hits
-
-
-#: Names retired for one source each: expert widths (``config.megatron.routed_expert_widths``
-#: for a run, ``AllocationPlan.local_widths`` per EP rank) and the two parameter counts, now
-#: ``training.model.measured_param_counts`` and ``accounting.analytic_param_counts``.
-RETIRED = ("expert_widths_of", "_expert_widths", "expert_widths_local", "param_counts",
-           "_MoEFields")
-
-
-def test_retired_duplicates_stay_gone():
-    found = package_hits([rf"\b(def|class) {name}\b" for name in RETIRED])
-    assert not found, found
 
 
 def test_local_widths_are_the_plans():

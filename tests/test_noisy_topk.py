@@ -332,8 +332,8 @@ def test_exactly_k_and_slot_order_with_ep2():
     tc = mc.apply_to(tcfg(16, 4))
     pgc = copy.copy(moe_utils.get_default_pg_collection())
     pgc.ep = _FakeGroup(2)
-    r1 = NoisyTopKRouter(tc, mohge_config=mc)
-    r2 = NoisyTopKRouter(tc, pgc, mohge_config=mc)
+    r1 = NoisyTopKRouter.for_mohge(tc, mohge_config=mc)
+    r2 = NoisyTopKRouter.for_mohge(tc, pgc, mohge_config=mc)
     want = plan_allocation(mc.widths, mc.experts_per_group, 2).slot_to_canonical
     assert r1.slot_to_canonical.tolist() == plan_allocation(mc.widths, 4, 1).slot_to_canonical
     assert r1.identity_layout and r2.slot_to_canonical.tolist() == want
@@ -488,7 +488,7 @@ def test_z_loss_is_attached_flat_and_hierarchical():
 def test_mohge_config_builds(rtype):
     mc = MoHGEConfig(widths=[32, 64, 96, 128], experts_per_group=4, group_topk=2, topk=4,
                      router={"type": rtype}, noisy_gating={"importance_coeff": 0.2})
-    r = NoisyTopKRouter(mc.apply_to(tcfg(16, 4)), mohge_config=mc)
+    r = NoisyTopKRouter.for_mohge(mc.apply_to(tcfg(16, 4)), mohge_config=mc)
     assert r.hierarchical == (rtype == "hierarchical_noisy_topk")
     assert r.gating.importance_coeff == 0.2 and r.topk == 4 and r.group_sizes == [4] * 4
     assert r.slot_to_canonical.tolist() == plan_allocation(mc.widths, 4, 1).slot_to_canonical
@@ -512,10 +512,10 @@ def test_invalid_setups_raise():
                              moe_aux_loss_coeff=1e-2))
     mc = MoHGEConfig(widths=[32, 64], experts_per_group=4, group_topk=1, topk=2)  # type mohge
     with pytest.raises(ValueError, match="MoHGERouter"):
-        NoisyTopKRouter(mc.apply_to(tcfg(8, 2)), mohge_config=mc)
+        NoisyTopKRouter.for_mohge(mc.apply_to(tcfg(8, 2)), mohge_config=mc)
     mc.router.type = "noisy_topk"
-    with pytest.raises(ValueError, match="come from the MoHGE config"):
-        NoisyTopKRouter(mc.apply_to(tcfg(8, 2)), mohge_config=mc, group_topk=1)
+    with pytest.raises(TypeError, match="group_topk"):  # it comes from the MoHGE config
+        NoisyTopKRouter.for_mohge(mc.apply_to(tcfg(8, 2)), mohge_config=mc, group_topk=1)
 
 
 # ---------------------------------------------------------------- balancing works
@@ -592,7 +592,7 @@ def test_noise_toggle_changes_the_parameters_so_resume_refuses_it(tmp_path):
     or removes W_noise, so the load then failed inside dist-ckpt blaming the checkpoint."""
     import yaml
 
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
     from megatron_mohge.training import checkpoint as ckpt_lib
 
     def keys(**gating):

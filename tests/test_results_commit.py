@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mohge.bench import e2e
+from megatron_mohge.bench import environment
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -21,11 +21,11 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def _package_at(root: Path, monkeypatch) -> Path:
-    """A stand-in package tree under ``root``; ``_env`` then looks for the code's git there."""
-    module = root / "megatron_mohge" / "bench" / "e2e.py"
+    """A stand-in package tree under ``root``; ``environment()`` then looks for the code's git there."""
+    module = root / "megatron_mohge" / "bench" / "environment.py"
     module.parent.mkdir(parents=True)
     module.write_text("# stand-in\n")
-    monkeypatch.setattr(e2e, "__file__", str(module))
+    monkeypatch.setattr(environment, "__file__", str(module))
     return module
 
 
@@ -42,18 +42,18 @@ def test_a_checkout_records_its_commit_and_whether_it_is_dirty(tmp_path, monkeyp
     _git(tmp_path / "repo", "add", "-A")
     _git(tmp_path / "repo", "commit", "-q", "-m", "x")
     head = _git(tmp_path / "repo", "rev-parse", "HEAD")
-    env = e2e._env()
+    env = environment.environment()
     assert (env["commit"], env["dirty"]) == (head, False)
     (tmp_path / "repo" / "untracked.txt").write_text("run output\n")  # not a code change
-    assert e2e._env()["dirty"] is False
+    assert environment.environment()["dirty"] is False
     module.write_text("# edited\n")
-    env = e2e._env()
+    env = environment.environment()
     assert (env["commit"], env["dirty"]) == (head, True)
 
 
 def test_no_git_checkout_records_null(tmp_path, monkeypatch):
     _package_at(tmp_path / "site-packages", monkeypatch)
-    env = e2e._env()
+    env = environment.environment()
     assert (env["commit"], env["dirty"]) == (None, None)
 
 
@@ -64,7 +64,7 @@ def test_a_repository_around_an_installed_package_is_not_its_commit(tmp_path, mo
     _git(tmp_path / "project", "add", "-A")
     _git(tmp_path / "project", "commit", "-q", "-m", "x")
     _package_at(tmp_path / "project" / "venv" / "site-packages", monkeypatch)
-    assert e2e._env()["commit"] is None
+    assert environment.environment()["commit"] is None
 
 
 def test_without_a_git_binary_the_commit_is_null(tmp_path, monkeypatch):
@@ -75,11 +75,11 @@ def test_without_a_git_binary_the_commit_is_null(tmp_path, monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    assert e2e._env()["commit"] is None
+    assert environment.environment()["commit"] is None
 
 
 def test_this_checkout_records_head():
-    repo = Path(e2e.__file__).resolve().parents[2]
+    repo = Path(environment.__file__).resolve().parents[2]
     if not (repo / ".git").exists():
         pytest.skip("not a git checkout")
-    assert e2e._env()["commit"] == _git(repo, "rev-parse", "HEAD")
+    assert environment.environment()["commit"] == _git(repo, "rev-parse", "HEAD")

@@ -101,8 +101,8 @@ def test_training_model_uses_the_counted_stock_router():
     # the mohge-train builder: a stock run's routers count (no counters attached later)
     from megatron_mohge.compat.mcore import builder_parts
     from megatron_mohge.routing.stock import CountedTopKRouter
-    from megatron_mohge.run_config import RunConfig
-    from megatron_mohge.training.model import decoder_spec, transformer_config
+    from megatron_mohge.config.run import RunConfig
+    from megatron_mohge.training.model_builder import decoder_spec, transformer_config
     from megatron_mohge.specs import is_moe_layer
 
     run = RunConfig.from_dict({"model": {"num_layers": 2, "hidden_size": 16,

@@ -13,7 +13,7 @@ from megatron_mohge.routing import losses as L
 from megatron_mohge.routing.functional import GroupIndex, routing_diagnostics, two_level_route
 from megatron_mohge.training import diagnostics as D
 
-from tests.test_router import cfg_small, make_router, ref_route, tracked
+from tests.test_router import cfg_small, make_router, ref_route
 
 pytestmark = pytest.mark.usefixtures("mcore_world1")
 
@@ -309,7 +309,7 @@ def test_checkpoint_saved_before_the_new_fields_resumes_only_with_their_old_valu
     import yaml
 
     from megatron_mohge.resources import config_path
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
     from megatron_mohge.training import checkpoint as ckpt_lib
 
     run = RunConfig.from_yaml(config_path("cpu_tiny_mohge.yaml"))

@@ -3,7 +3,8 @@
 import pytest
 
 from megatron_mohge.config import ConfigError
-from megatron_mohge.run_config import RunConfig, apply_overrides
+from megatron_mohge.config.io import apply_overrides
+from megatron_mohge.config.run import RunConfig
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "configs"
 
@@ -64,11 +65,11 @@ def test_bad_input_names_the_field(data, match):
 ])
 def test_one_split_rule_for_run_file_and_datasets(split, ok):
     """The run file and the dataset builder accept and refuse the same splits (one parser)."""
-    from megatron_mohge.data import datasets
+    from megatron_mohge.config.errors import parse_split
 
     outcomes = []
     for check in (lambda: RunConfig.from_dict({"data": {"split": split}}),
-                  lambda: datasets.parse_split(split)):
+                  lambda: parse_split(split)):
         try:
             check()
             outcomes.append(True)
@@ -77,7 +78,7 @@ def test_one_split_rule_for_run_file_and_datasets(split, ok):
             outcomes.append(False)
     assert outcomes == [ok, ok]
     if ok:
-        weights = datasets.parse_split(split)
+        weights = parse_split(split)
         assert len(weights) == 3 and sum(weights) == pytest.approx(1.0)
 
 def test_world_size_checks():

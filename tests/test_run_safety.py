@@ -4,7 +4,6 @@ model is named field by field, strict JSON. Unit tests of the pieces first, then
 ``mohge-train`` end to end (one rank unless the case needs more)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -175,7 +174,7 @@ def test_an_unreadable_checkpoint_is_one_paragraph_not_a_checkpoint_exception(tm
 
 
 def test_changed_model_fields_are_listed_and_layout_changes_allowed():
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     saved = RunConfig.from_dict(TINY).to_dict()
     same_model = RunConfig.from_dict({**TINY, "parallel": {"expert_parallel": 1},

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from megatron_mohge.cli import slurm as slurm_cli
 from megatron_mohge.config import ConfigError
 from megatron_mohge.integration import slurm as S
 from megatron_mohge.resources import launcher_path
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -194,11 +195,11 @@ def test_bad_config_fails(tmp_path, fake_slurm):
 
 def test_module_cli(tmp_path, capsys):
     cfg = str(CONFIGS / "small_mohge_1node.yaml")
-    assert S.main([cfg, f"output_dir={tmp_path}", "--sbatch-args", "--shape", "srun"]) == 0
+    assert slurm_cli.main([cfg, f"output_dir={tmp_path}", "--sbatch-args", "--shape", "srun"]) == 0
     assert "--ntasks-per-node=8" in capsys.readouterr().out
-    assert S.main([cfg, f"output_dir={tmp_path}", "--flags"]) == 0
+    assert slurm_cli.main([cfg, f"output_dir={tmp_path}", "--flags"]) == 0
     assert "--mohge-config" in capsys.readouterr().out
-    assert S.main([cfg, f"output_dir={tmp_path}", "--shape", "torchrun"]) == 0
+    assert slurm_cli.main([cfg, f"output_dir={tmp_path}", "--shape", "torchrun"]) == 0
     assert capsys.readouterr().out.startswith("srun --nodes=1")
-    assert S.main([cfg, "moe.mohge.topk=99"]) == 2
+    assert slurm_cli.main([cfg, "moe.mohge.topk=99"]) == 2
     assert "topk" in capsys.readouterr().err

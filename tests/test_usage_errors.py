@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error, report_usage_error
+from megatron_mohge.util.usage_errors import ERROR_FILE_ENV, read_usage_error, report_usage_error
 from megatron_mohge.config import ConfigError
 
 
@@ -71,12 +71,13 @@ def test_two_rank_usage_error_is_one_line(tmp_path, capfd):
     the message as a ConfigError, which cli/bench.py prints as its one line."""
     from megatron_mohge.bench import e2e
     from megatron_mohge.bench.presets import get_preset
+    from megatron_mohge.bench.runner import train_run
 
     missing = tmp_path / "missing"
     runs = e2e.run_configs(get_preset("default"), tmp_path, names=["moe"], data=[str(missing)],
                            iters=2)
     with pytest.raises(ConfigError) as info:
-        e2e.train_run("moe", runs["moe"], 2, tmp_path, log=lambda *a: None)
+        train_run("moe", runs["moe"], 2, tmp_path, log=lambda *a: None)
     assert str(info.value) == (
         f"run moe: dataset {str(missing)!r} not found: missing {missing}.bin and {missing}.idx. "
         f"Prepare it with `mohge-prepare-data [INPUT ...] --output-prefix {missing}` (no INPUT: "

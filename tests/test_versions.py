@@ -16,8 +16,8 @@ from tests._launch import REPO
 def test_install_range_and_scripts_agree_with_version_facts():
     from packaging.specifiers import SpecifierSet
 
-    setup = (REPO / "setup.py").read_text()
-    pinned = re.search(r'"megatron-core([^"]+)"', setup).group(1)
+    project = (REPO / "pyproject.toml").read_text()
+    pinned = re.search(r'"megatron-core([^"]+)"', project).group(1)
     assert SpecifierSet(pinned) == versions.MCORE_RANGE
     script = (REPO / "scripts" / "setup_env.sh").read_text()
     for line, release in versions.TESTED_MCORE_RELEASES.items():

@@ -17,7 +17,8 @@ import statistics
 import torch
 
 from megatron_mohge.bench.layer_models import BACKENDS, DTYPES, build_mohge_layer, check_int
-from megatron_mohge.bench.stats import CONFIDENCE, median_ci, percentile
+from megatron_mohge.bench.stats import CONFIDENCE, median_ci
+from megatron_mohge.util.numbers import percentile
 from megatron_mohge.bench.timing import time_fwd_bwd
 from megatron_mohge.config import MoHGEConfig
 
@@ -37,7 +38,7 @@ def compare_expert_backends(mohge: MoHGEConfig, *, hidden_size: int, tokens: int
     "pairs", "ratios"}, "loadavg": {"before", "after", "cpus"}}``."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from megatron_mohge.training.mcore import device
+    from megatron_mohge.training.mcore_plumbing import device
 
     check_int("repeats", repeats, 1)
     dev = device()

@@ -17,25 +17,21 @@ figures with their mean and Student-t 95% interval (:mod:`megatron_mohge.bench.s
 loss-vs-params fits (:mod:`megatron_mohge.bench.study`).
 
 The trainings run through :mod:`.runner`; the per-run figures and targets are
-:mod:`.figures` (both re-exported here).
+:mod:`.figures`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Optional
 
 from megatron_mohge.bench import budget
-from megatron_mohge.bench.aggregate import SEED_FIELDS, aggregate_runs, compare_runs  # noqa: F401
-from megatron_mohge.bench.figures import (  # noqa: F401  (defined here before)
-    BALANCE_FIELDS,
-    run_figures,
-    target_checks,
-)
+from megatron_mohge.bench.aggregate import aggregate_runs, compare_runs
 from megatron_mohge.bench.arms import DEFAULT_SHAPE
+from megatron_mohge.bench.environment import environment
+from megatron_mohge.bench.figures import run_figures, target_checks
 from megatron_mohge.bench.presets import Preset
 from megatron_mohge.bench.progress import Progress
 from megatron_mohge.bench.resume import (
@@ -43,18 +39,10 @@ from megatron_mohge.bench.resume import (
     data_fingerprint,
     reusable_figures,
 )
-from megatron_mohge.training.health import dumps
-from megatron_mohge.bench.runner import (  # noqa: F401  (defined here before)
-    RunFailedError,
-    config_path,
-    launch_command,
-    run_layer_bench_subprocess,
-    train_run,
-    train_runs,
-)
+from megatron_mohge.bench.runner import run_layer_bench_subprocess, train_runs
 from megatron_mohge.config import ConfigError
-from megatron_mohge.config.run import normalize_run_dict
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig, normalize_run_dict
+from megatron_mohge.training.health import dumps
 
 
 def resolve_data(data: list[str], tokenizer: str, out_dir: Path, log=print, *,
@@ -241,7 +229,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
-               "jobs": jobs, "shape": preset.shape, "env": _env(),
+               "jobs": jobs, "shape": preset.shape, "env": environment(),
                "data_fingerprint": fingerprint, "runs": {}}
     results["config"] = identity
     if tokens_per_param is not None:  # each run's steps and tokens, and the params they are per
@@ -383,37 +371,3 @@ def _comparable(identity):
         for key, default in IDENTITY_DEFAULTS.items():
             d.setdefault(key, default)
     return d
-
-
-def _env() -> dict:
-    import platform
-
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        mcore = version("megatron-core")
-    except Exception:  # pragma: no cover - metadata missing
-        mcore = None
-    # The code's git commit (null outside a git checkout of this package, e.g. a wheel install;
-    # "dirty": tracked files differ from it), so every figure traces to the code that made it.
-    import subprocess
-
-    repo, commit, dirty = Path(__file__).resolve().parents[2], None, None
-    try:
-        git = ["git", "-C", str(repo)]
-        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=30)
-        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == repo:
-            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=30, check=True).stdout.strip()
-            dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                                        capture_output=True, text=True, timeout=30,
-                                        check=True).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"torch": torch.__version__, "megatron_core": mcore, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "commit": commit, "dirty": dirty}

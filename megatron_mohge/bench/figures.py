@@ -9,7 +9,7 @@ from megatron_mohge.bench.aggregate import SEED_FIELDS, layer_mean
 from megatron_mohge.bench.plot_figures import plot_figures
 from megatron_mohge.bench.verdicts import loss_judgement
 from megatron_mohge.config.megatron import routed_expert_widths
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 from megatron_mohge.util.numbers import mean_by_ep, mean_present
 
 

@@ -2,7 +2,7 @@
 
 ``scripts/gpu_check.sh [--wheels DIR] --out DIR [--device cuda|cpu]`` installs what is
 missing from a folder of wheels (no network) and runs ``python -m
-megatron_mohge.bench.gpu_check``. On one GPU (bf16) it measures, in a few minutes:
+megatron_mohge.cli.gpu_check``. On one GPU (bf16) it measures, in a few minutes:
 
 1. ``numerics``: a MoHGE layer's forward and backward with ``torch`` experts against
    ``local`` experts on the same weights (max relative difference of output, input gradient
@@ -21,12 +21,9 @@ Writes ``results.json`` and ``results.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -59,7 +56,7 @@ SHAPES = {device: {knob: sizes[i] for knob, sizes in _SIZES.items()}
 def _layer_config(device: str):
     """The MoHGE layer timed: the paper's 3B layer on GPUs, tiny_mohge.yaml on CPU (no shared
     experts: the stock layers it is compared with have none)."""
-    from megatron_mohge import MoHGEConfig
+    from megatron_mohge.config import MoHGEConfig
     from megatron_mohge.resources import config_path
 
     if device == "cuda":
@@ -69,7 +66,7 @@ def _layer_config(device: str):
 
 def check_numerics(device: str, shape: dict) -> dict:
     """torch vs local experts, bf16, same weights (local's copied into the stacked params)."""
-    from megatron_mohge.bench.layer_bench import build_mohge_layer, scale_widths
+    from megatron_mohge.bench.layer_models import build_mohge_layer, scale_widths
 
     cfg = scale_widths(_layer_config(device), shape["width_scale"])
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else "cpu"
@@ -160,11 +157,11 @@ def train_runs(device: str, shape: dict, out_dir: Path, log) -> dict:
     hybrid stack spec: the hybrid path's first GPU run)."""
     import dataclasses
 
-    from megatron_mohge.bench.e2e import train_run
-    from megatron_mohge.bench.layer_bench import scale_widths
+    from megatron_mohge.bench.layer_models import scale_widths
+    from megatron_mohge.bench.runner import train_run
     from megatron_mohge.resources import config_path
     from megatron_mohge.config import MoHGEConfig
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     mohge = scale_widths(MoHGEConfig.from_yaml(config_path("tiny_mohge.yaml")),
                          shape["train_width_scale"])
@@ -224,58 +221,3 @@ def markdown(results: dict) -> str:
             lines.append(f"| {kind} | {tps:,.0f} | {r.get('heldout_loss', float('nan')):.4f} | "
                          f"{r.get('total_params') or 0:,} |" if tps else f"| {kind} | - | - | - |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: Optional[list] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m megatron_mohge.bench.gpu_check",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="writes results.json / results.md")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--skip-train", action="store_true", help="no GPT training runs")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device visible to torch (use --device cpu for the tiny "
-                "CPU run)")
-    if args.device == "cpu" and torch.cuda.is_available():
-        p.error("--device cpu with a visible GPU: run with CUDA_VISIBLE_DEVICES= "
-                "(scripts/gpu_check.sh does)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    shape = SHAPES[args.device]
-
-    def log(msg):
-        print(msg, flush=True)
-
-    import torch.distributed as dist
-
-    from megatron_mohge.bench.e2e import _env
-    from megatron_mohge.training.mcore import destroy_layout, init_distributed, init_layout
-
-    env = _env()
-    results = {"device": args.device, "env": dict(env, device_name=env.pop("device", None))}
-    t0 = time.perf_counter()
-    init_distributed()
-    init_layout()
-    try:
-        log("[gpu_check] numerics: torch vs local experts")
-        results["numerics"] = check_numerics(args.device, shape["numerics"])
-        log(json.dumps(results["numerics"]))
-        results["matmul"] = matmul_tflops(shape["matmul"], args.device)
-        log(json.dumps(results["matmul"]))
-        results["layer_bench"] = layer_benches(args.device, shape, log)
-    finally:
-        destroy_layout()
-        dist.destroy_process_group()
-    if not args.skip_train:
-        results["train"] = train_runs(args.device, shape, args.out, log)
-    results["wall_s"] = time.perf_counter() - t0
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
-    verdict = "PASS" if results["numerics"]["passed"] else "FAIL"
-    log(f"[gpu_check] wrote {args.out / 'results.json'} and results.md "
-        f"({results['wall_s']:.0f} s); numerics {verdict}")
-    return results
-
-
-if __name__ == "__main__":
-    res = main(sys.argv[1:])
-    sys.exit(0 if res["numerics"]["passed"] else 1)

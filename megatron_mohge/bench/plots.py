@@ -17,27 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+from megatron_mohge.bench.canvas import colormap, new_figure, save_figure
 from megatron_mohge.bench.fmt import _num
 
 PathLike = Union[str, Path]
 PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png",
               "balance.png", "routing.png")
 STUDY_PLOT = "study_loss_vs_params.png"  # scaling-study presets only
-
-
-def _figure(n_panels: int, width_each: float = 5.0, height: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.0, width_each * n_panels), height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
-    return fig, list(axes)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def _loss_runs(runs: dict) -> dict:
@@ -55,7 +41,7 @@ def plot_loss_curves(runs: dict, path: Path) -> Optional[Path]:
     data = _loss_runs(runs)
     if not data:
         return None
-    fig, (ax,) = _figure(1, 7.0, 4.2)
+    fig, (ax,) = new_figure(1, 7.0, 4.2)
     for i, (name, (c, per_seed, r)) in enumerate(data.items()):
         color = f"C{i % 10}"
         for pc in per_seed:  # the spread: one thin line per seed
@@ -88,7 +74,7 @@ def plot_loss_curves(runs: dict, path: Path) -> Optional[Path]:
     ax.set_title("Training (solid; thin: seeds) and held-out (dashed; bar: 95% CI) loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
@@ -96,7 +82,7 @@ def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
             if r.get("kind") == "mohge" and (r.get("curves") or {}).get("group_share")}
     if not data:
         return None
-    fig, axes = _figure(len(data))
+    fig, axes = new_figure(len(data))
     for ax, (name, r) in zip(axes, data.items()):
         c = r["curves"]
         share = [list(row) for row in c["group_share"]]
@@ -108,7 +94,7 @@ def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
         widths = r.get("widths") or []
         labels = [f"g{g} (W={widths[g]})" if g < len(widths) else f"g{g}" for g in range(ng)]
         ys = [[row[g] for row in share] for g in range(ng)]
-        cmap = _cmap("viridis")
+        cmap = colormap("viridis")
         colors = [cmap(g / max(1, ng - 1)) for g in range(ng)]
         ax.stackplot(it, ys, labels=labels, colors=colors, alpha=0.9)
         if len(it) > 1:
@@ -118,13 +104,7 @@ def plot_group_share(runs: dict, path: Path) -> Optional[Path]:
         ax.set_ylabel("group token share")
         ax.set_title(name)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
-
-
-def _cmap(name: str):
-    import matplotlib
-
-    return matplotlib.colormaps[name]
+    return save_figure(fig, path)
 
 
 def plot_rank_load(runs: dict, path: Path) -> Optional[Path]:
@@ -142,13 +122,13 @@ def plot_rank_load(runs: dict, path: Path) -> Optional[Path]:
             data[name] = (rows, labels)
     if not data:
         return None
-    fig, axes = _figure(len(data), 5.0, 2.2 + 0.5 * max(len(v[0]) for v in data.values()))
+    fig, axes = new_figure(len(data), 5.0, 2.2 + 0.5 * max(len(v[0]) for v in data.values()))
     vmax = max(max(max(row) for row in rows) for rows, _ in data.values())
     vmin = min(min(min(row) for row in rows) for rows, _ in data.values())
     span = max(vmax - 1.0, 1.0 - vmin, 0.05)
     im = None
     for ax, (name, (rows, labels)) in zip(axes, data.items()):
-        im = ax.imshow(rows, cmap=_cmap("coolwarm"), vmin=1.0 - span, vmax=1.0 + span,
+        im = ax.imshow(rows, cmap=colormap("coolwarm"), vmin=1.0 - span, vmax=1.0 + span,
                        aspect="auto")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xticks(range(len(rows[0])), [str(i) for i in range(len(rows[0]))])
@@ -159,7 +139,7 @@ def plot_rank_load(runs: dict, path: Path) -> Optional[Path]:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if abs(v - 1.0) > 0.6 * span else "black")
     fig.colorbar(im, ax=axes, shrink=0.8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_chosen_width_hist(runs: dict, path: Path) -> Optional[Path]:
@@ -171,7 +151,7 @@ def plot_chosen_width_hist(runs: dict, path: Path) -> Optional[Path]:
             data[name] = (list(w), list(f))
     if not data:
         return None
-    fig, axes = _figure(len(data), 4.5)
+    fig, axes = new_figure(len(data), 4.5)
     for i, (ax, (name, (w, f))) in enumerate(zip(axes, data.items())):
         xs = range(len(w))
         ax.bar(xs, f, color=f"C{i % 10}")
@@ -181,7 +161,7 @@ def plot_chosen_width_hist(runs: dict, path: Path) -> Optional[Path]:
         mean = sum(a * b for a, b in zip(w, f)) / sum(f) if sum(f) > 0 else float("nan")
         ax.set_title(f"{name} (mean {mean:.1f})")
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_balance(runs: dict, path: Path) -> Optional[Path]:
@@ -190,7 +170,7 @@ def plot_balance(runs: dict, path: Path) -> Optional[Path]:
             if any(v is not None for v in (r.get("curves") or {}).get("maxvio_batch") or [])}
     if not data:
         return None
-    fig, axes = _figure(2, 5.5, 3.8)
+    fig, axes = new_figure(2, 5.5, 3.8)
     for i, (name, c) in enumerate(data.items()):
         it = c.get("iteration") or []
         for ax, key in zip(axes, ("maxvio_batch", "rank_flops_ep2")):
@@ -204,7 +184,7 @@ def plot_balance(runs: dict, path: Path) -> Optional[Path]:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_routing(runs: dict, path: Path) -> Optional[Path]:
@@ -215,7 +195,7 @@ def plot_routing(runs: dict, path: Path) -> Optional[Path]:
             if any(v is not None for v in (r.get("curves") or {}).get("expert_load_cv") or [])}
     if not data:
         return None
-    fig, axes = _figure(4, 4.2, 3.6)
+    fig, axes = new_figure(4, 4.2, 3.6)
     panels = (("same-group fraction (K picks in one group)", "same_group_fraction"),
               ("gate gradient norm, group / expert", "gate_ratio"),
               ("largest group's share of assignments", "max_group_share"),
@@ -238,7 +218,7 @@ def plot_routing(runs: dict, path: Path) -> Optional[Path]:
         if key == "gate_ratio":
             ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(results: dict, out_dir: PathLike) -> list[Path]:

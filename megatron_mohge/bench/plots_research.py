@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.bench.fmt import _num
-from megatron_mohge.bench.plots import _cmap, _figure, _save
+from megatron_mohge.bench.canvas import colormap, new_figure, save_figure
 
 RESEARCH_PLOTS = ("rank_load_per_layer.png", "loss_ratio.png", "loss_by_width.png")
 EPS = ("2", "4", "8")
@@ -71,7 +71,7 @@ def plot_rank_load_per_layer(runs: dict, path: Path) -> Optional[Path]:
                 continue
             ranks = [[float(v) for v in r_] for r_ in d["ranks"]]
             span = max(max(abs(v - 1.0) for r_ in ranks for v in r_), 0.05)
-            im = ax.imshow(ranks, cmap=_cmap("coolwarm"), vmin=1 - span, vmax=1 + span,
+            im = ax.imshow(ranks, cmap=colormap("coolwarm"), vmin=1 - span, vmax=1 + span,
                            aspect="auto")
             mom = [float(m) for m in d["max_over_mean"]]
             ax.set_yticks(range(len(ranks)), [f"MoE layer {i + 1}: {m:.2f}"
@@ -84,7 +84,7 @@ def plot_rank_load_per_layer(runs: dict, path: Path) -> Optional[Path]:
                          f"{sum(mom) / len(mom):.3f}\n(layer-mean vector: {max(flat):.3f})",
                          fontsize=8)
             fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------- loss ratio and FLOPs
@@ -114,7 +114,7 @@ def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
             flops[name] = (6.0 * act * tps, c)
     if not comps and not flops:
         return None
-    fig, axes = _figure(int(bool(comps)) + int(bool(flops)), 5.5, 4.0)
+    fig, axes = new_figure(int(bool(comps)) + int(bool(flops)), 5.5, 4.0)
     if comps:
         ax = axes[0]
         for i, (key, c) in enumerate(comps.items()):
@@ -150,7 +150,7 @@ def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
         ax.set_title("Training loss (line) and held-out loss (dot) vs compute", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------- loss by chosen width
@@ -162,7 +162,7 @@ def plot_loss_by_width(runs: dict, path: Path) -> Optional[Path]:
             if len((r.get("heldout_loss_by_width") or {}).get("widths") or []) > 1}
     if not data:
         return None
-    fig, axes = _figure(len(data), 5.0, 4.0)
+    fig, axes = new_figure(len(data), 5.0, 4.0)
     for ax, (name, d) in zip(axes, data.items()):
         widths = d["widths"]
         xs = list(range(len(widths)))
@@ -193,7 +193,7 @@ def plot_loss_by_width(runs: dict, path: Path) -> Optional[Path]:
         ax.set_title(f"{name}: easy tokens to narrow experts?\n(labels: share of tokens; "
                      "gray: each layer; red: each seed)", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_research_plots(results: dict, out_dir: Path) -> list[Path]:

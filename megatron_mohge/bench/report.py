@@ -9,44 +9,27 @@ table when ``results["layer_bench"]`` is present. ``write_plots(results, out_dir
 ``rank_load.png``, ``chosen_width_hist.png`` and ``study_loss_vs_params.png``, each only when
 some run has its data. ``write_report`` does both (``results.md`` + plots).
 
-Formatting lives in :mod:`.fmt`, the plots in :mod:`.plots` (both re-exported here).
+Formatting lives in :mod:`.fmt`, the plots in :mod:`.plots`.
 Optional keys may be missing throughout.
 
-CLI: ``python -m megatron_mohge.bench.report results.json [--out DIR]``.
+CLI: ``python -m megatron_mohge.cli.report results.json [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from megatron_mohge.bench.arms import DEFAULT_SHAPE
-from megatron_mohge.bench.fmt import (  # noqa: F401  (fmt_* are part of this module's API)
+from megatron_mohge.bench.fmt import (
     DASH,
     _num,
     _table,
     _with_delta,
     fmt_count,
-    fmt_delta,
     fmt_float,
 )
-from megatron_mohge.bench.plots import (  # noqa: F401  (plots were defined here before)
-    PLOT_NAMES,
-    STUDY_PLOT,
-    _figure,
-    _save,
-    plot_balance,
-    plot_chosen_width_hist,
-    plot_group_share,
-    plot_loss_curves,
-    plot_rank_load,
-    write_plots,
-)
-from megatron_mohge.cli.common import main_status
-from megatron_mohge.config import ConfigError
+from megatron_mohge.bench.plots import write_plots
 
 PathLike = Union[str, Path]
 
@@ -389,29 +372,3 @@ def write_report(results: dict, out_dir: PathLike) -> dict[str, Path]:
     for p in write_plots(results, out):
         paths[p.name] = p
     return paths
-
-
-def main(argv: Optional[list] = None) -> dict[str, Path]:
-    p = argparse.ArgumentParser(prog="python -m megatron_mohge.bench.report",
-                                description="Markdown report and plots from results.json")
-    p.add_argument("results", type=Path, help="results.json of the end-to-end benchmark")
-    p.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
-    args = p.parse_args(argv)
-    try:
-        results = json.loads(args.results.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{args.results}: cannot read the benchmark results ({exc}); give "
-                          "the results.json a mohge-bench run wrote") from exc
-    paths = write_report(results, args.out or args.results.parent)
-    for p_ in paths.values():
-        print(p_)
-    return paths
-
-
-def cli(argv: Optional[list] = None) -> int:
-    """``main`` as a command: an unreadable results file is one line and exit status 2."""
-    return main_status("python -m megatron_mohge.bench.report", main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -17,9 +17,9 @@ import yaml
 
 from megatron_mohge.bench.presets import Preset
 from megatron_mohge.bench.progress import Progress, duration, layer_bench_line
-from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, read_usage_error
+from megatron_mohge.util.usage_errors import ERROR_FILE_ENV, read_usage_error
 from megatron_mohge.config import ConfigError
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 
 
 class RunFailedError(RuntimeError):
@@ -173,7 +173,7 @@ def run_layer_bench_subprocess(preset: Preset, mohge_cfg: dict, out_dir: Path, l
     cfg_path.write_text(yaml.safe_dump(mohge_cfg, sort_keys=False))
     out = out_dir / f"layer_bench{tag}.json"
     lb = lb or preset.layer_bench
-    cmd = [sys.executable, "-m", "megatron_mohge.bench.layer_bench", "--config", str(cfg_path),
+    cmd = [sys.executable, "-m", "megatron_mohge.cli.layer_bench", "--config", str(cfg_path),
            "--hidden", str(lb["hidden_size"]), "--tokens", str(lb["tokens"]),
            "--stock-experts", str(lb["stock_num_experts"]), "--stock-width", str(lb["stock_width"]),
            "--stock-topk", str(lb["stock_topk"]), "--repeats", str(lb["repeats"]),

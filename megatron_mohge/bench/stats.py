@@ -19,12 +19,7 @@ import math
 import random
 from typing import Optional, Sequence
 
-from megatron_mohge.util.numbers import (  # noqa: F401  (part of this module's API)
-    mean,
-    percentile,
-    sample_sd,
-    standard_error,
-)
+from megatron_mohge.util.numbers import mean, percentile, sample_sd
 
 CONFIDENCE = 0.95  # every interval in results.json is a two-sided 95% interval
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.bench import stats
+from megatron_mohge.util import numbers
 
 AXES = {"total_params": "total params",
         "activated_params_per_token": "activated params / token"}
@@ -67,7 +68,7 @@ def analyze(results: dict, spec: dict, *, bootstrap_samples: int = 2000) -> dict
             rows["seeds"].append(r.get("seeds") or seeds[:len(per_seed)])
             drops = [_tail_drop(f.get("curves") or {}) for f in r.get("per_seed") or [r]]
             drops = [d for d in drops if d is not None]
-            rows["tail_drop"].append(stats.mean(drops) if drops else None)
+            rows["tail_drop"].append(numbers.mean(drops) if drops else None)
         if rows["sizes"]:  # kinds not trained (control arms not asked for) are left out
             table[kind] = rows
     out = {"fit_form": "loss = c + d*ln(N)", "baseline_kind": base_kind, "kinds": table,
@@ -160,11 +161,11 @@ def plot_study(study: dict, path: Path) -> Optional[Path]:
     their 95% intervals, and the fitted curves."""
     import math
 
-    from megatron_mohge.bench.plots import _figure, _save
+    from megatron_mohge.bench.canvas import new_figure, save_figure
 
     if not any(t["sizes"] for t in study["kinds"].values()):
         return None
-    fig, axes = _figure(len(AXES), 5.5, 4.0)
+    fig, axes = new_figure(len(AXES), 5.5, 4.0)
     for ax, axis in zip(axes, AXES):
         for i, (kind, t) in enumerate(study["kinds"].items()):
             color = f"C{i % 10}"
@@ -186,4 +187,4 @@ def plot_study(study: dict, path: Path) -> Optional[Path]:
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

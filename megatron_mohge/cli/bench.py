@@ -119,7 +119,7 @@ def main(argv=None) -> int:
 
 
 def _bench(args) -> int:
-    from megatron_mohge.bench import e2e
+    from megatron_mohge.bench import e2e, runner
     from megatron_mohge.bench.presets import get_preset
 
     from megatron_mohge.bench.arms import DEFAULT_SHAPE
@@ -160,10 +160,10 @@ def _bench(args) -> int:
                           f"{args.tokens_per_param:g} x {b['budget_params']:,} params of "
                           f"{b['budget_run']}")
             for (_, name), run in runs.items():
-                path = e2e.config_path(out, name, run)
+                path = runner.config_path(out, name, run)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 run.to_yaml(path)
-                print(" ".join(e2e.launch_command(path, preset.nproc)))
+                print(" ".join(runner.launch_command(path, preset.nproc)))
             return 0
     from megatron_mohge.training.lock import FolderLock
 
@@ -179,7 +179,7 @@ def _bench(args) -> int:
                                     json_keys=args.json_keys, resume=args.resume,
                                     reuse_from=args.reuse_from, train=not args.no_train,
                                     tokens_per_param=args.tokens_per_param)
-    except e2e.RunFailedError as exc:  # the run's own traceback is above; no second one
+    except runner.RunFailedError as exc:  # the run's own traceback is above; no second one
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     from megatron_mohge.bench.report import markdown_report, write_report

@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def load_run(args):
     """A ``RunConfig`` from a run YAML, or from a layer YAML plus the backbone options."""
-    from megatron_mohge.run_config import RunConfig, config_kind
+    from megatron_mohge.config.run import RunConfig, config_kind
 
     path = Path(args.config)
     data = read_yaml_file(path, "config") or {}

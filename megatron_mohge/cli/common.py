@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 from megatron_mohge.cli import notices
 from megatron_mohge.config import ConfigError
+from megatron_mohge.util.usage_errors import print_error
 
-USAGE_EXIT = 2  # argparse's exit status for usage errors; every mohge CLI uses it
 # 128 + SIGPIPE: the status a shell shows for a tool whose reader went away (``| head``)
 BROKEN_PIPE_EXIT = 141
 RUN_YAML_HELP = "run YAML (see examples/configs/)"
@@ -70,15 +70,9 @@ def add_run_file(p: argparse.ArgumentParser, overrides_help: str, *, name: str =
 
 def load_run(args: argparse.Namespace):
     """The validated ``RunConfig`` of :func:`add_run_file`'s arguments."""
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     return RunConfig.from_yaml(args.config, args.overrides)
-
-
-def print_error(prog: str, exc: Any) -> int:
-    """``prog: message`` on stderr; returns :data:`USAGE_EXIT`."""
-    print(f"{prog}: {exc}", file=sys.stderr, flush=True)
-    return USAGE_EXIT
 
 
 def run_cli(prog: str, body: Callable[[Any], int], args: Any, *,
@@ -129,5 +123,5 @@ def run_file_cli(prog: str, doc: str, overrides_help: str, body: Callable[[Any, 
     return parse_args, main
 
 
-__all__ = ["USAGE_EXIT", "BROKEN_PIPE_EXIT", "RUN_YAML_HELP", "entry", "parser", "add_run_file",
-           "load_run", "print_error", "run_cli", "main_status", "run_file_cli"]
+__all__ = ["BROKEN_PIPE_EXIT", "RUN_YAML_HELP", "entry", "parser", "add_run_file", "load_run",
+           "run_cli", "main_status", "run_file_cli"]

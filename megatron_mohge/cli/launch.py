@@ -15,8 +15,12 @@ import sys
 import tempfile
 
 from megatron_mohge.cli import common
-from megatron_mohge.cli.common import print_error
-from megatron_mohge.cli.usage_errors import ERROR_FILE_ENV, USAGE_EXIT, read_usage_error
+from megatron_mohge.util.usage_errors import (
+    ERROR_FILE_ENV,
+    USAGE_EXIT,
+    print_error,
+    read_usage_error,
+)
 
 # torchrun's agent logs the failure and the SIGTERM to the other ranks before raising; once a
 # rank recorded a usage error these lines only repeat it.

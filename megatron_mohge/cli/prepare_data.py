@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from megatron_mohge.cli import common, notices
 from megatron_mohge.config import ConfigError
+from megatron_mohge.util.usage_errors import print_error
 from megatron_mohge.data.formats import (DEFAULT_JSON_KEYS, DEFAULT_SPLIT, SPLIT_RULES,
                                          DocumentSpec)
 
@@ -127,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     try:  # "PROG: error: message", the form of argparse's own usage errors above
         return common.run_cli(PROG, _run, args,
-                              report=lambda prog, exc: common.print_error(prog, f"error: {exc}"))
+                              report=lambda prog, exc: print_error(prog, f"error: {exc}"))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no dataset was written", file=sys.stderr)
         return 130

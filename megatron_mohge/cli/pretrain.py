@@ -16,7 +16,7 @@ import sys
 import time
 
 from megatron_mohge.cli import common
-from megatron_mohge.cli.usage_errors import report_usage_error
+from megatron_mohge.util.usage_errors import print_error, report_usage_error
 
 PROG = "mohge-pretrain"
 parse_args, main = common.run_file_cli(
@@ -32,8 +32,8 @@ def _pretrain(run, args) -> int:
     try:
         require_megatron_training(PROG)
     except MegatronTrainingMissing as exc:
-        return common.print_error(PROG, exc)
-    from megatron_mohge.integration.megatron_training import launch
+        return print_error(PROG, exc)
+    from megatron_mohge.integration.megatron_training import run_pretrain
 
     if args.print_args:
         import shlex
@@ -41,9 +41,10 @@ def _pretrain(run, args) -> int:
         import torch
 
         cpu = not torch.cuda.is_available()
-        print(shlex.join(launch.pretrain_argv(launch.cpu_run(run) if cpu else run, cpu)))
+        shown = run_pretrain.cpu_run(run) if cpu else run
+        print(shlex.join(run_pretrain.pretrain_argv(shown, cpu)))
         return 0
-    launch.run_pretrain(run, program_start=_START)
+    run_pretrain.run_pretrain(run, program_start=_START)
     import torch.distributed as dist
 
     if dist.is_initialized():

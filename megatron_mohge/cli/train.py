@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from megatron_mohge.cli import common
-from megatron_mohge.cli.usage_errors import report_usage_error
+from megatron_mohge.util.usage_errors import report_usage_error
 
 PROG = "mohge-train"
 # A bad config, data, checkpoint or busy folder (found at run time too) ends as one line, once
@@ -34,7 +34,7 @@ def _train(run, args) -> int:
             print(f"# moe.mohge read from {run.layer_file}")
         print(run.to_yaml(), end="")
         return 0
-    from megatron_mohge.training import mcore as M
+    from megatron_mohge.training import mcore_plumbing as M
     from megatron_mohge.training import procs
     from megatron_mohge.training.health import TrainingDiverged
     from megatron_mohge.training.trainer import Trainer

@@ -1,6 +1,6 @@
 """Megatron-Core version facts: every version-specific decision of the plugin lives here.
 
-The plugin supports megatron-core ``>=0.16.1,<0.20`` (``MCORE_RANGE``, setup.py's range)
+The plugin supports megatron-core ``>=0.16.1,<0.20`` (``MCORE_RANGE``, pyproject.toml's range)
 and is tested on two lines (``TESTED_MCORE``): 0.16.1, the newest release for Python
 3.10/3.11, and 0.19.x (tested: 0.19.2; 0.17+ ship for Python >= 3.12 only). Differences in
 API *shape* between them are detected, not version-compared
@@ -27,7 +27,7 @@ import warnings
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-#: What setup.py accepts.
+#: What pyproject.toml accepts.
 MCORE_RANGE = SpecifierSet(">=0.16.1,<0.20")
 #: The tested lines (CI runs the suite on each; docs/compatibility.md, 'Megatron versions').
 TESTED_MCORE_LINES = {"0.16": SpecifierSet(">=0.16.1,<0.17"),

@@ -59,12 +59,3 @@ def expect_bool(name: str, value: Any) -> None:
 def expect_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def group_offsets(experts_per_group) -> list[int]:
-    """Exclusive prefix sums of the group sizes: canonical id of each group's first expert."""
-    offsets, total = [], 0
-    for n in experts_per_group:
-        offsets.append(total)
-        total += n
-    return offsets

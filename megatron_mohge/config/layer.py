@@ -15,12 +15,13 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from megatron_mohge.config.errors import ConfigError, group_offsets
+from megatron_mohge.config.allocation import plan_allocation
+from megatron_mohge.config.errors import ConfigError
 from megatron_mohge.config.errors import expect_bool, expect_choice, expect_int, expect_number
 from megatron_mohge.config.io import (YamlDataclass, build_dataclass, load_yaml,
                                       nested_dataclasses, read_yaml_file)
 from megatron_mohge.config.megatron import _reject_uniform_only, apply_moe_fields
-from megatron_mohge.sizes import ffn_params
+from megatron_mohge.sizes import ffn_params, group_offsets
 
 ROUTER_TYPES = ("mohge", "noisy_topk", "hierarchical_noisy_topk")
 GROUP_SCORES = ("sigmoid", "softmax")
@@ -350,8 +351,6 @@ class MoHGEConfig(YamlDataclass):
 
     def allocation_plan(self, ep_size: int):
         """The expert-to-slot layout over ``ep_size`` EP ranks, honouring ``allocation``."""
-        from megatron_mohge.allocation import plan_allocation
-
         return plan_allocation(self.widths, self.experts_per_group, ep_size,
                                max_imbalance=self.allocation.max_imbalance,
                                allow_imbalance=self.allocation.allow_imbalance)

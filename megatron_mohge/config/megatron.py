@@ -46,7 +46,7 @@ def _fp8_align(recipe: Optional[str]) -> int:
 
 # ---------------------------------------------------------------------------------------
 # The MoE fields of a run: the one mapping every consumer derives from.
-# ``MoHGEConfig.apply_to`` (megatron.core), ``training.model.transformer_config`` (mohge-train),
+# ``MoHGEConfig.apply_to`` (megatron.core), ``training.model_builder.transformer_config`` (mohge-train),
 # the ``--mohge-config`` argument hook (Megatron-LM's ``args``) and the flag renderer
 # (``integration.flags``) all take their MoE values from the functions below.
 

@@ -7,8 +7,6 @@ file drives ``mohge-train`` (megatron.core alone), ``mohge-check-config`` and th
 launchers (translated to Megatron-LM flags). Validated once, on construction
 (:mod:`.run_validation`); every error names the field (``train.lr``) and the fix.
 ``apply_overrides`` takes ``key.sub=value`` strings from a command line.
-
-``megatron_mohge.run_config`` re-exports this module (its import path since the start).
 """
 
 from __future__ import annotations

@@ -267,5 +267,19 @@ def describe(tokenizer: Tokenizer) -> str:
     return f"{tokenizer.spec} (vocab {tokenizer.vocab_size}, eod {tokenizer.eod})"
 
 
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character table (what a ByteLevel pre-tokenizer emits)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 __all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "train_hf_tokenizer",
-           "EOD_CANDIDATES", "tokenizer_metadata", "describe"]
+           "EOD_CANDIDATES", "tokenizer_metadata", "describe", "bytes_to_unicode"]
+

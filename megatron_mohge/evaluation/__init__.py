@@ -6,6 +6,6 @@ loads what is scored: a Megatron checkpoint through the plugin's own model, or a
 Hugging Face folder through ``transformers``.
 """
 
-from megatron_mohge.evaluation.rolling import EvalTotals, bits_per_byte, evaluate_texts
+from megatron_mohge.evaluation.rolling import EvalTotals, evaluate_texts
 
-__all__ = ["EvalTotals", "bits_per_byte", "evaluate_texts"]
+__all__ = ["EvalTotals", "evaluate_texts"]

@@ -1,10 +1,9 @@
 """Write the shipped lm-eval-harness task (``resources/lm_eval/mohge_heldout.yaml``) for one
-local JSON-lines file: ``python -m megatron_mohge.evaluation.lm_eval_task DATA.jsonl DIR``,
+local JSON-lines file: ``python -m megatron_mohge.cli.lm_eval_task DATA.jsonl DIR``,
 then ``lm_eval ... --include_path DIR --tasks mohge_heldout``."""
 
 from __future__ import annotations
 
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -33,21 +32,3 @@ def write_task(data_file, out_dir, task: str = TASK) -> Path:
     path = out / f"{task}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def main(argv=None) -> int:
-    from megatron_mohge.cli import common
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2:
-        return common.print_error("lm_eval_task", "usage: python -m "
-                                  "megatron_mohge.evaluation.lm_eval_task DATA.jsonl TASK_DIR")
-    try:
-        print(write_task(args[0], args[1]))
-    except ConfigError as exc:
-        return common.print_error("lm_eval_task", exc)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

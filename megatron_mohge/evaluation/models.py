@@ -72,8 +72,8 @@ def checkpoint_scorer(checkpoint, *, iteration=None, run_file=None, tokenizer=No
     from megatron_mohge.data.tokenizers import load_tokenizer
     from megatron_mohge.export import source
     from megatron_mohge.training import checkpoint as ckpt_lib
-    from megatron_mohge.training import mcore as M
-    from megatron_mohge.training.model import build_gpt_model
+    from megatron_mohge.training import mcore_plumbing as M
+    from megatron_mohge.training.model_builder import build_gpt_model
 
     src = source.open_source(checkpoint, iteration=iteration, run_file=run_file)
     run = src.run

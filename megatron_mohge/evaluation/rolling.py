@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from megatron_mohge.data.token_bytes import bits_per_byte
+
 
 def rolling_windows(tokens: list, prefix: int, max_length: int) -> Iterator[tuple[list, int]]:
     """``(input ids, n)``: the model reads ``input ids`` and its last ``n`` positions predict
@@ -52,11 +54,6 @@ class EvalTotals:
         return {"loss": loss, "perplexity": math.exp(loss) if self.tokens else float("nan"),
                 "bits_per_byte": bits_per_byte(self.nll, self.bytes), "tokens": self.tokens,
                 "bytes": self.bytes, "documents": self.documents, "nll_nats": self.nll}
-
-
-def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
-    """Summed NLL (nats) over the text's UTF-8 bytes, in bits per byte."""
-    return nll_nats / (num_bytes * math.log(2)) if num_bytes else float("nan")
 
 
 @torch.no_grad()

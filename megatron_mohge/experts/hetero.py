@@ -22,7 +22,8 @@ the same keys (as Megatron's SequentialMLP and TEGroupedMLP do); all three backe
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -36,7 +37,80 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron_mohge.compat.mcore import supported_kwargs
 from megatron_mohge.config import MoHGEConfig
 
-BACKENDS = ("local", "torch", "te")
+
+
+def _build_local(n, cfg, submodules, pg_collection, name):
+    return SequentialMLP(n, cfg, submodules, pg_collection=pg_collection,
+                         **supported_kwargs(SequentialMLP, name=name))
+
+
+def _build_torch(n, cfg, submodules, pg_collection, name):
+    from megatron_mohge.experts.torch_backend import TorchGroupedMLP
+
+    return TorchGroupedMLP(n, cfg, pg_collection=pg_collection, name=name)
+
+
+def _build_te(n, cfg, submodules, pg_collection, name):
+    from megatron_mohge.experts.te_backend import build_te_grouped_mlp
+
+    return build_te_grouped_mlp(n, cfg, submodules, pg_collection, name=name)
+
+
+def _local_sharded_state_dict(module, local_prefix, global_prefix, idx, n_g, sharded_offsets,
+                              metadata):
+    """A ``SequentialMLP`` run: each expert's own sharded state, re-keyed to its group."""
+    singleton = (metadata or {}).get("singleton_local_shards", False)
+    sd = {}
+    for k, expert in enumerate(module.local_experts):
+        expert_prefix = f"{local_prefix}local_experts.{k}."
+        if singleton:
+            target, offsets = f"{global_prefix}{idx[k]}.", sharded_offsets
+        else:
+            target = global_prefix
+            offsets = (*sharded_offsets, (len(sharded_offsets), idx[k], n_g))
+        esd = expert.sharded_state_dict(expert_prefix, offsets, metadata)
+        replace_prefix_for_sharding(esd, expert_prefix, target)
+        sd.update(esd)
+    return sd
+
+
+def _torch_sharded_state_dict(module, local_prefix, global_prefix, idx, n_g, sharded_offsets,
+                              metadata):
+    return module.expert_sharded_state_dict(
+        local_prefix, global_prefix, idx, n_g, sharded_offsets, metadata,
+        singleton_key_prefix=lambda i: f"{global_prefix}{i}.")
+
+
+def _te_sharded_state_dict(module, local_prefix, global_prefix, idx, n_g, sharded_offsets,
+                           metadata):
+    from megatron_mohge.experts.te_backend import te_run_sharded_state_dict
+
+    return te_run_sharded_state_dict(module, local_prefix, global_prefix, idx, n_g,
+                                     sharded_offsets, metadata)
+
+
+@dataclass(frozen=True)
+class ExpertBackend:
+    """What differs between expert backends, for one width run of experts.
+
+    ``build(n, cfg, submodules, pg_collection, name)`` makes the module of ``n`` experts;
+    ``counts_as_list``: its forward takes the per-expert token counts as a Python list (else a
+    ``LongTensor``); ``sharded_state_dict(module, local_prefix, global_prefix, idx, n_g,
+    sharded_offsets, metadata)`` keys its experts by ``(group, index)``. The TE and torch
+    backends are imported on first use (TE is optional).
+    """
+
+    build: Callable
+    counts_as_list: bool
+    sharded_state_dict: Callable
+
+
+_BACKENDS = {
+    "local": ExpertBackend(_build_local, False, _local_sharded_state_dict),
+    "torch": ExpertBackend(_build_torch, True, _torch_sharded_state_dict),
+    "te": ExpertBackend(_build_te, False, _te_sharded_state_dict),
+}
+BACKENDS = tuple(_BACKENDS)  # "local", "torch", "te"
 
 
 def width_config(config, width: int):
@@ -75,6 +149,7 @@ class HeterogeneousExperts(MegatronModule):
         pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
         self.mohge = mohge_config
         self.backend = backend
+        self._ops = _BACKENDS[backend]
         self.ep_group = pg_collection.ep
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
@@ -91,19 +166,7 @@ class HeterogeneousExperts(MegatronModule):
         for r, (g, idx) in enumerate(self.runs):
             cfg = width_config(config, mohge_config.widths[g])
             run_name = None if name is None else f"{name}.width_experts.{r}"
-            if backend == "te":
-                from megatron_mohge.experts.te_backend import build_te_grouped_mlp
-
-                modules.append(build_te_grouped_mlp(len(idx), cfg, submodules, pg_collection,
-                                                    name=run_name))
-            elif backend == "torch":
-                from megatron_mohge.experts.torch_backend import TorchGroupedMLP
-
-                modules.append(TorchGroupedMLP(len(idx), cfg, pg_collection=pg_collection,
-                                               name=run_name))
-            else:
-                modules.append(SequentialMLP(len(idx), cfg, submodules, pg_collection=pg_collection,
-                                             **supported_kwargs(SequentialMLP, name=run_name)))
+            modules.append(self._ops.build(len(idx), cfg, submodules, pg_collection, run_name))
         #: one expert module per width run, same order as ``runs``.
         self.width_experts = torch.nn.ModuleList(modules)
 
@@ -123,7 +186,7 @@ class HeterogeneousExperts(MegatronModule):
         ps = torch.split(permuted_probs, run_tokens)
         outputs = []
         for module, x, p, c in zip(self.width_experts, xs, ps, per_run):
-            counts = c if self.backend == "torch" else torch.tensor(c, dtype=torch.long)
+            counts = c if self._ops.counts_as_list else torch.tensor(c, dtype=torch.long)
             out, bias = module(x, counts, p)
             assert bias is None, "expert bias is folded into the output by Megatron experts"
             outputs.append(out)
@@ -138,33 +201,12 @@ class HeterogeneousExperts(MegatronModule):
                            metadata: Optional[dict] = None):
         """Experts keyed by (group, index): ``<prefix>group_<g>.<param>`` with axis ``N_g``."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        singleton = (metadata or {}).get("singleton_local_shards", False)
         out = {}
         for r, ((g, idx), module) in enumerate(zip(self.runs, self.width_experts)):
             n_g = self.mohge.experts_per_group[g]
-            if self.backend == "te":
-                from megatron_mohge.experts.te_backend import te_run_sharded_state_dict
-
-                sd = te_run_sharded_state_dict(module, f"{prefix}width_experts.{r}.",
-                                               f"{prefix}group_{g}.", idx, n_g, sharded_offsets,
-                                               metadata)
-            elif self.backend == "torch":
-                sd = module.expert_sharded_state_dict(
-                    f"{prefix}width_experts.{r}.", f"{prefix}group_{g}.", idx, n_g,
-                    sharded_offsets, metadata,
-                    singleton_key_prefix=lambda i, g=g: f"{prefix}group_{g}.{i}.")
-            else:
-                sd = {}
-                for k, expert in enumerate(module.local_experts):
-                    local_prefix = f"{prefix}width_experts.{r}.local_experts.{k}."
-                    if singleton:
-                        global_prefix, offsets = f"{prefix}group_{g}.{idx[k]}.", sharded_offsets
-                    else:
-                        global_prefix = f"{prefix}group_{g}."
-                        offsets = (*sharded_offsets, (len(sharded_offsets), idx[k], n_g))
-                    esd = expert.sharded_state_dict(local_prefix, offsets, metadata)
-                    replace_prefix_for_sharding(esd, local_prefix, global_prefix)
-                    sd.update(esd)
+            sd = self._ops.sharded_state_dict(module, f"{prefix}width_experts.{r}.",
+                                              f"{prefix}group_{g}.", idx, n_g, sharded_offsets,
+                                              metadata)
             # Experts are replicated along the expert-data-parallel group only.
             edp_rank = self.dp_group.rank()
             for key, sh in sd.items():

@@ -75,7 +75,7 @@ def check_complete(ckpt: Path, run_file_given: bool) -> None:
 def load_run_file(ckpt: Path, run_file=None):
     """(RunConfig, path) of the run that saved ``ckpt``: ``run_file`` when given (e.g. for a
     ``mohge-pretrain`` checkpoint), else ``ckpt/run.yaml`` as ``mohge-train`` writes it."""
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     path = Path(run_file) if run_file else ckpt / ckpt_lib.RUN_FILE
     if not path.is_file():

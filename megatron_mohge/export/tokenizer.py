@@ -15,23 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_mohge.config import ConfigError
-
-
-def _bytes_to_unicode() -> dict:
-    """GPT-2's byte -> printable character table (what a ByteLevel pre-tokenizer emits)."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-          + list(range(ord("\xae"), ord("\xff") + 1)))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+from megatron_mohge.data.tokenizers import bytes_to_unicode
 
 
 def byte_tokenizer_json(eod_token: str, eod_id: int) -> str:
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
              "use_regex": False}
     return json.dumps({

@@ -1,12 +1,12 @@
 """Files shipped inside the package: reference configs, the Megatron-LM launcher, Slurm scripts.
 
-They are package data (``setup.py`` ``package_data``), read with :mod:`importlib.resources`,
-so a regular ``pip install`` has them; nothing at run time reads the repository's
+They are package data (pyproject.toml's ``[tool.setuptools.package-data]``), read with
+:mod:`importlib.resources`, so a regular ``pip install`` has them; nothing at run time reads the repository's
 ``examples/`` folder, which keeps user-facing copies of the same files (a test checks that
-the copies agree). ``python -m megatron_mohge.resources`` lists them with their paths;
-``python -m megatron_mohge.resources NAME`` prints the path of one, e.g.::
+the copies agree). ``python -m megatron_mohge.cli.resources`` lists them with their paths;
+``python -m megatron_mohge.cli.resources NAME`` prints the path of one, e.g.::
 
-    mohge-check-config "$(python -m megatron_mohge.resources configs/paper_3b_mohge.yaml)"
+    mohge-check-config "$(python -m megatron_mohge.cli.resources configs/paper_3b_mohge.yaml)"
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from megatron_mohge.config import ConfigError
+from megatron_mohge.config.errors import ConfigError
 
 LAUNCHER = "pretrain_mohge.py"  # Megatron-LM's pretrain_gpt.py with MoHGE layers
 CONFIGS = "configs"

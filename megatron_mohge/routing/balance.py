@@ -8,7 +8,7 @@ bias vectors (NVIDIA/Megatron-LM#5573). We hook the same place instead:
 router's local step counts (all micro-batches of the step) are summed over the stage's
 TP x DP x CP group in **one** all-reduce, then each router updates its bias
 (``MoHGERouter.end_step``), the counters record the global-batch MaxVio, and the step
-counters restart. ``mohge-train`` installs it through ``training.mcore``, the Megatron-LM
+counters restart. ``mohge-train`` installs it through ``training.mcore_plumbing``, the Megatron-LM
 launcher through ``integration``; a custom loop calls :func:`end_of_step` after its
 backward passes, on every rank.
 

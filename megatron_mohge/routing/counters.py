@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_mohge.config.errors import group_offsets
+from megatron_mohge.sizes import group_offsets
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ def rank_flops_layouts(layout: RoutedLayout, tokens_per_expert: list[float],
     """Per-rank expert FLOPs at ``ep_size`` for the all-size allocation (MoHGE experts) and
     Megatron's contiguous layout (rank r owns canonical experts ``[r*E/ep, (r+1)*E/ep)``),
     each normalised to its mean, with max/mean."""
-    from megatron_mohge.allocation import plan_allocation
+    from megatron_mohge.config.allocation import plan_allocation
 
     # report even layouts the config would refuse (imbalance above its threshold)
     plan = plan_allocation(list(layout.alloc_widths), list(layout.alloc_counts), ep_size,

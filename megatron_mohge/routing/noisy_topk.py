@@ -105,45 +105,35 @@ def prob_in_topk(clean: torch.Tensor, h: torch.Tensor, stddev: torch.Tensor,
 class NoisyTopKRouter(GroupedExpertRouter):
     """Noisy top-k gating (flat or hierarchical) with the paper's importance and load losses.
 
+    The constructor serves uniform experts (Megatron's stock ``MoELayer``);
+    :meth:`for_mohge` builds the router of a MoHGE layer (heterogeneous experts).
+
     Args:
         config: Megatron ``TransformerConfig``; ``moe_router_topk`` is K (exactly K experts/token).
         pg_collection: Megatron process groups (``None``: from ``parallel_state``).
-        mohge_config: MoHGE layer (heterogeneous experts): gating options, groups, Kg, the router
-            type and the allocation plan's slot order come from it.
-        gating: ``NoisyGatingConfig`` for uniform experts (default: the paper's settings).
+        gating: ``NoisyGatingConfig`` (default: the paper's settings).
         group_sizes: experts per group (canonical order); required when ``hierarchical``.
         group_topk: Kg, groups per token; required when ``hierarchical``.
         hierarchical: the paper's two-level gate (appendix B) instead of the flat one.
+        slot_to_canonical: the canonical expert id of each EP slot (``None``: identity).
     """
 
+    #: the MoHGE layer and its allocation plan (:meth:`for_mohge`); ``None`` otherwise.
+    mohge: Optional[MoHGEConfig] = None
+    plan = None
+
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
-                 mohge_config: Optional[MoHGEConfig] = None,
                  gating: Optional[NoisyGatingConfig] = None,
                  group_sizes: Optional[Sequence[int]] = None, group_topk: Optional[int] = None,
-                 hierarchical: bool = False):
+                 hierarchical: bool = False, slot_to_canonical: Optional[Sequence[int]] = None):
         pg_collection = _default_pg_collection(pg_collection)
-        self.mohge, self.plan, slots = mohge_config, None, None
-        if mohge_config is not None:
-            if hierarchical or any(a is not None for a in (gating, group_sizes, group_topk)):
-                raise ValueError("NoisyTopKRouter: with mohge_config, gating, group_sizes, "
-                                 "group_topk and hierarchical come from the MoHGE config; do not "
-                                 "pass them.")
-            if mohge_config.router.type not in ("noisy_topk", "hierarchical_noisy_topk"):
-                raise ValueError(f"NoisyTopKRouter: router.type={mohge_config.router.type!r}; use "
-                                 "MoHGERouter for the MoHGE router.")
-            mohge_config.check_transformer_config(config)
-            gating = mohge_config.noisy_gating
-            hierarchical = mohge_config.router.type == "hierarchical_noisy_topk"
-            group_sizes, group_topk = mohge_config.experts_per_group, mohge_config.group_topk
-            self.plan = mohge_config.allocation_plan(pg_collection.ep.size())
-            slots = self.plan.slot_to_canonical
-        elif hierarchical and (group_sizes is None or group_topk is None):
+        if hierarchical and (group_sizes is None or group_topk is None):
             raise ValueError("NoisyTopKRouter(hierarchical=True) needs group_sizes (experts per "
                              "group) and group_topk (groups per token).")
         if group_sizes is None:
             group_sizes = [config.num_moe_experts]
         super().__init__(config, pg_collection, is_mtp_layer, group_sizes=group_sizes,
-                         slot_to_canonical=slots)
+                         slot_to_canonical=slot_to_canonical)
         self.gating = gating if gating is not None else NoisyGatingConfig()
         self.gating.validate()
         self.hierarchical = bool(hierarchical)
@@ -158,6 +148,27 @@ class NoisyTopKRouter(GroupedExpertRouter):
                                        else None)
         self.counter = RoutingCounter(self.num_experts, len(self.group_sizes), importance=True)
         self.reset_parameters()
+
+    @classmethod
+    def for_mohge(cls, config, pg_collection=None, is_mtp_layer: bool = False, *,
+                  mohge_config: MoHGEConfig) -> "NoisyTopKRouter":
+        """The router of a MoHGE layer whose ``router.type`` is ``noisy_topk`` or
+        ``hierarchical_noisy_topk``: the gating options, groups, Kg and the allocation plan's
+        slot order all come from ``mohge_config`` (``MoESubmodules.router``:
+        ``partial(NoisyTopKRouter.for_mohge, mohge_config=...)``)."""
+        if mohge_config.router.type not in ("noisy_topk", "hierarchical_noisy_topk"):
+            raise ValueError(f"NoisyTopKRouter: router.type={mohge_config.router.type!r}; use "
+                             "MoHGERouter for the MoHGE router.")
+        mohge_config.check_transformer_config(config)
+        pg_collection = _default_pg_collection(pg_collection)
+        plan = mohge_config.allocation_plan(pg_collection.ep.size())
+        router = cls(config, pg_collection, is_mtp_layer, gating=mohge_config.noisy_gating,
+                     group_sizes=mohge_config.experts_per_group,
+                     group_topk=mohge_config.group_topk,
+                     hierarchical=mohge_config.router.type == "hierarchical_noisy_topk",
+                     slot_to_canonical=plan.slot_to_canonical)
+        router.mohge, router.plan = mohge_config, plan
+        return router
 
     def _check_supported(self, group_topk: Optional[int]) -> None:
         c = self.config

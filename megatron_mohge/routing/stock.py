@@ -8,7 +8,7 @@ routing -- the trainer, the bench, :mod:`megatron_mohge.metrics`, end-of-step ba
 talks to one interface: ``counter``, ``group_sizes``, :meth:`~CountedTopKRouter.routed_layout`
 and the no-op hooks :meth:`~CountedTopKRouter.end_step` and
 :meth:`~CountedTopKRouter.extra_figures`, which routers with more state override.
-``training.model.decoder_spec`` swaps it into Megatron's stock spec
+``training.model_builder.decoder_spec`` swaps it into Megatron's stock spec
 (:func:`megatron_mohge.specs.with_counted_router`).
 
 Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.

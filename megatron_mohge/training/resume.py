@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mohge.config import ConfigError
 from megatron_mohge.training import checkpoint as ckpt_lib
-from megatron_mohge.training import mcore as M
+from megatron_mohge.training import mcore_plumbing as M
 
 
 def take_locks(run, rank: int, log: Callable) -> list:

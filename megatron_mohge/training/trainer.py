@@ -12,7 +12,7 @@ crash never leaves a half-written "latest" checkpoint. Every step reseeds the RN
 reproduces the uninterrupted one bit for bit (also on another EP size, up to reduction
 order). Run safety (one writer per folder, numerical health, damaged or mismatched
 checkpoints, stalled ranks, orphaned writer processes): ``lock``, ``health``, ``checkpoint``,
-``resume`` and ``procs`` next to this module; the reported figures: ``figures``; the text
+``resume`` and ``procs`` next to this module; the reported figures: ``run_figures``; the text
 and TensorBoard log: ``run_log``.
 
 Shape suffixes (``_TE``, ``_TG``, ...): see :mod:`megatron_mohge.routing`.
@@ -35,13 +35,13 @@ from megatron_mohge.metrics import (
     restore_routing_counts,
     snapshot_routing_counts,
 )
-from megatron_mohge.run_config import RunConfig
+from megatron_mohge.config.run import RunConfig
 from megatron_mohge.training import checkpoint as ckpt_lib
 from megatron_mohge.training import diagnostics
-from megatron_mohge.training import figures
+from megatron_mohge.training import run_figures
 from megatron_mohge.training import health as health_lib
-from megatron_mohge.training import mcore as M
-from megatron_mohge.training import model as model_lib
+from megatron_mohge.training import mcore_plumbing as M
+from megatron_mohge.training import model_builder as model_lib
 from megatron_mohge.training import procs
 from megatron_mohge.training import resume as resume_lib
 from megatron_mohge.training import run_log
@@ -221,7 +221,7 @@ class Trainer:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from megatron_mohge.evaluation.token_bytes import token_byte_lengths
+        from megatron_mohge.data.token_bytes import token_byte_lengths
 
         if getattr(self, "_token_bytes", None) is None:
             self._token_bytes = token_byte_lengths(self.tokenizer, self.vocab_size)
@@ -237,14 +237,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
     def routing(self) -> list[dict]:
-        """Per-MoE-layer routing figures since the last reset (:func:`figures.routing`)."""
-        return figures.routing(M.model_chunks(self.model), self.run.parallel.expert_parallel)
+        """Per-MoE-layer routing figures since the last reset (:func:`run_figures.routing`)."""
+        return run_figures.routing(M.model_chunks(self.model), self.run.parallel.expert_parallel)
 
     def aux_losses(self, steps: int) -> dict:
         """Mean per MoE layer and micro-batch of each aux loss since the last call."""
         t = self.run.train
-        return figures.aux_losses(steps, t.global_batch_size // (t.micro_batch_size * self.dp),
-                                  max(1, sum(self.run.moe_layer_pattern)))
+        return run_figures.aux_losses(steps,
+                                      t.global_batch_size // (t.micro_batch_size * self.dp),
+                                      max(1, sum(self.run.moe_layer_pattern)))
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, is_loading: bool) -> dict:
@@ -343,11 +344,11 @@ class Trainer:
         aux = self.aux_losses(steps)
         layers = self.routing()
         reset_routing_counts(M.model_chunks(self.model))
-        share = figures.mean_share(layers)
+        share = run_figures.mean_share(layers)
         width = (sum(l["mean_chosen_width"] for l in layers) / len(layers)) if layers else None
         rec = dict(iteration=it, loss=loss_sum / steps, lr=last["lr"], grad_norm=last["grad_norm"],
                    tokens_per_s=steps * tokens_per_step / seconds, aux=aux, group_share=share,
-                   mean_chosen_width=width, **figures.balance_figures(layers),
+                   mean_chosen_width=width, **run_figures.balance_figures(layers),
                    diagnostics=diagnostics.window_record(layers) if layers else None)
         # rank 0's record on every rank: checkpoints require identical common state
         box = [rec]
@@ -369,9 +370,9 @@ class Trainer:
     def _summary(self, final: EvalResult, tokens_per_s: Optional[float]) -> dict:
         """Figures of the finished run (routing measured over the final evaluation)."""
         restore_routing_counts(final.routing_counts)  # held-out batches, eval mode
-        summary = figures.run_summary(self.run, self.state, self.counts, self.routing(),
+        summary = run_figures.run_summary(self.run, self.state, self.counts, self.routing(),
                                       final.loss, final.batch_losses, tokens_per_s)
-        from megatron_mohge.evaluation.rolling import bits_per_byte
+        from megatron_mohge.data.token_bytes import bits_per_byte
 
         # loss (nats / token) over bytes per token, end-of-document predictions included
         summary["heldout_bits_per_byte"] = bits_per_byte(final.loss, final.bytes_per_token)

@@ -73,7 +73,7 @@ class WidthLossRecorder:
         self.counts = torch.zeros_like(self.sums)
         self.masks: list = []
         self._top1: list = [None] * len(self.routers)
-        from megatron_mohge.training.mcore import unwrap
+        from megatron_mohge.training.mcore_plumbing import unwrap
 
         self.handles = [r.register_forward_hook(self._router_hook(i))
                         for i, r in enumerate(self.routers)]
@@ -122,7 +122,7 @@ class WidthLossRecorder:
 
         packed = torch.stack([self.sums, self.counts])
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-            from megatron_mohge.training import mcore as M
+            from megatron_mohge.training import mcore_plumbing as M
 
             packed = packed.to(M.device())
             dist.all_reduce(packed, group=group)

@@ -47,8 +47,8 @@ import torch
 
 # The generic plumbing lives in the package (examples and the trainer use it too); the
 # workers keep calling it through this module.
-from megatron_mohge.training import mcore as _mcore
-from megatron_mohge.training.mcore import (  # noqa: F401  (re-exported for the workers)
+from megatron_mohge.training import mcore_plumbing as _mcore
+from megatron_mohge.training.mcore_plumbing import (  # noqa: F401  (re-exported for the workers)
     ModelArg,
     all_gather_object,
     model_chunks,
@@ -98,7 +98,6 @@ MICRO_BATCH_SIZE = 2
 GLOBAL_BATCH_SIZE = 8
 SEED = 1234
 
-ModelArg = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 
 
 # --------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ def load_checkpoint(model: ModelArg, directory: Union[str, Path], *,
 
 def build_gpt(config, spec=None, *, vocab_size: int = VOCAB_SIZE, seq_length: int = SEQ_LENGTH,
               **gpt_kwargs):
-    """:func:`megatron_mohge.training.mcore.build_gpt` with the tiny-model vocab / length."""
+    """:func:`megatron_mohge.training.mcore_plumbing.build_gpt` with the tiny-model vocab / length."""
     return _mcore.build_gpt(config, spec, vocab_size=vocab_size, seq_length=seq_length,
                             **gpt_kwargs)
 

@@ -26,7 +26,7 @@ import common as C  # noqa: E402
 import equivalence_worker as EW  # noqa: E402
 
 from megatron_mohge.training import checkpoint as ckpt_lib  # noqa: E402
-from megatron_mohge.training import mcore as M  # noqa: E402
+from megatron_mohge.training import mcore_plumbing as M  # noqa: E402
 
 
 def build(args):

@@ -1,7 +1,7 @@
 """Reference checkpoints for the Hugging Face export parity tests.
 
 For each case of ``--cases`` (a JSON list of ``{"name", "ep", "run"}``, ``run`` a RunConfig
-mapping) at its EP size (data parallel over the rest of the job's ranks): build mohge-train's model (``training.model.build_model``), spread its
+mapping) at its EP size (data parallel over the rest of the job's ranks): build mohge-train's model (``training.model_builder.build_model``), spread its
 weights so routing is far from ties (and set a random loss-free bias where it has one), save
 a dist-checkpoint exactly as ``Trainer.save`` does (model + optimizer + scheduler state, the
 run file beside it) and, on rank 0, the plugin model's reference outputs: fp32 logits of
@@ -55,9 +55,9 @@ def main():
     args = C.parse_args(extra=lambda p: (
         p.add_argument("--cases", required=True), p.add_argument("--root", required=True)))
     from megatron_mohge.data import load_tokenizer
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
     from megatron_mohge.training import checkpoint as ckpt_lib
-    from megatron_mohge.training.model import build_model, build_optimizer_and_scheduler
+    from megatron_mohge.training.model_builder import build_model, build_optimizer_and_scheduler
 
     C.init_distributed()
     results = {}

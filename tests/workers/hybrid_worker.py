@@ -26,7 +26,7 @@ MOHGE = dict(widths=[16, 32, 48, 64], experts_per_group=2, group_topk=2, topk=2,
 
 
 def run_config(ep: int):
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     return RunConfig.from_dict({
         "model": dict(kind="hybrid", hybrid_layer_pattern="*E-E", num_layers=4, hidden_size=32,
@@ -48,7 +48,7 @@ def main():
         p.add_argument("--ckpt", required=True),
         p.add_argument("--ep", type=int, required=True),
         p.add_argument("--steps", type=int, default=4)))
-    from megatron_mohge.training import model as model_lib
+    from megatron_mohge.training import model_builder as model_lib
 
     C.init_distributed()
     C.init_layout(1, args.ep, 1)

@@ -4,7 +4,7 @@ One module per job:
 
 * :mod:`.args` -- ``--mohge-config`` and its overrides (``extra_args_provider``), the MoE
   arguments it implies, their check (:func:`finalize_mohge_args`);
-* :mod:`.model` -- the MoHGE decoder / MTP specs, the callable ``transformer_layer_spec``
+* :mod:`.gpt_builder` -- the MoHGE decoder / MTP specs, the callable ``transformer_layer_spec``
   (:func:`mohge_decoder_spec`) and the core_v0.16 builder (:func:`mohge_gpt_builder`);
   :mod:`.gpt_config` -- core_v0.18+'s ``MoHGEGPTModelConfig`` / ``MoHGEGPTModelBuilder``
   (imports ``megatron.training``, so it is not imported here);
@@ -48,7 +48,7 @@ from megatron_mohge.integration.megatron_lm.launcher import (
     pretrain_cfg_container,
     run_pretrain,
 )
-from megatron_mohge.integration.megatron_lm.model import (
+from megatron_mohge.integration.megatron_lm.gpt_builder import (
     build_mohge_gpt_model,
     mohge_decoder_spec,
     mohge_gpt_builder,

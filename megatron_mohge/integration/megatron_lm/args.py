@@ -63,7 +63,7 @@ def load_mohge_config(path) -> MoHGEConfig:
     """A MoHGE layer YAML, or a run YAML whose ``moe.mohge`` section (mapping or path) is used."""
     p = Path(path).expanduser()
     data = read_yaml_file(p, "--mohge-config") or {}
-    from megatron_mohge.run_config import RunConfig, config_kind
+    from megatron_mohge.config.run import RunConfig, config_kind
 
     if config_kind(data, f"--mohge-config {path}") == "run":
         run = RunConfig.from_dict(data, base_dir=p.parent)

@@ -25,7 +25,7 @@ from megatron.training.vocab_utils import calculate_padded_vocab_size
 
 from megatron_mohge.config import ConfigError, MoHGEConfig
 from megatron_mohge.integration.megatron_lm.args import finalize_mohge_args
-from megatron_mohge.integration.megatron_lm.model import (
+from megatron_mohge.integration.megatron_lm.gpt_builder import (
     mohge_block_spec,
     mohge_decoder_spec,
     mohge_mtp_block_spec,

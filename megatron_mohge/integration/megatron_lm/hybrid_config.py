@@ -14,7 +14,7 @@ callers (:func:`require_config_container`): their hybrid model is ``MambaModel``
 from __future__ import annotations
 
 from megatron_mohge.integration.megatron_lm.args import finalize_mohge_args
-from megatron_mohge.integration.megatron_lm.model import refuse_conflicting_args, use_te_for
+from megatron_mohge.integration.megatron_lm.gpt_builder import refuse_conflicting_args, use_te_for
 
 
 def is_hybrid_args(args) -> bool:

@@ -1,7 +1,7 @@
 """``examples/pretrain_mohge.py``: Megatron-LM's ``pretrain_gpt.py`` main block, with MoHGE.
 
 It reuses ``pretrain_gpt``'s dataset provider, forward step and embedding-rank rule, adds
-``--mohge-config`` (``args``), builds MoHGE layers (``model``/``gpt_config``), tells the routers
+``--mohge-config`` (``args``), builds MoHGE layers (``gpt_builder``/``gpt_config``), tells the routers
 the training progress (``hooks.mohge_forward_step``) and installs the logging and FLOPs hooks.
 Both ``pretrain()`` call styles are driven, chosen by its signature
 (``compat.versions.megatron_lm_pretrain_style``):
@@ -72,7 +72,7 @@ def run_pretrain(program_start: Optional[float] = None) -> None:
 
     from model_provider import model_provider
 
-    from megatron_mohge.integration.megatron_lm.model import mohge_gpt_builder
+    from megatron_mohge.integration.megatron_lm.gpt_builder import mohge_gpt_builder
 
     pretrain_fn(provider, partial(model_provider, mohge_gpt_builder),
                 ModelType.encoder_or_decoder, mohge_forward_step, args_defaults=ARGS_DEFAULTS,

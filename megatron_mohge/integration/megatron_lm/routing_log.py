@@ -9,7 +9,7 @@
   ``training_log`` is not given the model);
 * ``training_log(..., iteration, ...)`` -- after Megatron's own log, at every
   ``--log-interval`` (and the last iteration): every rank computes the window's figures
-  (:func:`megatron_mohge.training.figures.routing`: counts summed over the stage's TP x DP
+  (:func:`megatron_mohge.training.run_figures.routing`: counts summed over the stage's TP x DP
   group, layers gathered over pipeline stages), the counters restart (as ``mohge-train`` at
   each log), and the last rank (Megatron's log and TensorBoard rank) prints one
   ``[mohge] routing:`` line, writes ``routing/*`` scalars to Megatron's TensorBoard writer
@@ -50,7 +50,7 @@ class RoutingLog:
     def window(self, ep: int) -> list[dict]:
         """The window's per-layer figures on every rank (collective), counters restarted."""
         from megatron_mohge.metrics import reset_routing_counts
-        from megatron_mohge.training.figures import routing
+        from megatron_mohge.training.run_figures import routing
 
         layers = routing(self.chunks, ep)
         reset_routing_counts(self.chunks)

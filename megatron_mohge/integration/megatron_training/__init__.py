@@ -5,7 +5,7 @@ The 0.19 megatron-core wheels ship ``megatron.training`` -- ``pretrain(cfg_conta
 but not Megatron-LM's ``pretrain_gpt.py``. With only ``pip install megatron-core
 megatron-mohge`` a run YAML trains MoHGE with Megatron's real loop:
 
-* :mod:`.launch` -- run YAML -> Megatron-LM flags (``integration.flags``, the one mapping) ->
+* :mod:`.run_pretrain` -- run YAML -> Megatron-LM flags (``integration.flags``, the one mapping) ->
   ``parse_and_validate_args`` -> ``PretrainConfigContainer`` (``MoHGEGPTModelConfig`` from
   ``integration.megatron_lm.gpt_config``) -> ``pretrain()``, hooks from
   ``integration.megatron_lm.hooks``; CPU mode without a GPU;
@@ -17,7 +17,7 @@ A Megatron-LM checkout keeps its own path (``examples/pretrain_mohge.py``,
 ``integration.megatron_lm``). Nothing here imports megatron.training at import time.
 """
 
-from megatron_mohge.integration.megatron_training.launch import (
+from megatron_mohge.integration.megatron_training.run_pretrain import (
     CPU_FLAGS,
     cfg_container,
     cpu_run,

@@ -16,7 +16,7 @@ never enables those):
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional
+from typing import List
 
 import torch
 

@@ -77,12 +77,12 @@ def mohge_mtp_block_spec(tc, mohge_cfg: MoHGEConfig, use_te: bool,
         get_gpt_mtp_block_spec,
     )
 
-    from megatron_mohge.specs import _is_moe_layer, _with_mlp, get_mohge_moe_module_spec
+    from megatron_mohge.specs import get_mohge_moe_module_spec, is_moe_layer, replace_moe_mlp
 
     last = get_gpt_decoder_layer_specs(tc, use_transformer_engine=use_te,
                                        normalization=tc.normalization, vp_stage=vp_stage)[-1]
-    if _is_moe_layer(last):
-        last = _with_mlp(last, get_mohge_moe_module_spec(mohge_cfg, use_te))
+    if is_moe_layer(last):
+        last = replace_moe_mlp(last, get_mohge_moe_module_spec(mohge_cfg, use_te))
     return get_gpt_mtp_block_spec(tc, last, use_transformer_engine=use_te, vp_stage=vp_stage)
 
 
@@ -91,7 +91,7 @@ def mohge_decoder_spec(config, vp_stage: Optional[int] = None):
 
     ``config`` is the ``GPTModelConfig``; the MoHGE config is its ``mohge`` field
     (``MoHGEGPTModelConfig``) or, for a stock ``GPTModelConfig`` (``pretrain_gpt.py --spec
-    megatron_mohge.integration.megatron_lm.model mohge_decoder_spec`` in a patched checkout),
+    megatron_mohge.integration.megatron_lm.gpt_builder mohge_decoder_spec`` in a patched checkout),
     ``--mohge-config``. Refuses multi-token prediction: Megatron's ``GPTModelBuilder`` would
     build the MTP layer from its stock uniform-expert spec (use ``MoHGEGPTModelBuilder``).
     """

@@ -1,4 +1,5 @@
-"""A usage error (bad config, data or checkpoint) of a multi-rank run, reported as one line.
+"""A usage error (bad config, data or checkpoint) reported as one line, also from a
+multi-rank run (a leaf module: the CLIs and the benchmark runner both use it).
 
 Every rank of ``mohge-train`` usually meets the same bad input, and ``torchrun`` answers a
 rank's non-zero exit with a ``ChildFailedError`` wall that does not contain the message.
@@ -17,11 +18,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import NamedTuple, Optional
+import sys
+from typing import Any, NamedTuple, Optional
 
-from megatron_mohge.cli.common import USAGE_EXIT, print_error
-
+USAGE_EXIT = 2  # argparse's exit status for usage errors; every mohge CLI uses it
 ERROR_FILE_ENV = "MOHGE_USAGE_ERROR_FILE"
+
+
+def print_error(prog: str, exc: Any) -> int:
+    """``prog: message`` on stderr; returns :data:`USAGE_EXIT`."""
+    print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+    return USAGE_EXIT
 
 
 def report_usage_error(prog: str, exc: BaseException) -> int:
@@ -68,5 +75,5 @@ def read_usage_error(path) -> Optional[UsageError]:
         return None
 
 
-__all__ = ["report_usage_error", "read_usage_error", "UsageError", "USAGE_EXIT",
+__all__ = ["print_error", "report_usage_error", "read_usage_error", "UsageError", "USAGE_EXIT",
            "ERROR_FILE_ENV"]

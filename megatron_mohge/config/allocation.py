@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from megatron_mohge.config import ConfigError, group_offsets
+from megatron_mohge.config.errors import ConfigError
+from megatron_mohge.sizes import group_offsets
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from megatron_mohge.config.megatron import run_moe_transformer_fields
-from megatron_mohge.run_config import RunConfig
-from megatron_mohge.training import mcore as M
+from megatron_mohge.config.run import RunConfig
+from megatron_mohge.training import mcore_plumbing as M
 
 
 def transformer_config(run: RunConfig):

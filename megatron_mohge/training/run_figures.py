@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_mohge.metrics import rank_flops_layouts, routers
 from megatron_mohge.training import diagnostics
-from megatron_mohge.training import mcore as M
+from megatron_mohge.training import mcore_plumbing as M
 from megatron_mohge.util.numbers import mean_by_ep, mean_present, standard_error
 
 

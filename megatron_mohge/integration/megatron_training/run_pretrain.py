@@ -32,7 +32,7 @@ def cpu_run(run):
     """``run`` with local (non-Transformer-Engine) layers: what CPU mode can build."""
     if run.moe.use_te is False:
         return run
-    from megatron_mohge.run_config import RunConfig
+    from megatron_mohge.config.run import RunConfig
 
     if run.moe.kind == "mohge" and run.moe.mohge.expert_backend == "te":
         from megatron_mohge.config import ConfigError

@@ -1,4 +1,4 @@
-"""``python -m megatron_mohge.resources [NAME]``: list the shipped files, or print one's path."""
+"""``python -m megatron_mohge.cli.resources [NAME]``: list the shipped files, or print one's path."""
 
 import sys
 
@@ -7,7 +7,7 @@ from megatron_mohge.resources import resource_path, shipped_files
 
 
 def main(argv=None) -> int:
-    return run_cli("python -m megatron_mohge.resources", _print_paths,
+    return run_cli("python -m megatron_mohge.cli.resources", _print_paths,
                    sys.argv[1:] if argv is None else argv)
 
 
