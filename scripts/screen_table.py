@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The router screen's arms x corpora table from several ``mohge-bench --preset screen``
-results: held-out loss of every arm / stock (``moe``) and / the pre-screen MoHGE
-(``mohge_today``), paired by seed, mean and Student-t 95% interval, with the routing
+results: held-out loss of every arm / stock (``moe``), / the pre-screen MoHGE
+(``mohge_today``) and / the equal-routed-params stock control, paired by seed, mean and Student-t 95% interval, with the routing
 diagnostics that say why. Only seeds an arm shares with its reference are paired.
 
     python scripts/screen_table.py stdlib=results/screen-stdlib docs=results/screen-pydocs ...
@@ -49,21 +49,22 @@ def diagnostics_text(results: dict, arm: str) -> str:
                        fmt("max_group_share", ".2f"), fmt("ingroup_max_prob", ".2f"), cv_ratio])
 
 
+REFERENCES = ("moe", "mohge_today", "moe_equal_total")  # each arm's loss is paired with these
+
+
 def table(corpora: dict[str, dict]) -> str:
-    arms: list[str] = []
-    for results in corpora.values():
-        arms += [a for a in results["runs"] if a not in arms]
-    head = ["arm"] + [f"{c}: / stock" for c in corpora] + [f"{c}: / mohge_today" for c in corpora]
-    head += [f"{c}: same-group / gate grad g:e / max group / in-group max p / CV 1st half vs "
-             "stock" for c in corpora]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm in arms:
-        cells = [f"`{arm}`"]
-        cells += [ratio_text(r, arm, "moe") for r in corpora.values()]
-        cells += [ratio_text(r, arm, "mohge_today") for r in corpora.values()]
-        cells += [diagnostics_text(r, arm) for r in corpora.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """One table per corpus: arms x (loss / each reference, diagnostics)."""
+    out = []
+    for corpus, results in corpora.items():
+        head = (["arm"] + [f"loss / `{r}`" for r in REFERENCES]
+                + ["same-group / gate grad g:e / max group / in-group max p / load CV 1st half "
+                   "vs stock"])
+        lines = [f"**{corpus}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm in results["runs"]:
+            cells = [f"`{arm}`"] + [ratio_text(results, arm, r) for r in REFERENCES]
+            lines.append("| " + " | ".join(cells + [diagnostics_text(results, arm)]) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def main(argv: list[str]) -> int:
