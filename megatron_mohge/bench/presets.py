@@ -92,8 +92,9 @@ def _tiny_mohge(weighting: str) -> dict:
 
 
 # The default comparison's budget: 3 seeds x 2 runs x DEFAULT_ITERS steps plus the layer
-# microbenchmark fit in ~10 minutes on 2 cores (0.15 CPU-s per step and ~12 CPU-s of start-up
-# per run, measured; 2-rank steps overlap imperfectly, so wall ~ 0.1-0.2 s per step).
+# microbenchmark. Its trainings cost 570-580 CPU-s (results/default-*, 78-112 CPU-s a run), so
+# about 5 min of 2 idle cores plus start-up; the recorded wall times, 22-23 min, were on a
+# loaded machine.
 DEFAULT_SEEDS = (1234, 1235, 1236)
 DEFAULT_ITERS = 300
 
