@@ -15,7 +15,7 @@ from megatron_mohge.bench.arms import (ARMS, MEASURED_ACTIVATED_FRACTION, SHAPES
 from megatron_mohge.bench.budget import budget_iters
 from megatron_mohge.bench.presets import STUDY_HIDDEN, get_preset
 from megatron_mohge.config import ConfigError, MoHGEConfig
-from megatron_mohge.integration.accounting import analytic_param_counts, resolve_vocab
+from megatron_mohge.accounting import analytic_param_counts, resolve_vocab
 from megatron_mohge.resources import config_path
 
 ROOT = Path(__file__).resolve().parents[1]

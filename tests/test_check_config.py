@@ -8,7 +8,7 @@ import torch
 
 from megatron_mohge.cli import check_config as CC
 from megatron_mohge.config import MoHGEConfig
-from megatron_mohge.integration import accounting as A
+from megatron_mohge import accounting as A
 from megatron_mohge.config.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

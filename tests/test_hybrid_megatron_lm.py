@@ -44,7 +44,7 @@ def test_config_container_builds_megatrons_hybrid_model_with_mohge_e_layers(
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfig
 
-    from megatron_mohge.integration.accounting import analytic_param_counts
+    from megatron_mohge.accounting import analytic_param_counts
     from megatron_mohge.routing.mohge_router import MoHGERouter
 
     run, argv = hybrid_argv(tmp_path)

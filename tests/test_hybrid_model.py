@@ -78,7 +78,7 @@ def test_stock_hybrid_baseline_trains_and_counts_its_routing(mcore_world1):
 
 
 def test_analytic_param_counts_match_a_real_hybrid_model(mcore_world1):
-    from megatron_mohge.integration import accounting as A
+    from megatron_mohge import accounting as A
     from megatron_mohge.training.model_builder import measured_param_counts
 
     for run in (hybrid_run(pattern="*E-E*", num_attention_heads=4),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatron_mohge.config import ConfigError, MoHGEConfig
 from megatron_mohge.integration import megatron_lm as ML
-from megatron_mohge.integration.accounting import activated_widths
+from megatron_mohge.accounting import activated_widths
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -341,7 +341,7 @@ def check_tiny_model(model, run, vocab):
     """MoHGE layers where --moe-layer-freq puts MoE; parameters as accounted; finite loss."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_mohge.integration.accounting import analytic_param_counts
+    from megatron_mohge.accounting import analytic_param_counts
     from megatron_mohge.routing.mohge_router import MoHGERouter
 
     kinds = [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers]

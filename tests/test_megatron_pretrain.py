@@ -118,7 +118,7 @@ def expected_mohge_flops(args, iters: int) -> tuple[float, float]:
 
     import megatron.training.training as T
 
-    from megatron_mohge.integration.accounting import activated_widths
+    from megatron_mohge.accounting import activated_widths
     from megatron_mohge.integration.megatron_lm.args import mohge_config_from_args
 
     stock = getattr(T.num_floating_point_operations, "__mohge_stock__",

@@ -112,7 +112,7 @@ def test_moe_mapping_written_once():
 def test_local_widths_are_the_plans():
     """``AllocationPlan.local_widths`` is what the layer's experts hold, rank by rank, and
     sums to ``rank_width_sums``; accounting's per-rank memory reads the same widths."""
-    from megatron_mohge.integration.accounting import expert_memory_per_rank
+    from megatron_mohge.accounting import expert_memory_per_rank
 
     cfg = MoHGEConfig.paper_3b()
     run = RunConfig.from_yaml(ROOT / "examples" / "configs" / "paper_3b_mohge.yaml")

@@ -1,7 +1,6 @@
 """Held-out loss by chosen expert width (training/width_loss.py) on constructed cases with
 known answers."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,8 +48,9 @@ class _Router(torch.nn.Module):
     layer_number = 1
     slot_to_canonical = torch.tensor([3, 2, 1, 0])  # slot j holds canonical expert 3 - j
 
-    def routed_layout(self):
-        return SimpleNamespace(expert_widths=[8, 16, 32, 64])  # canonical order
+    def slot_widths(self):  # the public reader of GroupedExpertRouter / CountedTopKRouter
+        canonical = [8, 16, 32, 64]
+        return [canonical[int(c)] for c in self.slot_to_canonical]
 
     def forward(self, x_SBH):
         ids_T = x_SBH.reshape(-1, x_SBH.shape[-1])[:, 0].long()
@@ -93,3 +93,14 @@ def test_the_recorder_pairs_each_tokens_loss_with_its_own_top1_width():
 def test_only_layouts_where_ranks_route_their_own_loss_tokens():
     assert supported(1, 1, False) and supported(1, 2, False)
     assert not supported(2, 1, False) and not supported(1, 2, True)
+
+
+@pytest.mark.usefixtures("mcore_world1")
+def test_slot_widths_follow_the_all_size_allocation():
+    """A real MoHGE router: slot j's width is the width of the canonical expert it holds."""
+    from tests.test_router import cfg_small, make_router
+
+    r = make_router(cfg_small())
+    canonical = list(r.routed_layout().expert_widths)
+    assert r.slot_widths() == [canonical[int(c)] for c in r.slot_to_canonical]
+    assert sorted(r.slot_widths()) == sorted(canonical)

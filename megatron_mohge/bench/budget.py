@@ -42,8 +42,8 @@ def tokens_per_step(run_dict: dict) -> int:
 
 def budget_params(run_dict: dict) -> int:
     """Total params of the run ``run_dict`` (a full RunConfig mapping), counted from its config
-    (``integration.accounting``; the trainer's measured ``total_params`` are the same)."""
-    from megatron_mohge.integration.accounting import analytic_param_counts, resolve_vocab
+    (``accounting``; the trainer's measured ``total_params`` are the same)."""
+    from megatron_mohge.accounting import analytic_param_counts, resolve_vocab
     from megatron_mohge.config.run import RunConfig
 
     run = RunConfig.from_dict(run_dict)

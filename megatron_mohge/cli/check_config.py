@@ -18,7 +18,7 @@ from typing import Optional
 from megatron_mohge.cli import common
 from megatron_mohge.config import ConfigError, MoHGEConfig, read_yaml_file
 from megatron_mohge.config.megatron import FP8_ALIGN
-from megatron_mohge.integration import accounting as A
+from megatron_mohge import accounting as A
 from megatron_mohge.util.numbers import fmt_count
 
 PROG = "mohge-check-config"

@@ -33,7 +33,12 @@ def _pretrain(run, args) -> int:
         require_megatron_training(PROG)
     except MegatronTrainingMissing as exc:
         return print_error(PROG, exc)
-    from megatron_mohge.integration.megatron_training import run_pretrain
+    # the module's names (the package re-exports the function run_pretrain under its name)
+    from megatron_mohge.integration.megatron_training.run_pretrain import (
+        cpu_run,
+        pretrain_argv,
+        run_pretrain,
+    )
 
     if args.print_args:
         import shlex
@@ -41,10 +46,10 @@ def _pretrain(run, args) -> int:
         import torch
 
         cpu = not torch.cuda.is_available()
-        shown = run_pretrain.cpu_run(run) if cpu else run
-        print(shlex.join(run_pretrain.pretrain_argv(shown, cpu)))
+        shown = cpu_run(run) if cpu else run
+        print(shlex.join(pretrain_argv(shown, cpu)))
         return 0
-    run_pretrain.run_pretrain(run, program_start=_START)
+    run_pretrain(run, program_start=_START)
     import torch.distributed as dist
 
     if dist.is_initialized():

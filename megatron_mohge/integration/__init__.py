@@ -7,11 +7,12 @@
 * :mod:`~megatron_mohge.integration.flags` -- a run YAML (``RunConfig``) to Megatron-LM flags.
 * :mod:`~megatron_mohge.integration.slurm` -- the exact ``srun``/``torchrun`` command lines of
   ``examples/slurm/*.sbatch``.
-* :mod:`~megatron_mohge.integration.accounting` -- analytic parameter counts, activated widths
-  and memory figures (``mohge-check-config``, FLOPs).
+
+Analytic parameter counts, activated widths and memory figures (``mohge-check-config``,
+FLOPs, the bench's token budget) are :mod:`megatron_mohge.accounting`, one layer below.
 
 Nothing here imports torch, megatron.core or megatron.training at import time; the parts that
 need them import them on first use, so the package works without a Megatron-LM checkout.
 """
 
-__all__ = ["accounting", "flags", "megatron_lm", "slurm"]
+__all__ = ["flags", "megatron_lm", "slurm"]

@@ -14,6 +14,9 @@ K       experts chosen per token
 N       experts of one group (padded to the largest group, Nmax, in ``_GN`` / ``_TGN``)
 W       expert width (FFN hidden size)
 1       a singleton dimension (``keep_T1``: 1 for a real token, 0 for padding)
+L       MoE layers (per-layer figures)
+B       micro-batch (where a tensor keeps it apart from the sequence: ``mask_BS``)
+S       sequence positions
 ======  ==============================================================================
 """
 

@@ -125,6 +125,12 @@ class GroupedExpertRouter(CountedTopKRouter):
         """
         return self.apply_input_jitter(input) if self.training else input
 
+    def slot_widths(self) -> list[int]:
+        """FFN width of the expert held by each global slot (the all-size allocation permutes
+        the canonical, group-major experts into slots)."""
+        canonical = list(self.routed_layout().expert_widths)
+        return [canonical[int(c)] for c in self.slot_to_canonical]
+
     def to_slot_order(self, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor):
         """Permute canonical columns into the allocation plan's slot order."""
         if self.identity_layout:

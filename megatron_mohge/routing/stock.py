@@ -76,6 +76,11 @@ class CountedTopKRouter(TopKRouter):
         return RoutedLayout([width] * n, [ffn_params(c.hidden_size, width, gated, bias)] * n,
                             list(self.group_sizes), [width], [n])
 
+    def slot_widths(self) -> list[int]:
+        """FFN width of the expert behind each output column of this router (slot order; the
+        stock router's columns are its experts in order)."""
+        return list(self.routed_layout().expert_widths)
+
     def routing_figures(self, group=None) -> LayerRouting:
         """Figures of the counting window, summed over ``group`` (see ``RoutingCounter``)."""
         return self.counter.metrics(self.routed_layout(), group, layer_number=self.layer_number)

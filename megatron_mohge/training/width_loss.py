@@ -14,7 +14,8 @@ Token order: Megatron's MoE layers route the ``[s, b]`` hidden states flattened 
 Measured on one pipeline stage without sequence parallelism (each rank then routes exactly
 the tokens whose loss it computes); other layouts record nothing (``supported``).
 
-Shape suffixes: ``_L`` MoE layers, ``_W`` distinct widths, ``_N`` tokens, ``_BS`` batch x seq.
+Shape suffixes as in the package legend (``megatron_mohge.routing``); ``_G`` is one column per
+distinct width (one per group).
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ from typing import Optional, Sequence
 import torch
 
 
-def loss_by_width_sums(loss_N: torch.Tensor, mask_N: torch.Tensor, width_index_LN: torch.Tensor,
+def loss_by_width_sums(loss_T: torch.Tensor, mask_T: torch.Tensor, width_index_LT: torch.Tensor,
                        num_widths: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss sum, token count)``, each ``[L, W]`` float64: per layer ``l`` and width index
+    """``(loss sum, token count)``, each ``[L, G]`` float64: per layer ``l`` and width index
     ``w``, the masked per-token losses and the number of (masked-in) tokens whose top-1
     expert in layer ``l`` has width index ``w``."""
-    mask = mask_N.double().reshape(-1)
-    loss = loss_N.double().reshape(-1) * mask
-    L = width_index_LN.shape[0]
+    mask = mask_T.double().reshape(-1)
+    loss = loss_T.double().reshape(-1) * mask
+    L = width_index_LT.shape[0]
     sums = torch.zeros(L, num_widths, dtype=torch.float64)
     counts = torch.zeros(L, num_widths, dtype=torch.float64)
-    idx = width_index_LN.long().cpu()
+    idx = width_index_LT.long().cpu()
     sums.scatter_add_(1, idx, loss.cpu().expand(L, -1))
     counts.scatter_add_(1, idx, mask.cpu().expand(L, -1))
     return sums, counts
 
 
-def loss_by_width_figures(sums_LW: torch.Tensor, counts_LW: torch.Tensor,
+def loss_by_width_figures(sums_LG: torch.Tensor, counts_LG: torch.Tensor,
                           widths: Sequence[int], layers: Sequence[Optional[int]]) -> dict:
     """The summary's ``heldout_loss_by_width``: ``widths``; ``mean_loss`` and
     ``token_share`` over all MoE layers (each token counted once per layer); and per layer
@@ -51,9 +52,9 @@ def loss_by_width_figures(sums_LW: torch.Tensor, counts_LW: torch.Tensor,
         return {"mean_loss": [float(a / b) if b > 0 else None for a, b in zip(s, c)],
                 "token_share": [float(b / total) if total > 0 else 0.0 for b in c]}
 
-    out = {"widths": [int(w) for w in widths], **row(sums_LW.sum(0), counts_LW.sum(0))}
+    out = {"widths": [int(w) for w in widths], **row(sums_LG.sum(0), counts_LG.sum(0))}
     out["layers"] = [{"layer_number": n, **row(s, c)}
-                     for n, s, c in zip(layers, sums_LW, counts_LW)]
+                     for n, s, c in zip(layers, sums_LG, counts_LG)]
     return out
 
 
@@ -64,7 +65,7 @@ class WidthLossRecorder:
 
     def __init__(self, chunks, routers):
         self.routers = list(routers)
-        widths_by_router = [self._slot_widths(r) for r in self.routers]
+        widths_by_router = [r.slot_widths() for r in self.routers]
         self.widths = sorted({w for ws in widths_by_router for w in ws})
         pos = {w: i for i, w in enumerate(self.widths)}
         self.slot_index = [torch.tensor([pos[w] for w in ws]) for ws in widths_by_router]
@@ -78,13 +79,6 @@ class WidthLossRecorder:
         self.handles = [r.register_forward_hook(self._router_hook(i))
                         for i, r in enumerate(self.routers)]
         self.handles += [unwrap(c).register_forward_hook(self._model_hook) for c in chunks]
-
-    @staticmethod
-    def _slot_widths(router) -> list[int]:
-        """FFN width of the expert in each of the router's output columns (slot order)."""
-        canonical = list(router.routed_layout().expert_widths)
-        order = getattr(router, "slot_to_canonical", None)
-        return canonical if order is None else [canonical[int(c)] for c in order]
 
     def _router_hook(self, i: int):
         def hook(module, args, output):
@@ -104,8 +98,8 @@ class WidthLossRecorder:
             self._top1 = [None] * len(self.routers)
             return
         # routers saw tokens s-major ([s, b] flattened): bring them to the loss's [b, s]
-        index_LN = torch.stack([t.reshape(S, B).t().reshape(-1) for t in self._top1])
-        s, c = loss_by_width_sums(output.detach().reshape(-1), mask_BS.reshape(-1), index_LN,
+        index_LT = torch.stack([t.reshape(S, B).t().reshape(-1) for t in self._top1])
+        s, c = loss_by_width_sums(output.detach().reshape(-1), mask_BS.reshape(-1), index_LT,
                                   len(self.widths))
         self.sums += s
         self.counts += c

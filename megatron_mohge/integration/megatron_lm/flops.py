@@ -25,7 +25,7 @@ def activated_routed_width(args, cfg: MoHGEConfig) -> float:
     measured = getattr(args, "mohge_flops_routed_width", None)
     if measured:
         return cfg.topk * float(measured)
-    from megatron_mohge.integration.accounting import activated_widths
+    from megatron_mohge.accounting import activated_widths
 
     which = getattr(args, "mohge_flops_expectation", None) or "uniform"
     return float(getattr(activated_widths(cfg), which))
