@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The router screen's arms x corpora table from several ``mohge-bench --preset screen``
 results: held-out loss of every arm / stock (``moe``), / the pre-screen MoHGE
-(``mohge_today``) and / the equal-routed-params stock control, paired by seed, mean and Student-t 95% interval, with the routing
+(``mohge_today``), / the equal-routed-params stock control and / the shipped defaults
+(``mohge``: the coefficient sweeps' reference), paired by seed, mean and Student-t 95% interval, with the routing
 diagnostics that say why. Only seeds an arm shares with its reference are paired.
 
     python scripts/screen_table.py stdlib=results/screen-stdlib docs=results/screen-pydocs ...
@@ -49,7 +50,8 @@ def diagnostics_text(results: dict, arm: str) -> str:
                        fmt("max_group_share", ".2f"), fmt("ingroup_max_prob", ".2f"), cv_ratio])
 
 
-REFERENCES = ("moe", "mohge_today", "moe_equal_total")  # each arm's loss is paired with these
+# each arm's loss is paired with these (mohge: the shipped defaults, for the sweep arms)
+REFERENCES = ("moe", "mohge_today", "moe_equal_total", "mohge")
 
 
 def table(corpora: dict[str, dict]) -> str:

@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_mohge.bench import e2e
-from megatron_mohge.bench.presets import PRE_SCREEN_ROUTING, get_preset
+from megatron_mohge.bench.presets import PRE_SCREEN_ROUTING, SCREEN_SWEEPS, get_preset
 from megatron_mohge.cli.bench import parse_sizes
 from megatron_mohge.config import ConfigError, MoHGEConfig
 from megatron_mohge.resources import config_path
@@ -40,6 +40,22 @@ def test_screen_arms_and_controls(tmp_path):
                 if getattr(getattr(arm, s), f) != getattr(getattr(today, s), f)]
         assert diff == [(section, field)], name
     assert p.comparison_pairs(list(runs)) == [(n, "moe") for n in runs if n != "moe"]
+
+
+def test_sweep_arms_change_one_default_each(tmp_path):
+    # the coefficient sweeps are the shipped defaults with one loss field 10x lower / higher,
+    # trained only on request (the screen's default run list stays as committed)
+    p = get_preset("screen")
+    assert not set(SCREEN_SWEEPS) & set(p.runs)
+    runs = e2e.run_configs(p, tmp_path, names=["mohge", *SCREEN_SWEEPS], seed=1234)
+    ref = runs["mohge"].moe.mohge
+    for name, (field, value) in SCREEN_SWEEPS.items():
+        arm = runs[name].moe.mohge
+        assert arm.router == ref.router and arm.widths == ref.widths, name
+        diff = {f: getattr(arm.losses, f) for f in vars(ref.losses)
+                if getattr(arm.losses, f) != getattr(ref.losses, f)}
+        assert diff == {field: value}, name
+        assert value in (getattr(ref.losses, field) / 10, getattr(ref.losses, field) * 10)
 
 
 def test_sizes_choose_the_screen_and_study_sizes():

@@ -360,9 +360,18 @@ PRE_SCREEN_ROUTING = dict(
                 expert_bias_update_rate=0.0))
 
 
-# Control arms added after the committed screens: trained on request (--runs), so the
-# screen's default runs (and the identity of its results) stay as they were.
-SCREEN_OPTIONAL_ARMS = ("moe_equal_activated", "mohge_uniform")
+# One-at-a-time sweeps around the chosen defaults (issue item 2c: coefficients swept):
+# arm -> (losses field, value); the defaults are expert_bias_update_rate 1e-2 and
+# group_balance_coeff 1e-2, so each field is tried 10x lower and 10x higher.
+SCREEN_SWEEPS = {
+    "mohge_bias_1e-3": ("expert_bias_update_rate", 1e-3),
+    "mohge_bias_1e-1": ("expert_bias_update_rate", 1e-1),
+    "mohge_gbal_1e-3": ("group_balance_coeff", 1e-3),
+    "mohge_gbal_1e-1": ("group_balance_coeff", 1e-1),
+}
+# Arms added after the committed screens (the controls, the sweeps): trained on request
+# (--runs), so the screen's default runs (and the identity of its results) stay as they were.
+SCREEN_OPTIONAL_ARMS = ("moe_equal_activated", "mohge_uniform", *SCREEN_SWEEPS)
 
 
 def _screen_arms(hidden: int, shape: Shape) -> dict:
@@ -373,6 +382,11 @@ def _screen_arms(hidden: int, shape: Shape) -> dict:
             cfg[section].update(copy.deepcopy(values))
         cfg["router"].update(router or {})
         cfg["losses"].update(losses)
+        return dict(kind="mohge", mohge=cfg)
+
+    def swept(field: str, value: float) -> dict:
+        cfg = shape.mohge(hidden)  # the shipped defaults with one loss field changed
+        cfg["losses"][field] = value
         return dict(kind="mohge", mohge=cfg)
 
     arms = shape.arms(hidden)
@@ -394,6 +408,7 @@ def _screen_arms(hidden: int, shape: Shape) -> dict:
         "moe_strong_balance": shape.stock(hidden, aux=0.5),
         "moe_equal_activated": arms["moe_equal_activated"],
         "mohge_uniform": arms["mohge_uniform"],
+        **{arm: swept(*change) for arm, change in SCREEN_SWEEPS.items()},
     }
 
 
