@@ -9,6 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-rank or long-running case (run by .ci/run after the default suite)")
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped on machines without a GPU)")
+    config.addinivalue_line(
+        "markers", "pipeline: a whole bench / export pipeline whose Megatron parts other tests "
+        "cover on every line (.ci/run runs it on the current line only, to keep CI short)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -132,6 +132,14 @@ def test_global_batch_counts_are_a_running_mean_over_micro_batches():
     assert m.num_tokens == 6.0 and torch.equal(m.tokens_per_expert_E, torch.tensor([6.0, 6.0]))
     acc.reset()
     assert torch.equal(acc.add(b).tokens_per_expert_E, b.tokens_per_expert_E)
+    # the per-group "used" counts travel only when a loss needs them (no zero padding packed
+    # into every all-reduce), and survive the running mean when they do
+    assert a.pack().numel() == 1 + 2 + 2 and acc.add(a).tokens_using_group_G is None
+    acc.reset()
+    u = L.TokenCounts(a.num_tokens, a.tokens_per_group_G, a.tokens_per_expert_E,
+                      torch.tensor([3.0, 1.0]))
+    assert u.pack().numel() == 1 + 2 + 2 + 2
+    assert torch.equal(acc.add(u).tokens_using_group_G, torch.tensor([3.0, 1.0]))
 
 
 def test_global_batch_stats_on_one_rank_equal_micro_batch_stats_for_one_micro_batch():

@@ -30,6 +30,7 @@ def tiny_preset():
     return p
 
 
+@pytest.mark.pipeline
 def test_tiny_bench_writes_a_complete_consistent_results_json(tmp_path):
     """Two seeds, two runs at a time: figures are seed means of the per-seed figures, and
     the comparisons' intervals are the paired Student-t intervals of the per-seed ratios."""

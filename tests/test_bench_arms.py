@@ -213,10 +213,10 @@ def test_the_budget_is_part_of_the_results_identity(tmp_path):
                                layer_bench=False)  # the same bench without a token budget
     with pytest.raises(ConfigError, match="tokens_per_param 20.0 -> None"):
         e2e.check_out_dir(tmp_path, plain)
-    from megatron_mohge.bench.resume import reusable_figures
+    from megatron_mohge.bench.resume import load_sources, reusable_figures
 
     with pytest.raises(ConfigError, match=r"--resume: .*\(tokens_per_param 20.0 -> None\)"):
-        reusable_figures([tmp_path], plain, e2e._comparable)
+        reusable_figures(load_sources(tmp_path, True), plain, e2e._comparable)
     # without the new options the identity has no new keys (earlier results.json stay valid)
     old = e2e.bench_identity(get_preset("study"), None, data=None, tokenizer=None, seeds=[1],
                              iters=None, layer_bench=False)

@@ -35,6 +35,7 @@ def check_common(res: dict, out: Path) -> None:
     assert "torch vs local experts" in md and "`torch` experts" in md
 
 
+@pytest.mark.pipeline
 def test_gpu_check_cpu_mode_without_training(tmp_path):
     out = tmp_path / "check"
     res = run_check(out, "--skip-train")

@@ -37,6 +37,7 @@ from megatron_mohge.bench.progress import Progress
 from megatron_mohge.bench.resume import (
     check_data_fingerprint,
     data_fingerprint,
+    load_sources,
     reusable_figures,
 )
 from megatron_mohge.bench.runner import run_layer_bench_subprocess, train_runs
@@ -202,7 +203,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                               iters=iters, layer_bench=layer_bench,
                               split_documents=split_documents, json_keys=json_keys,
                               tokens_per_param=tokens_per_param)
-    sources = ([out_dir] if resume else []) + [Path(d) for d in reuse_from]
+    sources = load_sources(out_dir, resume, reuse_from)
     if not resume:
         check_out_dir(out_dir, identity)  # before anything is written into --out
     # each source must be this experiment but for its runs and seeds
@@ -224,8 +225,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
                                          load_tokenizer(first.data.tokenizer),
                                          max_bytes=first.data.default_corpus_bytes)
     fingerprint = data_fingerprint([str(p) for p in prefixes] if prefixes else [str(default)])
-    for folder in sources:
-        check_data_fingerprint(folder, fingerprint, log)
+    check_data_fingerprint(sources, fingerprint, identity, _comparable, log)
     results = {"preset": preset.name, "description": preset.description,
                "seed": seed_list[0], "seeds": seed_list, "valid_seed": first.data.valid_seed,
                "baseline": preset.baseline, "kind": preset.kind, "nproc": preset.nproc,
@@ -243,7 +243,7 @@ def run_bench(preset: Preset, out_dir: Path, *, names=None, data=None, tokenizer
             per_seed[n] = [reused[n][s] for s in seed_list if s in reused.get(n, {})]
         queue = [q for q in queue if q[0] not in reused.get(q[1], {})]
         log(f"[bench] {sum(map(len, per_seed.values()))} trainings reused from "
-            f"{', '.join(str(Path(d) / 'results.json') for d in sources)}, {len(queue)} to "
+            f"{', '.join(str(src.path) for src in sources)}, {len(queue)} to "
             "train")
         results["runs"] = aggregate_runs(per_seed)
         results["comparisons"] = compare_runs(per_seed, preset.comparison_pairs(names))

@@ -10,7 +10,7 @@ from megatron_mohge.util import numbers
 DASH = "—"
 
 
-def _num(v: Any) -> Optional[float]:
+def as_number(v: Any) -> Optional[float]:
     """``v`` as a finite-or-nan float, or None when missing / not a number."""
     if v is None or isinstance(v, bool):
         return None
@@ -22,7 +22,7 @@ def _num(v: Any) -> Optional[float]:
 
 def fmt_count(v: Any) -> str:
     """Parameter counts: 1.23B / 45.6M / 7.89K / 512."""
-    x = _num(v)
+    x = as_number(v)
     if x is None:
         return DASH
     if math.isnan(x):
@@ -31,7 +31,7 @@ def fmt_count(v: Any) -> str:
 
 
 def fmt_float(v: Any, digits: int = 3, suffix: str = "") -> str:
-    x = _num(v)
+    x = as_number(v)
     if x is None:
         return DASH
     return f"{x:.{digits}f}{suffix}"
@@ -39,13 +39,13 @@ def fmt_float(v: Any, digits: int = 3, suffix: str = "") -> str:
 
 def fmt_delta(value: Any, base: Any) -> str:
     """Relative change ``value / base - 1`` in percent with sign, e.g. ``-18.8%``."""
-    v, b = _num(value), _num(base)
+    v, b = as_number(value), as_number(base)
     if v is None or b is None or b == 0 or math.isnan(v) or math.isnan(b):
         return ""
     return f"{(v / b - 1.0) * 100.0:+.1f}%"
 
 
-def _with_delta(text: str, value: Any, base: Any, is_base: bool) -> str:
+def with_delta(text: str, value: Any, base: Any, is_base: bool) -> str:
     if text == DASH:
         return text
     if is_base:
@@ -54,14 +54,14 @@ def _with_delta(text: str, value: Any, base: Any, is_base: bool) -> str:
     return f"{text} ({d})" if d else text
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """The cells of :func:`_table` as fixed-width text for a terminal: the first column
+    """The cells of :func:`md_table` as fixed-width text for a terminal: the first column
     left-aligned, the others right-aligned, two spaces between columns, a rule under the
     header."""
     widths = [max(map(len, col)) for col in zip(header, *rows)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from megatron_mohge.bench.canvas import colormap, new_figure, save_figure
-from megatron_mohge.bench.fmt import _num
+from megatron_mohge.bench.fmt import as_number
 
 PathLike = Union[str, Path]
 PLOT_NAMES = ("loss_curves.png", "group_share.png", "rank_load.png", "chosen_width_hist.png",
@@ -58,7 +58,7 @@ def plot_loss_curves(runs: dict, path: Path) -> Optional[Path]:
             ei = c.get("eval_iteration") or list(range(1, len(el) + 1))
             ax.plot(ei[:len(el)], el[:len(ei)], color=color, lw=1.6, ls="--", marker="o",
                     ms=3, label=f"{name} eval")
-        final = [x for x in (r.get("heldout_loss_per_seed") or []) if _num(x) is not None]
+        final = [x for x in (r.get("heldout_loss_per_seed") or []) if as_number(x) is not None]
         if len(final) > 1 and el:  # the final held-out loss: seed mean and 95% interval
             from megatron_mohge.bench.stats import mean_ci
 

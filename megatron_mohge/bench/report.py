@@ -23,11 +23,11 @@ from typing import Any, Optional, Union
 from megatron_mohge.bench.arms import DEFAULT_SHAPE
 from megatron_mohge.bench.fmt import (
     DASH,
-    _num,
-    _table,
-    _with_delta,
+    as_number,
     fmt_count,
     fmt_float,
+    md_table,
+    with_delta,
 )
 from megatron_mohge.bench.plots import write_plots
 
@@ -41,7 +41,7 @@ def _mean_chosen_width(run: dict) -> Optional[float]:
         return sum(a * b for a, b in zip(w, f)) / sum(f)
     curve = (run.get("curves") or {}).get("mean_chosen_width")
     if curve:
-        return _num(curve[-1])
+        return as_number(curve[-1])
     return None
 
 
@@ -62,12 +62,12 @@ def main_table(results: dict) -> str:
         is_base = r is base
 
         def col(key: str, text: str) -> str:
-            return _with_delta(text, r.get(key), None if base is None else base.get(key),
+            return with_delta(text, r.get(key), None if base is None else base.get(key),
                                is_base) if base is not None else text
 
         dense = r.get("kind") == "dense"  # no routed experts: no expert load
-        mem = _num(r.get("peak_mem_bytes"))
-        tps = _num(r.get("train_tokens_per_s"))
+        mem = as_number(r.get("peak_mem_bytes"))
+        tps = as_number(r.get("train_tokens_per_s"))
         row = [
             f"**{name}**" if is_base else name,
             str(r.get("kind", DASH)),
@@ -90,7 +90,7 @@ def main_table(results: dict) -> str:
             all_size = rf.get("all_size_max_over_mean")
             row += [fmt_float(all_size, 3), fmt_float(rf.get("contiguous_max_over_mean"), 3)]
         rows.append(row)
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def _flops(r: dict, key: str, ep: str) -> str:
@@ -121,7 +121,7 @@ def balance_table(results: dict) -> Optional[str]:
                      fmt_float(r.get("train_maxvio_batch"), 2)]
                     + [_flops(r, "rank_flops_by_ep", ep) for ep in eps]
                     + [_flops(r, "train_rank_flops_by_ep", ep) for ep in eps])
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def group_share_table(results: dict) -> Optional[str]:
@@ -138,7 +138,7 @@ def group_share_table(results: dict) -> Optional[str]:
         rows.append([name, "/".join(str(w) for w in widths) if widths else DASH]
                     + [f"{100 * s:.1f}%" for s in share] + [""] * (ng - len(share))
                     + [fmt_float(_mean_chosen_width(r), 1)])
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def routing_table(results: dict) -> Optional[str]:
@@ -160,7 +160,7 @@ def routing_table(results: dict) -> Optional[str]:
                      " / ".join(f"{100 * s:.0f}%" for s in share) if share else DASH,
                      f"{fmt_float(d.get('expert_load_cv_first_half'), 3)} / "
                      f"{fmt_float(d.get('expert_load_cv_second_half'), 3)}"])
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def layer_bench_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
@@ -179,7 +179,7 @@ def layer_bench_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
             width = f"{min(k['widths'])}..{max(k['widths'])}"
         else:
             width = str(k.get("width", DASH))
-        p10, p90 = _num(k.get("p10_s")), _num(k.get("p90_s"))
+        p10, p90 = as_number(k.get("p10_s")), as_number(k.get("p90_s"))
         rows.append([
             kind, str(k.get("num_experts", DASH)), str(k.get("topk", DASH)), width,
             fmt_count(k.get("routed_expert_params")),
@@ -204,7 +204,7 @@ def layer_bench_table(bench: dict) -> str:
         lines.append(f"One MoE layer, forward + backward ({desc}); medians over interleaved "
                      "rounds, machine load not controlled.")
         lines.append("")
-    lines.append(_table(*layer_bench_rows(bench)))
+    lines.append(md_table(*layer_bench_rows(bench)))
     for note in layer_bench_notes(bench):
         lines += ["", note]
     return "\n".join(lines)
@@ -302,7 +302,7 @@ def markdown_report(results: dict) -> str:
         from megatron_mohge.bench.verdicts import verdict
 
         rows = [[k, verdict(v)] for k, v in targets.items()]
-        blocks += ["## Targets", _table(["target", "measured"], rows),
+        blocks += ["## Targets", md_table(["target", "measured"], rows),
                    ", ".join(f"{k} = {fmt_float(v, 4)}" for k, v in figs.items())]
         if results["targets"].get("not_judged"):
             blocks.append(f"Loss targets not judged: {results['targets']['not_judged']}.")
@@ -310,7 +310,7 @@ def markdown_report(results: dict) -> str:
 
 
 def _ci(ci: Any, digits: int = 4) -> str:
-    if not ci or len(ci) != 2 or _num(ci[0]) is None:
+    if not ci or len(ci) != 2 or as_number(ci[0]) is None:
         return DASH
     return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
@@ -325,7 +325,7 @@ def seed_tables(results: dict) -> Optional[str]:
     rows = []
     for name, r in runs.items():
         per = r.get("heldout_loss_per_seed") or []
-        se = [x for x in (r.get("heldout_loss_se_per_seed") or []) if _num(x) is not None]
+        se = [x for x in (r.get("heldout_loss_se_per_seed") or []) if as_number(x) is not None]
         rows.append([name] + [fmt_float(x, 4) for x in per] + [""] * (len(seeds) - len(per))
                     + [fmt_float(sum(per) / len(per), 4) if per else DASH,
                        fmt_float(sum(se) / len(se), 4) if se else DASH,
@@ -333,7 +333,7 @@ def seed_tables(results: dict) -> Optional[str]:
     blocks = ["Held-out loss per seed (same held-out samples for every seed and run; "
               "eval SE: standard error over the held-out batches, the evaluation noise of one "
               "run's loss):",
-              _table(["run"] + [f"seed {s}" for s in seeds]
+              md_table(["run"] + [f"seed {s}" for s in seeds]
                      + ["mean", "eval SE", "held-out tokens"], rows)]
     for comp, c in (results.get("comparisons") or {}).items():
         crows = []
@@ -347,7 +347,7 @@ def seed_tables(results: dict) -> Optional[str]:
         blocks += [f"**{comp.replace('_vs_', ' vs ')}**: ratios run / baseline, paired by "
                    f"seed; 95% interval mean ± t·sd/√n over {len(c.get('seeds', []))} seeds "
                    f"(— with one seed).{note}",
-                   _table(["figure", "ratio mean", "95% CI", "per seed"], crows)]
+                   md_table(["figure", "ratio mean", "95% CI", "per seed"], crows)]
     return "\n\n".join(blocks)
 
 
@@ -359,7 +359,7 @@ def ablation_table(results: dict) -> Optional[str]:
     rows = [[n, fmt_float(r.get("heldout_ppl"), 2), fmt_float(r.get("importance_cv"), 3),
              fmt_float(r.get("expert_load_cv"), 3), fmt_float(r.get("expert_load_max_over_mean"), 2)]
             for n, r in runs.items()]
-    return _table(["run", "held-out ppl", "CV(importance)", "CV(load)", "max/mean load"], rows)
+    return md_table(["run", "held-out ppl", "CV(importance)", "CV(load)", "max/mean load"], rows)
 
 
 def write_report(results: dict, out_dir: PathLike) -> dict[str, Path]:

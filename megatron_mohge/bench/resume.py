@@ -14,12 +14,14 @@ The run config says what a training did but not which text it read: ``--data`` i
 recorded as a path, and a corpus rebuilt at the same path (another package version, another
 file selection) is another experiment. ``results.json`` therefore records the content of the
 prepared datasets (:func:`data_fingerprint`), and a resume over a different corpus is refused
-(:func:`check_data_fingerprint`).
+(:func:`check_data_fingerprint`). The content decides, not the path: the same text prepared
+from another ``--data`` path (a corpus moved or copied to another machine) is reused.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_mohge.config.errors import ConfigError
@@ -27,47 +29,73 @@ from megatron_mohge.data.integrity import file_sha256
 
 # Identity keys that may differ between the bench in --out and the resumed one.
 EXTENDABLE = ("runs", "seeds")
+# Identity keys the data fingerprint decides (check_data_fingerprint), not the spelling.
+DATA_KEYS = ("data",)
 
 
-def reusable_figures(sources: list[Path], identity: dict, comparable) -> dict[str, dict[int, dict]]:
-    """``{run name: {seed: figures}}`` of the bench folders ``sources`` (their
-    ``results.json``; the first holding a training wins) that the bench of ``identity`` can
-    reuse (``comparable``: results.json's identity as today's spelling)."""
+@dataclass(frozen=True)
+class Source:
+    """One bench folder whose trainings may be reused: its ``results.json``, read once."""
+    path: Path  # the results.json
+    flag: str  # the option that named the folder (--resume, --reuse-from), for messages
+    results: dict
+
+
+def load_sources(out_dir: Path, resume: bool, reuse_from=()) -> list[Source]:
+    """The bench folders to reuse trainings from, in priority order: ``out_dir`` (with
+    ``resume``), then ``reuse_from``. A folder without a results.json contributes nothing."""
+    folders = ([(Path(out_dir), "--resume")] if resume else []) + [
+        (Path(d), "--reuse-from") for d in reuse_from]
+    sources = []
+    for folder, flag in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            if flag == "--reuse-from":
+                raise ConfigError(f"--reuse-from: {folder} holds no results.json; name a "
+                                  "mohge-bench --out folder.")
+            continue
+        try:
+            results = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {path} is not valid JSON ({exc}); move it away to "
+                              "start this bench afresh.") from None
+        sources.append(Source(path, flag, results))
+    return sources
+
+
+def reusable_figures(sources: list[Source], identity: dict, comparable
+                     ) -> dict[str, dict[int, dict]]:
+    """``{run name: {seed: figures}}`` of ``sources`` (the first holding a training wins)
+    that the bench of ``identity`` can reuse (``comparable``: results.json's identity as
+    today's spelling)."""
     reuse: dict[str, dict[int, dict]] = {}
-    for folder in sources:
-        for name, figs in _reusable(Path(folder) / "results.json", identity, comparable).items():
+    for source in sources:
+        for name, figs in _reusable(source, identity, comparable).items():
             for seed, fig in figs.items():
                 reuse.setdefault(name, {}).setdefault(seed, fig)
     return reuse
 
 
-def _reusable(path: Path, identity: dict, comparable) -> dict[str, dict[int, dict]]:
-    if not path.is_file():
-        return {}
-    try:
-        old_results = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"--resume: {path} is not valid JSON ({exc}); move it away to start "
-                          "this bench afresh.") from None
-    old = comparable(old_results.get("config"))
+def _reusable(source: Source, identity: dict, comparable) -> dict[str, dict[int, dict]]:
+    old = comparable(source.results.get("config"))
     new = comparable(identity)
     if not isinstance(old, dict):
-        raise ConfigError(f"--resume: {path} has no record of its configuration; move it away "
-                          "to start this bench afresh.")
-    diff = [k for k in new if k not in EXTENDABLE and old.get(k) != new[k]]
+        raise ConfigError(f"{source.flag}: {source.path} has no record of its configuration; "
+                          "move it away to start this bench afresh.")
+    diff = [k for k in new if k not in EXTENDABLE + DATA_KEYS and old.get(k) != new[k]]
     if diff:
         what = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in diff)
-        raise ConfigError(f"--resume: {path} is another experiment ({what}); use another --out, "
-                          "or drop --resume and move that results.json away.")
+        raise ConfigError(f"{source.flag}: {source.path} is another experiment ({what}); use "
+                          "another --out, or drop the option and move that results.json away.")
     seeds = set(new.get("seeds") or [])
     reuse: dict[str, dict[int, dict]] = {}
     for name, run in (new.get("runs") or {}).items():
         if (old.get("runs") or {}).get(name) != run:
             continue  # not there, or a different config under the same name: train it
-        for fig in old_results.get("runs", {}).get(name, {}).get("per_seed", []):
+        for fig in source.results.get("runs", {}).get(name, {}).get("per_seed", []):
             seed = fig.get("seed")
             if seed is not None and int(seed) in seeds:
-                reuse[name] = {**reuse.get(name, {}), int(seed): fig}
+                reuse.setdefault(name, {})[int(seed)] = fig
     return reuse
 
 
@@ -86,17 +114,23 @@ def data_fingerprint(prefixes: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_data_fingerprint(folder: Path, fingerprint: str, log=print) -> None:
-    """Refuse to reuse results of ``folder`` trained on other text than ``fingerprint``'s."""
-    path = Path(folder) / "results.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text()).get("data_fingerprint")
-    if old is None:
-        log(f"[bench] --resume: {path} records no data fingerprint (written before benches "
-            "recorded one); its trainings are reused on the assumption that --data is the same "
-            "text")
-    elif old != fingerprint:
-        raise ConfigError(f"--resume: {path} was trained on other text (data fingerprint {old}, "
-                          f"now {fingerprint}): --data changed at the same path; use another "
-                          "--out, or drop --resume to train everything again.")
+def check_data_fingerprint(sources: list[Source], fingerprint: str, identity: dict,
+                           comparable, log=print) -> None:
+    """Refuse to reuse trainings of ``sources`` that read other text than ``fingerprint``'s.
+    A source from before fingerprints were recorded is trusted only at the same ``--data``."""
+    data = {k: comparable(identity).get(k) for k in DATA_KEYS}
+    for source in sources:
+        old_data = {k: (comparable(source.results.get("config")) or {}).get(k) for k in DATA_KEYS}
+        old = source.results.get("data_fingerprint")
+        if old is None and old_data != data:
+            raise ConfigError(f"{source.flag}: {source.path} read other data ({old_data} -> "
+                              f"{data}) and records no data fingerprint to show it is the same "
+                              "text; use the same --data, or drop the option.")
+        if old is None:
+            log(f"[bench] {source.flag}: {source.path} records no data fingerprint (written "
+                "before benches recorded one); its trainings are reused on the assumption "
+                "that --data is the same text")
+        elif old != fingerprint:
+            raise ConfigError(f"{source.flag}: {source.path} was trained on other text (data "
+                              f"fingerprint {old}, now {fingerprint}); use another --out, or "
+                              "drop the option to train everything again.")

@@ -111,7 +111,7 @@ def _by_seed(t: dict, seeds: list) -> list[list[float]]:
 
 # ---------------------------------------------------------------------------- rendering
 def study_markdown(study: dict) -> str:
-    from megatron_mohge.bench.fmt import _table, fmt_count, fmt_float
+    from megatron_mohge.bench.fmt import fmt_count, fmt_float, md_table
 
     def ci_text(ci, digits=4):
         return "—" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
@@ -126,7 +126,7 @@ def study_markdown(study: dict) -> str:
                          fmt_float(t["loss_mean"][i], 4), ci_text(t["loss_ci95"][i]), per,
                          "—" if drop is None else f"{100 * drop:.1f}%"])
     tail = int(100 * study.get("plateau_tail", PLATEAU_TAIL))
-    blocks = [_table(["kind", "size", "total params", "activated params/token",
+    blocks = [md_table(["kind", "size", "total params", "activated params/token",
                       "held-out loss (mean)", "95% CI", "per seed",
                       f"train-loss drop, last {tail}% of steps"], rows)]
     fit_rows = [[AXES[axis], kind, f"{f['c']:.4f}", f"{f['d']:.4f}",
@@ -135,7 +135,7 @@ def study_markdown(study: dict) -> str:
     if fit_rows:
         blocks += [f"Fits `{study['fit_form']}` (least squares on the seed means; two "
                    "parameters, because 3-4 sizes over < 10x cannot pin down a saturating "
-                   "power law):", _table(["x axis", "kind", "c", "d", "residual rms"], fit_rows)]
+                   "power law):", md_table(["x axis", "kind", "c", "d", "residual rms"], fit_rows)]
     for comp, axes in study["efficiency"].items():
         eff_rows = []
         for axis, e in axes.items():
@@ -151,7 +151,7 @@ def study_markdown(study: dict) -> str:
                    "params needed on the stock fit to reach the loss / the params used "
                    "(> 1: fewer params for the same loss). `*`: outside the measured stock "
                    "range (extrapolated).",
-                   _table(["x axis", "ratio (geomean over sizes)", "bootstrap 95% CI",
+                   md_table(["x axis", "ratio (geomean over sizes)", "bootstrap 95% CI",
                            "per size", "interval"], eff_rows)]
     return "\n\n".join(blocks)
 

@@ -46,18 +46,22 @@ class TokenCounts:
     tokens_using_group_G: Optional[torch.Tensor] = None
 
     def pack(self) -> torch.Tensor:
-        used = self.tokens_using_group_G
-        return torch.cat([self.num_tokens.reshape(1), self.tokens_per_group_G,
-                          self.tokens_per_expert_E,
-                          torch.zeros_like(self.tokens_per_group_G) if used is None else used])
+        """One flat vector (one all-reduce): tokens, per group, per expert[, used per group]."""
+        parts = [self.num_tokens.reshape(1), self.tokens_per_group_G, self.tokens_per_expert_E]
+        if self.tokens_using_group_G is not None:
+            parts.append(self.tokens_using_group_G)
+        return torch.cat(parts)
 
     @classmethod
-    def unpack(cls, packed: torch.Tensor, num_groups: int) -> "TokenCounts":
+    def unpack(cls, packed: torch.Tensor, num_groups: int, with_used: bool) -> "TokenCounts":
         g = num_groups
-        return cls(packed[0], packed[1:1 + g], packed[1 + g:-g], packed[-g:])
+        end = packed.numel() - g if with_used else packed.numel()
+        return cls(packed[0], packed[1:1 + g], packed[1 + g:end],
+                   packed[end:] if with_used else None)
 
     def scaled(self, factor: float) -> "TokenCounts":
-        return TokenCounts.unpack(self.pack() * factor, self.tokens_per_group_G.numel())
+        return TokenCounts.unpack(self.pack() * factor, self.tokens_per_group_G.numel(),
+                                  self.tokens_using_group_G is not None)
 
     def assignments_per_group(self, index: GroupIndex) -> torch.Tensor:
         """Token-expert assignments per group (what the group's experts compute), [G]."""
@@ -73,18 +77,18 @@ def count_tokens(group_mask_TG: torch.Tensor, routing_map_TE: torch.Tensor,
     tokens that use each group (``tokens_using_group_G``)."""
     gm = group_mask_TG.float()
     rm = routing_map_TE.float()
-    used = (torch.zeros_like(gm) if index is None
-            else index.to_padded(rm, 0.0).amax(dim=-1))  # [T, G]: 1 if any pick in g
+    # [T, G]: 1 if any pick in g (only the per_group_used loss needs it)
+    used = None if index is None else index.to_padded(rm, 0.0).amax(dim=-1)
     if keep_T1 is not None:
-        gm, rm, used = gm * keep_T1, rm * keep_T1, used * keep_T1
+        gm, rm = gm * keep_T1, rm * keep_T1
+        used = None if used is None else used * keep_T1
         local_tokens = keep_T1.sum()
     else:
         local_tokens = torch.tensor(float(rm.shape[0]), device=rm.device)
-    local = TokenCounts(local_tokens, gm.sum(0), rm.sum(0), used.sum(0))
-    counts = TokenCounts.unpack(global_sum(local.pack(), reduce_group), gm.shape[1])
-    if index is None:
-        counts.tokens_using_group_G = None
-    return counts
+    local = TokenCounts(local_tokens, gm.sum(0), rm.sum(0),
+                        None if used is None else used.sum(0))
+    return TokenCounts.unpack(global_sum(local.pack(), reduce_group), gm.shape[1],
+                              with_used=used is not None)
 
 
 class GlobalBatchCounts:
@@ -102,10 +106,8 @@ class GlobalBatchCounts:
         packed = counts.pack()
         self.sum = packed if self.sum is None else self.sum + packed
         self.steps += 1
-        mean = TokenCounts.unpack(self.sum / self.steps, counts.tokens_per_group_G.numel())
-        if counts.tokens_using_group_G is None:
-            mean.tokens_using_group_G = None
-        return mean
+        return TokenCounts.unpack(self.sum / self.steps, counts.tokens_per_group_G.numel(),
+                                  with_used=counts.tokens_using_group_G is not None)
 
     def reset(self) -> None:
         self.sum, self.steps = None, 0
