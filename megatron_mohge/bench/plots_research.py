@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_mohge.bench.fmt import _num
+from megatron_mohge.bench.fmt import as_number
 from megatron_mohge.bench.canvas import colormap, new_figure, save_figure
 
 RESEARCH_PLOTS = ("rank_load_per_layer.png", "loss_ratio.png", "loss_by_width.png")
@@ -30,7 +30,7 @@ def mark_group_loss_start(ax, runs: dict) -> None:
     (``group_loss_start_iteration``: ``losses.group_start_fraction`` x iters, when > 0)."""
     starts: dict = {}
     for name, r in runs.items():
-        it = _num(r.get("group_loss_start_iteration"))
+        it = as_number(r.get("group_loss_start_iteration"))
         if it is not None:
             starts.setdefault(it, []).append(name)
     for it, names in starts.items():
@@ -90,12 +90,12 @@ def plot_rank_load_per_layer(runs: dict, path: Path) -> Optional[Path]:
 # ----------------------------------------------------------------- loss ratio and FLOPs
 def _tokens_per_step(results: dict, name: str, r: dict) -> Optional[float]:
     """Recorded by the bench; for older results from the run config it recorded."""
-    if _num(r.get("tokens_per_step")) is not None:
+    if as_number(r.get("tokens_per_step")) is not None:
         return float(r["tokens_per_step"])
     cfg = ((results.get("config") or {}).get("runs") or {}).get(name) or {}
     gbs = (cfg.get("train") or {}).get("global_batch_size")
     seq = (cfg.get("model") or {}).get("seq_length")
-    return float(gbs * seq) if _num(gbs) is not None and _num(seq) is not None else None
+    return float(gbs * seq) if as_number(gbs) is not None and as_number(seq) is not None else None
 
 
 def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
@@ -108,7 +108,7 @@ def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
     runs = results.get("runs") or {}
     flops = {}
     for name, r in runs.items():
-        tps, act = _tokens_per_step(results, name, r), _num(r.get("activated_params_per_token"))
+        tps, act = _tokens_per_step(results, name, r), as_number(r.get("activated_params_per_token"))
         c = r.get("curves") or {}
         if tps and act and c.get("train_loss") and c.get("iteration"):
             flops[name] = (6.0 * act * tps, c)
@@ -120,8 +120,8 @@ def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
         for i, (key, c) in enumerate(comps.items()):
             per = [float(x) for x in c["loss_ratio_per_seed"]]
             ax.scatter([i] * len(per), per, color="C0", s=14, alpha=0.6, zorder=3)
-            mean, ci = _num(c.get("loss_ratio_mean")), c.get("loss_ratio_ci95")
-            if mean is not None and ci and _num(ci[0]) is not None:
+            mean, ci = as_number(c.get("loss_ratio_mean")), c.get("loss_ratio_ci95")
+            if mean is not None and ci and as_number(ci[0]) is not None:
                 ax.errorbar([i + 0.15], [mean], yerr=[[mean - ci[0]], [ci[1] - mean]],
                             color="C3", capsize=4, marker="o", ms=4)
             elif mean is not None:
@@ -138,10 +138,10 @@ def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
         ax = axes[-1]
         for i, (name, (per_step, c)) in enumerate(flops.items()):
             it, tl = c["iteration"], c["train_loss"]
-            pts = [(x * per_step, y) for x, y in zip(it, tl) if _num(y) is not None]
+            pts = [(x * per_step, y) for x, y in zip(it, tl) if as_number(y) is not None]
             if pts:
                 ax.plot(*zip(*pts), color=f"C{i % 10}", lw=1.2, label=name)
-            final = _num(runs[name].get("heldout_loss"))
+            final = as_number(runs[name].get("heldout_loss"))
             if final is not None:
                 ax.plot([it[-1] * per_step], [final], "o", color=f"C{i % 10}", ms=4)
         ax.set_xscale("log")
@@ -166,18 +166,18 @@ def plot_loss_by_width(runs: dict, path: Path) -> Optional[Path]:
     for ax, (name, d) in zip(axes, data.items()):
         widths = d["widths"]
         xs = list(range(len(widths)))
-        mean = [_num(v) for v in d["mean_loss"]]
+        mean = [as_number(v) for v in d["mean_loss"]]
         ax.bar([x for x, m in zip(xs, mean) if m is not None], [m for m in mean if m is not None],
                color="C0", alpha=0.6, label="all MoE layers")
         shown = [m for m in mean if m is not None]
         for layer in d.get("layers") or []:
-            pts = [(x, _num(v)) for x, v in zip(xs, layer["mean_loss"]) if _num(v) is not None]
+            pts = [(x, as_number(v)) for x, v in zip(xs, layer["mean_loss"]) if as_number(v) is not None]
             if pts:
                 ax.plot(*zip(*pts), color="gray", lw=0.7, alpha=0.7)
                 shown += [y for _, y in pts]
         for f in runs[name].get("per_seed") or []:
             s = (f.get("heldout_loss_by_width") or {}).get("mean_loss") or []
-            pts = [(x, _num(v)) for x, v in zip(xs, s) if _num(v) is not None]
+            pts = [(x, as_number(v)) for x, v in zip(xs, s) if as_number(v) is not None]
             if pts:
                 ax.scatter(*zip(*pts), color="C3", s=10, zorder=3)
                 shown += [y for _, y in pts]
