@@ -292,6 +292,68 @@ def test_the_relay_check_catches_a_relay(tmp_path):
                      "user.py:3: f via megatron_mohge.relay (from megatron_mohge.home)"]
 
 
+def _top_level_names(path: Path) -> set[str] | None:
+    """Names ``path`` binds at module level (inside top-level if / try blocks too); None when
+    it defines a module ``__getattr__`` (lazy names: not checkable statically)."""
+    names: set[str] = set()
+    stack = list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name == "__getattr__":
+                return None
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            stack.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", [])
+                         + [b for h in getattr(node, "handlers", []) for b in h.body])
+    return names
+
+
+def unresolved_imports(modules: dict[str, Path], files, root: Path = ROOT) -> list[str]:
+    """``file:line: module.name`` for every ``from <package module> import name`` whose module
+    neither binds ``name`` nor has a submodule of that name (a rename that missed a user:
+    the importing module fails only when it is imported)."""
+    defined = {m: _top_level_names(p) for m, p in modules.items()}
+    out = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0
+                    and (node.module or "").split(".")[0] == PACKAGE):
+                continue
+            names = defined.get(node.module, set())  # a module that does not exist: set()
+            for a in node.names:
+                if a.name == "*" or f"{node.module}.{a.name}" in modules:
+                    continue
+                if names is not None and a.name not in names:
+                    out.append(f"{path.relative_to(root)}:{node.lineno}: {node.module}.{a.name}")
+    return sorted(set(out))
+
+
+def test_every_package_import_names_something_that_exists(modules):
+    files = [p for d in (PACKAGE, "tests", "examples", "scripts")
+             for p in sorted((ROOT / d).rglob("*.py"))]
+    found = unresolved_imports(modules, files)
+    assert not found, "these names are not defined where they are imported from:\n" + "\n".join(
+        found)
+
+
+def test_the_import_check_catches_a_renamed_name(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "fmt.py").write_text("def as_number(v):\n    return v\nif True:\n    X = 1\n")
+    user = tmp_path / "user.py"
+    user.write_text("from megatron_mohge.fmt import _num\nfrom megatron_mohge.fmt import X\n"
+                    "from megatron_mohge import fmt\nfrom megatron_mohge.gone import y\n")
+    found = unresolved_imports(package_modules(tmp_path), [user], root=tmp_path)
+    assert found == ["user.py:1: megatron_mohge.fmt._num", "user.py:4: megatron_mohge.gone.y"]
+
+
 # ---------------------------------------------------------------------------- size
 def test_modules_stay_under_500_lines(modules):
     over = {m: n for m, p in modules.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
