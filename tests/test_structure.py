@@ -271,23 +271,34 @@ def imports_through(modules: dict[str, Path], files, root: Path = ROOT) -> list[
     return sorted(set(out))
 
 
+def python_files(root: Path = ROOT) -> list[Path]:
+    """The files whose imports are checked: package, tests, examples, scripts."""
+    return [p for d in (PACKAGE, "tests", "examples", "scripts")
+            for p in sorted((root / d).rglob("*.py"))]
+
+
+def fake_package(tmp_path: Path, modules: dict[str, str], user: str) -> tuple[dict, Path]:
+    """A package ``megatron_mohge`` of ``modules`` (name -> source) under ``tmp_path`` and a
+    file ``user.py`` importing from it: (package_modules, user file)."""
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, source in modules.items():
+        (pkg / f"{name}.py").write_text(source)
+    (tmp_path / "user.py").write_text(user)
+    return package_modules(tmp_path), tmp_path / "user.py"
+
+
 def test_one_import_path_per_name(modules):
-    files = [p for d in (PACKAGE, "tests", "examples", "scripts")
-             for p in sorted((ROOT / d).rglob("*.py"))]
-    found = imports_through(modules, files)
+    found = imports_through(modules, python_files())
     assert not found, "import these from where they are defined:\n" + "\n".join(found)
 
 
 def test_the_relay_check_catches_a_relay(tmp_path):
-    pkg = tmp_path / PACKAGE
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "home.py").write_text("def f():\n    pass\n")
-    (pkg / "relay.py").write_text("from megatron_mohge.home import f\n")
-    user = tmp_path / "user.py"
-    user.write_text("from megatron_mohge.relay import f\nfrom megatron_mohge import relay\n"
-                    "relay.f()\n")
-    found = imports_through(package_modules(tmp_path), [user], root=tmp_path)
+    mods, user = fake_package(
+        tmp_path, {"home": "def f():\n    pass\n", "relay": "from megatron_mohge.home import f\n"},
+        "from megatron_mohge.relay import f\nfrom megatron_mohge import relay\nrelay.f()\n")
+    found = imports_through(mods, [user], root=tmp_path)
     assert found == ["user.py:1: f via megatron_mohge.relay (from megatron_mohge.home)",
                      "user.py:3: f via megatron_mohge.relay (from megatron_mohge.home)"]
 
@@ -335,22 +346,17 @@ def unresolved_imports(modules: dict[str, Path], files, root: Path = ROOT) -> li
 
 
 def test_every_package_import_names_something_that_exists(modules):
-    files = [p for d in (PACKAGE, "tests", "examples", "scripts")
-             for p in sorted((ROOT / d).rglob("*.py"))]
-    found = unresolved_imports(modules, files)
+    found = unresolved_imports(modules, python_files())
     assert not found, "these names are not defined where they are imported from:\n" + "\n".join(
         found)
 
 
 def test_the_import_check_catches_a_renamed_name(tmp_path):
-    pkg = tmp_path / PACKAGE
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "fmt.py").write_text("def as_number(v):\n    return v\nif True:\n    X = 1\n")
-    user = tmp_path / "user.py"
-    user.write_text("from megatron_mohge.fmt import _num\nfrom megatron_mohge.fmt import X\n"
-                    "from megatron_mohge import fmt\nfrom megatron_mohge.gone import y\n")
-    found = unresolved_imports(package_modules(tmp_path), [user], root=tmp_path)
+    mods, user = fake_package(
+        tmp_path, {"fmt": "def as_number(v):\n    return v\nif True:\n    X = 1\n"},
+        "from megatron_mohge.fmt import _num\nfrom megatron_mohge.fmt import X\n"
+        "from megatron_mohge import fmt\nfrom megatron_mohge.gone import y\n")
+    found = unresolved_imports(mods, [user], root=tmp_path)
     assert found == ["user.py:1: megatron_mohge.fmt._num", "user.py:4: megatron_mohge.gone.y"]
 
 
