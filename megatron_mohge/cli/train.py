@@ -39,7 +39,7 @@ def _train(run, args) -> int:
     from megatron_mohge.training.health import TrainingDiverged
     from megatron_mohge.training.trainer import Trainer
 
-    _sigterm_as_interrupt()
+    procs.sigterm_as_interrupt()
     trainer = None
     try:
         trainer = Trainer(run)
@@ -84,18 +84,6 @@ def _fail(M, message: str, code: int) -> int:
     if M.rank() == 0:
         print(message, file=sys.stderr, flush=True)
     return code
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (torchrun stopping the job, Slurm pre-emption) ends the run as Ctrl-C does:
-    Python unwinds, the folder lock is released and the checkpoint writers exit with the
-    rank; a save in progress is left as an ignored ``.tmp`` directory."""
-    import signal
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@
   each rank also beats a heartbeat counter in the job's rendezvous store from a thread, so
   a rank whose collective timed out can name the ranks that stopped beating (SIGSTOP, a
   hung device, a frozen node) instead of only "timed out".
+* **SIGTERM stops the run** (torchrun stopping the job, Slurm pre-emption) as Ctrl-C does,
+  even when the interrupt lands in a finaliser, where Python only prints it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,42 @@ import time
 from typing import Optional
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Set by the SIGTERM handler. Its KeyboardInterrupt can be raised inside a finaliser
+# (``__del__``, a weakref callback: frequent around checkpoint saves), where Python prints
+# "Exception ignored" and drops it; the training loop checks this at every step.
+_stop_requested = threading.Event()
 _installed = False
 _fork_from_main = False  # set in the parent just before each fork, read by the child
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM ends the run as Ctrl-C does: Python unwinds, the folder lock is released and
+    the checkpoint writers exit with the rank; a save in progress is left as an ignored
+    ``.tmp`` directory. If the interrupt is lost, :func:`raise_if_stop_requested` raises it
+    again at the next step."""
+    import sys
+
+    def handler(signum, frame):
+        _stop_requested.set()
+        raise KeyboardInterrupt
+
+    stock_hook = sys.unraisablehook
+
+    def unraisable(info):  # the dropped interrupt: no "Exception ignored" traceback
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _stop_requested.is_set()):
+            stock_hook(info)
+
+    _stop_requested.clear()
+    if not getattr(sys.unraisablehook, "__mohge__", False):
+        unraisable.__mohge__ = True
+        sys.unraisablehook = unraisable
+    signal.signal(signal.SIGTERM, handler)
+
+
+def raise_if_stop_requested() -> None:
+    """Raise the KeyboardInterrupt of a SIGTERM whose first one was swallowed."""
+    if _stop_requested.is_set():
+        raise KeyboardInterrupt
 
 
 def die_with_parent(parent_pid: Optional[int] = None) -> None:

@@ -310,6 +310,7 @@ class Trainer:
         reset_routing_counts(M.model_chunks(self.model))
         self.aux_losses(1)  # start the aux-loss window empty
         for it in range(start, t.iters):
+            procs.raise_if_stop_requested()  # a SIGTERM whose interrupt was swallowed
             self._set_phase(f"step {it + 1}")
             t0 = time.perf_counter()
             out = self.step()
