@@ -108,7 +108,8 @@ def plot_loss_ratio(results: dict, path: Path) -> Optional[Path]:
     runs = results.get("runs") or {}
     flops = {}
     for name, r in runs.items():
-        tps, act = _tokens_per_step(results, name, r), as_number(r.get("activated_params_per_token"))
+        tps = _tokens_per_step(results, name, r)
+        act = as_number(r.get("activated_params_per_token"))
         c = r.get("curves") or {}
         if tps and act and c.get("train_loss") and c.get("iteration"):
             flops[name] = (6.0 * act * tps, c)
@@ -171,7 +172,8 @@ def plot_loss_by_width(runs: dict, path: Path) -> Optional[Path]:
                color="C0", alpha=0.6, label="all MoE layers")
         shown = [m for m in mean if m is not None]
         for layer in d.get("layers") or []:
-            pts = [(x, as_number(v)) for x, v in zip(xs, layer["mean_loss"]) if as_number(v) is not None]
+            pts = [(x, as_number(v)) for x, v in zip(xs, layer["mean_loss"])
+                   if as_number(v) is not None]
             if pts:
                 ax.plot(*zip(*pts), color="gray", lw=0.7, alpha=0.7)
                 shown += [y for _, y in pts]

@@ -63,7 +63,7 @@ def main_table(results: dict) -> str:
 
         def col(key: str, text: str) -> str:
             return with_delta(text, r.get(key), None if base is None else base.get(key),
-                               is_base) if base is not None else text
+                              is_base) if base is not None else text
 
         dense = r.get("kind") == "dense"  # no routed experts: no expert load
         mem = as_number(r.get("peak_mem_bytes"))
@@ -334,7 +334,7 @@ def seed_tables(results: dict) -> Optional[str]:
               "eval SE: standard error over the held-out batches, the evaluation noise of one "
               "run's loss):",
               md_table(["run"] + [f"seed {s}" for s in seeds]
-                     + ["mean", "eval SE", "held-out tokens"], rows)]
+                       + ["mean", "eval SE", "held-out tokens"], rows)]
     for comp, c in (results.get("comparisons") or {}).items():
         crows = []
         for key in sorted(k[:-len("_ratio_mean")] for k in c if k.endswith("_ratio_mean")):

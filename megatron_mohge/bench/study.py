@@ -127,8 +127,8 @@ def study_markdown(study: dict) -> str:
                          "—" if drop is None else f"{100 * drop:.1f}%"])
     tail = int(100 * study.get("plateau_tail", PLATEAU_TAIL))
     blocks = [md_table(["kind", "size", "total params", "activated params/token",
-                      "held-out loss (mean)", "95% CI", "per seed",
-                      f"train-loss drop, last {tail}% of steps"], rows)]
+                        "held-out loss (mean)", "95% CI", "per seed",
+                        f"train-loss drop, last {tail}% of steps"], rows)]
     fit_rows = [[AXES[axis], kind, f"{f['c']:.4f}", f"{f['d']:.4f}",
                  fmt_float(f["residual_rms"], 4)]
                 for axis, fits in study["fits"].items() for kind, f in fits.items()]
@@ -152,7 +152,7 @@ def study_markdown(study: dict) -> str:
                    "(> 1: fewer params for the same loss). `*`: outside the measured stock "
                    "range (extrapolated).",
                    md_table(["x axis", "ratio (geomean over sizes)", "bootstrap 95% CI",
-                           "per size", "interval"], eff_rows)]
+                             "per size", "interval"], eff_rows)]
     return "\n\n".join(blocks)
 
 
