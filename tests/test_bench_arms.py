@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mohge.bench import e2e
-from megatron_mohge.bench.arms import (ARMS, MEASURED_ACTIVATED_FRACTION, SHAPES,
+from megatron_mohge.bench.arms import (ARMS, SHAPE_TABLE, SHAPES, measured_activated_fraction,
                                        get_shape, near_equal_widths)
 from megatron_mohge.bench.budget import budget_iters
 from megatron_mohge.bench.presets import STUDY_HIDDEN, get_preset
@@ -96,7 +96,7 @@ def test_control_arms(tmp_path, shape):
         assert _routed(eq_total) == _routed(mohge)
         # moe_equal_activated: K picks of the measured fraction of the stock width
         w = eq_act.moe.expert_hidden_size
-        assert abs(k * w - k * MEASURED_ACTIVATED_FRACTION * h) <= k / 2
+        assert abs(k * w - k * SHAPE_TABLE[shape].activated_fraction * h) <= k / 2
         assert w < eq_total.moe.expert_hidden_size
         for ctl in (eq_total, eq_act):  # only the width differs from stock
             assert ctl.moe.topk == moe.moe.topk and ctl.moe.num_experts == moe.moe.num_experts
@@ -139,16 +139,27 @@ def test_near_equal_widths():
         near_equal_widths(39, [4, 8])
 
 
-def test_measured_activated_fraction_is_the_committed_screens():
-    """MEASURED_ACTIVATED_FRACTION is the mean over the three committed screens of MoHGE's
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stored_activated_fraction_is_its_committed_measurement(shape):
+    """Each shape's activated_fraction is the mean over its committed sources of MoHGE's
     activated routed params per token / stock's (arm mohge = the shipped defaults)."""
-    fractions = []
-    for corpus in ("stdlib", "pydocs", "shakespeare"):
-        runs = json.loads((ROOT / "results" / f"screen-{corpus}" / "results.json")
-                          .read_text())["runs"]
-        fractions.append(runs["mohge"]["activated_routed_params_per_token"]
-                         / runs["moe"]["activated_routed_params_per_token"])
-    assert round(sum(fractions) / 3, 3) == MEASURED_ACTIVATED_FRACTION
+    s = SHAPE_TABLE[shape]
+    files = [ROOT / f for f in s.activated_fraction_sources]
+    assert round(measured_activated_fraction(files), 3) == s.activated_fraction
+
+
+def test_measured_activated_fraction_pairs_runs_by_size(tmp_path):
+    def run(act):
+        return {"activated_routed_params_per_token": act}
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": {"moe_h32": run(100), "mohge_h32": run(80),
+                                         "moe_h48": run(200), "mohge_h48": run(150),
+                                         "mohge_uniform_h32": run(1), "mohge_h80": run(5)}}))
+    assert measured_activated_fraction([path]) == pytest.approx((0.8 + 0.75) / 2)
+    path.write_text(json.dumps({"runs": {"moe": run(100)}}))
+    with pytest.raises(ConfigError, match="no \\(mohge, moe\\) run pairs"):
+        measured_activated_fraction([path])
 
 
 def test_tiny_shape_leaves_the_presets_as_they_were():

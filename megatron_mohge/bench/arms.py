@@ -21,10 +21,13 @@ defaults, and three controls that split "MoHGE vs stock" into its parts (``arms`
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
+from pathlib import Path
 
 from megatron_mohge.config import ConfigError, MoHGEConfig
 from megatron_mohge.resources import config_path
@@ -36,19 +39,15 @@ DEFAULT_SHAPE = "tiny"
 ARMS = ("moe", "moe_equal_total", "moe_equal_activated", "mohge", "mohge_uniform")
 CONTROL_ARMS = ("moe_equal_total", "moe_equal_activated", "mohge_uniform")
 
-# MoHGE's activated routed width per pick / the stock width, as trained: the mean over the
-# three committed screens (results/screen-{stdlib,pydocs,shakespeare}/results.json, arm
-# "mohge" = the shipped defaults at hidden 48, tiny shape, 1,500 steps, 3 seeds each) of
-# activated_routed_params_per_token(mohge) / the same of moe: 0.767, 0.779, 0.782. MoHGE's
-# own figure is known only after training, so moe_equal_activated uses this one stored
-# measurement (a reproducible rule) rather than each bench's own (unknown before it runs).
-# Both shapes have a mean routed width of 0.8125 x stock, so 0.776 is in both the same 0.955 of
-# the uniform-routing expectation; the paper shape uses it until a paper-shape MoHGE run
-# measures its own (K=6 over Kg=4 spreads picks, likely nearer 0.8125): then store that here
-# per shape (the run dicts change, so check_out_dir keeps old results apart).
-MEASURED_ACTIVATED_FRACTION = 0.776
-ACTIVATED_FRACTION_SOURCES = tuple(f"results/screen-{c}/results.json"
-                                   for c in ("stdlib", "pydocs", "shakespeare"))
+# MoHGE's activated routed width per pick / the stock width, as trained, per shape: the mean,
+# over the committed runs named in Shape.activated_fraction_sources, of MoHGE's (arm "mohge",
+# the shipped defaults) activated routed params per token / stock's of the same size and seed
+# mean (measured_activated_fraction recomputes it; tests/test_bench_arms.py checks the stored
+# figure). MoHGE's own figure is known only after training, so moe_equal_activated uses this
+# stored measurement (a reproducible rule) rather than each bench's own (unknown before it
+# runs); changing it changes the run dicts, so check_out_dir keeps old results apart.
+TINY_ACTIVATED_SOURCES = tuple(f"results/screen-{c}/results.json"
+                               for c in ("stdlib", "pydocs", "shakespeare"))
 
 # Megatron's aux loss on the stock arms (all CPU presets)
 STOCK_AUX_LOSS = 1e-2
@@ -72,6 +71,8 @@ class Shape:
     name: str
     layer_file: str  # MoHGE layer file giving the layout (LAYOUT_FIELDS)
     reference_width: int  # the stock expert width that file's widths are relative to
+    activated_fraction: float  # MoHGE's measured activated routed width / stock's (above)
+    activated_fraction_sources: tuple  # the committed results.json files it is the mean of
 
     @property
     def layout(self) -> dict:
@@ -126,6 +127,12 @@ class Shape:
                                                       hidden)
         return cfg
 
+    def equal_activated_width(self, hidden: int) -> int:
+        """Stock width whose K picks activate MoHGE's measured routed width per token
+        (``activated_fraction`` x ``hidden``, to the nearest integer: the activated routed
+        params are then within K/2 widths of the rule)."""
+        return max(1, round(self.activated_fraction * hidden))
+
     def stock(self, hidden: int, width=None, aux: float = STOCK_AUX_LOSS) -> dict:
         """The stock baseline: as many experts as MoHGE, of ``width`` (default: hidden), the
         same K and shared experts. Spelled as the presets always spelled it (kind "moe")."""
@@ -148,18 +155,28 @@ class Shape:
             "moe": self.stock(hidden),
             # E experts of MoHGE's mean width: E x mean = MoHGE's routed width sum, exactly
             "moe_equal_total": self.stock(hidden, self._scaled(self.mean_width_ratio, hidden)),
-            # K picks of MEASURED_ACTIVATED_FRACTION x stock width (nearest integer width)
-            "moe_equal_activated": self.stock(hidden, equal_activated_width(hidden)),
+            # K picks of the measured activated fraction x stock width (nearest integer)
+            "moe_equal_activated": self.stock(hidden, self.equal_activated_width(hidden)),
             "mohge": dict(kind="mohge", mohge=mohge),
             "mohge_uniform": dict(kind="mohge", mohge=uniform),
         }
 
 
-def equal_activated_width(hidden: int) -> int:
-    """Stock width whose K picks activate MoHGE's measured routed width per token
-    (:data:`MEASURED_ACTIVATED_FRACTION` x the stock width ``hidden``, to the nearest integer:
-    the activated routed params are then within K/2 widths of the rule)."""
-    return max(1, round(MEASURED_ACTIVATED_FRACTION * hidden))
+def measured_activated_fraction(results_files) -> float:
+    """Mean over every (``mohge[_h<size>]``, ``moe[_h<size>]``) pair of the runs in
+    ``results_files`` of MoHGE's activated routed params per token / stock's (seed means)."""
+    ratios = []
+    for path in results_files:
+        runs = json.loads(Path(path).read_text())["runs"]
+        for name, run in runs.items():
+            if name == "mohge" or re.fullmatch(r"mohge_h\d+", name):
+                stock = runs.get("moe" + name[len("mohge"):])
+                if stock:
+                    ratios.append(run["activated_routed_params_per_token"]
+                                  / stock["activated_routed_params_per_token"])
+    if not ratios:
+        raise ConfigError(f"no (mohge, moe) run pairs in {', '.join(map(str, results_files))}")
+    return sum(ratios) / len(ratios)
 
 
 def near_equal_widths(mean: int, experts_per_group: list[int]) -> list[int]:
@@ -185,10 +202,12 @@ def near_equal_widths(mean: int, experts_per_group: list[int]) -> list[int]:
     return [mean + o for o in offsets]
 
 
-SHAPE_TABLE = {"tiny": Shape("tiny", "tiny_mohge.yaml", 64),
-               # 1024: the paper's stock expert width (and hidden), which its widths are
-               # relative to (MoHGE-3B's 64 stock experts of width 1024, the paper-3b preset)
-               "paper": Shape("paper", "paper_3b_layer.yaml", 1024)}
+SHAPE_TABLE = {
+    # tiny: the three screens at hidden 48 (0.767, 0.779, 0.782 on stdlib, docs, Shakespeare)
+    "tiny": Shape("tiny", "tiny_mohge.yaml", 64, 0.776, TINY_ACTIVATED_SOURCES),
+    # 1024: the paper's stock expert width (and hidden), which its widths are relative to
+    # (MoHGE-3B's 64 stock experts of width 1024, the paper-3b preset)
+    "paper": Shape("paper", "paper_3b_layer.yaml", 1024, 0.776, TINY_ACTIVATED_SOURCES)}
 SHAPES = tuple(SHAPE_TABLE)
 
 
