@@ -207,7 +207,9 @@ SHAPE_TABLE = {
     "tiny": Shape("tiny", "tiny_mohge.yaml", 64, 0.776, TINY_ACTIVATED_SOURCES),
     # 1024: the paper's stock expert width (and hidden), which its widths are relative to
     # (MoHGE-3B's 64 stock experts of width 1024, the paper-3b preset)
-    "paper": Shape("paper", "paper_3b_layer.yaml", 1024, 0.776, TINY_ACTIVATED_SOURCES)}
+    # paper: its stdlib study at hidden 32, 48, 80 (0.763, 0.770, 0.776)
+    "paper": Shape("paper", "paper_3b_layer.yaml", 1024, 0.77,
+                   ("results/decision-paper-stdlib/results.json",))}
 SHAPES = tuple(SHAPE_TABLE)
 
 
