@@ -14,24 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_mohge.bench.stats import paired_ratio
-
-
-def _losses(run: dict) -> dict[int, float]:
-    return {int(f["seed"]): f["heldout_loss"] for f in run.get("per_seed", [])}
+from megatron_mohge.bench.decision import loss_ratio
 
 
 def ratio_text(results: dict, arm: str, ref: str) -> str:
-    runs = results["runs"]
-    if arm not in runs or ref not in runs:
+    r = loss_ratio(results["runs"], arm, ref)
+    if r is None:
         return "—"
-    a, b = _losses(runs[arm]), _losses(runs[ref])
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return "—"
-    r = paired_ratio([a[s] for s in seeds], [b[s] for s in seeds])
     ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else ""
-    return f"{r['mean']:.3f}{ci} ({len(seeds)})"
+    return f"{r['mean']:.3f}{ci} ({len(r['seeds'])})"
 
 
 def diagnostics_text(results: dict, arm: str) -> str:

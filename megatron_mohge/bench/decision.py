@@ -113,12 +113,12 @@ def decide(results: dict) -> dict:
                            "seeds_to_decide": seeds_to_decide(e.get("geomean"), ci, seeds),
                            "meets_goal": verdict(ci, GOAL)}
         out["efficiency"][arm] = entry
+    stock_runs = dict(zip(kinds.get(base, {}).get("sizes", []),
+                          kinds.get(base, {}).get("runs", [])))  # size -> stock run name
     for arm, t in kinds.items():
         for size, name in zip(t["sizes"], t["runs"]):
             row = out["sizes"].setdefault(size, {})
-            stock = next((n for s, n in zip(kinds.get(base, {}).get("sizes", []),
-                                             kinds.get(base, {}).get("runs", [])) if s == size),
-                         None)
+            stock = stock_runs.get(size)
             row[arm] = {"run": name, "vs_stock": loss_ratio(runs, name, stock) if stock else None,
                         "tokens_per_param": tokens_per_param(results, name)}
     for size, row in out["sizes"].items():  # MoHGE / each non-stock control of its size
